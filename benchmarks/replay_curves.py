@@ -1,0 +1,441 @@
+"""Replay recorded learning curves through the marginal-gain stopping policy.
+
+Each run's (cumulative cost, validation metric) points are fed one at a time to
+``costaware.curves.MarginalGainPolicy.observe`` -- the exact code the
+``MarginalGainStopping`` callback calls -- and the run is scored at the first ``stop``:
+
+* points lost: the run's best metric minus the best metric seen up to the stop (the
+  best checkpoint so far is kept), in points (``points_per_unit`` = 100: accuracy 0.01
+  or loss 0.01 is one point);
+* cost saved: the fraction of the run's total cost not spent;
+* regret at a price of ``usd_per_point``: ``usd_per_point * points_lost + usd_spent``
+  minus the least such value any stopping point of that run could achieve (the oracle).
+
+Baselines: Lightning-style ``EarlyStopping(patience=p, min_delta=0)`` (stop after ``p``
+evaluations without improvement) and an oracle that may lose X points per run (stops at
+the earliest evaluation within X of the run's best).
+
+Every data set is split in two fixed halves by a hash of the run id: the policy's
+defaults and its operating price are chosen on the ``tune`` half; figures on the
+``test`` half were never used to choose anything.
+
+Data: ``--data DIR`` (default: ``../shared/data`` next to the repository) holding
+``curves/deberta-mnli/deberta-base_tuning.results.jsonl`` and
+``curves/nasbench-nlp-wikitext2/logs.zip``; both are converted to the generic JSONL
+format, one run a line::
+
+    {"id": "...", "mode": "max"|"min", "points": [[cumulative_cost_usd, metric], ...],
+     "planned_cost_usd": 12.5}        # optional, total planned cost
+
+``--generic FILE`` replays such a file instead (``--write-generic DIR`` writes the
+converted shared data sets in that format).
+
+Usage::
+
+    python benchmarks/replay_curves.py [--json results.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import zipfile
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+_REPO = Path(__file__).resolve().parent.parent
+if str(_REPO / "src") not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(_REPO / "src"))
+
+from costaware.curves import MarginalGainPolicy  # noqa: E402
+
+DEFAULT_DATA = _REPO.parent / "shared" / "data"
+POINTS_PER_UNIT = 100.0
+PATIENCES = (1, 2, 3, 5, 10)
+TARGET_LOSS_POINTS = 0.35
+TARGET_SAVED = 0.33
+
+# Dollars for the DeBERTa runs, which record steps, not time: examples seen ->
+# GPU-seconds at an assumed throughput -> dollars at an assumed GPU price.
+DEBERTA_EXAMPLES_PER_GPU_SECOND = 400.0  # DeBERTa-base, MNLI, seq 128, mixed precision, A100-class
+USD_PER_GPU_HOUR = 2.0
+DEBERTA_LEARNS_ABOVE = 0.5  # "runs that learn": best matched accuracy above chance (~0.35)
+
+# Prices of one point tried for the regret comparison, per data set ($/point).
+REGRET_PRICES = {
+    "deberta-mnli": (0.03, 0.1, 0.3, 1.0, 3.0),
+    "nasbench-nlp": (0.1, 0.3, 1.0, 3.0, 10.0),
+}
+# Prices swept on the tune half to find the operating point for the loss target.
+SWEEP_PRICES = tuple(float(p) for p in np.round(np.geomspace(0.05, 20.0, 27), 4))
+
+
+# ---------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class Run:
+    """One recorded run: costs in dollars, the raw metric, and its direction."""
+
+    id: str
+    mode: str
+    costs_usd: np.ndarray
+    metrics: np.ndarray
+    planned_cost_usd: float | None = None
+
+    @property
+    def points(self) -> np.ndarray:
+        """Metric in points, higher is better; NaN where the metric was not finite."""
+        sign = 1.0 if self.mode == "max" else -1.0
+        p = sign * POINTS_PER_UNIT * self.metrics
+        return np.where(np.isfinite(p), p, np.nan)
+
+    @property
+    def has_finite(self) -> bool:
+        return bool(np.isfinite(self.metrics).any())
+
+
+def run_from_generic(record: dict) -> Run:
+    """Builds a :class:`Run` from one generic-JSONL record (validating it)."""
+    mode = record.get("mode", "max")
+    if mode not in ("max", "min"):
+        raise ValueError(f"run {record.get('id')!r}: mode must be 'max' or 'min', got {mode!r}")
+    pts = np.asarray(
+        [[float(c), float("nan") if m is None else float(m)] for c, m in record["points"]], dtype=float
+    ).reshape(-1, 2)
+    if pts.shape[0] == 0:
+        raise ValueError(f"run {record.get('id')!r} has no points")
+    if np.any(np.diff(pts[:, 0]) < 0):
+        raise ValueError(f"run {record.get('id')!r}: cumulative costs must not decrease")
+    planned = record.get("planned_cost_usd")
+    return Run(str(record["id"]), mode, pts[:, 0], pts[:, 1], None if planned is None else float(planned))
+
+
+def load_generic(path: Path) -> list[Run]:
+    """Reads the generic JSONL format, one run a line."""
+    with open(path) as f:
+        return [run_from_generic(json.loads(line)) for line in f if line.strip()]
+
+
+def deberta_records(path: Path, usd_per_example: float) -> list[dict]:
+    """DeBERTa-MNLI tuning runs -> generic records (cost = step x batch size x $/example)."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            usd_per_step = r["train_batch_size"] * usd_per_example
+            points = [[step * usd_per_step, acc] for step, acc in r["learning_curves"]["matched"]]
+            records.append(
+                {
+                    "id": f"deberta-{r['iteration']}",
+                    "mode": "max",
+                    "points": points,
+                    "planned_cost_usd": r["total_model_steps"] * usd_per_step,
+                }
+            )
+    return records
+
+
+def nasbench_records(path: Path, usd_per_gpu_hour: float) -> list[dict]:
+    """NAS-Bench-NLP logs -> generic records (cost = cumulative wall time x $/GPU-hour).
+
+    Runs whose loss became NaN keep their NaN points (written as ``null``): the replay
+    must handle them. Their planned cost is unknown (they end early), so no run gets one
+    (constant-LR training has no annealing end to plan for).
+    """
+    records = []
+    with zipfile.ZipFile(path) as z:
+        for name in sorted(z.namelist()):
+            if not name.endswith(".json"):
+                continue
+            d = json.loads(z.read(name))
+            wall_s = np.cumsum(np.asarray(d["wall_times"], dtype=float))
+            losses = [None if v is None or not math.isfinite(v) else float(v) for v in d["val_losses"]]
+            n = min(len(wall_s), len(losses))
+            points = [[float(wall_s[i]) * usd_per_gpu_hour / 3600.0, losses[i]] for i in range(n)]
+            records.append({"id": f"nasbench-{Path(name).stem}", "mode": "min", "points": points})
+    return records
+
+
+def half_of(run_id: str) -> str:
+    """Fixed split by a hash of the id: 'tune' (choose settings) or 'test' (report)."""
+    return "tune" if zlib.crc32(run_id.encode()) % 2 == 0 else "test"
+
+
+# ---------------------------------------------------------------------- stopping rules
+def policy_stop_index(run: Run, policy_kwargs: dict, use_plan: bool = True) -> tuple[int, str]:
+    """Feeds the run to a fresh policy one point at a time; returns (stop index, reason)."""
+    kwargs = dict(policy_kwargs)
+    kwargs.setdefault("mode", run.mode)
+    kwargs.setdefault("points_per_unit", POINTS_PER_UNIT)
+    if use_plan and run.planned_cost_usd is not None:
+        kwargs.setdefault("planned_cost_usd", run.planned_cost_usd)
+    policy = MarginalGainPolicy(**kwargs)
+    for i, (cost_usd, metric) in enumerate(zip(run.costs_usd, run.metrics)):
+        decision = policy.observe(cost_usd, metric)
+        if decision.stop:
+            return i, decision.reason
+    return len(run.metrics) - 1, "ran to the end"
+
+
+def patience_stop_index(run: Run, patience: int) -> int:
+    """Lightning EarlyStopping(patience, min_delta=0, check_finite=True) replayed."""
+    best = -math.inf
+    wait = 0
+    for i, p in enumerate(run.points):
+        if not np.isfinite(p):
+            return i  # check_finite stops on NaN/inf
+        if p > best:
+            best, wait = p, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                return i
+    return len(run.points) - 1
+
+
+def oracle_stop_index(run: Run, allowed_points: float) -> int:
+    """Earliest evaluation whose value is within ``allowed_points`` of the run's best."""
+    p = run.points
+    best = np.nanmax(p)
+    return int(np.argmax(np.nan_to_num(p, nan=-np.inf) >= best - allowed_points - 1e-9))
+
+
+# ---------------------------------------------------------------------- scoring
+def points_lost_at(run: Run) -> np.ndarray:
+    """Points lost if stopped at each index (best kept so far vs best of the run)."""
+    p = np.nan_to_num(run.points, nan=-np.inf)
+    return np.nanmax(run.points) - np.maximum.accumulate(p)
+
+
+def score(run: Run, index: int) -> tuple[float, float]:
+    """(points lost, fraction of cost saved) when the run stops at ``index``."""
+    lost = float(points_lost_at(run)[index])
+    total = run.costs_usd[-1]
+    saved = float(1.0 - run.costs_usd[index] / total) if total > 0 else 0.0
+    return lost, saved
+
+
+def excess_regret_usd(run: Run, index: int, usd_per_point: float) -> float:
+    """Value lost against the best stopping point of this run, in dollars."""
+    total = usd_per_point * points_lost_at(run) + run.costs_usd
+    return float(total[index] - total.min())
+
+
+# ---------------------------------------------------------------------- replay
+def _policy_job(args: tuple) -> list[tuple[int, str]]:
+    runs, kwargs, use_plan = args
+    return [policy_stop_index(r, kwargs, use_plan) for r in runs]
+
+
+def replay_policy(runs: list[Run], kwargs: dict, workers: int, use_plan: bool = True) -> list[tuple[int, str]]:
+    """Stop indices of the policy on every run, in parallel over ``workers`` processes."""
+    if workers <= 1 or len(runs) < 32:
+        return _policy_job((runs, kwargs, use_plan))
+    chunks = [runs[i::workers * 4] for i in range(workers * 4)]
+    with ProcessPoolExecutor(workers) as pool:
+        parts = list(pool.map(_policy_job, [(c, kwargs, use_plan) for c in chunks]))
+    out: list = [None] * len(runs)
+    for i, part in enumerate(parts):
+        for j, res in enumerate(part):
+            out[i + j * workers * 4] = res
+    return out
+
+
+def summarize(runs: list[Run], indices: list[int]) -> dict:
+    lost, saved = zip(*(score(r, i) for r, i in zip(runs, indices))) if runs else ((), ())
+    return {
+        "runs": len(runs),
+        "points_lost_mean": float(np.mean(lost)) if runs else float("nan"),
+        "points_lost_p90": float(np.percentile(lost, 90)) if runs else float("nan"),
+        "cost_saved_mean": float(np.mean(saved)) if runs else float("nan"),
+    }
+
+
+def mean_regret(runs: list[Run], indices: list[int], usd_per_point: float) -> float:
+    return float(np.mean([excess_regret_usd(r, i, usd_per_point) for r, i in zip(runs, indices)]))
+
+
+# ---------------------------------------------------------------------- report
+def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tuple, workers: int,
+                     learns: callable, out: list[str]) -> dict:
+    """Runs every comparison on one data set, both halves; appends printed lines to ``out``."""
+    def say(line: str = "") -> None:
+        print(line, flush=True)
+        out.append(line)
+
+    scored = [r for r in runs if r.has_finite]
+    halves = {h: [r for r in scored if half_of(r.id) == h] for h in ("tune", "test")}
+    learners = {h: [r for r in rs if learns(r)] for h, rs in halves.items()}
+    say(f"== {name}: {len(runs)} runs ({len(runs) - len(scored)} without any finite metric); "
+        f"runs that learn: tune {len(learners['tune'])}, test {len(learners['test'])} "
+        f"(all halves: {sum(map(len, learners.values()))})")
+    result: dict = {"runs": len(runs), "learners": {h: len(v) for h, v in learners.items()}, "halves": {}}
+
+    # 1. Operating price for the loss target, chosen on the tune half only.
+    t0 = time.time()
+    sweep = []
+    for price in SWEEP_PRICES:
+        idx = [i for i, _ in replay_policy(learners["tune"], {**policy_kwargs, "usd_per_point": price}, workers)]
+        s = summarize(learners["tune"], idx)
+        sweep.append((price, s["points_lost_mean"], s["cost_saved_mean"]))
+    ok = [row for row in sweep if row[1] <= TARGET_LOSS_POINTS]
+    op_price = min(ok, key=lambda r: r[0])[0] if ok else max(SWEEP_PRICES)
+    say(f"tune-half sweep of usd_per_point ({time.time() - t0:.0f}s): "
+        + ", ".join(f"${p:g}: {lost:.2f}pt/{saved:.0%}" for p, lost, saved in sweep))
+    say(f"operating price for <= {TARGET_LOSS_POINTS} points lost (chosen on tune): ${op_price:g}/point")
+    result["sweep_tune"] = [{"usd_per_point": p, "points_lost_mean": l, "cost_saved_mean": s} for p, l, s in sweep]
+    result["operating_usd_per_point"] = op_price
+
+    # 2. Loss / savings table on both halves.
+    say()
+    say(f"{'half':5} {'rule':34} {'runs':>5} {'pts lost':>9} {'p90 lost':>9} {'saved':>7}")
+    for h in ("tune", "test"):
+        rs = learners[h]
+        rows = {}
+        for p in PATIENCES:
+            rows[f"EarlyStopping(patience={p})"] = summarize(rs, [patience_stop_index(r, p) for r in rs])
+        for x in (0.35, 0.7):
+            rows[f"oracle(allowed {x} points/run)"] = summarize(rs, [oracle_stop_index(r, x) for r in rs])
+        pol = replay_policy(rs, {**policy_kwargs, "usd_per_point": op_price}, workers)
+        rows[f"MarginalGainPolicy(${op_price:g}/point)"] = summarize(rs, [i for i, _ in pol])
+        for label, s in rows.items():
+            say(f"{h:5} {label:34} {s['runs']:5d} {s['points_lost_mean']:9.3f} {s['points_lost_p90']:9.3f} "
+                f"{s['cost_saved_mean']:7.1%}")
+        pol_s = rows[f"MarginalGainPolicy(${op_price:g}/point)"]
+        result["halves"][h] = {"table": rows}
+        result["halves"][h]["target_met"] = bool(
+            pol_s["points_lost_mean"] <= TARGET_LOSS_POINTS and pol_s["cost_saved_mean"] >= TARGET_SAVED
+        )
+        say(f"{h:5} target (<= {TARGET_LOSS_POINTS} points lost and >= {TARGET_SAVED:.0%} saved): "
+            f"{'MET' if result['halves'][h]['target_met'] else 'NOT met'}")
+
+    # 3. Regret against the oracle at each price, policy priced at that price.
+    say()
+    say(f"excess regret vs per-run oracle, $ per run (regret = usd_per_point * points_lost + usd_spent); "
+        f"mean run cost: tune ${np.mean([r.costs_usd[-1] for r in learners['tune']]):.3f}, "
+        f"test ${np.mean([r.costs_usd[-1] for r in learners['test']]):.3f}")
+    say(f"{'half':5} {'$/point':>8} {'policy':>9} {'best patience':>14} {'p':>3} {'policy lost':>12} "
+        f"{'saved':>7} {'better?':>8}")
+    for h in ("tune", "test"):
+        rs = learners[h]
+        pat_idx = {p: [patience_stop_index(r, p) for r in rs] for p in PATIENCES}
+        result["halves"][h]["regret"] = []
+        for price in prices:
+            pol = [i for i, _ in replay_policy(rs, {**policy_kwargs, "usd_per_point": price}, workers)]
+            reg_pol = mean_regret(rs, pol, price)
+            reg_pat = {p: mean_regret(rs, idx, price) for p, idx in pat_idx.items()}
+            best_p = min(reg_pat, key=reg_pat.get)
+            s = summarize(rs, pol)
+            better = reg_pol < reg_pat[best_p]
+            say(f"{h:5} {price:8g} {reg_pol:9.4f} {reg_pat[best_p]:14.4f} {best_p:3d} "
+                f"{s['points_lost_mean']:12.3f} {s['cost_saved_mean']:7.1%} {'yes' if better else 'NO':>8}")
+            result["halves"][h]["regret"].append({
+                "usd_per_point": price, "policy_excess_regret_usd": reg_pol,
+                "best_patience": best_p, "best_patience_excess_regret_usd": reg_pat[best_p],
+                "patience_excess_regret_usd": {str(p): v for p, v in reg_pat.items()},
+                "policy_points_lost_mean": s["points_lost_mean"], "policy_cost_saved_mean": s["cost_saved_mean"],
+                "policy_better": bool(better),
+            })
+        result["halves"][h]["regret_better_at_every_price"] = all(
+            row["policy_better"] for row in result["halves"][h]["regret"])
+
+    # 4. Runs that do not learn / diverge: how fast does each rule give up on them?
+    bad = [r for r in runs if not r.has_finite or not learns(r)]
+    if bad:
+        pol = replay_policy(bad, {**policy_kwargs, "usd_per_point": op_price}, workers)
+        evals = [i + 1 for i, _ in pol]
+        saved = [1.0 - r.costs_usd[i] / r.costs_usd[-1] if r.costs_usd[-1] > 0 else 0.0
+                 for r, (i, _) in zip(bad, pol)]
+        p3 = [patience_stop_index(r, 3) + 1 for r in bad]
+        say()
+        say(f"runs that do not learn or diverge (both halves): {len(bad)}; policy (${op_price:g}/point) stops "
+            f"after {np.mean(evals):.1f} evaluations on average (median {np.median(evals):.0f}, "
+            f"max {max(evals)}), saving {np.mean(saved):.0%} of their cost; EarlyStopping(patience=3) "
+            f"after {np.mean(p3):.1f}")
+        kinds: dict[str, int] = {}
+        for _, reason in pol:
+            key = reason.split(":")[0]
+            kinds[key] = kinds.get(key, 0) + 1
+        say("  stop reasons: " + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())))
+        result["non_learning"] = {"runs": len(bad), "policy_evals_mean": float(np.mean(evals)),
+                                  "policy_cost_saved_mean": float(np.mean(saved)),
+                                  "patience3_evals_mean": float(np.mean(p3)), "stop_reasons": kinds}
+    say()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data root (holds curves/)")
+    parser.add_argument("--generic", type=Path, help="replay this generic JSONL file instead")
+    parser.add_argument("--write-generic", type=Path, help="write the converted data sets as generic JSONL here")
+    parser.add_argument("--json", type=Path, help="write the summary as JSON to this file")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--quick", action="store_true", help="only the first 120 runs of each data set")
+    args = parser.parse_args(argv)
+
+    t0 = time.time()
+    lines: list[str] = []
+    policy_kwargs: dict = {}  # the policy's defaults, except the price swept/set per row
+    usd_per_example = USD_PER_GPU_HOUR / 3600.0 / DEBERTA_EXAMPLES_PER_GPU_SECOND
+    header = [
+        "Replay of recorded learning curves through costaware.curves.MarginalGainPolicy (default settings,",
+        "price per point varied). Points: metric x 100. Halves fixed by crc32(id) % 2; settings and the",
+        "operating price are chosen on 'tune', 'test' is held out.",
+        f"DeBERTa cost: examples seen / {DEBERTA_EXAMPLES_PER_GPU_SECOND:g} examples per GPU-second x "
+        f"${USD_PER_GPU_HOUR:g}/GPU-hour (= ${usd_per_example * 1e6:.3f} per million examples); "
+        f"NAS-Bench-NLP: wall time x ${USD_PER_GPU_HOUR:g}/GPU-hour.",
+        "",
+    ]
+    for line in header:
+        print(line)
+    lines += header
+
+    datasets: list[tuple[str, list[dict], tuple, callable]] = []
+    if args.generic:
+        with open(args.generic) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        datasets.append((args.generic.stem, records, (0.1, 1.0, 10.0), lambda r: True))
+    else:
+        curves = args.data / "curves"
+        deb = deberta_records(curves / "deberta-mnli" / "deberta-base_tuning.results.jsonl", usd_per_example)
+        nas = nasbench_records(curves / "nasbench-nlp-wikitext2" / "logs.zip", USD_PER_GPU_HOUR)
+        datasets.append(("deberta-mnli", deb, REGRET_PRICES["deberta-mnli"],
+                         lambda r: np.nanmax(r.metrics) > DEBERTA_LEARNS_ABOVE))
+        datasets.append(("nasbench-nlp", nas, REGRET_PRICES["nasbench-nlp"], lambda r: r.has_finite))
+        if args.write_generic:
+            args.write_generic.mkdir(parents=True, exist_ok=True)
+            for name, recs, _, _ in datasets:
+                with open(args.write_generic / f"{name}.jsonl", "w") as f:
+                    for rec in recs:
+                        f.write(json.dumps(rec) + "\n")
+
+    summary: dict = {"policy_kwargs": policy_kwargs, "usd_per_gpu_hour": USD_PER_GPU_HOUR,
+                     "deberta_examples_per_gpu_second": DEBERTA_EXAMPLES_PER_GPU_SECOND,
+                     "points_per_unit": POINTS_PER_UNIT, "datasets": {}}
+    for name, records, prices, learns in datasets:
+        runs = [run_from_generic(r) for r in records]
+        if args.quick:
+            runs = runs[:120]
+        summary["datasets"][name] = evaluate_dataset(name, runs, policy_kwargs, prices, args.workers, learns, lines)
+    elapsed = time.time() - t0
+    print(f"total time {elapsed:.0f}s on {args.workers} worker(s)")
+    lines.append(f"total time {elapsed:.0f}s on {args.workers} worker(s)")
+    summary["elapsed_s"] = elapsed
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,496 @@
+"""Marginal-gain stopping: is the next dollar of training still worth its accuracy?
+
+A run's validation metric is fitted against its cumulative cost (in dollars) with a
+small ensemble of saturating learning-curve families. The fit predicts how much the
+*kept* result (the best checkpoint so far) would improve if the run spent its next
+increment of cost, with an epistemic upper bound. The user prices one point of the
+metric (``usd_per_point``); the policy stops when even the optimistic gain is worth
+less than the increment costs.
+
+Units used throughout:
+
+* ``cost_usd``: cumulative dollars spent by the run when the metric was measured.
+* ``points``: the metric times ``points_per_unit`` (default 100), so accuracy 0.01 is
+  one point, and a validation loss of 0.01 is one point too. ``usd_per_point`` is what
+  one such point is worth to the user, in dollars.
+
+This module is pure Python + numpy: it imports no Lightning, so the replay benchmark
+(``benchmarks/replay_curves.py``) and the ``MarginalGainStopping`` callback run exactly
+the same decision code.
+
+Example::
+
+    policy = MarginalGainPolicy(mode="max", usd_per_point=0.5)
+    for cost_usd, val_acc in evaluations:
+        decision = policy.observe(cost_usd, val_acc)
+        if decision.stop:
+            print(decision.reason)
+            break
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.special import ndtr, ndtri
+
+__all__ = [
+    "DEFAULT_USD_PER_POINT",
+    "Decision",
+    "GainEstimate",
+    "MarginalGainPolicy",
+]
+
+#: Default price of one point of the metric, in dollars. Chosen on the tuning half of the
+#: DeBERTa-MNLI replay at 400 examples/s on a $2/GPU-hour GPU (see the benchmark).
+#: It is only a starting point: set your own price.
+DEFAULT_USD_PER_POINT = 0.5
+
+_MODES = ("max", "min")
+_STATE_VERSION = 1
+
+# Curve families, each ``u = a + b * g(x)`` with ``x = cost / cost_now`` and g(1) = 0,
+# so that ``a`` is the fitted value now and ``b * g(x)`` the gain at cost ``x * cost_now``.
+# Box-Cox power law: g = (1 - x**-alpha) / alpha. alpha > 0 saturates (y = a - b c^-alpha),
+# alpha = 0 is log-linear, alpha = -1 is a straight line (a still-rising run).
+_POWER_ALPHAS = np.array([-1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0])
+# Exponential saturation: g = (1 - exp(-k (x - 1))) / k  (y = a - b exp(-k c)).
+_EXP_RATES = np.array([1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0])
+_FAMILIES = ("power",) * len(_POWER_ALPHAS) + ("exp",) * len(_EXP_RATES)
+# Where a non-saturating component has no asymptote, "final" means this many times the
+# cost spent so far.
+_NO_PLAN_HORIZON = 10.0
+
+
+@dataclass(frozen=True)
+class GainEstimate:
+    """What the next increment of cost is expected to buy.
+
+    Attributes:
+        gain_points: Expected improvement of the best-so-far metric over the next
+            increment, in points (``points_per_unit`` metric units; accuracy 0.01 = 1).
+        gain_points_upper: Upper bound of that gain at the policy's ``confidence``
+            (epistemic: over the curve-fit uncertainty), in points.
+        increment_usd: Cost of the next increment, in dollars.
+        gain_per_usd: ``gain_points_upper / increment_usd``, in points per dollar; the
+            policy stops when it is below ``min_gain_per_usd``.
+        predicted_final: Predicted metric (in the metric's own units) at the planned end
+            if a plan was given, else at the fitted asymptote (or at 10x the cost so far
+            for curves that do not saturate).
+        usd_to_predicted_final: Dollars from now to the planned end, or ``None`` without a plan.
+        curve: Curve families in the ensemble with their posterior weights.
+    """
+
+    gain_points: float
+    gain_points_upper: float
+    increment_usd: float
+    gain_per_usd: float
+    predicted_final: float
+    usd_to_predicted_final: float | None
+    curve: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One verdict of the policy.
+
+    Attributes:
+        stop: ``True`` when the next increment is not worth its cost (or the run diverged).
+        reason: Human-readable explanation with the figures behind it.
+        estimate: The gain estimate behind the verdict; ``None`` when no curve was fitted
+            (too few points, non-finite metric, collapse).
+    """
+
+    stop: bool
+    reason: str
+    estimate: GainEstimate | None
+
+
+def _check_positive(name: str, value: Any, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        accepted = "a finite number > 0" + (" or None" if allow_none else "")
+        raise ValueError(f"`{name}` must be {accepted}, got {value!r}")
+    return float(value)
+
+
+class MarginalGainPolicy:
+    """Decides, one evaluation at a time, whether training is still worth its cost.
+
+    At each evaluation the policy fits the metric (in points, higher is better) against
+    cumulative cost with an ensemble of curve families (Box-Cox power laws, from a
+    straight line through log-linear to saturating ``a - b c^-alpha``, and exponential
+    saturation ``a - b exp(-k c)``) weighted by their likelihood, on the most recent
+    part of the run. It then predicts the expected improvement of the *best* value seen
+    so far (the checkpoint you would keep) if the run spends its next increment, taking
+    evaluation noise into account. With ``confidence`` c, it stops when the c-quantile of
+    that gain (over the fit's uncertainty) is worth less than the increment costs::
+
+        gain_points_upper * usd_per_point < increment_usd
+
+    A non-finite metric (NaN/inf: the run diverged) stops at once; so does a collapse
+    (two consecutive evaluations more than ``collapse_points`` below the best).
+
+    Args:
+        mode: ``"max"`` if higher is better (accuracy), ``"min"`` if lower is better
+            (loss); for ``"min"`` the gain is the decrease.
+        usd_per_point: What one point of the metric is worth to you, in dollars. A point
+            is ``1 / points_per_unit`` metric units (accuracy 0.01 by default). Give this
+            or ``min_gain_per_usd``, not both; if neither, ``DEFAULT_USD_PER_POINT``.
+        min_gain_per_usd: Equivalent knob: the least gain, in points per dollar, worth
+            paying for (``1 / usd_per_point``).
+        confidence: In (0, 1). Quantile of the gain estimate that must fall below the
+            cost; higher is more cautious (stops later).
+        min_points: Never stop (except on NaN/collapse) before this many evaluations.
+        points_per_unit: Points per unit of the metric. 100 makes accuracy points
+            percentage points.
+        increment_fraction: The next increment is the larger of the typical evaluation
+            interval and this fraction of the cost spent so far. 0 = next evaluation.
+        fit_fraction: The curve is fitted on the evaluations made during the last
+            ``fit_fraction`` of the cost spent (at least ``min_points`` of them); early
+            warm-up behaviour says little about the end of a run.
+        planned_cost_usd: Total cost planned for the run, if known (e.g. from
+            ``max_steps``); caps the increment and anchors ``predicted_final``.
+        collapse_points: Drop below the best, in points, that counts as a collapse when
+            seen twice in a row; ``None`` disables collapse detection.
+        n_samples: Monte-Carlo draws from the fitted ensemble for the gain distribution.
+        seed: Seed of those draws; the same points always give the same decision.
+
+    Raises:
+        ValueError: On an invalid argument, naming it and the accepted values.
+
+    Example::
+
+        policy = MarginalGainPolicy(mode="min", usd_per_point=2.0)
+        decision = policy.observe(cost_usd=1.25, metric=3.2)
+    """
+
+    def __init__(
+        self,
+        mode: str = "max",
+        usd_per_point: float | None = None,
+        min_gain_per_usd: float | None = None,
+        confidence: float = 0.8,
+        min_points: int = 4,
+        points_per_unit: float = 100.0,
+        increment_fraction: float = 0.0,
+        fit_fraction: float = 0.5,
+        planned_cost_usd: float | None = None,
+        collapse_points: float | None = 20.0,
+        n_samples: int = 256,
+        seed: int = 0,
+    ) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}")
+        if usd_per_point is not None and min_gain_per_usd is not None:
+            raise ValueError("give `usd_per_point` or `min_gain_per_usd`, not both")
+        if min_gain_per_usd is not None:
+            self.min_gain_per_usd = _check_positive("min_gain_per_usd", min_gain_per_usd)
+        else:
+            price = DEFAULT_USD_PER_POINT if usd_per_point is None else usd_per_point
+            self.min_gain_per_usd = 1.0 / _check_positive("usd_per_point", price)
+        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.0 < confidence < 1.0:
+            raise ValueError(f"`confidence` must be a number in (0, 1), got {confidence!r}")
+        if isinstance(min_points, bool) or not isinstance(min_points, int) or min_points < 3:
+            raise ValueError(f"`min_points` must be an int >= 3, got {min_points!r}")
+        if isinstance(increment_fraction, bool) or not isinstance(increment_fraction, (int, float)) or not 0.0 <= increment_fraction <= 10.0:
+            raise ValueError(f"`increment_fraction` must be a number in [0, 10], got {increment_fraction!r}")
+        if isinstance(fit_fraction, bool) or not isinstance(fit_fraction, (int, float)) or not 0.0 < fit_fraction <= 1.0:
+            raise ValueError(f"`fit_fraction` must be a number in (0, 1], got {fit_fraction!r}")
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 16:
+            raise ValueError(f"`n_samples` must be an int >= 16, got {n_samples!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"`seed` must be an int, got {seed!r}")
+        self.mode = mode
+        self.usd_per_point = 1.0 / self.min_gain_per_usd
+        self.confidence = float(confidence)
+        self.min_points = min_points
+        self.points_per_unit = _check_positive("points_per_unit", points_per_unit)
+        self.increment_fraction = float(increment_fraction)
+        self.fit_fraction = float(fit_fraction)
+        self.planned_cost_usd = _check_positive("planned_cost_usd", planned_cost_usd, allow_none=True)
+        self.collapse_points = _check_positive("collapse_points", collapse_points, allow_none=True)
+        self.n_samples = n_samples
+        self.seed = seed
+        self._sign = 1.0 if mode == "max" else -1.0
+        self._costs_usd: list[float] = []
+        self._metrics: list[float] = []
+
+    # ------------------------------------------------------------------ public API
+    def observe(self, cost_usd: float, metric: float, planned_cost_usd: float | None = None) -> Decision:
+        """Records one evaluation and decides whether to stop.
+
+        Args:
+            cost_usd: Cumulative cost of the run when ``metric`` was measured, in
+                dollars; must be finite and not below the previous one.
+            metric: The monitored value (e.g. ``val_acc``); NaN/inf means the run diverged.
+            planned_cost_usd: Updated total planned cost, if it became known or changed
+                (overrides the constructor's value from now on).
+
+        Returns:
+            The decision; ``decision.estimate`` carries the figures.
+
+        Raises:
+            ValueError: If ``cost_usd`` is not finite, negative, or goes backwards.
+        """
+        cost_usd = float(cost_usd)
+        if not math.isfinite(cost_usd) or cost_usd < 0:
+            raise ValueError(f"`cost_usd` must be a finite number >= 0, got {cost_usd!r}")
+        if self._costs_usd and cost_usd < self._costs_usd[-1]:
+            raise ValueError(
+                f"`cost_usd` must not decrease: got {cost_usd!r} after {self._costs_usd[-1]!r}"
+            )
+        if planned_cost_usd is not None:
+            self.planned_cost_usd = _check_positive("planned_cost_usd", planned_cost_usd)
+        metric = float(metric)
+        self._costs_usd.append(cost_usd)
+        self._metrics.append(metric)
+        return self._decide()
+
+    @property
+    def num_points(self) -> int:
+        """Number of evaluations observed so far."""
+        return len(self._metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: the points seen and the planned cost."""
+        return {
+            "version": _STATE_VERSION,
+            "costs_usd": list(self._costs_usd),
+            "metrics": list(self._metrics),
+            "planned_cost_usd": self.planned_cost_usd,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores the points saved by :meth:`state_dict` (settings stay as constructed)."""
+        costs = [float(c) for c in state_dict["costs_usd"]]
+        metrics = [float(m) for m in state_dict["metrics"]]
+        if len(costs) != len(metrics):
+            raise ValueError("`state_dict` has different numbers of costs and metrics")
+        self._costs_usd = costs
+        self._metrics = metrics
+        if state_dict.get("planned_cost_usd") is not None:
+            self.planned_cost_usd = float(state_dict["planned_cost_usd"])
+
+    # ------------------------------------------------------------------ decision
+    def _decide(self) -> Decision:
+        n = len(self._metrics)
+        last = self._metrics[-1]
+        if not math.isfinite(last):
+            return Decision(True, f"metric is {last} at ${self._costs_usd[-1]:.4g}: the run diverged", None)
+        costs = np.asarray(self._costs_usd, dtype=float)
+        points = self._sign * self.points_per_unit * np.asarray(self._metrics, dtype=float)
+        finite = np.isfinite(points)
+        best = float(np.max(points[finite]))
+        if self.collapse_points is not None and n >= 2 and np.all(finite[-2:]):
+            drop = best - points[-2:]
+            if np.all(drop > self.collapse_points):
+                return Decision(
+                    True,
+                    f"collapse: last two evaluations {drop.min():.2f}+ points below the best "
+                    f"(threshold {self.collapse_points:g})",
+                    None,
+                )
+        if n < self.min_points:
+            return Decision(False, f"{n} of {self.min_points} evaluations needed before deciding", None)
+        remaining_usd = None
+        if self.planned_cost_usd is not None:
+            remaining_usd = self.planned_cost_usd - costs[-1]
+            if remaining_usd <= 0:
+                return Decision(False, "planned end reached", None)
+        estimate = self._estimate(costs[finite], points[finite], best, remaining_usd)
+        if estimate is None:
+            return Decision(False, "cost has not grown enough to fit a curve", None)
+        worth_usd = estimate.gain_points_upper * self.usd_per_point
+        figures = (
+            f"next ${estimate.increment_usd:.4g} buys {estimate.gain_points:.3f} points "
+            f"(<= {estimate.gain_points_upper:.3f} at {self.confidence:.0%}), worth "
+            f"${worth_usd:.4g} at ${self.usd_per_point:.4g}/point"
+        )
+        if estimate.gain_per_usd < self.min_gain_per_usd:
+            return Decision(True, f"not worth it: {figures}", estimate)
+        return Decision(False, f"worth it: {figures}", estimate)
+
+    def _estimate(
+        self, costs: np.ndarray, points: np.ndarray, best: float, remaining_usd: float | None
+    ) -> GainEstimate | None:
+        cost_now = costs[-1]
+        if cost_now <= 0:
+            return None
+        # Fit window: the last `fit_fraction` of the spend, at least `min_points` points.
+        start = min(int(np.searchsorted(costs, (1.0 - self.fit_fraction) * cost_now)), len(costs) - self.min_points)
+        x = costs[max(start, 0):] / cost_now
+        u = points[max(start, 0):]
+        if x[0] >= 1.0 - 1e-9:
+            return None
+        steps = np.diff(costs)
+        steps = steps[steps > 0]
+        interval_usd = float(np.median(steps[-3:])) if steps.size else cost_now
+        increment_usd = max(interval_usd, self.increment_fraction * cost_now)
+        if remaining_usd is not None:
+            increment_usd = min(increment_usd, remaining_usd)
+        x_next = 1.0 + increment_usd / cost_now
+        x_final = (
+            1.0 + remaining_usd / cost_now if remaining_usd is not None else None
+        )
+        fit = _fit_ensemble(x, u)
+        rng = np.random.default_rng(self.seed + len(costs))
+        draws = fit.sample(rng, self.n_samples)
+        # Expected improvement of the kept (best) value, over evaluation noise, per draw.
+        mean_next = draws.value_at(x_next)
+        gains = _expected_improvement(mean_next, fit.noise_points, best)
+        gain_points = float(np.mean(gains))
+        gain_upper = float(np.quantile(gains, self.confidence))
+        if x_final is not None:
+            final_points = float(np.mean(draws.value_at(x_final)))
+        else:
+            final_points = float(np.mean(draws.asymptote()))
+        return GainEstimate(
+            gain_points=gain_points,
+            gain_points_upper=gain_upper,
+            increment_usd=increment_usd,
+            gain_per_usd=gain_upper / increment_usd,
+            predicted_final=self._sign * final_points / self.points_per_unit,
+            usd_to_predicted_final=remaining_usd,
+            curve=fit.describe(),
+        )
+
+
+# ---------------------------------------------------------------------- fitting
+def _basis(x: np.ndarray) -> np.ndarray:
+    """Basis values g_k(x), shape (n_components, len(x)), all zero at x = 1."""
+    x = np.asarray(x, dtype=float)
+    logx = np.log(x)
+    a = _POWER_ALPHAS[:, None]
+    safe_a = np.where(a == 0.0, 1.0, a)
+    power = np.where(a == 0.0, logx, -np.expm1(-safe_a * logx) / safe_a)
+    k = _EXP_RATES[:, None]
+    expo = -np.expm1(np.clip(-k * (x - 1.0), -700.0, 50.0)) / k
+    return np.vstack([power, expo])
+
+
+def _basis_limit() -> np.ndarray:
+    """g_k at infinite cost for saturating components, at 10x cost for the others."""
+    far = _basis(np.array([_NO_PLAN_HORIZON]))[:, 0]
+    limit = far.copy()
+    sat = _POWER_ALPHAS > 0
+    limit[: len(_POWER_ALPHAS)][sat] = 1.0 / _POWER_ALPHAS[sat]
+    limit[len(_POWER_ALPHAS):] = 1.0 / _EXP_RATES
+    return limit
+
+
+_BASIS_LIMIT = _basis_limit()
+
+
+def _expected_improvement(mean: np.ndarray, sd: float, best: float) -> np.ndarray:
+    """E[max(0, Y - best)] for Y ~ N(mean, sd^2): what the kept checkpoint gains."""
+    z = (mean - best) / sd
+    return sd * (z * ndtr(z) + np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi))
+
+
+@dataclass
+class _Draws:
+    """Samples of curve parameters: value(x) = level + slope * (g_comp(x) - g_mean)."""
+
+    comp: np.ndarray
+    level: np.ndarray
+    slope: np.ndarray
+    g_mean: np.ndarray
+
+    def value_at(self, x: float) -> np.ndarray:
+        g = _basis(np.array([x]))[:, 0]
+        return self.level + self.slope * (g[self.comp] - self.g_mean[self.comp])
+
+    def asymptote(self) -> np.ndarray:
+        return self.level + self.slope * (_BASIS_LIMIT[self.comp] - self.g_mean[self.comp])
+
+
+@dataclass
+class _EnsembleFit:
+    """Least-squares fits of every grid component with their posterior weights."""
+
+    weights: np.ndarray
+    g_mean: np.ndarray
+    u_mean: float
+    slope: np.ndarray
+    slope_sd: np.ndarray
+    level_sd: float
+    noise_points: float
+
+    def sample(self, rng: np.random.Generator, n: int) -> _Draws:
+        comp = rng.choice(self.weights.size, size=n, p=self.weights)
+        z = rng.standard_normal((2, n))
+        level = self.u_mean + self.level_sd * z[0]
+        slope = self.slope[comp] + self.slope_sd[comp] * z[1]
+        return _Draws(comp=comp, level=level, slope=slope, g_mean=self.g_mean)
+
+    def describe(self) -> str:
+        mass = {f: 0.0 for f in dict.fromkeys(_FAMILIES)}
+        for fam, w in zip(_FAMILIES, self.weights):
+            mass[fam] += float(w)
+        top = int(np.argmax(self.weights))
+        param = (
+            f"alpha={_POWER_ALPHAS[top]:g}" if top < len(_POWER_ALPHAS) else f"k={_EXP_RATES[top - len(_POWER_ALPHAS)]:g}"
+        )
+        parts = ", ".join(f"{f} {m:.2f}" for f, m in mass.items())
+        return f"ensemble({parts}; top {_FAMILIES[top]} {param})"
+
+
+def _fit_ensemble(x: np.ndarray, u: np.ndarray) -> _EnsembleFit:
+    """Fits u = a + b g_k(x) for every component k, robustly, and weights them.
+
+    Each component is linear in (a, b), so its fit is closed-form; one robust pass drops
+    points with residuals beyond 4 robust SDs of the best fit (single glitches).
+    """
+    g = _basis(x)
+    w = np.ones_like(u)
+    for attempt in range(2):
+        sw = w.sum()
+        g_mean = (g * w).sum(axis=1) / sw
+        u_mean = float((u * w).sum() / sw)
+        gc = g - g_mean[:, None]
+        uc = u - u_mean
+        sgg = (gc * gc * w).sum(axis=1)
+        sgu = (gc * uc * w).sum(axis=1)
+        suu = float((uc * uc * w).sum())
+        ok = sgg > 1e-12 * max(1.0, float(np.max(sgg)))
+        slope = np.where(ok, sgu / np.where(ok, sgg, 1.0), 0.0)
+        sse = np.maximum(suu - slope * sgu, 0.0)
+        sse = np.where(ok, sse, np.inf)
+        k_best = int(np.argmin(sse))
+        resid = uc - slope[k_best] * gc[k_best]
+        if attempt == 1:
+            break
+        active = w > 0
+        mad = float(np.median(np.abs(resid[active] - np.median(resid[active]))))
+        scale = 1.4826 * mad
+        if scale <= 0:
+            break
+        new_w = (np.abs(resid) <= 4.0 * scale + 1e-12).astype(float)
+        if new_w.sum() < 3 or np.array_equal(new_w, w):
+            break
+        w = new_w
+    n_eff = float(w.sum())
+    dof = max(n_eff - 3.0, 1.0)
+    sse_min = float(sse[k_best])
+    scale_u = max(float(np.max(np.abs(u))), 1.0)
+    noise_var = max(sse_min / dof, (1e-6 * scale_u) ** 2)
+    loglik = -0.5 * (sse - sse_min) / noise_var
+    prior = np.where(np.array(_FAMILIES) == "power", 0.5 / len(_POWER_ALPHAS), 0.5 / len(_EXP_RATES))
+    logpost = np.where(np.isfinite(loglik), loglik, -np.inf) + np.log(prior)
+    post = np.exp(logpost - np.max(logpost))
+    post /= post.sum()
+    slope_sd = np.sqrt(noise_var / np.where(ok, sgg, np.inf))
+    return _EnsembleFit(
+        weights=post,
+        g_mean=g_mean,
+        u_mean=u_mean,
+        slope=slope,
+        slope_sd=slope_sd,
+        level_sd=math.sqrt(noise_var / n_eff),
+        noise_points=math.sqrt(noise_var),
+    )

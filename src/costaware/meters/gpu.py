@@ -1,0 +1,227 @@
+"""One GPU read through NVML (``nvidia-ml-py``, imported as ``pynvml``).
+
+``pynvml`` is the boundary the tests fake: this module imports it lazily, so a fake placed in
+``sys.modules`` drives the same code as a real driver.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+FIELDS = ("energy", "power", "utilization", "memory")
+
+
+@dataclass(frozen=True)
+class GPUSample:
+    """One reading of one GPU.
+
+    Attributes:
+        time_s: when it was read, on the sampler's clock, seconds.
+        energy_j: energy used since the meter opened, joules; None if the GPU can tell neither
+            energy nor power.
+        power_w: instantaneous power draw, watts.
+        utilization_pct: share of time a kernel was running, percent.
+        memory_used_bytes: device memory in use, bytes.
+    """
+
+    time_s: float
+    energy_j: Optional[float] = None
+    power_w: Optional[float] = None
+    utilization_pct: Optional[float] = None
+    memory_used_bytes: Optional[float] = None
+
+
+class EmptyGPU:
+    """Null meter for a rank that trains on no GPU (or whose GPU cannot be read)."""
+
+    present = False
+    name: Optional[str] = None
+
+    def __init__(self, reason: str = "no GPU on this rank") -> None:
+        self.status = reason
+        self.degraded = False
+        self.latest = GPUSample(time_s=0.0)
+        self.disabled_fields: tuple = FIELDS
+
+    def sample(self, now_s: float) -> GPUSample:
+        return self.latest
+
+    def close(self) -> None:
+        pass
+
+
+class GPUMeter:
+    """Energy, power, utilization and memory of one GPU.
+
+    Energy comes from the driver's cumulative counter (``nvmlDeviceGetTotalEnergyConsumption``,
+    Volta and newer) where the device has it, else from integrating power samples. A query the
+    device does not support (MIG slice, vGPU, old GPU) disables that field alone; any other NVML
+    error marks the meter degraded, warns once, and keeps the last readings so that no recorded
+    energy is lost.
+    """
+
+    present = True
+
+    def __init__(self, nvml: Any, handle: Any, start_s: float, label: str) -> None:
+        self._nvml = nvml
+        self._handle = handle
+        self._lock = threading.Lock()
+        self.name = _as_str(self._query(lambda: nvml.nvmlDeviceGetName(handle), "name")) or "unknown GPU"
+        self.label = label
+        self.status = "ok"
+        self.degraded = False
+        self.disabled_fields: tuple = ()
+        self._counter_start_mj: Optional[float] = None
+        self._energy_j = 0.0
+        self._last_power_w: Optional[float] = None
+        self._last_time_s = start_s
+        start_mj = self._query(lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle), "energy")
+        if start_mj is not None:
+            self._counter_start_mj = float(start_mj)
+        self.latest = GPUSample(time_s=start_s, energy_j=0.0)
+        self.sample(start_s)
+
+    @property
+    def energy_source(self) -> str:
+        if self._counter_start_mj is not None:
+            return "nvml energy counter"
+        if "power" not in self.disabled_fields:
+            return "integrated nvml power samples"
+        return "unavailable"
+
+    def sample(self, now_s: float) -> GPUSample:
+        """Read every field still enabled; called from the sampler thread."""
+        with self._lock:
+            nvml, handle = self._nvml, self._handle
+            power_mw = self._query(lambda: nvml.nvmlDeviceGetPowerUsage(handle), "power")
+            power_w = None if power_mw is None else float(power_mw) / 1000.0
+            if self._counter_start_mj is not None:
+                total_mj = self._query(lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle), "energy")
+                if total_mj is not None:
+                    self._energy_j = (float(total_mj) - self._counter_start_mj) / 1000.0
+            elif power_w is not None:
+                # Trapezoid between samples; the first sample has no predecessor to pair with.
+                if self._last_power_w is not None:
+                    self._energy_j += 0.5 * (power_w + self._last_power_w) * (now_s - self._last_time_s)
+            util = self._query(lambda: nvml.nvmlDeviceGetUtilizationRates(handle), "utilization")
+            mem = self._query(lambda: nvml.nvmlDeviceGetMemoryInfo(handle), "memory")
+            if power_w is not None:
+                self._last_power_w = power_w
+            self._last_time_s = now_s
+            has_energy = self._counter_start_mj is not None or "power" not in self.disabled_fields
+            self.latest = GPUSample(
+                time_s=now_s,
+                energy_j=self._energy_j if has_energy else None,
+                power_w=power_w if power_w is not None else self.latest.power_w,
+                utilization_pct=float(util.gpu) if util is not None else self.latest.utilization_pct,
+                memory_used_bytes=float(mem.used) if mem is not None else self.latest.memory_used_bytes,
+            )
+            return self.latest
+
+    def close(self) -> None:
+        try:
+            self._nvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001 - shutting down must never raise into training
+            pass
+
+    def _query(self, read, field: str):
+        if field in self.disabled_fields:
+            return None
+        try:
+            return read()
+        except Exception as err:  # noqa: BLE001 - any NVML failure must not reach training
+            if _is_not_supported(self._nvml, err):
+                self.disabled_fields = (*self.disabled_fields, field)
+                return None
+            if not self.degraded:
+                self.degraded = True
+                self.status = f"degraded: NVML {field} query failed mid-run ({err}); last readings kept"
+                warnings.warn(f"costaware: GPU meter {self.status}", RuntimeWarning, stacklevel=2)
+            self.disabled_fields = (*self.disabled_fields, field)
+            return None
+
+
+def open_gpu(cuda_index: Optional[int], start_s: float, nvml_index: Optional[int] = None):
+    """Open the GPU this rank trains on, or return an ``EmptyGPU`` that says why not.
+
+    Args:
+        cuda_index: the torch CUDA device index of this rank (respects ``CUDA_VISIBLE_DEVICES``);
+            None when the rank does not train on a GPU.
+        start_s: the sampler clock's time at which energy starts counting.
+        nvml_index: an NVML device index to meter instead (bypasses the CUDA mapping).
+    """
+    if cuda_index is None and nvml_index is None:
+        return EmptyGPU()
+    try:
+        import pynvml as nvml
+    except ImportError:
+        return _empty("nvidia-ml-py (pynvml) is not installed")
+    try:
+        nvml.nvmlInit()
+    except Exception as err:  # noqa: BLE001 - no driver, no library, no permission
+        return _empty(f"NVML could not start ({err})")
+    try:
+        if nvml_index is not None:
+            handle, label = nvml.nvmlDeviceGetHandleByIndex(nvml_index), f"nvml:{nvml_index}"
+        else:
+            handle, label = _handle_for_cuda_index(nvml, cuda_index)
+        return GPUMeter(nvml, handle, start_s, label)
+    except Exception as err:  # noqa: BLE001
+        return _empty(f"NVML could not open the device ({err})")
+
+
+def _handle_for_cuda_index(nvml: Any, cuda_index: int):
+    """Map a torch CUDA index to an NVML handle: by UUID first, else via CUDA_VISIBLE_DEVICES.
+
+    NVML numbers devices by PCI bus, CUDA by speed unless ``CUDA_DEVICE_ORDER=PCI_BUS_ID``, and
+    ``CUDA_VISIBLE_DEVICES`` renumbers them; the device UUID is the only name both agree on.
+    """
+    uuid = _torch_uuid(cuda_index)
+    if uuid is not None:
+        try:
+            return nvml.nvmlDeviceGetHandleByUUID(uuid), uuid
+        except Exception:  # noqa: BLE001 - fall back on the environment mapping
+            pass
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if not visible:
+        return nvml.nvmlDeviceGetHandleByIndex(cuda_index), f"nvml:{cuda_index}"
+    entry = visible[cuda_index]
+    if entry.isdigit():
+        return nvml.nvmlDeviceGetHandleByIndex(int(entry)), f"nvml:{entry}"
+    return nvml.nvmlDeviceGetHandleByUUID(entry), entry
+
+
+def _torch_uuid(cuda_index: int) -> Optional[str]:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        uuid = getattr(torch.cuda.get_device_properties(cuda_index), "uuid", None)
+        return None if uuid is None else f"GPU-{uuid}"
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _is_not_supported(nvml: Any, err: Exception) -> bool:
+    not_supported = getattr(nvml, "NVMLError_NotSupported", None)
+    if not_supported is not None and isinstance(err, not_supported):
+        return True
+    return getattr(err, "value", None) == getattr(nvml, "NVML_ERROR_NOT_SUPPORTED", 3)
+
+
+def _as_str(value) -> Optional[str]:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value
+
+
+def _empty(reason: str) -> EmptyGPU:
+    warnings.warn(f"costaware: GPU not metered: {reason}; training goes on", RuntimeWarning, stacklevel=3)
+    gpu = EmptyGPU(reason)
+    gpu.degraded = True
+    return gpu

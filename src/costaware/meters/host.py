@@ -1,0 +1,132 @@
+"""The host's CPU and RAM energy, from codecarbon's estimators in offline mode.
+
+RAPL counters where they are readable, else codecarbon's TDP-times-load model for the CPU and
+its memory-size model for RAM. Only one rank per node opens a real ``HostMeter``, so a node's
+host is counted once; GPU energy is never taken from codecarbon (the GPU meter owns it).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class HostSample:
+    """Cumulative host energy since the meter opened.
+
+    Attributes:
+        time_s: when it was read, on the sampler's clock, seconds.
+        cpu_energy_j: CPU package energy, joules.
+        ram_energy_j: memory energy, joules.
+        cpu_power_w: latest CPU power estimate, watts.
+    """
+
+    time_s: float
+    cpu_energy_j: float = 0.0
+    ram_energy_j: float = 0.0
+    cpu_power_w: Optional[float] = None
+
+
+class EmptyHost:
+    """Null meter: another rank of this node counts the host, or the host cannot be read."""
+
+    present = False
+    method = "not metered on this rank"
+
+    def __init__(self, reason: str = "host counted by local rank 0") -> None:
+        self.status = reason
+        self.degraded = False
+        self.latest = HostSample(time_s=0.0)
+
+    def sample(self, now_s: float) -> HostSample:
+        return self.latest
+
+    def close(self) -> None:
+        pass
+
+
+class HostMeter:
+    """CPU and RAM energy of this node through codecarbon's hardware classes.
+
+    codecarbon's CPU detection takes a second or two (it reads a table of TDPs), so it runs on
+    the first ``sample`` call, in the sampler thread, not in ``setup``; energy still counts
+    from ``start_s``.
+    """
+
+    present = True
+
+    def __init__(self, start_s: float, cpu_tdp_w: Optional[float] = None, ram_power_w: Optional[float] = None):
+        self._lock = threading.Lock()
+        self._cpu_tdp_w = cpu_tdp_w
+        self._ram_power_w = ram_power_w
+        self._cpu = self._ram = None
+        self.status = "ok"
+        self.degraded = False
+        self.method = "not opened yet"
+        self._cpu_j = 0.0
+        self._ram_j = 0.0
+        self._last_s = start_s
+        self.latest = HostSample(time_s=start_s)
+
+    def _open(self) -> None:
+        from codecarbon.core import cpu as cc_cpu
+        from codecarbon.core.hardware_cache import get_cached_tdp
+        from codecarbon.external.hardware import CPU, MODE_CPU_LOAD
+        from codecarbon.external.ram import RAM
+
+        logging.getLogger("codecarbon").setLevel(logging.ERROR)
+        out_dir = tempfile.gettempdir()
+        tdp_w = self._cpu_tdp_w
+        if tdp_w is None and cc_cpu.is_rapl_available():
+            cpu = CPU.from_utils(out_dir, mode="intel_rapl")
+            self.method = "RAPL counters (codecarbon)"
+        else:
+            if tdp_w is None:
+                tdp = get_cached_tdp(cc_cpu)  # detected once per process
+                model, tdp_w = tdp.model, tdp.tdp
+            else:
+                model = "user-given TDP"
+            cpu = CPU.from_utils(out_dir, MODE_CPU_LOAD, model, tdp_w)
+            self.method = f"codecarbon TDP x load model ({model}, {tdp_w} W TDP)"
+        cpu.start()
+        self._ram = RAM(tracking_mode="machine", force_ram_power=self._ram_power_w)
+        self._cpu = cpu
+
+    def sample(self, now_s: float) -> HostSample:
+        """Add the energy used since the last sample; called from the sampler thread."""
+        with self._lock:
+            if self.degraded:
+                return self.latest
+            try:
+                if self._cpu is None:
+                    self._open()
+                dt_s = max(now_s - self._last_s, 0.0)
+                self._last_s = now_s
+                if dt_s == 0.0:
+                    return self.latest
+                power, energy = self._cpu.measure_power_and_energy(last_duration=dt_s)
+                self._cpu_j += float(energy.kWh) * 3.6e6
+                self._ram_j += float(self._ram.total_power().W) * dt_s
+                cpu_power_w = float(power.W)
+            except Exception as err:  # noqa: BLE001 - measuring must never break training
+                self.degraded = True
+                self.status = f"degraded: host energy read failed ({err}); totals so far kept"
+                warnings.warn(f"costaware: host meter {self.status}", RuntimeWarning, stacklevel=2)
+                return self.latest
+            self.latest = HostSample(now_s, self._cpu_j, self._ram_j, cpu_power_w)
+            return self.latest
+
+    def close(self) -> None:
+        pass
+
+
+def open_host(start_s: float, counts_host: bool, cpu_tdp_w: Optional[float] = None, ram_power_w: Optional[float] = None):
+    """A ``HostMeter`` for the rank that counts this node's host, else an ``EmptyHost``."""
+    if not counts_host:
+        return EmptyHost()
+    return HostMeter(start_s, cpu_tdp_w=cpu_tdp_w, ram_power_w=ram_power_w)
