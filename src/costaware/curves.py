@@ -169,6 +169,12 @@ class MarginalGainPolicy:
         decision = policy.observe(cost_usd=1.25, metric=3.2)
     """
 
+    multi_horizon = True
+    lookahead_fraction = 1.0
+    gain_kind = "ei"
+    local_noise = True
+    drift = 0.0
+
     def __init__(
         self,
         mode: str = "max",
@@ -333,18 +339,40 @@ class MarginalGainPolicy:
         increment_usd = max(interval_usd, self.increment_fraction * cost_now)
         if remaining_usd is not None:
             increment_usd = min(increment_usd, remaining_usd)
-        x_next = 1.0 + increment_usd / cost_now
         x_final = (
             1.0 + remaining_usd / cost_now if remaining_usd is not None else None
         )
-        fit = _fit_ensemble(x, u)
+        # Horizons: the next increment, then doubling, up to the planned end (or, without
+        # a plan, `lookahead_fraction` of the cost so far). Gains from annealing and from
+        # climbing out of a dip show up over a longer horizon than one evaluation.
+        max_usd = remaining_usd if remaining_usd is not None else max(increment_usd, self.lookahead_fraction * cost_now)
+        horizons_usd = [increment_usd]
+        while self.multi_horizon and horizons_usd[-1] * 2.0 < max_usd:
+            horizons_usd.append(horizons_usd[-1] * 2.0)
+        if self.multi_horizon and max_usd > horizons_usd[-1]:
+            horizons_usd.append(max_usd)
+        horizons_usd = np.asarray(horizons_usd)
+        fit = _fit_ensemble(x, u, _local_noise_points(costs, points) if self.local_noise else 0.0)
         rng = np.random.default_rng(self.seed + len(costs))
         draws = fit.sample(rng, self.n_samples)
         # Expected improvement of the kept (best) value, over evaluation noise, per draw.
-        mean_next = draws.value_at(x_next)
-        gains = _expected_improvement(mean_next, fit.noise_points, best)
-        gain_points = float(np.mean(gains))
-        gain_upper = float(np.quantile(gains, self.confidence))
+        x_h = 1.0 + horizons_usd / cost_now
+        means = draws.value_at(x_h)  # (horizons, samples)
+        if self.drift > 0:
+            walk = np.cumsum(rng.standard_normal((len(x_h), self.n_samples)) * np.sqrt(np.diff(np.log(np.concatenate([[1.0], x_h]))))[:, None], axis=0)
+            means = means + self.drift * fit.noise_points * walk
+        if self.gain_kind == "ei":
+            gains = _expected_improvement(means, fit.noise_points, best)
+        elif self.gain_kind == "trend":
+            gains = means - draws.value_at(1.0)[None, :]
+        else:  # smoothed best
+            gains = np.maximum(means - np.maximum(draws.value_at(1.0)[None, :], best - fit.noise_points), 0)
+        gain_mean = gains.mean(axis=1)
+        gain_upper_all = np.quantile(gains, self.confidence, axis=1)
+        h = int(np.argmax(gain_upper_all / horizons_usd))
+        increment_usd = float(horizons_usd[h])
+        gain_points = float(gain_mean[h])
+        gain_upper = float(gain_upper_all[h])
         if x_final is not None:
             final_points = float(np.mean(draws.value_at(x_final)))
         else:
@@ -401,9 +429,12 @@ class _Draws:
     slope: np.ndarray
     g_mean: np.ndarray
 
-    def value_at(self, x: float) -> np.ndarray:
-        g = _basis(np.array([x]))[:, 0]
-        return self.level + self.slope * (g[self.comp] - self.g_mean[self.comp])
+    def value_at(self, x: float | np.ndarray) -> np.ndarray:
+        """Values at cost ratio(s) x: shape (samples,) for a scalar, (len(x), samples) else."""
+        xs = np.atleast_1d(np.asarray(x, dtype=float))
+        g = _basis(xs).T  # (len(x), components)
+        out = self.level + self.slope * (g[:, self.comp] - self.g_mean[self.comp])
+        return out[0] if np.ndim(x) == 0 else out
 
     def asymptote(self) -> np.ndarray:
         return self.level + self.slope * (_BASIS_LIMIT[self.comp] - self.g_mean[self.comp])
@@ -440,7 +471,27 @@ class _EnsembleFit:
         return f"ensemble({parts}; top {_FAMILIES[top]} {param})"
 
 
-def _fit_ensemble(x: np.ndarray, u: np.ndarray) -> _EnsembleFit:
+def _local_noise_points(costs: np.ndarray, points: np.ndarray) -> float:
+    """Robust evaluation-noise SD from each point's deviation from its neighbours' chord.
+
+    Uses the whole history, so it is stable when the fit window has few points; any
+    curvature left in the chord only makes it larger (more cautious).
+    """
+    if len(points) < 3:
+        return 0.0
+    c0, c1, c2 = costs[:-2], costs[1:-1], costs[2:]
+    span = c2 - c0
+    ok = span > 0
+    if not np.any(ok):
+        return 0.0
+    t = np.where(ok, (c1 - c0) / np.where(ok, span, 1.0), 0.5)
+    chord = points[:-2] * (1.0 - t) + points[2:] * t
+    dev = (points[1:-1] - chord)[ok]
+    inflation = np.sqrt(1.0 + (1.0 - t[ok]) ** 2 + t[ok] ** 2)
+    return float(1.4826 * np.median(np.abs(dev) / inflation))
+
+
+def _fit_ensemble(x: np.ndarray, u: np.ndarray, noise_floor_points: float = 0.0) -> _EnsembleFit:
     """Fits u = a + b g_k(x) for every component k, robustly, and weights them.
 
     Each component is linear in (a, b), so its fit is closed-form; one robust pass drops
@@ -478,7 +529,7 @@ def _fit_ensemble(x: np.ndarray, u: np.ndarray) -> _EnsembleFit:
     dof = max(n_eff - 3.0, 1.0)
     sse_min = float(sse[k_best])
     scale_u = max(float(np.max(np.abs(u))), 1.0)
-    noise_var = max(sse_min / dof, (1e-6 * scale_u) ** 2)
+    noise_var = max(sse_min / dof, noise_floor_points**2, (1e-6 * scale_u) ** 2)
     loglik = -0.5 * (sse - sse_min) / noise_var
     prior = np.where(np.array(_FAMILIES) == "power", 0.5 / len(_POWER_ALPHAS), 0.5 / len(_EXP_RATES))
     logpost = np.where(np.isfinite(loglik), loglik, -np.inf) + np.log(prior)

@@ -13,7 +13,7 @@ from lightning_utilities.core.rank_zero import rank_zero_info
 
 from costaware.ledger import LEDGER_FILENAME, Ledger, LedgerError, Totals, read_ledger
 from costaware.meters import FlopsCounter, Sampler, open_gpu, open_host, peak_flops_per_s
-from costaware.prices import check_amount, gpu_price, make_prices
+from costaware.prices import check_amount, make_prices
 
 # Per-rank figures summed across ranks at log intervals, in this order.
 _SUMMED = ("gpu_hours", "host_hours", "gpu_energy_j", "cpu_energy_j", "ram_energy_j", "flops", "usd", "co2_kg",
@@ -123,10 +123,11 @@ class CostMonitor:
         cuda_index = root.index if root.type == "cuda" else None
         self._gpu = open_gpu(cuda_index, self._start_s, nvml_index=self.nvml_index)
         self._gpus_held = 1 if (cuda_index is not None or self.nvml_index is not None) else 0
-        if self._price_args["gpu"] is None and self._gpu.present:
+        detected = self._gpu.name if self._gpu.present else (
+            torch.cuda.get_device_name(cuda_index) if cuda_index is not None else None)
+        if self._price_args["gpu"] is None and detected is not None:
             # The price depends on the detected GPU: resolve it now, before any compute.
-            gpu_price(self._gpu.name, self._price_args["usd_per_gpu_hour"], self._price_args["mode"])
-            self.prices = make_prices(**{**self._price_args, "gpu": self._gpu.name})
+            self.prices = make_prices(**{**self._price_args, "gpu": detected})
         if self._gpus_held == 0 and self._price_args["usd_per_gpu_hour"] is not None:
             warnings.warn("costaware: usd_per_gpu_hour is set but this rank trains on no GPU: no GPU-hours are "
                           "counted for it", RuntimeWarning, stacklevel=2)

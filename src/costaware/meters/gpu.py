@@ -70,11 +70,11 @@ class GPUMeter:
         self._nvml = nvml
         self._handle = handle
         self._lock = threading.Lock()
-        self.name = _as_str(self._query(lambda: nvml.nvmlDeviceGetName(handle), "name")) or "unknown GPU"
         self.label = label
         self.status = "ok"
         self.degraded = False
         self.disabled_fields: tuple = ()
+        self.name = _as_str(self._query(lambda: nvml.nvmlDeviceGetName(handle), "name")) or "unknown GPU"
         self._counter_start_mj: Optional[float] = None
         self._energy_j = 0.0
         self._last_power_w: Optional[float] = None

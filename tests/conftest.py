@@ -1,0 +1,74 @@
+import socket
+import sys
+import types
+
+import pytest
+
+from costaware import _lightning
+from fake_nvml import FakeClock, FakeGPU, FakeNVML
+
+
+def _namespace(name: str) -> types.SimpleNamespace:
+    pl = _lightning.load(name)
+    costaware = __import__("costaware.lightning" if name == "lightning.pytorch" else "costaware", fromlist=["_"])
+    from importlib import import_module
+
+    demos = import_module(f"{name}.demos.boring_classes")
+    return types.SimpleNamespace(name=name, pl=pl, Trainer=pl.Trainer, BoringModel=demos.BoringModel,
+                                 callbacks=import_module(f"{name}.callbacks"), costaware=costaware)
+
+
+@pytest.fixture(params=_lightning.NAMESPACES)
+def ns(request):
+    """Each test that takes ``ns`` runs under ``pytorch_lightning`` and ``lightning.pytorch``."""
+    return _namespace(request.param)
+
+
+@pytest.fixture
+def pl_ns():
+    return _namespace("pytorch_lightning")
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch, clock):
+    """Install a fake NVML with one simulated H100; returns the fake module."""
+    nvml = FakeNVML([FakeGPU()], clock)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    return nvml
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail any attempt to open a network connection, and record it."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access blocked by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    return attempts
+
+
+def make_clocked_model(base, clock, step_s: float = 1.0):
+    """A BoringModel whose every training step takes ``step_s`` on the fake clock; logs val_loss."""
+
+    class Clocked(base):
+        def training_step(self, batch, batch_idx):
+            clock.advance(step_s)
+            return super().training_step(batch, batch_idx)
+
+        def validation_step(self, batch, batch_idx):
+            out = super().validation_step(batch, batch_idx)
+            self.log("val_loss", out["x"])
+            return out
+
+    return Clocked()

@@ -1,0 +1,182 @@
+"""CostMonitor in real fits: logged keys, ledger, resume, bad input, no network."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_clocked_model
+from costaware.ledger import read_ledger
+
+
+def _monitor(ns, clock=None, **kwargs):
+    kwargs = {"usd_per_host_hour": 3.6, "cpu_tdp_w": 10, "ram_power_w": 3, "country": "FRA", **kwargs}
+    monitor = ns.costaware.CostMonitor(**kwargs)
+    if clock is not None:
+        monitor.clock = clock
+    return monitor
+
+
+def _trainer(ns, tmp_path, callbacks, **kwargs):
+    kwargs = {"max_steps": 10, "log_every_n_steps": 2, "enable_progress_bar": False, "enable_model_summary": False,
+              "limit_val_batches": 2, "val_check_interval": 5, "default_root_dir": tmp_path, **kwargs}
+    return ns.Trainer(callbacks=callbacks, **kwargs)
+
+
+def test_fit_logs_cost_everywhere(ns, tmp_path, clock):
+    monitor = _monitor(ns, clock)
+    trainer = _trainer(ns, tmp_path, [monitor])
+    trainer.fit(make_clocked_model(ns.BoringModel, clock, step_s=2.0))
+    t = monitor.totals
+    # 10 steps x 2 s on the fake clock; host rented at $3.6/h -> $0.001/s.
+    assert t.elapsed_s == pytest.approx(20.0)
+    assert t.usd == pytest.approx(0.02)
+    assert t.ram_energy_j == pytest.approx(3.0 * 20.0)
+    assert 1.0 * 20.0 - 1e-6 <= t.cpu_energy_j <= 10.0 * 20.0 + 1e-6  # TDP x load model, 10-100% of TDP
+    assert t.co2_kg == pytest.approx(t.kwh * 56.039 / 1000)  # France's grid
+    assert t.train_batches == 10 and t.flops > 0
+    for key in ("cost/usd", "cost/kwh", "cost/co2_kg", "cost/gpu_hours", "cost/flops", "throughput/batches_per_s",
+                "throughput/flops_per_s", "host/cpu_power_w"):
+        assert key in trainer.callback_metrics, key
+        assert key in trainer.logged_metrics, key  # reached the loggers too
+    assert "cost/usd" in trainer.progress_bar_metrics
+    assert "throughput/mfu_pct" not in trainer.callback_metrics  # no peak known for a CPU
+    ledger = read_ledger(monitor.ledger.path)
+    assert monitor.ledger.path.parent.parent == tmp_path / "lightning_logs" / "version_0"
+    assert ledger.header["schema"] == 1 and ledger.header["prices"]["usd_per_host_hour"] == 3.6
+    assert ledger.end["how"] == "completed" and ledger.end["totals"]["usd"] == pytest.approx(0.02)
+    assert len(ledger.samples) >= 5
+    assert {m["name"] for m in ledger.metrics} >= {"val_loss"}  # validation metrics, priced
+    assert not ledger.problems
+
+
+def test_early_stopping_and_checkpoint_monitor_cost(ns, tmp_path, clock):
+    monitor = _monitor(ns, clock)
+    stop = ns.callbacks.EarlyStopping(monitor="cost/usd", mode="max", stopping_threshold=0.006, patience=1000)
+    ckpt = ns.callbacks.ModelCheckpoint(monitor="cost/usd", mode="min", save_top_k=1)
+    trainer = _trainer(ns, tmp_path, [monitor, stop, ckpt], max_steps=100, val_check_interval=2,
+                       limit_train_batches=4, limit_val_batches=1)
+    trainer.fit(make_clocked_model(ns.BoringModel, clock, step_s=1.0))
+    assert trainer.global_step < 100  # stopped by the cost threshold
+    assert monitor.totals.usd >= 0.006
+    assert ckpt.best_model_path and ckpt.best_model_score is not None
+
+
+def test_resume_continues_totals(ns, tmp_path, clock):
+    model_cls = ns.BoringModel
+    first = _monitor(ns, clock)
+    ckpt = ns.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=4)
+    trainer = _trainer(ns, tmp_path, [first, ckpt], max_steps=8, limit_val_batches=0)
+    trainer.fit(make_clocked_model(model_cls, clock, step_s=1.0))
+    assert first.totals.elapsed_s == pytest.approx(8.0)
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]["CostMonitor"]
+    assert state["totals"]["elapsed_s"] == pytest.approx(8.0)
+
+    second = _monitor(ns, clock)
+    trainer = _trainer(ns, tmp_path, [second], max_steps=12, limit_val_batches=0)
+    trainer.fit(make_clocked_model(model_cls, clock, step_s=1.0), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    # 8 s before the checkpoint, 4 more steps after: never reset, never counted twice.
+    assert second.totals.elapsed_s == pytest.approx(12.0)
+    assert second.totals.usd == pytest.approx(12.0 * 0.001)
+    assert second.ledger.run_id == first.ledger.run_id
+    header = read_ledger(second.ledger.path).header
+    assert header["resumed_from"]["checkpoint_usd"] == pytest.approx(0.008)
+
+
+def test_resume_keeps_cost_spent_after_the_checkpoint(pl_ns, tmp_path, clock):
+    """A run killed after its last checkpoint paid for those steps: its ledger says so."""
+    ns = pl_ns
+    first = _monitor(ns, clock, flush_interval_s=0.0)
+    ckpt = ns.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=4,
+                                        save_on_train_epoch_end=False)
+    trainer = _trainer(ns, tmp_path, [first, ckpt], max_steps=10, limit_val_batches=0)
+    trainer.fit(make_clocked_model(ns.BoringModel, clock, step_s=1.0))
+    # last.ckpt was written at step 8; the run went on to step 10 (as if killed then).
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 8
+    second = _monitor(ns, clock)
+    trainer = _trainer(ns, tmp_path, [second], max_steps=12, limit_val_batches=0)
+    trainer.fit(make_clocked_model(ns.BoringModel, clock, step_s=1.0), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert second.totals.elapsed_s == pytest.approx(10.0 + 4.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"usd_per_gpu_hour": -1.0}, "usd_per_gpu_hour must be >= 0"),
+        ({"usd_per_host_hour": "cheap"}, "usd_per_host_hour must be a finite number"),
+        ({"usd_per_kwh": float("nan")}, "usd_per_kwh must be a finite number"),
+        ({"gpu": "RTX 9999"}, r"no default price for GPU 'RTX 9999' \(known models: H100-SXM.*usd_per_gpu_hour="),
+        ({"country": "Atlantis"}, "unknown country 'Atlantis'"),
+        ({"pue": 0.9}, "pue must be >= 1.0"),
+        ({"mode": "free"}, r"mode must be one of \('cloud', 'on_prem'\)"),
+        ({"mode": "on_prem"}, "needs usd_per_kwh"),
+        ({"cloud_provider": "gcp", "cloud_region": "mars-1"}, "unknown cloud_region 'mars-1'"),
+        ({"sample_interval_s": 0}, "sample_interval_s must be >= 0.001"),
+    ],
+)
+def test_bad_input_fails_at_construction(ns, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ns.costaware.CostMonitor(**kwargs)
+
+
+def test_unknown_detected_gpu_without_price_fails_before_training(pl_ns, tmp_path, clock, monkeypatch):
+    import sys
+
+    from fake_nvml import FakeGPU, FakeNVML
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML([FakeGPU(name="NVIDIA RTX PRO 6000")], clock))
+    model = make_clocked_model(pl_ns.BoringModel, clock)
+    trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, clock, nvml_index=0)])
+    with pytest.raises(ValueError, match="no default price for GPU 'NVIDIA RTX PRO 6000'"):
+        trainer.fit(model)
+    assert trainer.global_step == 0
+
+
+def test_fit_makes_no_network_call(pl_ns, tmp_path, no_network):
+    monitor = pl_ns.costaware.CostMonitor(usd_per_host_hour=1.0, country="USA", sample_interval_s=0.05)
+    trainer = _trainer(pl_ns, tmp_path, [monitor], max_steps=20)
+    trainer.fit(pl_ns.BoringModel())  # real codecarbon host meter, real clock
+    assert no_network == []
+    assert monitor.totals.usd > 0
+
+
+def test_ledger_is_readable_after_a_crash(pl_ns, tmp_path, clock):
+    class Crashes(pl_ns.BoringModel):
+        def training_step(self, batch, batch_idx):
+            clock.advance(1.0)
+            if batch_idx == 6:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    monitor = _monitor(pl_ns, clock)
+    trainer = _trainer(pl_ns, tmp_path, [monitor])
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(Crashes())
+    ledger = read_ledger(monitor.ledger.path)
+    assert ledger.end["how"] == "exception"
+    assert ledger.end["totals"]["elapsed_s"] == pytest.approx(7.0)
+    assert any(e["name"] == "exception" and "boom" in e["error"] for e in ledger.events)
+
+
+def test_truncated_ledger_line_is_tolerated(pl_ns, tmp_path, clock):
+    monitor = _monitor(pl_ns, clock)
+    _trainer(pl_ns, tmp_path, [monitor]).fit(make_clocked_model(pl_ns.BoringModel, clock))
+    path = monitor.ledger.path
+    text = path.read_text()
+    path.write_text(text[: len(text) - 25])  # the process died mid-write
+    ledger = read_ledger(path)
+    assert ledger.problems and "truncated last line" in ledger.problems[0]
+    assert ledger.totals.usd > 0
+    lines = text.splitlines()
+    path.write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")
+    assert "corrupt line" in read_ledger(path).problems[0]
+
+
+def test_namespaces_are_separate_hierarchies(ns):
+    other = "lightning.pytorch" if ns.name == "pytorch_lightning" else "pytorch_lightning"
+    from costaware import _lightning
+
+    assert isinstance(ns.costaware.CostMonitor(), ns.pl.Callback)
+    assert not isinstance(ns.costaware.CostMonitor(), _lightning.load(other).Callback)
+    assert json.dumps(ns.costaware.CostMonitor().__class__.__module__)

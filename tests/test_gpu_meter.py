@@ -1,0 +1,153 @@
+"""GPU metering through a fake NVML (any machine) and through real NVML (``-m gpu``)."""
+
+import sys
+import warnings
+
+import pytest
+
+from conftest import make_clocked_model
+from costaware.ledger import read_ledger
+from costaware.meters.gpu import EmptyGPU, GPUMeter, _handle_for_cuda_index, open_gpu
+from fake_nvml import FakeGPU, FakeNVML
+
+
+def _fit(ns, tmp_path, clock, steps=10, **monitor_kwargs):
+    monitor = ns.costaware.CostMonitor(nvml_index=0, cpu_tdp_w=10, ram_power_w=3, **monitor_kwargs)
+    monitor.clock = clock
+    trainer = ns.Trainer(default_root_dir=tmp_path, max_steps=steps, log_every_n_steps=2, callbacks=[monitor],
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(make_clocked_model(ns.BoringModel, clock, step_s=1.0))
+    return monitor, trainer
+
+
+def test_h100_energy_counter_prices_and_logs(ns, tmp_path, clock, fake_nvml):
+    monitor, trainer = _fit(ns, tmp_path, clock, steps=10)
+    t = monitor.totals
+    # 10 steps of 1 s on the fake clock at 700 W, read from the driver's energy counter.
+    assert t.elapsed_s == pytest.approx(10.0)
+    assert t.gpu_energy_j == pytest.approx(7000.0)
+    assert t.gpu_hours == pytest.approx(10.0 / 3600)
+    assert monitor.prices.gpu_model == "H100-SXM"
+    assert t.usd == pytest.approx(10.0 / 3600 * 2.99)
+    assert trainer.callback_metrics["gpu/power_w"] == pytest.approx(700.0)
+    assert trainer.callback_metrics["gpu/utilization_pct"] == pytest.approx(87.0)
+    assert trainer.callback_metrics["gpu/memory_used_gib"] == pytest.approx(40.0)
+    ledger = read_ledger(monitor.ledger.path)
+    assert ledger.header["meters"]["gpu"]["energy_source"] == "nvml energy counter"
+    assert ledger.end["totals"]["gpu_energy_j"] == pytest.approx(7000.0)
+
+
+def test_gpu_without_energy_counter_integrates_power(ns, tmp_path, clock, monkeypatch):
+    nvml = FakeNVML([FakeGPU(name="Tesla T4", power_w=70.0, unsupported=("energy",))], clock)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monitor, _ = _fit(ns, tmp_path, clock, steps=8)
+    assert monitor.totals.gpu_energy_j == pytest.approx(70.0 * 8)
+    assert monitor.prices.gpu_model == "T4"
+    assert read_ledger(monitor.ledger.path).header["meters"]["gpu"]["energy_source"] == "integrated nvml power samples"
+
+
+def test_unsupported_query_disables_only_that_field(clock, monkeypatch):
+    # A MIG slice: no energy, no utilization; power and memory still read.
+    nvml = FakeNVML([FakeGPU(unsupported=("energy", "utilization"))], clock)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unsupported field is not a fault: no warning
+        meter = open_gpu(None, clock(), nvml_index=0)
+    clock.advance(2.0)
+    sample = meter.sample(clock())
+    assert isinstance(meter, GPUMeter) and not meter.degraded
+    assert set(meter.disabled_fields) == {"energy", "utilization"}
+    assert sample.power_w == 700.0 and sample.memory_used_bytes == 40 * 2**30 and sample.utilization_pct is None
+    assert sample.energy_j == pytest.approx(1400.0)
+    assert nvml.gpus[0].queries.count("utilization") == 1  # asked once, then never again
+
+
+def test_nvml_lost_mid_run_keeps_training_and_energy(ns, tmp_path, clock, monkeypatch):
+    nvml = FakeNVML([FakeGPU(lost_after_s=clock() + 4.5)], clock)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    with pytest.warns(RuntimeWarning, match="GPU meter degraded"):
+        monitor, trainer = _fit(ns, tmp_path, clock, steps=10)
+    assert trainer.global_step == 10
+    t = monitor.totals
+    assert 0 <= t.gpu_energy_j <= 700.0 * 4.5
+    assert t.gpu_hours == pytest.approx(10.0 / 3600)  # the rental goes on being counted
+    events = [e["name"] for e in read_ledger(monitor.ledger.path).events]
+    assert "meter_degraded" in events
+
+
+def test_meter_keeps_energy_read_before_the_gpu_was_lost(clock, monkeypatch):
+    nvml = FakeNVML([FakeGPU(lost_after_s=clock() + 4.5)], clock)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    meter = open_gpu(None, clock(), nvml_index=0)
+    clock.advance(4.0)
+    assert meter.sample(clock()).energy_j == pytest.approx(2800.0)
+    clock.advance(2.0)
+    with pytest.warns(RuntimeWarning, match="degraded"):
+        sample = meter.sample(clock())
+    assert meter.degraded and sample.energy_j == pytest.approx(2800.0) and sample.power_w == 700.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        meter.sample(clock())
+
+
+@pytest.mark.parametrize("failure", ["no_library", "no_permission", "not_installed"])
+def test_no_usable_nvml_warns_once_and_trains(ns, tmp_path, clock, monkeypatch, failure):
+    import pynvml as real
+
+    if failure == "not_installed":
+        monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml -> ImportError
+    else:
+        code = real.NVML_ERROR_LIBRARY_NOT_FOUND if failure == "no_library" else real.NVML_ERROR_NO_PERMISSION
+        monkeypatch.setitem(sys.modules, "pynvml", FakeNVML([FakeGPU()], clock, init_error=code))
+    with pytest.warns(RuntimeWarning, match="GPU not metered") as record:
+        monitor, trainer = _fit(ns, tmp_path, clock, steps=4, usd_per_gpu_hour=2.0)
+    assert len([w for w in record if "GPU not metered" in str(w.message)]) == 1
+    assert trainer.global_step == 4
+    assert monitor.totals.gpu_energy_j == 0.0
+    assert monitor.totals.usd == pytest.approx(4.0 / 3600 * 2.0)  # GPU-hours still priced
+    meters = read_ledger(monitor.ledger.path).header["meters"]["gpu"]
+    assert meters["present"] is False and meters["status"] != "ok"
+    assert "gpu/power_w" not in trainer.callback_metrics  # missing, never shown as zero
+
+
+def test_cuda_visible_devices_maps_to_nvml(clock, monkeypatch):
+    gpus = [FakeGPU(uuid=f"GPU-{i}") for i in range(4)]
+    nvml = FakeNVML(gpus, clock)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert _handle_for_cuda_index(nvml, 1)[0] is gpus[3]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1,GPU-0")
+    assert _handle_for_cuda_index(nvml, 0)[0] is gpus[1]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert _handle_for_cuda_index(nvml, 2)[0] is gpus[2]
+
+
+def test_cpu_rank_gets_the_null_meter():
+    assert isinstance(open_gpu(None, 0.0), EmptyGPU)
+
+
+@pytest.mark.gpu
+def test_real_nvml_energy_counter_moves():
+    import time
+
+    import torch
+
+    meter = open_gpu(0, time.monotonic())
+    assert meter.present, meter.status
+    x = torch.randn(8192, 8192, device="cuda")
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 3.0:
+        x = x @ x
+        x = x / x.norm()
+    torch.cuda.synchronize()
+    sample = meter.sample(time.monotonic())
+    assert sample.energy_j > 10.0 and sample.power_w > 0 and sample.utilization_pct is not None
+
+
+@pytest.mark.gpu
+def test_real_gpu_fit(pl_ns, tmp_path):
+    monitor = pl_ns.costaware.CostMonitor(usd_per_gpu_hour=2.0)
+    trainer = pl_ns.Trainer(default_root_dir=tmp_path, max_steps=200, accelerator="gpu", devices=1,
+                            callbacks=[monitor], enable_progress_bar=False, log_every_n_steps=10)
+    trainer.fit(pl_ns.BoringModel())
+    assert monitor.totals.gpu_energy_j > 0
+    assert "gpu/power_w" in trainer.callback_metrics
