@@ -144,9 +144,10 @@ class CostMonitor:
         self._last_log = (0.0, 0.0, 0.0)  # elapsed_s, train_batches, flops at the previous log
         self._mine_at_refresh = Totals()
         self._meter_faults_seen: set = set()
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
         path = None
         if trainer.is_global_zero:
-            folder = Path(self.ledger_dir) if self.ledger_dir else Path(trainer.log_dir or trainer.default_root_dir) / "costaware"
+            folder = Path(self.ledger_dir) if self.ledger_dir else Path(log_dir or trainer.default_root_dir) / "costaware"
             path = folder / LEDGER_FILENAME
         self.ledger = Ledger(path, flush_interval_s=self.flush_interval_s, clock=self.clock)
 

@@ -1,0 +1,182 @@
+"""``costaware``: report a run, compare runs, list prices.
+
+::
+
+    costaware report RUN_DIR                 # (re)write report.json/.md/.html next to the ledger
+    costaware compare RUN_DIR... --out runs.html [--metric val_acc] [--mode max]
+    costaware prices [--gpus] [--countries] [--cloud] [--json]
+
+Exit codes: 0 done; 1 a missing or unreadable ledger, or one that could only be read
+best-effort (newer schema, no header), with the reason on stderr; 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit code (the console script exits with it)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
+        return int(exit_.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    return args.run(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="costaware", description="Cost reports for PyTorch Lightning runs measured by costaware.",
+        epilog="Exit codes: 0 ok, 1 bad ledger or directory, 2 usage error.")
+    sub = parser.add_subparsers(dest="command", metavar="{report,compare,prices}")
+
+    report = sub.add_parser(
+        "report", help="rebuild a run's report from its ledger",
+        description="Rebuild report.json, report.md and report.html next to a run's ledger, from the ledger "
+                    "alone (a killed run's ledger works too: its truncated last line is skipped and reported).")
+    report.add_argument("run_dir", metavar="RUN_DIR",
+                        help="a directory holding ledger.jsonl or costaware/ledger.jsonl, or the ledger file")
+    report.add_argument("--print", dest="show", choices=("summary", "md", "json", "none"), default="summary",
+                        help="what to print on stdout (default: the summary and the paths written)")
+    report.set_defaults(run=_report)
+
+    compare = sub.add_parser(
+        "compare", help="rank runs by metric per dollar",
+        description="Rank runs by their best metric per dollar spent, print the table, and write the table and a "
+                    "Pareto plot (metric against dollars) to --out (.html page or .svg plot).")
+    compare.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="run directories or ledger files")
+    compare.add_argument("--metric", help="metric to rank by (default: the first non-cost metric every run records)")
+    compare.add_argument("--mode", choices=("max", "min"),
+                         help="which value is best (default: min for names like loss/error, else max)")
+    compare.add_argument("--out", help="write the table and Pareto plot here (.html, or .svg for the plot alone)")
+    compare.add_argument("--json", action="store_true", help="print the ranking as JSON instead of a table")
+    compare.set_defaults(run=_compare)
+
+    prices = sub.add_parser(
+        "prices", help="list GPU prices and carbon intensities",
+        description="The built-in GPU price table (with sources and dates) and the grid carbon intensities of "
+                    "countries and cloud regions (codecarbon's bundled tables). All sections unless some are chosen.")
+    prices.add_argument("--gpus", action="store_true", help="GPU prices")
+    prices.add_argument("--countries", action="store_true", help="carbon intensity by country")
+    prices.add_argument("--cloud", action="store_true", help="carbon intensity by cloud region")
+    prices.add_argument("--json", action="store_true", help="print JSON")
+    prices.set_defaults(run=_prices)
+    return parser
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
+    print(f"costaware: error: {message}", file=sys.stderr)
+    return code
+
+
+def _report(args: argparse.Namespace) -> int:
+    from costaware.ledger import LedgerError
+    from costaware.report import build_report, write_report
+    from costaware.report import text as T
+
+    try:
+        report = build_report(args.run_dir)
+    except LedgerError as err:
+        return _fail(str(err))
+    try:
+        paths = write_report(args.run_dir, report=report)
+    except OSError as err:
+        return _fail(f"could not write the report: {err}")
+    for problem in report["problems"]:
+        print(f"costaware: warning: {problem}", file=sys.stderr)
+    if args.show == "md":
+        print(paths["md"].read_text(encoding="utf-8"), end="")
+    elif args.show == "json":
+        print(paths["json"].read_text(encoding="utf-8"), end="")
+    elif args.show == "summary":
+        for label, text in T.summary_rows(report):
+            print(f"{label}: {text}")
+        for key, path in paths.items():
+            print(f"wrote {path}")
+    if not report["ledger"]["trusted"]:
+        return _fail(f"{report['ledger']['path']} could only be read best-effort ({report['problems'][0]}); "
+                     f"the report was written anyway")
+    return EXIT_OK
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from costaware.report.compare import CompareError, MetricNotFound, compare_runs, render_compare_text, write_compare
+
+    try:
+        result = compare_runs(args.run_dirs, metric=args.metric, mode=args.mode)
+    except MetricNotFound as err:
+        return _fail(str(err), EXIT_USAGE)
+    except CompareError as err:
+        return _fail(str(err))
+    if args.json:
+        slim = {**result, "runs": [{k: v for k, v in r.items() if not k.startswith("curve_")} for r in result["runs"]]}
+        print(json.dumps(slim, indent=1, default=str))
+    else:
+        print(f"{len(result['runs'])} runs ranked by {result['score_name']} (best {result['metric']}: {result['mode']})")
+        print(render_compare_text(result))
+    if args.out:
+        try:
+            path = write_compare(result, args.out)
+        except OSError as err:
+            return _fail(f"could not write {args.out}: {err}")
+        print(f"wrote {path}")
+    for error in result["errors"]:
+        print(f"costaware: warning: skipped {error}", file=sys.stderr)
+    return EXIT_BAD_INPUT if result["errors"] else EXIT_OK
+
+
+def _prices(args: argparse.Namespace) -> int:
+    from costaware import prices as P
+
+    every = not (args.gpus or args.countries or args.cloud)
+    out: dict = {}
+    if every or args.gpus:
+        out["gpus"] = [{"model": model, "usd_per_gpu_hour": p.usd_per_hour, "source": p.source, "as_of": p.as_of}
+                       for model, p in sorted(P.GPU_PRICES.items())]
+    if every or args.countries:
+        mix = P._json("private_infra/global_energy_mix.json")
+        out["countries"] = [{"iso3": code, "country": row.get("country_name"), "g_co2_per_kwh": row.get("carbon_intensity"),
+                             "year": row.get("year")} for code, row in sorted(mix.items())
+                            if isinstance(row, dict) and row.get("carbon_intensity") is not None]
+    if every or args.cloud:
+        out["cloud_regions"] = [{"provider": r.get("provider"), "region": r.get("region"),
+                                 "country": r.get("country_name"), "g_co2_per_kwh": float(r["impact"]),
+                                 "source": r.get("source")} for r in P.cloud_regions() if r.get("impact")]
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return EXIT_OK
+    if "gpus" in out:
+        print("GPU on-demand prices (per GPU-hour; override with usd_per_gpu_hour=...)")
+        _print_table(["model", "$/GPU-h", "as of", "source"],
+                     [[g["model"], f"{g['usd_per_gpu_hour']:.4g}", g["as_of"], g["source"]] for g in out["gpus"]])
+    if "countries" in out:
+        print("\nGrid carbon intensity by country (codecarbon global_energy_mix; CostMonitor(country=ISO3))")
+        _print_table(["iso3", "country", "gCO2/kWh", "year"],
+                     [[c["iso3"], str(c["country"]), f"{c['g_co2_per_kwh']:.4g}", str(c["year"])] for c in out["countries"]])
+    if "cloud_regions" in out:
+        print("\nGrid carbon intensity by cloud region (codecarbon; CostMonitor(cloud_provider=..., cloud_region=...))")
+        _print_table(["provider", "region", "country", "gCO2/kWh", "source"],
+                     [[c["provider"], c["region"], str(c["country"]), f"{c['g_co2_per_kwh']:.4g}", str(c["source"])]
+                      for c in out["cloud_regions"]])
+    return EXIT_OK
+
+
+def _print_table(head: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip())
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

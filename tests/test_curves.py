@@ -1,0 +1,282 @@
+"""Tests of the marginal-gain stopping policy (costaware.curves) and its replay benchmark."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from costaware.curves import Decision, GainEstimate, MarginalGainPolicy
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARK = REPO / "benchmarks" / "replay_curves.py"
+DEBERTA = REPO.parent / "shared" / "data" / "curves" / "deberta-mnli" / "deberta-base_tuning.results.jsonl"
+
+
+def _replay(policy: MarginalGainPolicy, costs, metrics) -> tuple[int | None, list[Decision]]:
+    """Feeds points until the first stop; returns (stop index or None, decisions)."""
+    decisions = []
+    for i, (c, m) in enumerate(zip(costs, metrics)):
+        d = policy.observe(c, m)
+        decisions.append(d)
+        if d.stop:
+            return i, decisions
+    return None, decisions
+
+
+def _saturating(n: int = 80, noise: float = 0.0015, seed: int = 0):
+    """Accuracy a - b c^-alpha, evaluated every $0.01, with evaluation noise."""
+    cost_usd = 0.01 * np.arange(1, n + 1)
+    clean = 0.90 - 0.02 * (cost_usd / 0.01) ** -0.8
+    rng = np.random.default_rng(seed)
+    return cost_usd, clean, clean + rng.normal(0.0, noise, n)
+
+
+def _best_stop_cost(cost_usd, clean, usd_per_point: float) -> float:
+    """Cost at which the next evaluation's true gain stops paying for itself."""
+    gain_usd = usd_per_point * 100.0 * np.diff(clean)
+    step_usd = np.diff(cost_usd)
+    first_bad = int(np.argmax(gain_usd < step_usd))
+    return float(cost_usd[first_bad])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_saturating_curve_stops_near_the_break_even_point(seed):
+    cost_usd, clean, noisy = _saturating(seed=seed)
+    usd_per_point = 1.0
+    target = _best_stop_cost(cost_usd, clean, usd_per_point)
+    stop, decisions = _replay(MarginalGainPolicy(usd_per_point=usd_per_point), cost_usd, noisy)
+    assert stop is not None, "a saturated curve must stop"
+    # Noise and the confidence margin make it stop somewhat after break-even, never far off.
+    assert 0.5 * target <= cost_usd[stop] <= 3.0 * target, (cost_usd[stop], target)
+    est = decisions[-1].estimate
+    assert isinstance(est, GainEstimate)
+    assert est.gain_points_upper >= est.gain_points >= 0.0
+    assert est.gain_points_upper * usd_per_point < est.increment_usd
+    assert "not worth it" in decisions[-1].reason and "$" in decisions[-1].reason
+
+
+def test_higher_price_stops_later():
+    cost_usd, _, noisy = _saturating(n=120, seed=3)
+    stops = [_replay(MarginalGainPolicy(usd_per_point=p), cost_usd, noisy)[0] for p in (0.2, 1.0, 5.0)]
+    stops = [len(cost_usd) if s is None else s for s in stops]
+    assert stops[0] <= stops[1] <= stops[2]
+    assert stops[0] < stops[2]
+
+
+def test_still_rising_linear_curve_does_not_stop():
+    cost_usd = 0.01 * np.arange(1, 61)
+    rng = np.random.default_rng(0)
+    acc = 0.5 + 0.004 * np.arange(60) + rng.normal(0.0, 0.001, 60)  # +0.4 points per $0.01
+    stop, decisions = _replay(MarginalGainPolicy(usd_per_point=1.0), cost_usd, acc)
+    assert stop is None
+    assert decisions[-1].estimate.gain_points > 0.2
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_metric_stops_at_once(bad):
+    policy = MarginalGainPolicy(usd_per_point=100.0)
+    for i in range(5):
+        assert not policy.observe(0.01 * (i + 1), 0.6 + 0.05 * i).stop
+    decision = policy.observe(0.06, bad)
+    assert decision.stop and "diverged" in decision.reason and decision.estimate is None
+
+
+def test_nan_before_min_points_stops_too():
+    policy = MarginalGainPolicy(usd_per_point=100.0, min_points=10)
+    assert policy.observe(0.01, float("nan")).stop
+
+
+def test_collapse_is_detected():
+    policy = MarginalGainPolicy(usd_per_point=100.0)
+    acc = [0.70, 0.75, 0.78, 0.80, 0.34, 0.33]
+    stop, decisions = _replay(policy, 0.01 * np.arange(1, 7), acc)
+    assert stop == 5
+    assert decisions[-1].reason.startswith("collapse")
+    # A single glitch is not a collapse.
+    policy = MarginalGainPolicy(usd_per_point=100.0)
+    stop, _ = _replay(policy, 0.01 * np.arange(1, 8), [0.70, 0.75, 0.78, 0.80, 0.34, 0.81, 0.82])
+    assert stop is None
+
+
+def test_declining_run_stops_soon_after_min_points():
+    cost_usd = 0.01 * np.arange(1, 40)
+    acc = 0.82 - 0.004 * np.arange(39)  # overfitting / too high a learning rate
+    stop, _ = _replay(MarginalGainPolicy(usd_per_point=5.0), cost_usd, acc)
+    assert stop is not None and stop <= 6
+
+
+def test_nan_points_in_history_are_survivable():
+    policy = MarginalGainPolicy(usd_per_point=1.0, min_points=3)
+    policy.load_state_dict({"costs_usd": [0.01, 0.02, 0.03], "metrics": [0.5, float("nan"), 0.6]})
+    decision = policy.observe(0.04, 0.62)
+    assert isinstance(decision, Decision)
+
+
+@pytest.mark.parametrize("min_points", [3, 5, 8])
+def test_min_points_is_respected(min_points):
+    policy = MarginalGainPolicy(usd_per_point=1e-6, min_points=min_points)  # a point is worthless
+    stop, decisions = _replay(policy, 0.01 * np.arange(1, 20), [0.8] * 19)
+    assert stop == min_points - 1
+    assert all(d.estimate is None for d in decisions[:-1])
+
+
+def test_mode_min_mirrors_mode_max():
+    cost_usd, _, noisy = _saturating(seed=4)
+    stop_max, dec_max = _replay(MarginalGainPolicy(mode="max", usd_per_point=1.0), cost_usd, noisy)
+    loss = 3.0 - noisy  # the same curve as a loss to minimise
+    stop_min, dec_min = _replay(MarginalGainPolicy(mode="min", usd_per_point=1.0), cost_usd, loss)
+    assert stop_max == stop_min is not None
+    assert dec_min[-1].estimate.gain_points == pytest.approx(dec_max[-1].estimate.gain_points, rel=1e-6, abs=1e-9)
+    assert dec_min[-1].estimate.predicted_final == pytest.approx(3.0 - dec_max[-1].estimate.predicted_final)
+
+
+def test_mode_min_still_falling_loss_does_not_stop():
+    cost_usd = 0.05 * np.arange(1, 41)
+    loss = 4.0 - 0.03 * np.arange(40)  # -3 points per evaluation
+    stop, _ = _replay(MarginalGainPolicy(mode="min", usd_per_point=1.0), cost_usd, loss)
+    assert stop is None
+
+
+def test_min_gain_per_usd_is_the_same_knob():
+    cost_usd, _, noisy = _saturating(seed=5)
+    a = _replay(MarginalGainPolicy(usd_per_point=2.0), cost_usd, noisy)[0]
+    b = _replay(MarginalGainPolicy(min_gain_per_usd=0.5), cost_usd, noisy)[0]
+    assert a == b
+
+
+def test_planned_cost_caps_the_increment_and_sets_the_final_prediction():
+    cost_usd, _, noisy = _saturating(n=30, seed=6)
+    policy = MarginalGainPolicy(usd_per_point=1e3, planned_cost_usd=0.30)
+    _, decisions = _replay(policy, cost_usd[:20], noisy[:20])
+    est = decisions[-1].estimate
+    assert est.usd_to_predicted_final == pytest.approx(0.10)
+    assert est.increment_usd <= 0.10 + 1e-12
+    assert 0.85 < est.predicted_final < 0.95
+    assert policy.observe(0.30, 0.9).reason == "planned end reached"
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"mode": "maximize"}, "mode"),
+        ({"usd_per_point": 0}, "usd_per_point"),
+        ({"usd_per_point": -1.0}, "usd_per_point"),
+        ({"usd_per_point": float("nan")}, "usd_per_point"),
+        ({"min_gain_per_usd": 0.0}, "min_gain_per_usd"),
+        ({"usd_per_point": 1.0, "min_gain_per_usd": 1.0}, "min_gain_per_usd"),
+        ({"confidence": 1.0}, "confidence"),
+        ({"confidence": 0}, "confidence"),
+        ({"min_points": 2}, "min_points"),
+        ({"min_points": 4.5}, "min_points"),
+        ({"points_per_unit": 0}, "points_per_unit"),
+        ({"increment_fraction": -0.1}, "increment_fraction"),
+        ({"fit_fraction": 0.0}, "fit_fraction"),
+        ({"planned_cost_usd": -5.0}, "planned_cost_usd"),
+        ({"collapse_points": 0}, "collapse_points"),
+        ({"n_samples": 4}, "n_samples"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        MarginalGainPolicy(**kwargs)
+
+
+@pytest.mark.parametrize("cost", [float("nan"), -1.0])
+def test_bad_cost_raises(cost):
+    with pytest.raises(ValueError, match="cost_usd"):
+        MarginalGainPolicy().observe(cost, 0.5)
+
+
+def test_cost_going_backwards_raises():
+    policy = MarginalGainPolicy()
+    policy.observe(1.0, 0.5)
+    with pytest.raises(ValueError, match="cost_usd"):
+        policy.observe(0.5, 0.6)
+
+
+def test_state_dict_round_trip_gives_identical_decisions():
+    cost_usd, _, noisy = _saturating(n=60, seed=7)
+    first = MarginalGainPolicy(usd_per_point=1.0, planned_cost_usd=0.6)
+    for c, m in zip(cost_usd[:15], noisy[:15]):
+        first.observe(c, m)
+    state = json.loads(json.dumps(first.state_dict()))  # must survive a checkpoint as plain data
+    resumed = MarginalGainPolicy(usd_per_point=1.0)
+    resumed.load_state_dict(state)
+    assert resumed.num_points == 15 and resumed.planned_cost_usd == pytest.approx(0.6)
+    for c, m in zip(cost_usd[15:], noisy[15:]):
+        assert first.observe(c, m) == resumed.observe(c, m)
+
+
+def test_observe_is_fast_with_100_points():
+    cost_usd, _, noisy = _saturating(n=100, seed=8)
+    policy = MarginalGainPolicy(usd_per_point=1e3)  # never stops: every call fits
+    policy.load_state_dict({"costs_usd": list(cost_usd[:99]), "metrics": list(noisy[:99])})
+    start = time.perf_counter()
+    for _ in range(10):
+        policy.observe(cost_usd[99], noisy[99])
+    assert (time.perf_counter() - start) / 10 < 0.05
+
+
+# ---------------------------------------------------------------------- replay benchmark
+def _benchmark_module():
+    spec = importlib.util.spec_from_file_location("replay_curves", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["replay_curves"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not DEBERTA.exists(), reason="shared DeBERTa-MNLI curves not available")
+def test_replay_on_real_deberta_runs():
+    rc = _benchmark_module()
+    records = rc.deberta_records(DEBERTA, usd_per_example=1e-6)
+    by_id = {r["id"]: rc.run_from_generic(r) for r in records}
+    assert len(by_id) == 1024
+    learners = [r for r in by_id.values() if np.nanmax(r.metrics) > rc.DEBERTA_LEARNS_ABOVE]
+    assert len(learners) == 859
+    # Iteration 1: a healthy run; iteration 2: collapses to chance after the first evaluation.
+    healthy, collapsed = by_id["deberta-1"], by_id["deberta-2"]
+    assert healthy.planned_cost_usd == pytest.approx(healthy.costs_usd[-1])
+    i, reason = rc.policy_stop_index(collapsed, {"usd_per_point": 1.0})
+    assert i <= 3, reason
+    for run in (healthy, by_id["deberta-3"], by_id["deberta-5"]):
+        i, _ = rc.policy_stop_index(run, {"usd_per_point": 1.0})
+        lost, saved = rc.score(run, i)
+        assert 0.0 <= lost < 2.0 and 0.0 <= saved < 1.0
+        assert rc.excess_regret_usd(run, i, 1.0) >= 0.0
+        assert rc.score(run, rc.oracle_stop_index(run, 0.35))[0] <= 0.35 + 1e-9
+    # EarlyStopping replay: patience 1 stops no later than patience 10.
+    assert rc.patience_stop_index(healthy, 1) <= rc.patience_stop_index(healthy, 10)
+
+
+def test_benchmark_script_on_a_tiny_generic_file(tmp_path):
+    cost_usd, _, noisy = _saturating(n=40, seed=9)
+    runs = [
+        {"id": "rising", "mode": "max", "points": [[c, m] for c, m in zip(cost_usd, noisy)]},
+        {"id": "loss", "mode": "min", "points": [[c, 3.0 - m] for c, m in zip(cost_usd, noisy)],
+         "planned_cost_usd": float(cost_usd[-1])},
+        {"id": "nan", "mode": "min", "points": [[0.01, 5.0], [0.02, 6.0], [0.03, None]]},
+        {"id": "all-nan", "mode": "min", "points": [[0.01, None]]},
+    ]
+    data = tmp_path / "runs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    out = tmp_path / "summary.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--generic", str(data), "--json", str(out), "--workers", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "EarlyStopping(patience=3)" in proc.stdout and "MarginalGainPolicy" in proc.stdout
+    summary = json.loads(out.read_text())
+    ds = summary["datasets"]["runs"]
+    assert ds["runs"] == 4
+    assert set(ds["halves"]) == {"tune", "test"}
+    assert math.isfinite(ds["operating_usd_per_point"])
