@@ -1,0 +1,47 @@
+"""CostMonitor from LightningCLI flags and from the preset in callbacks/, in both namespaces."""
+
+from importlib import import_module
+from pathlib import Path
+
+import pytest
+
+PRESET = Path(__file__).resolve().parents[1] / "callbacks" / "cost_monitor.yaml"
+
+
+def _cli(ns, args):
+    cli = import_module(f"{ns.name}.cli")
+    return cli.LightningCLI(ns.BoringModel, args=args, save_config_kwargs={"overwrite": True})
+
+
+def _class_path(ns):
+    return "costaware.lightning.CostMonitor" if ns.name == "lightning.pytorch" else "costaware.CostMonitor"
+
+
+def test_flags_add_cost_monitor(ns, tmp_path):
+    cli = _cli(ns, ["fit", f"--trainer.callbacks+={_class_path(ns)}", "--trainer.callbacks.usd_per_host_hour=7.2",
+                    "--trainer.callbacks.country=DEU", "--trainer.callbacks.cpu_tdp_w=10", "--trainer.max_steps=3",
+                    "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={tmp_path}",
+                    "--trainer.enable_progress_bar=false"])
+    monitors = [c for c in cli.trainer.callbacks if type(c).__name__ == "CostMonitor"]
+    assert len(monitors) == 1
+    assert monitors[0].prices.usd_per_host_hour == 7.2 and "Germany" in monitors[0].prices.carbon.source
+    assert monitors[0].totals.usd > 0 and cli.trainer.global_step == 3
+
+
+def test_preset_config(ns, tmp_path):
+    if ns.name == "lightning.pytorch":
+        text = PRESET.read_text().replace("costaware.CostMonitor", "costaware.lightning.CostMonitor")
+        preset = tmp_path / "preset.yaml"
+        preset.write_text(text)
+    else:
+        preset = PRESET
+    cli = _cli(ns, ["fit", f"--config={preset}", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+                    f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    assert any(type(c).__name__ == "CostMonitor" for c in cli.trainer.callbacks)
+
+
+def test_bad_flag_fails_before_fit(ns, tmp_path, capsys):
+    with pytest.raises((SystemExit, ValueError)) as error:
+        _cli(ns, ["fit", f"--trainer.callbacks+={_class_path(ns)}", "--trainer.callbacks.usd_per_host_hour=-1",
+                  f"--trainer.default_root_dir={tmp_path}"])
+    assert "usd_per_host_hour must be >= 0" in str(error.value) + capsys.readouterr().err
