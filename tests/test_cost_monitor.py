@@ -50,6 +50,18 @@ def test_fit_logs_cost_everywhere(ns, tmp_path, clock):
     assert not ledger.problems
 
 
+def test_validate_and_test_outside_fit_are_left_alone(pl_ns, tmp_path, clock):
+    monitor = _monitor(pl_ns, clock)
+    trainer = _trainer(pl_ns, tmp_path, [monitor], max_steps=4)
+    model = make_clocked_model(pl_ns.BoringModel, clock)
+    trainer.validate(model)  # before any fit: nothing to meter, nothing breaks
+    trainer.fit(model)
+    usd = monitor.totals.usd
+    trainer.validate(model)
+    trainer.test(model)
+    assert monitor.totals.usd == usd
+
+
 def test_early_stopping_and_checkpoint_monitor_cost(ns, tmp_path, clock):
     monitor = _monitor(ns, clock)
     stop = ns.callbacks.EarlyStopping(monitor="cost/usd", mode="max", stopping_threshold=0.006, patience=1000)

@@ -181,7 +181,7 @@ class CostMonitor:
         self._log(trainer, pl_module, on_step=False)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or self._sampler is None:  # sanity check, or validate() outside fit
             return
         self.refresh(trainer, pl_module)
         for name, value in trainer.callback_metrics.items():
