@@ -7,6 +7,7 @@ import torch
 
 from conftest import make_clocked_model
 from costaware.ledger import read_ledger
+from test_gpu_meter import _logged
 
 
 def _monitor(ns, clock=None, **kwargs):
@@ -35,12 +36,14 @@ def test_fit_logs_cost_everywhere(ns, tmp_path, clock):
     assert 1.0 * 20.0 - 1e-6 <= t.cpu_energy_j <= 10.0 * 20.0 + 1e-6  # TDP x load model, 10-100% of TDP
     assert t.co2_kg == pytest.approx(t.kwh * 56.039 / 1000)  # France's grid
     assert t.train_batches == 10 and t.flops > 0
-    for key in ("cost/usd", "cost/kwh", "cost/co2_kg", "cost/gpu_hours", "cost/flops", "throughput/batches_per_s",
-                "throughput/flops_per_s", "host/cpu_power_w"):
-        assert key in trainer.callback_metrics, key
+    for key in ("cost/usd", "cost/kwh", "cost/co2_kg", "cost/gpu_hours", "cost/flops"):
+        assert key in trainer.callback_metrics, key  # monitorable
         assert key in trainer.logged_metrics, key  # reached the loggers too
     assert "cost/usd" in trainer.progress_bar_metrics
-    assert "throughput/mfu_pct" not in trainer.callback_metrics  # no peak known for a CPU
+    for key in ("cost/elapsed_s", "throughput/batches_per_s", "throughput/flops_per_s", "host/cpu_power_w"):
+        assert key in monitor.readings, key
+        assert _logged(tmp_path, key), key
+    assert "throughput/mfu_pct" not in monitor.readings  # no peak known for a CPU
     ledger = read_ledger(monitor.ledger.path)
     assert monitor.ledger.path.parent.parent == tmp_path / "lightning_logs" / "version_0"
     assert ledger.header["schema"] == 1 and ledger.header["prices"]["usd_per_host_hour"] == 3.6

@@ -20,6 +20,18 @@ def _fit(ns, tmp_path, clock, steps=10, **monitor_kwargs):
     return monitor, trainer
 
 
+def _logged(root, key):
+    """Whether the run's TensorBoard event files hold ``key``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for events in root.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if key in accumulator.Tags().get("scalars", []):
+            return True
+    return False
+
+
 def test_h100_energy_counter_prices_and_logs(ns, tmp_path, clock, fake_nvml):
     monitor, trainer = _fit(ns, tmp_path, clock, steps=10)
     t = monitor.totals
@@ -29,9 +41,11 @@ def test_h100_energy_counter_prices_and_logs(ns, tmp_path, clock, fake_nvml):
     assert t.gpu_hours == pytest.approx(10.0 / 3600)
     assert monitor.prices.gpu_model == "H100-SXM"
     assert t.usd == pytest.approx(10.0 / 3600 * 2.99)
-    assert trainer.callback_metrics["gpu/power_w"] == pytest.approx(700.0)
-    assert trainer.callback_metrics["gpu/utilization_pct"] == pytest.approx(87.0)
-    assert trainer.callback_metrics["gpu/memory_used_gib"] == pytest.approx(40.0)
+    assert monitor.readings["gpu/power_w"] == pytest.approx(700.0)
+    assert monitor.readings["gpu/utilization_pct"] == pytest.approx(87.0)
+    assert monitor.readings["gpu/memory_used_gib"] == pytest.approx(40.0)
+    assert monitor.readings["throughput/mfu_pct"] > 0  # an H100's fp32 peak is known
+    assert "gpu/power_w" in trainer.logged_metrics or _logged(tmp_path, "gpu/power_w")
     ledger = read_ledger(monitor.ledger.path)
     assert ledger.header["meters"]["gpu"]["energy_source"] == "nvml energy counter"
     assert ledger.end["totals"]["gpu_energy_j"] == pytest.approx(7000.0)
@@ -107,7 +121,8 @@ def test_no_usable_nvml_warns_once_and_trains(ns, tmp_path, clock, monkeypatch, 
     assert monitor.totals.usd == pytest.approx(4.0 / 3600 * 2.0)  # GPU-hours still priced
     meters = read_ledger(monitor.ledger.path).header["meters"]["gpu"]
     assert meters["present"] is False and meters["status"] != "ok"
-    assert "gpu/power_w" not in trainer.callback_metrics  # missing, never shown as zero
+    assert "gpu/power_w" not in monitor.readings  # missing, never shown as zero
+    assert not _logged(tmp_path, "gpu/power_w")
 
 
 def test_cuda_visible_devices_maps_to_nvml(clock, monkeypatch):

@@ -30,11 +30,12 @@ class CostMonitor:
     and totals are summed across ranks at log intervals only. Rank zero appends everything to
     ``<trainer.log_dir>/costaware/ledger.jsonl``. Totals survive a resume from a checkpoint.
 
-    Logged keys: ``cost/usd``, ``cost/kwh``, ``cost/co2_kg``, ``cost/gpu_hours``, ``cost/flops``,
-    ``cost/elapsed_s``, ``throughput/batches_per_s``, ``throughput/flops_per_s``, and where
-    measured ``throughput/mfu_pct``, ``gpu/power_w``, ``gpu/utilization_pct``,
-    ``gpu/memory_used_gib``, ``host/cpu_power_w``. A meter that cannot read is left out, never
-    shown as zero.
+    Through ``pl_module.log`` (monitorable, and ``cost/usd`` in the progress bar): ``cost/usd``,
+    ``cost/kwh``, ``cost/co2_kg``, ``cost/gpu_hours``, ``cost/flops``. Straight to the loggers
+    (and ``self.readings``): ``cost/elapsed_s``, ``throughput/batches_per_s``,
+    ``throughput/flops_per_s``, and where measured ``throughput/mfu_pct``, ``gpu/power_w``,
+    ``gpu/utilization_pct``, ``gpu/memory_used_gib``, ``host/cpu_power_w``. A meter that cannot
+    read is left out, never shown as zero.
 
     Args:
         gpu: GPU model for prices and peak FLOPs (``"H100"``, ``"A10G"``...); default: what NVML
@@ -110,6 +111,7 @@ class CostMonitor:
         self._resumed_from: Optional[dict] = None
         self._run_id: Optional[str] = None
         self._sampler: Optional[Sampler] = None
+        self.readings: dict = {}  # the latest logged figures, keyed as logged
 
     # ----------------------------------------------------------------------------------------
     # Lightning hooks
@@ -305,32 +307,40 @@ class CostMonitor:
     # ----------------------------------------------------------------------------------------
 
     def _log(self, trainer: Any, pl_module: Any, on_step: bool) -> None:
+        """Cost keys through ``pl_module.log`` (monitorable); readings straight to the loggers.
+
+        Each ``pl_module.log`` call walks Lightning's whole result collection (hundreds of
+        microseconds), so only the five keys a user may monitor take that path; the readings go
+        to the loggers directly, the way Lightning's ``DeviceStatsMonitor`` sends its own.
+        """
         t = self.refresh(trainer, pl_module)
         r = self._readings
         d_elapsed = t.elapsed_s - self._last_log[0]
-        metrics = {
-            "cost/usd": t.usd, "cost/kwh": t.kwh, "cost/co2_kg": t.co2_kg, "cost/gpu_hours": t.gpu_hours,
-            "cost/flops": t.flops, "cost/elapsed_s": t.elapsed_s,
-        }
-        readings: dict = {}
+        monitored = {"cost/usd": t.usd, "cost/kwh": t.kwh, "cost/co2_kg": t.co2_kg, "cost/gpu_hours": t.gpu_hours,
+                     "cost/flops": t.flops}
+        readings = {"cost/elapsed_s": t.elapsed_s}
         if d_elapsed > 0:
-            metrics["throughput/batches_per_s"] = (t.train_batches - self._last_log[1]) / d_elapsed
+            readings["throughput/batches_per_s"] = (t.train_batches - self._last_log[1]) / d_elapsed
             flops_per_s = (t.flops - self._last_log[2]) / d_elapsed
-            metrics["throughput/flops_per_s"] = flops_per_s
+            readings["throughput/flops_per_s"] = flops_per_s
             gpus = r["gpus_reporting"] or self._gpus_held * self._world_size
             if self._peak_flops_per_s and gpus:
-                metrics["throughput/mfu_pct"] = 100.0 * flops_per_s / (self._peak_flops_per_s * gpus)
+                readings["throughput/mfu_pct"] = 100.0 * flops_per_s / (self._peak_flops_per_s * gpus)
         if r["gpus_reporting"]:
-            readings = {"gpu/power_w": r["power_w"], "gpu/utilization_pct": r["utilization_pct"] / r["gpus_reporting"],
-                        "gpu/memory_used_gib": r["memory_used_bytes"] / r["gpus_reporting"] / 2**30}
+            readings.update({"gpu/power_w": r["power_w"],
+                             "gpu/utilization_pct": r["utilization_pct"] / r["gpus_reporting"],
+                             "gpu/memory_used_gib": r["memory_used_bytes"] / r["gpus_reporting"] / 2**30})
         if self._host.present:
             readings["host/cpu_power_w"] = r["cpu_power_w"]
-        metrics.update(readings)
         self._last_log = (t.elapsed_s, t.train_batches, t.flops)
-        for key, value in metrics.items():
+        for key, value in monitored.items():
             pl_module.log(key, value, on_step=on_step, on_epoch=not on_step, prog_bar=key == "cost/usd",
                           logger=True, batch_size=1, sync_dist=False)
-        self.ledger.record_sample(t, **{k.replace("/", "_"): v for k, v in metrics.items() if not k.startswith("cost/")})
+        self.readings.update({**monitored, **readings})
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs this batch at
+        for logger in trainer.loggers:
+            logger.log_metrics(readings, step=step)
+        self.ledger.record_sample(t, **{k.replace("/", "_"): v for k, v in readings.items() if not k.startswith("cost/")})
 
     def _meter_status(self) -> dict:
         return {
