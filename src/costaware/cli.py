@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     compare = sub.add_parser(
         "compare", help="rank runs by metric per dollar",
         description="Rank runs by their best metric per dollar spent, print the table, and write the table and a "
-                    "Pareto plot (metric against dollars) to --out (.html page or .svg plot).")
+                    "Pareto plot (metric against dollars) to --out (.html page or .svg plot). Score: best / $ "
+                    "with --mode max; 1 / (best x $) with --mode min, so halving the loss or the bill doubles it.")
     compare.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="run directories or ledger files")
     compare.add_argument("--metric", help="metric to rank by (default: the first non-cost metric every run records)")
     compare.add_argument("--mode", choices=("max", "min"),

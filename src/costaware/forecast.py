@@ -10,19 +10,21 @@ checkpoint that a stop entails, and any validation already scheduled, all fit un
 Why not the mean step cost: a stop decided on the mean overshoots whenever the last batch is a
 long-sequence bucket or a slow step. The planner predicts the next batch with the *maximum* of
 the recent batch costs (warm-up batches excluded), and the validation run and checkpoint with the
-largest ones measured, so variable costs leave some of the budget unused instead of overshooting.
-Forecasts, where an error in either direction is as bad, use means.
+largest ones measured plus a 20% margin, so variable costs leave some of the budget unused
+instead of overshooting. Forecasts, where an error in either direction is as bad, use means.
 
 This module imports no Lightning: the ``BudgetCap`` callback and the replay benchmark
 (``benchmarks/cap_precision.py``) run exactly the same decision code.
 
 Example::
 
-    planner = BudgetPlanner({"max_usd": 5.0})
-    for batch_cost in run:                       # {"usd": 0.01, "kwh": ..., ...}
-        spent = add(spent, batch_cost)
-        planner.observe_batch(batch_cost)
-        breach = planner.decide(spent, StopPlan())
+    planner = BudgetPlanner(check_caps({"max_usd": 5.0}))
+    spent = zero()
+    for usd in batch_costs_usd:                  # what each training batch cost
+        batch = {**zero(), "usd": usd}
+        spent = add(spent, batch)
+        planner.observe_batch(batch)
+        breach = planner.decide(spent, StopPlan(validation_on_stop=False))
         if breach is not None:
             print(f"stop: {breach.cap} would be crossed ({breach.predicted:.2f} > {breach.limit})")
             break
@@ -33,13 +35,14 @@ from __future__ import annotations
 import math
 import re
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from numbers import Real
 from typing import Any, Mapping, Optional
 
 __all__ = [
     "CAP_UNITS",
+    "RESERVE_MARGIN",
     "UNITS",
     "WARN_FRACTIONS",
     "Breach",
@@ -80,6 +83,10 @@ WARN_FRACTIONS = (0.5, 0.8, 0.95)
 
 #: Post-warm-up batches measured before a forecast is made.
 FORECAST_MIN_BATCHES = 3
+
+#: Validation runs and checkpoint saves are measured a few times only: the stop reserve takes the
+#: largest measured plus this margin (covers validation runs up to ~15% apart).
+RESERVE_MARGIN = 0.20
 
 #: Before a validation run is measured, one validation batch is taken to cost this fraction of a
 #: training batch for the reserve (an upper bound: no backward pass, no optimizer step) ...
@@ -125,10 +132,6 @@ def subtract(a: Mapping[str, float], b: Mapping[str, float], floor: Optional[flo
 def scale(cost: Mapping[str, float], factor: float) -> dict:
     """A cost vector times a number."""
     return {unit: cost.get(unit, 0.0) * factor for unit in UNITS}
-
-
-def _maximum(a: Mapping[str, float], b: Mapping[str, float]) -> dict:
-    return {unit: max(a.get(unit, 0.0), b.get(unit, 0.0)) for unit in UNITS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,12 +343,17 @@ class StopPlan:
             (``ModelCheckpoint``, one more with ``save_last``).
         saves_on_stop: checkpoint saves a stop entails (the stop checkpoint and the saves that
             follow the stop's validation).
+        saves_now: checkpoint saves due right after this batch whatever is decided
+            (``ModelCheckpoint(every_n_train_steps=...)``).
+        saves_next: checkpoint saves due right after the next batch.
     """
 
     validation_now: bool = False
     validation_on_stop: bool = True
     saves_per_validation: int = 0
     saves_on_stop: int = 1
+    saves_now: int = 0
+    saves_next: int = 0
 
 
 @dataclass(frozen=True)
@@ -405,6 +413,9 @@ class BudgetPlanner:
         self.checkpoints = RecentCosts(20)
         self.validation_batches: Optional[float] = None
         self.checkpoint_prior_s = 0.0
+        self.sanity_batch: Optional[dict] = None  # one validation batch from the sanity check: the largest
+        self.sanity_batch_mean: Optional[dict] = None  # ... and the mean, start-up left out
+        self.sanity_startup = zero()  # what starting a validation run costs, from the sanity check
         self.warned: dict = {}  # cap -> {"limit": float, "fractions": [..]}
         self._session_batches = 0
 
@@ -426,6 +437,19 @@ class BudgetPlanner:
     def observe_validation(self, cost: Mapping[str, float]) -> None:
         """The cost of one validation run (sanity checks excluded)."""
         self.validations.add(cost)
+
+    def observe_sanity_check(self, batch_costs: list) -> None:
+        """The costs of the sanity check's batches, one by one: a first measure of validation until
+        a whole validation run is measured. The first batch also pays for starting the validation
+        (its data loader's workers, a first forward): what it costs above the others is taken as a
+        start-up cost that every validation run pays once."""
+        costs = [{**zero(), **dict(c), "flops": 0.0} for c in batch_costs]  # training FLOPs only are counted
+        if not costs:
+            return
+        rest = costs[1:] or costs
+        self.sanity_batch = {unit: max(c[unit] for c in rest) for unit in UNITS}
+        self.sanity_batch_mean = {unit: sum(c[unit] for c in rest) / len(rest) for unit in UNITS}
+        self.sanity_startup = (subtract(costs[0], self.sanity_batch_mean) if len(costs) > 1 else zero())
 
     def observe_checkpoint(self, cost: Mapping[str, float]) -> None:
         """The cost of one checkpoint save."""
@@ -453,15 +477,27 @@ class BudgetPlanner:
         return rate
 
     def validation_cost(self, conservative: bool = True) -> dict:
-        """One validation run: the largest (or, for forecasts, the mean) measured; before one is
-        measured, ``validation_batches`` training batches at a fraction of their cost."""
+        """One validation run: the largest measured (and no less than ``validation_batches`` of
+        the sanity check's batches), or for forecasts the mean measured. Before one is measured:
+        the sanity check's start-up plus ``validation_batches`` batches at its cost per batch (the
+        largest, or the mean); without a sanity check, ``validation_batches`` training batches at a
+        fraction of their cost."""
         measured = self.validations.max() if conservative else self.validations.mean()
-        if measured is not None:
-            return measured
-        batch = self.next_batch() if conservative else (self.mean_batch() or self.next_batch())
         n = self.validation_batches or 0.0
-        fraction = VALIDATION_BATCH_RESERVE_FRACTION if conservative else VALIDATION_BATCH_FORECAST_FRACTION
-        prior = scale(batch, n * fraction)
+        if measured is not None:
+            if conservative and self.sanity_batch is not None and n:
+                # Few runs are measured: never reserve less than the sanity check's batches predict
+                # (start-up left out, so a compiled first batch does not inflate every reserve).
+                floor = scale(self.sanity_batch, n)
+                measured = {unit: max(measured[unit], floor[unit] if unit != "flops" else 0.0) for unit in UNITS}
+            return measured
+        if self.sanity_batch is not None:
+            per_batch = self.sanity_batch if conservative else self.sanity_batch_mean
+            prior = add(self.sanity_startup, scale(per_batch, n)) if n else zero()
+        else:
+            batch = self.next_batch() if conservative else (self.mean_batch() or self.next_batch())
+            fraction = VALIDATION_BATCH_RESERVE_FRACTION if conservative else VALIDATION_BATCH_FORECAST_FRACTION
+            prior = scale(batch, n * fraction)
         prior["flops"] = 0.0  # training FLOPs only are counted
         return prior
 
@@ -473,75 +509,90 @@ class BudgetPlanner:
             return measured
         return scale(self._per_second(self.mean_batch() or self.next_batch()), self.checkpoint_prior_s)
 
+    def _estimates(self) -> tuple:
+        """The next batch, one validation run and one checkpoint save, erring high: validation
+        runs and saves are measured a few times only, so they get a margin."""
+        margin = 1.0 + RESERVE_MARGIN
+        return self.next_batch(), scale(self.validation_cost(), margin), scale(self.checkpoint_cost(), margin)
+
+    def _amounts(self, unit: str, plan: StopPlan, estimates: tuple) -> tuple:
+        """``(ahead, reserve)`` in one unit: what going on as ``predictive`` assumes still costs at
+        most, and what a stop costs."""
+        nxt, val, ckpt = estimates[0][unit], estimates[1][unit], estimates[2][unit]
+        reserve = ckpt * plan.saves_on_stop + (val if plan.validation_on_stop else 0.0)
+        due = ckpt * plan.saves_now + ((val + ckpt * plan.saves_per_validation) if plan.validation_now else 0.0)
+        ahead = due + reserve
+        if self.predictive:
+            ahead += nxt + ckpt * plan.saves_next
+        return ahead, reserve
+
     def stop_cost(self, plan: StopPlan) -> dict:
         """What a stop now costs: its validation run (if any) and checkpoint saves."""
-        cost = scale(self.checkpoint_cost(), plan.saves_on_stop)
-        if plan.validation_on_stop:
-            cost = add(cost, self.validation_cost())
-        return cost
-
-    def _scheduled_cost(self, plan: StopPlan) -> dict:
-        """What going on costs before the next batch: a scheduled validation and its saves."""
-        if not plan.validation_now:
-            return zero()
-        return add(self.validation_cost(), scale(self.checkpoint_cost(), plan.saves_per_validation))
+        estimates = self._estimates()
+        return {unit: self._amounts(unit, plan, estimates)[1] for unit in UNITS}
 
     def ahead(self, plan: StopPlan) -> dict:
         """What is still to be paid, at most, if the run goes on as ``predictive`` assumes.
 
-        Predictive: a scheduled validation, the next batch, then a stop. Reactive: a scheduled
-        validation and a stop.
+        Predictive: what is due after this batch anyway (a scheduled validation and its saves,
+        step-scheduled checkpoint saves), the next batch and the saves due after it, then a stop.
+        Reactive: what is due after this batch, and a stop.
         """
-        ahead = add(self._scheduled_cost(plan), self.stop_cost(plan))
-        if self.predictive:
-            ahead = add(ahead, self.next_batch())
-        return ahead
+        estimates = self._estimates()
+        return {unit: self._amounts(unit, plan, estimates)[0] for unit in UNITS}
 
     # --- decisions ---------------------------------------------------------------------------
 
     def decide(self, spent: Mapping[str, float], plan: StopPlan) -> Optional[Breach]:
         """Whether to stop after this batch: the cap that going on would cross, or None.
 
-        Predictive: stop if spent + (scheduled validation) + next batch + stop reserve > cap, so
+        Predictive: stop if spent + (what is due anyway) + next batch + stop reserve > cap, so
         that the run, its final validation and its checkpoint end within every cap. Reactive:
-        stop once spent + (scheduled validation) + stop reserve >= cap.
+        stop once spent + (what is due anyway) + stop reserve >= cap.
         """
-        ahead = self.ahead(plan)
-        reserve = self.stop_cost(plan)
-        nxt = self.next_batch()
+        estimates = self._estimates()
         worst: Optional[Breach] = None
         for cap, limit in self.limits.items():
             unit = CAP_UNITS[cap]
-            predicted = spent[unit] + ahead[unit]
+            ahead, reserve = self._amounts(unit, plan, estimates)
+            predicted = spent[unit] + ahead
             crossed = predicted > limit if self.predictive else predicted >= limit
             if crossed and (worst is None or predicted / limit > worst.predicted / worst.limit):
-                worst = Breach(cap, unit, limit, spent[unit], predicted, nxt[unit], reserve[unit], self.predictive)
+                worst = Breach(cap, unit, limit, spent[unit], predicted, estimates[0][unit], reserve, self.predictive)
         return worst
 
     def closest(self, spent: Mapping[str, float], plan: StopPlan) -> Breach:
         """The cap nearest to being crossed (for a stop another rank decided)."""
-        ahead, reserve, nxt = self.ahead(plan), self.stop_cost(plan), self.next_batch()
-        cap = max(self.limits, key=lambda c: (spent[CAP_UNITS[c]] + ahead[CAP_UNITS[c]]) / self.limits[c])
-        unit = CAP_UNITS[cap]
-        return Breach(cap, unit, self.limits[cap], spent[unit], spent[unit] + ahead[unit], nxt[unit],
-                      reserve[unit], self.predictive)
+        estimates = self._estimates()
+        best: Optional[Breach] = None
+        for cap, limit in self.limits.items():
+            unit = CAP_UNITS[cap]
+            ahead, reserve = self._amounts(unit, plan, estimates)
+            breach = Breach(cap, unit, limit, spent[unit], spent[unit] + ahead, estimates[0][unit], reserve,
+                            self.predictive)
+            if best is None or breach.predicted / limit > best.predicted / best.limit:
+                best = breach
+        return best
 
     def headroom_batches(self, spent: Mapping[str, float], plan: StopPlan, batches_per_validation: float) -> float:
         """How many more batches fit under every cap before a stop must be decided, with
         scheduled validations spread over the batches between them. ``inf`` if none is limiting."""
-        ahead = add(self._scheduled_cost(plan), self.stop_cost(plan))
-        per_batch = self.next_batch()
-        if batches_per_validation and math.isfinite(batches_per_validation) and batches_per_validation > 0:
-            per_val = add(self.validation_cost(), scale(self.checkpoint_cost(), plan.saves_per_validation))
-            per_batch = add(per_batch, scale(per_val, 1.0 / batches_per_validation))
+        estimates = self._estimates()
+        nxt, val, ckpt = estimates
+        spread = batches_per_validation and math.isfinite(batches_per_validation) and batches_per_validation > 0
+        reactive = replace(plan, saves_next=0)
         room = math.inf
         for cap, limit in self.limits.items():
             unit = CAP_UNITS[cap]
-            left = limit - spent[unit] - ahead[unit]
+            ahead = self._amounts(unit, reactive, estimates)[0] - (nxt[unit] if self.predictive else 0.0)
+            per_batch = nxt[unit]
+            if spread:
+                per_batch += (val[unit] + ckpt[unit] * plan.saves_per_validation) / batches_per_validation
+            left = limit - spent[unit] - ahead
             if left <= 0:
                 return 0.0
-            if per_batch[unit] > 0:
-                room = min(room, left / per_batch[unit])
+            if per_batch > 0:
+                room = min(room, left / per_batch)
         return room
 
     # --- forecasts and warnings ----------------------------------------------------------------
@@ -580,6 +631,9 @@ class BudgetPlanner:
             "validations": self.validations.state_dict(),
             "checkpoints": self.checkpoints.state_dict(),
             "validation_batches": self.validation_batches,
+            "sanity_batch": self.sanity_batch,
+            "sanity_batch_mean": self.sanity_batch_mean,
+            "sanity_startup": self.sanity_startup,
             "warned": {cap: {"limit": w["limit"], "fractions": list(w["fractions"])} for cap, w in self.warned.items()},
         }
 
@@ -591,6 +645,10 @@ class BudgetPlanner:
         self.checkpoints.load_state_dict(state.get("checkpoints", {}))
         if state.get("validation_batches") is not None:
             self.validation_batches = state["validation_batches"]
+        if state.get("sanity_batch") is not None:
+            self.sanity_batch = dict(state["sanity_batch"])
+            self.sanity_batch_mean = dict(state.get("sanity_batch_mean") or state["sanity_batch"])
+            self.sanity_startup = dict(state.get("sanity_startup") or zero())
         self.warned = {cap: {"limit": w["limit"], "fractions": list(w["fractions"])}
                        for cap, w in state.get("warned", {}).items()
                        if cap in self.limits and w.get("limit") == self.limits[cap]}

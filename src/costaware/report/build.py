@@ -16,9 +16,11 @@ Example::
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -113,8 +115,25 @@ def build_report(source: PathLike, max_points: int = DEFAULT_MAX_POINTS) -> dict
     """
     if not isinstance(max_points, int) or max_points < 10:
         raise ValueError(f"max_points must be an int >= 10, got {max_points!r}")
-    path, contents, trusted = load_ledger(source)
-    return _build(path, contents, trusted, max_points)
+    with _gc_paused():
+        path, contents, trusted = load_ledger(source)
+        return _build(path, contents, trusted, max_points)
+
+
+@contextmanager
+def _gc_paused():
+    """Pause the cyclic garbage collector while a large ledger is parsed and summarised.
+
+    A 24-hour ledger is 100,000 small dicts; the collector would otherwise re-scan them all many
+    times over (a quarter of the build time) though they hold no cycles.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,13 +236,14 @@ def _build(path: Path, contents: LedgerContents, trusted: bool, max_points: int)
         "prices": prices,
         "cost_breakdown": _cost_breakdown(totals, prices),
         "averages": _averages(samples, totals, header, meters, columns),
-        "metrics": _metric_summaries(metrics),
+        "metrics": _metric_summaries(metrics, events),
         "events": [_event(e) for e in events],
         "strategy_results": _strategy_rows(events),
         "outcome": None,
         "planned": None,
         "series": {
-            "cost": _cost_series(samples, events, end, max_points),
+            "cost": _cost_series(samples, events, end, max_points,
+                                 started_at_zero=bool(header) and not header.get("resumed_from")),
             "readings": _reading_series(columns, max_points),
             "metrics": _metric_series(metrics, max_points),
             "forecasts": _forecasts(events, metrics),
@@ -335,13 +355,14 @@ def _cost_breakdown(totals: dict, prices: Optional[dict]) -> list[dict]:
         usd_energy = totals["kwh"] * (_num(prices.get("pue")) or 1.0) * (_num(prices.get("usd_per_kwh")) or 0.0)
     rows = [
         {"part": "GPU rental", "usd": usd_gpu,
-         "basis": f"{totals['gpu_hours']:.6g} GPU-h x ${_num(prices.get('usd_per_gpu_hour')) or 0:.6g}/GPU-h"},
+         "basis": f"{totals['gpu_hours']:.4g} GPU-h x ${_num(prices.get('usd_per_gpu_hour')) or 0:.4g}/GPU-h"},
         {"part": "host rental", "usd": usd_host,
-         "basis": f"{totals['host_hours']:.6g} host-h x ${_num(prices.get('usd_per_host_hour')) or 0:.6g}/host-h"},
+         "basis": f"{totals['host_hours']:.4g} host-h x ${_num(prices.get('usd_per_host_hour')) or 0:.4g}/host-h"},
     ]
     if prices.get("mode") == "on_prem":
         rows.append({"part": "energy", "usd": usd_energy,
-                     "basis": f"{totals['kwh']:.6g} kWh x PUE {prices.get('pue')} x ${prices.get('usd_per_kwh')}/kWh"})
+                     "basis": f"{totals['kwh']:.4g} kWh x PUE {prices.get('pue')} x ${prices.get('usd_per_kwh')}/kWh"})
+    rows = [r for r in rows if r["usd"] != 0] or rows[:1]  # a part that cost nothing is not a part
     rest = totals["usd"] - sum(r["usd"] for r in rows)
     if abs(rest) > 1e-9 * max(1.0, abs(totals["usd"])):
         rows.append({"part": "other (prices changed on resume, or totals carried from a checkpoint)", "usd": rest,
@@ -372,23 +393,14 @@ def _averages(samples: list, totals: dict, header: dict, meters: dict, columns: 
 
 
 def _sample_columns(samples: list) -> dict:
-    """One pass over the samples: ``{reading: (elapsed_s list, value list)}`` for finite values."""
-    columns = {key: ([], []) for key in READINGS}
-    keys = tuple(READINGS)
-    finite = math.isfinite
-    for sample in samples:
-        raw = sample.get("totals")
-        if type(raw) is not dict:
-            continue
-        x = raw.get("elapsed_s")
-        if type(x) not in (float, int) or not finite(x):
-            continue
-        for key in keys:
-            value = sample.get(key)
-            if value is not None and type(value) in (float, int) and finite(value):
-                xs, ys = columns[key]
-                xs.append(x)
-                ys.append(value)
+    """One pass per reading: ``{reading: (elapsed_s list, value list)}`` for finite values."""
+    xs_all = [_finite_or_none((s.get("totals") or {}).get("elapsed_s") if type(s.get("totals")) is dict else None)
+              for s in samples]
+    columns = {}
+    for key in READINGS:
+        pairs = [(x, v) for x, v in zip(xs_all, [s.get(key) for s in samples])
+                 if x is not None and type(v) in _NUMBER_TYPES and -_INF < v < _INF]
+        columns[key] = ([p[0] for p in pairs], [p[1] for p in pairs])
     return columns
 
 
@@ -410,8 +422,14 @@ def _weighted_mean(xs: list, ys: list) -> Optional[float]:
     return weighted / total if total > 0 else sum(ys) / len(ys)
 
 
-def _metric_summaries(metrics: list) -> list[dict]:
-    """Per metric name: first, last and best value (by its guessed direction), and their cost."""
+def _metric_summaries(metrics: list, events: list) -> list[dict]:
+    """Per metric name: first, last and best value, and their cost.
+
+    "Best" follows the mode a marginal-gain policy declared for its metric, else the name
+    (``min`` for losses and errors, ``max`` otherwise).
+    """
+    declared = {e.get("monitor"): e.get("mode") for e in events
+                if e.get("name") == "marginal_gain_policy" and e.get("mode") in ("max", "min")}
     by_name: dict[str, list] = {}
     for record in metrics:
         name, value = record.get("name"), _num(record.get("value"))
@@ -420,11 +438,11 @@ def _metric_summaries(metrics: list) -> list[dict]:
         by_name.setdefault(name, []).append(record)
     out = []
     for name, records in by_name.items():
-        mode = guess_mode(name)
+        mode = declared.get(name) or guess_mode(name)
         values = [_num(r["value"]) for r in records]
         best_i = (max if mode == "max" else min)(range(len(values)), key=values.__getitem__)
         out.append({
-            "name": name, "count": len(records), "mode_guess": mode,
+            "name": name, "count": len(records), "mode": mode,
             "first": values[0], "last": values[-1], "best": values[best_i],
             "usd_at_best": _num(records[best_i].get("usd")), "step_at_best": records[best_i].get("step"),
             "usd_at_last": _num(records[-1].get("usd")),
@@ -464,8 +482,39 @@ def describe_event(name: str, fields: dict) -> str:
     """One readable sentence for a ledger event; unknown events list their fields."""
     f = fields
     if name == "budget_cap_hit":
-        text = f"Budget cap {f.get('cap', '?')} hit: {_fmt(f.get('value'))} reached the limit {_fmt(f.get('limit'))}"
-        return text + (f"; {f['reason']}" if f.get("reason") else "") + (f"; action: {f['action']}" if f.get("action") else "")
+        if f.get("predictive") and _num(f.get("predicted_next")) is not None:
+            text = (f"Budget cap {f.get('cap', '?')}={_fmt(f.get('limit'))}: stopped at {_fmt(f.get('value'))}, "
+                    f"as the next step would reach {_fmt(f['predicted_next'])}")
+        else:
+            text = f"Budget cap {f.get('cap', '?')} hit: {_fmt(f.get('value'))} reached the limit {_fmt(f.get('limit'))}"
+        extras = [f"{key}: {f[key]}" for key in ("reason", "action", "on_cap", "checkpoint") if f.get(key)]
+        return text + "".join(f"; {e}" for e in extras)
+    if name == "budget_caps":
+        caps = f.get("caps") if isinstance(f.get("caps"), dict) else {}
+        listed = ", ".join(f"{k}={_fmt(v)}" for k, v in caps.items()) or "none"
+        return f"Budget caps set: {listed}" + (f" (on cap: {f['on_cap']})" if f.get("on_cap") else "")
+    if name == "budget_warning":
+        fraction = _num(f.get("fraction"))
+        share = f"{fraction:.0%}" if fraction is not None else "part"
+        return f"{share} of {f.get('cap', '?')}={_fmt(f.get('limit'))} spent ({_fmt(f.get('value'))})"
+    if name == "marginal_gain_policy":
+        then = ", ".join(map(str, f.get("strategies") or [])) or "stop"
+        return (f"Marginal-gain policy on {f.get('monitor', '?')} ({f.get('mode', '?')}): "
+                f"${_fmt(f.get('usd_per_point'))} per point; then {then}")
+    if name == "online_probe":
+        return f"Online probe: {f.get('metric', 'probe')} = {_fmt(f.get('acc'))}" + (
+            f" (probe cost ${_fmt(f['cost_usd'])})" if _num(f.get("cost_usd")) is not None else "")
+    if name == "distill":
+        if not f.get("trained", True):
+            return f"Distill: no student trained: {f.get('note', 'no reason recorded')}"
+        return (f"Distilled a student in {f.get('steps', '?')} steps for ${_fmt(f.get('student_usd'))}"
+                + (" (stopped by the budget)" if f.get("stopped_by_budget") else ""))
+    if name == "quantize":
+        verdict = "kept" if f.get("kept") else "not kept"
+        if _num(f.get("teacher_metric")) is None:
+            return f"Quantize ({f.get('quant_type', '?')}): {verdict}" + (f": {f['note']}" if f.get("note") else "")
+        return (f"Quantize ({f.get('quant_type', '?')}): {f.get('metric', 'metric')} {_fmt(f.get('teacher_metric'))} -> "
+                f"{_fmt(f.get('quantized_metric'))}, {verdict}" + (f"; {f['note']}" if f.get("note") else ""))
     if name == "marginal_gain_decision":
         verdict = "Stop" if f.get("stop") else "Continue"
         parts = [f"{verdict}" + (f" ({f['monitor']})" if f.get("monitor") else "")]
@@ -501,7 +550,9 @@ def _strategy_rows(events: list) -> list[dict]:
     rows = []
     for event in events:
         if event.get("name") == "strategy_result" and isinstance(event.get("rows"), list):
-            rows.extend(row for row in event["rows"] if isinstance(row, dict))
+            strategy = event.get("strategy")
+            rows.extend(({"strategy": strategy, **row} if strategy and "strategy" not in row else row)
+                        for row in event["rows"] if isinstance(row, dict))
     return rows
 
 
@@ -577,16 +628,15 @@ def _outcome(end: Optional[dict], events: list, planned: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def _cost_series(samples: list, events: list, end: Optional[dict], max_points: int) -> dict:
-    points = []
-    finite = math.isfinite
-    for record in samples + events + ([end] if end else []):
-        raw = record.get("totals")
-        if type(raw) is dict:
-            x, usd = raw.get("elapsed_s"), raw.get("usd")
-            if type(x) in (float, int) and type(usd) in (float, int) and finite(x) and finite(usd):
-                points.append((x, usd, raw))
+def _cost_series(samples: list, events: list, end: Optional[dict], max_points: int, started_at_zero: bool) -> dict:
+    raws = [r.get("totals") for r in samples + events + ([end] if end else [])]
+    raws = [raw for raw in raws if type(raw) is dict]
+    points = [(x, usd, raw) for x, usd, raw in zip([raw.get("elapsed_s") for raw in raws],
+                                                    [raw.get("usd") for raw in raws], raws)
+              if type(x) in _NUMBER_TYPES and type(usd) in _NUMBER_TYPES and -_INF < x < _INF and -_INF < usd < _INF]
     points.sort(key=lambda p: p[0])
+    if points and points[0][0] > 0 and started_at_zero:
+        points.insert(0, (0.0, 0.0, {"kwh": 0.0, "co2_kg": 0.0}))  # a fresh run starts at $0
     keep = downsample_indices(points, [p[1] for p in points], max_points)
     kept = [points[i] for i in keep]
     return {"elapsed_s": [_round(p[0]) for p in kept], "usd": [_round(p[1]) for p in kept],
@@ -640,11 +690,13 @@ def _forecasts(events: list, metrics: list) -> list[dict]:
                 pairs = [p for p in pairs if p[0] is not None and p[1] is not None][:2000]
                 curve_usd, curve_value = [p[0] for p in pairs], [p[1] for p in pairs]
             out.append({"kind": "marginal_gain", "monitor": monitor, "usd": usd, "elapsed_s": elapsed_s,
+                        "value": _num(event.get("value")),
                         "stop": bool(event.get("stop")), "predicted_final": _num(event.get("predicted_final")),
                         "usd_at_predicted_final": usd + more if usd is not None and more is not None else None,
                         "curve_usd": curve_usd, "curve_value": curve_value})
         elif name == "budget_cap_hit":
-            out.append({"kind": "budget_cap", "cap": str(event.get("cap", "")), "limit": _num(event.get("limit")),
+            out.append({"kind": "budget_cap", "cap": str(event.get("cap", "")), "unit": str(event.get("unit") or ""),
+                        "limit": _num(event.get("limit")),
                         "value": _num(event.get("value")), "usd": usd, "elapsed_s": elapsed_s})
     # Keep the plots light: the stop decisions, the last decision, and at most 50 others.
     decisions = [f for f in out if f["kind"] == "marginal_gain"]
@@ -681,6 +733,14 @@ def downsample_indices(xs: list, ys: list, max_points: int) -> list[int]:
 # ------------------------------------------------------------------------------------------------
 # Small helpers
 # ------------------------------------------------------------------------------------------------
+
+
+_NUMBER_TYPES = frozenset((int, float))
+_INF = float("inf")
+
+
+def _finite_or_none(value: Any) -> Optional[float]:
+    return value if type(value) in _NUMBER_TYPES and -_INF < value < _INF else None
 
 
 def _num(value: Any) -> Optional[float]:

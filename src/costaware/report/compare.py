@@ -168,8 +168,6 @@ def render_compare_text(result: dict) -> str:
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.append(f"\n* on the Pareto front: no other run has a better {result['metric']} for fewer dollars.")
-    for error in result["errors"]:
-        lines.append(f"skipped: {error}")
     return "\n".join(lines)
 
 
@@ -181,9 +179,9 @@ def render_compare_svg(result: dict) -> str:
         color = PALETTE[i % len(PALETTE)]
         if len(run["curve_usd"]) > 1:
             lines.append(Line(f"{run['name']} ({metric} over the run)", run["curve_usd"], run["curve_value"], color,
-                              css_class="run-curve"))
-        lines.append(Line(f"{run['name']}: best {run['best']:.4g} for {T.usd(run['usd'])}", [run["usd"]],
-                          [run["best"]], color, style="points", css_class="run-best",
+                              css_class="run-curve", legend=False))
+        lines.append(Line(f"#{run['rank']} {run['name']}", [run["usd"]], [run["best"]], color, style="points",
+                          css_class="run-best",
                           point_labels=[f"#{run['rank']} {run['name']}: {run['best']:.4g}, {T.usd(run['usd'])}"]))
     front = sorted((r for r in result["runs"] if r["pareto"]), key=lambda r: r["usd"])
     if len(front) > 1:

@@ -101,7 +101,7 @@ def _cost_chart(report: dict) -> str:
         if f["kind"] != "budget_cap":
             continue
         label = f"cap {f['cap']} hit" + (f" (limit {f['limit']:.4g})" if f["limit"] is not None else "")
-        if "usd" in f["cap"].lower() and f["limit"] is not None:
+        if (f["unit"] == "usd" or (not f["unit"] and "usd" in f["cap"].lower())) and f["limit"] is not None:
             rules.append(Rule(f["limit"], f"budget cap {f['cap']} = {T.usd(f['limit'])}", "y", "#d62728", "cap"))
         elif f["elapsed_s"] is not None:
             rules.append(Rule(f["elapsed_s"] / div, label, "x", "#d62728", "cap"))
@@ -126,7 +126,7 @@ def _energy_chart(report: dict) -> str:
     energy = report["energy"]
     bars = [Bar(f"{name.upper()} energy", energy[name]["kwh"] if energy[name]["measured"] else None,
                 note="" if energy[name]["measured"] else energy[name]["status"]) for name in ("gpu", "cpu", "ram")]
-    return bar_chart(bars, title=f"Energy by part (kWh; total {energy['total_note']})",
+    return bar_chart(bars, title=f"Energy by part (kWh; total: {T.energy_note(report)})",
                      value_fmt=lambda v: T.number(v, "kWh"), css_id="chart-energy")
 
 
@@ -154,9 +154,9 @@ def _metric_charts(report: dict) -> list[str]:
                                       f"predicted final {f['predicted_final']:.4g} at {T.usd(f['usd_at_predicted_final'])}",
                                       "#ff7f0e", hollow=True, css_class="forecast"))
                 if points["usd"] and f["usd"] is not None:
+                    start = f["value"] if f["value"] is not None else _value_at(points, f["usd"])
                     lines.append(Line("forecast", [f["usd"], f["usd_at_predicted_final"]],
-                                      [_value_at(points, f["usd"]), f["predicted_final"]], "#ff7f0e", dashed=True,
-                                      css_class="forecast"))
+                                      [start, f["predicted_final"]], "#ff7f0e", dashed=True, css_class="forecast"))
             else:
                 rules.append(Rule(f["predicted_final"], f"predicted final {f['predicted_final']:.4g} (asymptote)",
                                   "y", "#ff7f0e", "forecast"))

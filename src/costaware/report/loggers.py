@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 #: TensorBoard text tag the Markdown report is written under.
 TENSORBOARD_TAG = "costaware/report"
@@ -24,12 +24,14 @@ TENSORBOARD_TAG = "costaware/report"
 ARTIFACT_DIR = "costaware"
 
 
-def publish_to_loggers(trainer_loggers: Any, paths: Union[Mapping[str, Any], Iterable[Any]]) -> list[str]:
+def publish_to_loggers(trainer_loggers: Any, paths: Union[Mapping[str, Any], Iterable[Any]],
+                       step: Optional[int] = None) -> list[str]:
     """Give the report files to every TensorBoard, MLflow and W&B logger; never raises.
 
     Args:
         trainer_loggers: ``trainer.loggers`` (a list), a single logger, or None.
         paths: what ``write_report`` returned (``{"json", "md", "html"}`` -> path), or a list of paths.
+        step: the step TensorBoard files the text under (``trainer.global_step``); default 0.
 
     Returns:
         One line per logger that received the report, e.g. ``"TensorBoardLogger: text costaware/report"``.
@@ -46,31 +48,31 @@ def publish_to_loggers(trainer_loggers: Any, paths: Union[Mapping[str, Any], Ite
         if kind is None:
             continue
         try:
-            done.append(_PUBLISHERS[kind](logger, files))
+            done.append(_PUBLISHERS[kind](logger, files, step))
         except Exception as err:  # noqa: BLE001
             warnings.warn(f"costaware: could not hand the report to {type(logger).__name__}: "
                           f"{type(err).__name__}: {err}", RuntimeWarning, stacklevel=2)
     return done
 
 
-def _tensorboard(logger: Any, files: dict[str, Path]) -> str:
+def _tensorboard(logger: Any, files: dict[str, Path], step: Optional[int]) -> str:
     md = files.get("md")
     if md is None:
         return f"{type(logger).__name__}: nothing (no Markdown report)"
     experiment = logger.experiment
-    experiment.add_text(TENSORBOARD_TAG, Path(md).read_text(encoding="utf-8"), global_step=0)
+    experiment.add_text(TENSORBOARD_TAG, Path(md).read_text(encoding="utf-8"), global_step=step or 0)
     if hasattr(experiment, "flush"):
         experiment.flush()
     return f"{type(logger).__name__}: text {TENSORBOARD_TAG}"
 
 
-def _mlflow(logger: Any, files: dict[str, Path]) -> str:
+def _mlflow(logger: Any, files: dict[str, Path], step: Optional[int]) -> str:
     for path in files.values():
         logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=ARTIFACT_DIR)
     return f"{type(logger).__name__}: {len(files)} artifacts in {ARTIFACT_DIR}/"
 
 
-def _wandb(logger: Any, files: dict[str, Path]) -> str:
+def _wandb(logger: Any, files: dict[str, Path], step: Optional[int]) -> str:
     experiment = logger.experiment
     for path in files.values():
         try:

@@ -36,6 +36,7 @@ class Line:
     dashed: bool = False
     css_class: str = "series"
     point_labels: Sequence[str] = field(default_factory=tuple)
+    legend: bool = True
 
 
 @dataclass
@@ -101,7 +102,7 @@ def _extent(values: list[float], pad_zero: bool) -> tuple[float, float]:
     if not finite:
         return 0.0, 1.0
     lo, hi = min(finite), max(finite)
-    if pad_zero and lo > 0 and lo < 0.5 * hi:
+    if pad_zero and lo > 0 and (lo < 0.5 * hi or lo == hi):
         lo = 0.0
     if hi == lo:
         span = abs(hi) * 0.1 or 1.0
@@ -120,7 +121,7 @@ def line_chart(
     y_label: str,
     rules: Sequence[Rule] = (),
     markers: Sequence[Marker] = (),
-    width: int = 760,
+    width: int = 900,
     height: int = 320,
     y_from_zero: bool = True,
     x_fmt: Callable[[float], str] = tick_text,
@@ -139,8 +140,12 @@ def line_chart(
     ys = [y for _, pts in series for _, y in pts] + [m.y for m in markers] + [r.value for r in rules if r.axis == "y"]
     x0, x1 = _extent(xs, pad_zero=True)
     y0, y1 = _extent(ys, pad_zero=y_from_zero)
-    left, top = _MARGIN_LEFT, _MARGIN_TOP
+    legend, legend_rows = _legend([(line.label, line.color or PALETTE[i % len(PALETTE)], line.dashed)
+                                   for i, (line, _) in enumerate(series) if line.legend], _MARGIN_LEFT, width)
+    extra = 14 * max(0, legend_rows - 1)  # a long legend pushes the plot down, never over it
+    left, top = _MARGIN_LEFT, _MARGIN_TOP + extra
     plot_w, plot_h = width - _MARGIN_LEFT - _MARGIN_RIGHT, height - _MARGIN_TOP - _MARGIN_BOTTOM
+    height += extra
 
     def px(x: float) -> float:
         return left + (x - x0) / (x1 - x0) * plot_w
@@ -148,6 +153,7 @@ def line_chart(
     def py(y: float) -> float:
         return top + plot_h - (y - y0) / (y1 - y0) * plot_h
 
+    right = left + 0.7 * plot_w  # labels of points right of this go to their left
     parts = [_open(width, height, title, css_id)]
     parts.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fff" stroke="#ccc"/>')
     for tick in nice_ticks(y0, y1):
@@ -168,14 +174,14 @@ def line_chart(
             y = py(rule.value)
             parts.append(f'<g class="{escape(rule.css_class)}"><title>{escape(rule.label)}</title>'
                          f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" stroke="{rule.color}" '
-                         f'stroke-dasharray="6 4" stroke-width="1.5"/><text x="{left + plot_w - 4}" y="{y - 4:.1f}" '
-                         f'text-anchor="end" class="note" fill="{rule.color}">{escape(_clip(rule.label))}</text></g>')
+                         f'stroke-dasharray="6 4" stroke-width="1.5"/><text x="{left + 4}" y="{y - 4:.1f}" '
+                         f'class="note" fill="{rule.color}">{escape(_clip(rule.label))}</text></g>')
         else:
             x = px(rule.value)
             parts.append(f'<g class="{escape(rule.css_class)}"><title>{escape(rule.label)}</title>'
                          f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="{rule.color}" '
-                         f'stroke-dasharray="4 3" stroke-width="1.5"/><text x="{x + 4:.1f}" y="{top + 12}" '
-                         f'class="note" fill="{rule.color}">{escape(_clip(rule.label))}</text></g>')
+                         f'stroke-dasharray="4 3" stroke-width="1.5"/>{_label(x, top + 12, rule.label, rule.color, right)}'
+                         f'</g>')
     for i, (line, pts) in enumerate(series):
         color = line.color or PALETTE[i % len(PALETTE)]
         parts.append(f'<g class="{escape(line.css_class)}"><title>{escape(line.label)}</title>')
@@ -195,18 +201,15 @@ def line_chart(
                 parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="{radius}" fill="{color}">'
                              f'<title>{escape(tip)}</title></circle>')
                 if line.style == "points" and j < len(line.point_labels):
-                    parts.append(f'<text x="{px(x) + 6:.1f}" y="{py(y) - 6:.1f}" class="note">'
-                                 f'{escape(_clip(line.point_labels[j], 28))}</text>')
+                    parts.append(_label(px(x), py(y) - 8, _clip(line.point_labels[j], 36), "#222", right))
         parts.append("</g>")
     for marker in markers:
         fill = "#fff" if marker.hollow else marker.color
         parts.append(f'<g class="{escape(marker.css_class)}"><title>{escape(marker.label)}</title>'
                      f'<circle cx="{px(marker.x):.1f}" cy="{py(marker.y):.1f}" r="5.5" fill="{fill}" '
-                     f'stroke="{marker.color}" stroke-width="2"/><text x="{px(marker.x) + 8:.1f}" '
-                     f'y="{py(marker.y) + 14:.1f}" class="note" fill="{marker.color}">{escape(_clip(marker.label))}'
-                     f'</text></g>')
-    parts.append(_legend([(line.label, line.color or PALETTE[i % len(PALETTE)], line.dashed)
-                          for i, (line, _) in enumerate(series)], left, width))
+                     f'stroke="{marker.color}" stroke-width="2"/>'
+                     f'{_label(px(marker.x), py(marker.y) + 16, marker.label, marker.color, right)}</g>')
+    parts.append(legend)
     parts.append("</svg>")
     return "".join(parts)
 
@@ -222,14 +225,14 @@ class Bar:
 
 
 def bar_chart(bars: Sequence[Bar], *, title: str, value_fmt: Callable[[float], str] = tick_text,
-              width: int = 760, css_id: Optional[str] = None) -> str:
+              width: int = 900, css_id: Optional[str] = None) -> str:
     """Horizontal bars with their figures; unmeasured parts are said in words, not drawn as zero."""
     if not bars:
         return ""
     row_h, label_w, top = 30, 150, 40
     height = top + row_h * len(bars) + 12
     peak = max([b.value for b in bars if b.value is not None and math.isfinite(b.value)] + [0.0])
-    bar_w = width - label_w - 220
+    bar_w = width - label_w - 380
     parts = [_open(width, height, title, css_id)]
     for i, bar in enumerate(bars):
         y = top + i * row_h
@@ -242,9 +245,9 @@ def bar_chart(bars: Sequence[Bar], *, title: str, value_fmt: Callable[[float], s
             parts.append(f'<text x="{label_w}" y="{y + 18}" class="missing">{escape(_clip(bar.note, 90))}</text>')
         else:
             length = 0.0 if peak <= 0 else max(0.0, bar.value) / peak * bar_w
-            text = value_fmt(bar.value) + (f"  {bar.note}" if bar.note else "")
+            text = value_fmt(bar.value) + (f"  ({bar.note})" if bar.note else "")
             parts.append(f'<rect x="{label_w}" y="{y + 5}" width="{length:.1f}" height="{row_h - 10}" fill="{color}"/>'
-                         f'<text x="{label_w + length + 6:.1f}" y="{y + 19}" class="tick">{escape(_clip(text, 60))}'
+                         f'<text x="{label_w + length + 6:.1f}" y="{y + 19}" class="tick">{escape(_clip(text, 58))}'
                          f'</text>')
         parts.append("</g>")
     parts.append("</svg>")
@@ -259,20 +262,28 @@ def _open(width: int, height: int, title: str, css_id: Optional[str]) -> str:
             f'<text x="{_MARGIN_LEFT}" y="18" class="title" font-size="15" font-weight="bold">{escape(title)}</text>')
 
 
-def _legend(items: list[tuple[str, str, bool]], left: int, width: int) -> str:
+def _legend(items: list[tuple[str, str, bool]], left: int, width: int) -> tuple[str, int]:
+    """The legend's SVG and how many rows it takes (it wraps at the chart's width)."""
     if not items:
-        return ""
-    parts, x, y = [], float(left), 38.0
+        return "", 0
+    parts, x, y, rows = [], float(left), 38.0, 1
     for label, color, dashed in items:
         text = _clip(label, 40)
-        span = 26 + 7 * len(text)
+        span = 30 + 7 * len(text)
         if x + span > width - 10 and x > left:
-            x, y = float(left), y + 14  # wrap (rare: many series)
+            x, y, rows = float(left), y + 14, rows + 1
         dash = ' stroke-dasharray="5 3"' if dashed else ""
         parts.append(f'<line x1="{x:.0f}" y1="{y - 4:.0f}" x2="{x + 18:.0f}" y2="{y - 4:.0f}" stroke="{color}" '
                      f'stroke-width="3"{dash}/><text x="{x + 22:.0f}" y="{y:.0f}" class="legend">{escape(text)}</text>')
         x += span
-    return f'<g class="legend">{"".join(parts)}</g>'
+    return f'<g class="legend">{"".join(parts)}</g>', rows
+
+
+def _label(x: float, y: float, text: str, color: str, right: float) -> str:
+    """A note beside a point, on its left when the point is near the right edge."""
+    if x > right:
+        return f'<text x="{x - 6:.1f}" y="{y:.1f}" text-anchor="end" class="note" fill="{color}">{escape(_clip(text))}</text>'
+    return f'<text x="{x + 6:.1f}" y="{y:.1f}" class="note" fill="{color}">{escape(_clip(text))}</text>'
 
 
 def _clip(text: str, limit: int = 48) -> str:

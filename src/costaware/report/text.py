@@ -23,8 +23,10 @@ def usd(value: Optional[float]) -> str:
         return f"{sign}${a:,.0f}"
     if a >= 1:
         return f"{sign}${a:.2f}"
+    if round(a, 2) >= 0.1:
+        return f"{sign}${a:.2f}"
     if a >= 0.01:
-        return f"{sign}${a:.4f}"
+        return f"{sign}${a:.4g}"
     return f"{sign}${a:.3g}"
 
 
@@ -82,6 +84,11 @@ def measured_or_reason(value: Optional[float], note: str, fmt) -> str:
     return fmt(value) if value is not None else note
 
 
+def energy_note(report: dict) -> str:
+    note = report["energy"]["total_note"]
+    return "GPU + CPU + RAM, all measured" if note == "complete" else note
+
+
 def title(report: dict) -> str:
     run_id = (report.get("run") or {}).get("run_id")
     return f"costaware budget report: run {run_id}" if run_id else "costaware budget report"
@@ -97,13 +104,13 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
 
     rows = [
         ("Outcome", report["outcome"]["why"]),
-        ("Wall time", f"{duration(t['elapsed_s'])} ({number(t['elapsed_s'], 's', 6)})"
+        ("Wall time", duration(t["elapsed_s"]) + (f" ({number(t['elapsed_s'], 's', 6)})" if t["elapsed_s"] >= 60 else "")
                       + (f", from {run['started']} to {run['ended']}" if run.get("started") else "")),
         ("Dollars", usd(t["usd"])),
         ("GPU-hours", number(t["gpu_hours"], "GPU-h") + (" (no GPU held)" if not t["gpu_hours"] and not
                                                          (report["meters"]["gpu"] or {}).get("present") else "")),
         ("Host-hours", number(t["host_hours"], "host-h")),
-        ("Energy, total", f"{number(t['kwh'], 'kWh')} ({e['total_note']})"),
+        ("Energy, total", f"{number(t['kwh'], 'kWh')} ({energy_note(report)})"),
         ("Energy, GPU", energy("gpu", "GPU")),
         ("Energy, CPU", energy("cpu", "CPU")),
         ("Energy, RAM", energy("ram", "RAM")),
@@ -172,7 +179,7 @@ def meter_rows(report: dict) -> list[tuple[str, str]]:
 
 def metric_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     head = ["metric", "evaluations", "first", "best", "last", "$ at best", "step at best"]
-    rows = [[m["name"], str(m["count"]), cell(m["first"]), f"{cell(m['best'])} ({m['mode_guess']})", cell(m["last"]),
+    rows = [[m["name"], str(m["count"]), cell(m["first"]), f"{cell(m['best'])} ({m['mode']})", cell(m["last"]),
              usd(m["usd_at_best"]), cell(m["step_at_best"])] for m in report["metrics"]]
     return head, rows
 

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -52,7 +53,7 @@ def write_report(run_dir_or_ledger_path: PathLike, report: Optional[dict] = None
         report = build_report(run_dir_or_ledger_path, max_points=max_points)
     folder = Path(report["ledger"]["path"]).parent
     texts = {
-        "json": json.dumps(report, indent=1, allow_nan=False, default=str) + "\n",
+        "json": json.dumps(_finite(report), indent=1, allow_nan=False, default=str) + "\n",
         "md": render_markdown(report) + "\n",
         "html": render_html(report) + "\n",
     }
@@ -60,6 +61,17 @@ def write_report(run_dir_or_ledger_path: PathLike, report: Optional[dict] = None
     for key, name in REPORT_FILES.items():
         paths[key] = atomic_write(folder / name, texts[key], folder)
     return paths
+
+
+def _finite(value):
+    """JSON has no NaN or infinity: a non-finite figure copied from an event's fields becomes null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def atomic_write(path: Path, text: str, within: Optional[Path] = None) -> Path:

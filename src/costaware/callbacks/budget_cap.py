@@ -1,0 +1,677 @@
+"""``BudgetCap``: never spend more than a budget, in dollars, energy, carbon, GPU-hours, FLOPs or time."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
+
+from costaware.callbacks.cost_monitor import CostMonitor
+from costaware.forecast import (
+    CAP_UNITS,
+    UNITS,
+    Breach,
+    BudgetPlanner,
+    StopPlan,
+    add,
+    check_caps,
+    cost_of,
+    describe,
+    subtract,
+    validation_after,
+    validations_between,
+    zero,
+)
+
+ON_CAP = ("stop", "raise")
+STOP_CHECKPOINT = "budget_stop.ckpt"
+
+# Before a checkpoint save is measured: weights plus two optimizer moments, written at 100 MB/s.
+_PRIOR_CHECKPOINT_STATE_FACTOR = 3.0
+_PRIOR_CHECKPOINT_BYTES_PER_S = 100e6
+# A forecast is recorded in the ledger again when it moved by more than this fraction.
+_FORECAST_RECORD_CHANGE = 0.05
+
+
+class BudgetExceededError(RuntimeError):
+    """A cap was reached with ``on_cap="raise"``; the stop checkpoint and the ledger event are written.
+
+    Attributes:
+        cap: the argument whose cap was hit (``"max_usd"``).
+        limit: the cap, in its unit (``max_time`` in seconds).
+        value: what the run had spent, in that unit, when it stopped.
+        step: the Trainer's ``global_step`` at the stop.
+        checkpoint: the stop checkpoint's path.
+    """
+
+    def __init__(self, message: str, cap: str, limit: float, value: float, step: int, checkpoint: Optional[str]):
+        super().__init__(message)
+        self.cap, self.limit, self.value, self.step, self.checkpoint = cap, limit, value, step, checkpoint
+
+
+class BudgetWarning(UserWarning):
+    """A budget milestone: 50/80/95% of a cap spent, or a forecast over a cap."""
+
+
+class BudgetCap:
+    r"""Stop training before any cap is crossed: dollars, kWh, kg CO2, GPU-hours, FLOPs or time.
+
+    Checked after every training batch from the cost monitor's cached totals (no collective, no
+    device sync), and *predictive*: from the measured batch costs it stops before the batch that
+    would cross a cap, keeping inside the budget the validation run and checkpoint that a stop
+    entails (Lightning validates when a run is stopped). The next batch is predicted with the
+    largest recent batch cost, warm-up batches excluded, so variable costs (sequence-length
+    buckets, slow steps) leave a little of the budget unused rather than overshoot. Lightning's
+    ``EarlyStopping(monitor="cost/usd", stopping_threshold=...)`` checks only at validation or
+    epoch ends and overshoots by up to an epoch.
+
+    On a stop, ``budget_stop.ckpt`` is written next to ``ModelCheckpoint``'s files (default
+    ``<log_dir>/checkpoints/``), so nothing trained is lost, and the ledger records a
+    ``budget_cap_hit`` event: the cap, its limit, the spend, the prediction, the step and the
+    totals. A cap wins over ``min_epochs``/``min_steps``: Lightning ignores ``should_stop`` until
+    they are met, so on a stop BudgetCap clears them (restored at teardown). Under DDP the ranks
+    agree through ``trainer.strategy.reduce_boolean_decision`` and stop on the same step; caps
+    apply to the run's total over all ranks, nodes and restarts. To keep the hot path free of
+    collectives, the ranks agree every batch only near a cap: each agreement also shares the
+    smallest headroom (in batches) of any rank, and the next one comes after half of it (at most
+    ``log_every_n_steps`` later).
+
+    Forecast: after a few post-warm-up batches, what the planned run (``max_steps``/
+    ``max_epochs``) will cost, validations and checkpoints included, is logged as
+    ``cost/forecast_usd``, ``cost/forecast_kwh``, ``cost/forecast_co2_kg``,
+    ``cost/forecast_gpu_hours``, ``cost/forecast_flops``, ``cost/forecast_elapsed_s`` at the
+    Trainer's log interval; a forecast over a cap, and 50/80/95% of a cap spent, are warned once
+    (:class:`BudgetWarning`, rank zero).
+
+    Ledger events: ``budget_caps`` (the caps, at fit start), ``forecast`` (``forecast_usd``,
+    every unit, ``basis``; the first, then after a validation or epoch when it moved by > 5%),
+    ``budget_warning`` (cap, fraction), ``budget_cap_hit`` (cap, unit, limit, value,
+    predicted_next, next_batch, reserve, step, epoch, checkpoint, totals).
+
+    One BudgetCap per Trainer takes any number of caps. Without a ``CostMonitor`` among the
+    Trainer's callbacks, BudgetCap inserts one before itself at ``setup``, built from the price
+    arguments below (and ``monitor_kwargs``); with one, those arguments are ignored (with a
+    warning) and the monitor is moved before BudgetCap if needed.
+
+    Args:
+        max_usd: dollars.
+        max_kwh: energy, kWh (GPU + CPU + RAM, before PUE).
+        max_co2_kg: kilograms of CO2-eq.
+        max_gpu_hours: GPU-hours held.
+        max_flops: training floating-point operations.
+        max_time: wall time: a ``timedelta``, seconds, ``"DD:HH:MM:SS"`` (as Lightning's
+            ``Timer``) or a dict of ``timedelta`` arguments (``{"hours": 12}``).
+        caps: the same caps as a dict, keyed by argument or unit name
+            (``{"usd": 5, "time": "00:12:00:00"}``).
+        on_cap: ``"stop"`` (a clean stop, with the usual final validation) or ``"raise"`` (write
+            the checkpoint and the ledger event, then raise :class:`BudgetExceededError`, for
+            pipelines that must fail loudly).
+        predictive: stop before the batch that would cross a cap. If False, stop after the batch
+            at which spend plus the stop's reserve reached a cap: at most one batch over.
+        warmup_steps: batches at the start of each fit or resume left out of the batch-cost
+            statistics (compilation, caches, data-loader start-up).
+        ckpt_path: where to write the stop checkpoint; default ``budget_stop.ckpt`` in
+            ``ModelCheckpoint``'s folder, else ``<log_dir>/checkpoints/``.
+        gpu, usd_per_gpu_hour, usd_per_host_hour, usd_per_kwh, pue, mode, country, region,
+            cloud_provider, cloud_region, g_co2_per_kwh: prices for the ``CostMonitor`` that
+            BudgetCap creates when the Trainer has none (see ``CostMonitor``).
+        monitor_kwargs: any other ``CostMonitor`` arguments for it (``{"cpu_tdp_w": 65}``).
+
+    Raises:
+        ValueError: at construction, for no cap, a cap <= 0 or not a number, a ``max_time`` that
+            does not parse, an unknown ``caps`` key, ``on_cap``, or bad monitor arguments.
+
+    Example::
+
+        from pytorch_lightning import Trainer
+        from costaware import BudgetCap, CostMonitor
+
+        # Alone: it measures with its own CostMonitor.
+        trainer = Trainer(callbacks=[BudgetCap(max_usd=5, gpu="A10G", country="USA")])
+        # With a monitor, several caps; whichever comes first stops the run.
+        trainer = Trainer(callbacks=[CostMonitor(gpu="H100", usd_per_gpu_hour=2.5),
+                                     BudgetCap(max_usd=40, max_kwh=20, max_time="00:12:00:00")])
+        # LightningCLI:
+        #   --trainer.callbacks+=costaware.BudgetCap --trainer.callbacks.max_usd=5
+    """
+
+    def __init__(
+        self,
+        max_usd: Optional[float] = None,
+        max_kwh: Optional[float] = None,
+        max_co2_kg: Optional[float] = None,
+        max_gpu_hours: Optional[float] = None,
+        max_flops: Optional[float] = None,
+        max_time: Optional[Union[float, str, timedelta, dict]] = None,
+        caps: Optional[dict] = None,
+        on_cap: str = "stop",
+        predictive: bool = True,
+        warmup_steps: int = 2,
+        ckpt_path: Optional[str] = None,
+        gpu: Optional[str] = None,
+        usd_per_gpu_hour: Optional[float] = None,
+        usd_per_host_hour: Optional[float] = None,
+        usd_per_kwh: Optional[float] = None,
+        pue: Optional[float] = None,
+        mode: Optional[str] = None,
+        country: Optional[str] = None,
+        region: Optional[str] = None,
+        cloud_provider: Optional[str] = None,
+        cloud_region: Optional[str] = None,
+        g_co2_per_kwh: Optional[float] = None,
+        monitor_kwargs: Optional[dict] = None,
+    ) -> None:
+        explicit = {"max_usd": max_usd, "max_kwh": max_kwh, "max_co2_kg": max_co2_kg, "max_gpu_hours": max_gpu_hours,
+                    "max_flops": max_flops, "max_time": max_time}
+        self.limits = check_caps(explicit, caps)
+        if on_cap not in ON_CAP:
+            raise ValueError(f"on_cap must be one of {ON_CAP}, got {on_cap!r}")
+        if not isinstance(predictive, bool):
+            raise ValueError(f"predictive must be True or False, got {predictive!r}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        if ckpt_path is not None and not isinstance(ckpt_path, (str, Path)):
+            raise ValueError(f"ckpt_path must be a path, got {ckpt_path!r}")
+        self.on_cap = on_cap
+        self.predictive = predictive
+        self.warmup_steps = warmup_steps
+        self.ckpt_path = ckpt_path
+        given = {"gpu": gpu, "usd_per_gpu_hour": usd_per_gpu_hour, "usd_per_host_hour": usd_per_host_hour,
+                 "usd_per_kwh": usd_per_kwh, "pue": pue, "mode": mode, "country": country, "region": region,
+                 "cloud_provider": cloud_provider, "cloud_region": cloud_region, "g_co2_per_kwh": g_co2_per_kwh}
+        self.monitor_kwargs = _monitor_kwargs({k: v for k, v in given.items() if v is not None}, monitor_kwargs)
+        self.planner = BudgetPlanner(self.limits, predictive=predictive, warmup_batches=warmup_steps)
+        self.monitor: Optional[Any] = None
+        self.stopped: Optional[Breach] = None  # the cap that stopped this session's run
+        self._owns_monitor = False
+        self._setting_up: Optional[Any] = None
+        self._saved_minimums: Optional[tuple] = None
+        self._previous_stop: Optional[dict] = None
+        self._saves_per_validation: Optional[int] = None
+        self._reset_session()
+
+    def _reset_session(self) -> None:
+        self._mark: Optional[dict] = None  # totals at the end of the previous batch
+        self._excluded = zero()  # validation and checkpoint costs since then
+        self._validation_start: Optional[dict] = None
+        self._checkpoint_start: Optional[dict] = None
+        self._saves_after_validation: Optional[int] = None
+        self._saving_stop_checkpoint = False
+        self._since_sync = 0
+        self._sync_every = 1
+        self._planned_batches: Optional[float] = None
+        self._forecast_checked = False
+        self._recorded_forecast: Optional[dict] = None
+        self._record_forecast = False  # set after a validation or an epoch: record it if it moved
+        self.forecast: Optional[dict] = None
+
+    # ----------------------------------------------------------------------------------------
+    # Setup: find or create the CostMonitor
+    # ----------------------------------------------------------------------------------------
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit" or self._setting_up is trainer:
+            return  # (called again when the monitor is inserted before us in the list being walked)
+        self._setting_up = trainer
+        self.monitor = self._attach_monitor(trainer, pl_module, stage)
+
+    def _attach_monitor(self, trainer: Any, pl_module: Any, stage: str) -> Any:
+        """The run's CostMonitor, placed before BudgetCap so that its batch hooks run first.
+
+        Lightning calls ``setup`` walking ``trainer.callbacks`` in place: a monitor inserted (or
+        moved) at our own index is not reached by that walk, so its ``setup`` is called here; its
+        later hooks (and its ``state_dict`` in checkpoints) run as for any callback.
+        """
+        callbacks = trainer.callbacks
+        me = next(i for i, cb in enumerate(callbacks) if cb is self)
+        found = [i for i, cb in enumerate(callbacks) if isinstance(cb, CostMonitor)]
+        if found:
+            monitor = callbacks[found[0]]
+            if len(found) > 1:
+                rank_zero_warn("costaware: several CostMonitors in the Trainer's callbacks; BudgetCap reads the first",
+                               category=BudgetWarning)
+            if self.monitor_kwargs and not (self._owns_monitor and monitor is self.monitor):
+                rank_zero_warn(f"costaware: BudgetCap's monitor arguments {sorted(self.monitor_kwargs)} are ignored: "
+                               "the Trainer already has a CostMonitor, whose prices apply", category=BudgetWarning)
+            if found[0] > me:
+                callbacks.pop(found[0])
+                callbacks.insert(me, monitor)
+                monitor.setup(trainer, pl_module, stage)
+            return monitor
+        monitor = self._monitor_class()(**self.monitor_kwargs)
+        callbacks.insert(me, monitor)
+        monitor.setup(trainer, pl_module, stage)
+        self._owns_monitor = True
+        return monitor
+
+    def _monitor_class(self) -> type:
+        """``CostMonitor`` bound to the same Lightning namespace as this callback."""
+        for base in type(self).__mro__:
+            module = getattr(base, "__module__", "")
+            if base.__name__ == "Callback" and module.startswith("lightning.pytorch"):
+                return importlib.import_module("costaware.lightning").CostMonitor
+            if base.__name__ == "Callback" and module.startswith("pytorch_lightning"):
+                return importlib.import_module("costaware").CostMonitor
+        raise TypeError("BudgetCap must be used as costaware.BudgetCap or costaware.lightning.BudgetCap")
+
+    # ----------------------------------------------------------------------------------------
+    # Lightning hooks
+    # ----------------------------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._setting_up = None
+        self.stopped = None
+        fit_loop = trainer.fit_loop
+        self._saved_minimums = (fit_loop.min_epochs, fit_loop.epoch_loop.min_steps)
+        self.monitor.ledger.record_event("budget_caps", caps=dict(self.limits), on_cap=self.on_cap, predictive=self.predictive,
+                                         previous_stop=self._previous_stop)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._reset_session()
+        self.planner.start_session()
+        self.planner.checkpoint_prior_s = _checkpoint_prior_s(pl_module)
+        self.planner.validation_batches = _validation_batches(trainer) or self.planner.validation_batches
+        self._planned_batches = _planned_batches(trainer)
+        self._schedule = _Schedule.read(trainer)
+        spent = self._now()
+        self._mark = spent
+        # A resumed run may already be at a cap, or one batch from it (its batch costs are
+        # restored): stop before the first batch.
+        plan = self._stop_plan(trainer, batch_idx=None)
+        breach = self.planner.decide(spent, plan)
+        if trainer.strategy.reduce_boolean_decision(breach is not None, all=False):
+            self._stop(trainer, pl_module, breach or self.planner.closest(spent, plan), spent,
+                       decided_here=breach is not None)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._close_checkpoint()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._close_checkpoint()
+        if self.stopped is not None or self._mark is None:
+            return
+        spent = self._now()
+        self.planner.observe_batch(subtract(subtract(spent, self._mark, floor=None), self._excluded))
+        self._mark, self._excluded = spent, zero()
+        self._warn_milestones(trainer, spent)
+        plan = self._stop_plan(trainer, batch_idx)
+        log_now = trainer._logger_connector.should_update_logs  # as CostMonitor and Lightning's monitors do
+        if log_now or not self._forecast_checked:
+            self._update_forecast(trainer, pl_module, spent, plan, log=log_now)
+        if self._planned_batches is not None and trainer.fit_loop.total_batch_idx + 1 >= self._planned_batches:
+            return  # the planned run ends here anyway: no further batch to decide on (same on every rank)
+        breach = self.planner.decide(spent, plan)
+        stop = self._agree(trainer, pl_module, breach is not None, spent, plan)
+        if stop:
+            self._stop(trainer, pl_module, breach or self.planner.closest(spent, plan), spent,
+                       decided_here=breach is not None)
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._close_checkpoint()
+        if self._mark is not None:
+            self._schedule = _Schedule.read(trainer)  # data loaders may have been reloaded
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._record_forecast = True
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.monitor is None or (self._mark is None and not trainer.sanity_checking):
+            return
+        self._close_checkpoint()
+        self._validation_start = self._now()
+        self._sanity_costs: list = []
+        self._sanity_mark = self._validation_start
+
+    def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        if trainer.sanity_checking and self._validation_start is not None:
+            now = self._now()  # the sanity check's batches, one by one: the first pays for start-up
+            self._sanity_costs.append(subtract(now, self._sanity_mark))
+            self._sanity_mark = now
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._validation_start is None:
+            return
+        cost = subtract(self._now(), self._validation_start)
+        self._validation_start = None
+        if trainer.sanity_checking:
+            self.planner.observe_sanity_check(self._sanity_costs)
+            return
+        self.planner.observe_validation(cost)
+        self._excluded = add(self._excluded, cost)
+        self.planner.validation_batches = _validation_batches(trainer) or self.planner.validation_batches
+        self._saves_after_validation = 0  # count the checkpoint saves this validation triggers
+        self._record_forecast = True
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict) -> None:
+        if self._saving_stop_checkpoint or self.monitor is None or self._mark is None:
+            return
+        self._close_checkpoint()
+        self._checkpoint_start = self._now()
+        if self._saves_after_validation is not None:
+            self._saves_after_validation += 1
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._close_checkpoint()
+        self._mark = None
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._setting_up = None
+        self._restore_minimums(trainer)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._setting_up = None
+        self._checkpoint_start = None
+        self._restore_minimums(trainer)
+
+    def state_dict(self) -> dict:
+        return {
+            "planner": self.planner.state_dict(),
+            "saves_per_validation": self._saves_per_validation,
+            "stopped": self.stopped.to_dict() if self.stopped is not None else None,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Continue the measured costs and the warnings already given; spend itself is restored
+        by the CostMonitor, so a resumed run counts what was already spent."""
+        self.planner.load_state_dict(state_dict.get("planner", {}))
+        self._saves_per_validation = state_dict.get("saves_per_validation")
+        self._previous_stop = state_dict.get("stopped")
+
+    # ----------------------------------------------------------------------------------------
+    # Measuring
+    # ----------------------------------------------------------------------------------------
+
+    def _now(self) -> dict:
+        return cost_of(self.monitor.current_totals())
+
+    def _close_checkpoint(self) -> None:
+        """End the timing of a checkpoint save at the next hook after it (the save itself runs
+        after ``on_save_checkpoint``); end the count of saves that follow a validation."""
+        if self._checkpoint_start is not None:
+            cost = subtract(self._now(), self._checkpoint_start)
+            self._checkpoint_start = None
+            self.planner.observe_checkpoint(cost)
+            self._excluded = add(self._excluded, cost)
+        if self._saves_after_validation is not None and self._validation_start is None:
+            self._saves_per_validation = max(self._saves_per_validation or 0, self._saves_after_validation)
+            self._saves_after_validation = None
+
+    def _stop_plan(self, trainer: Any, batch_idx: Optional[int]) -> StopPlan:
+        """What a stop after this batch entails, from Lightning's validation schedule."""
+        schedule = self._schedule
+        validation_epoch = schedule.validation_epoch(trainer.current_epoch)
+        validation_now = False
+        if validation_epoch and batch_idx is not None:
+            k, vcb, nb = schedule.check_val_every_n_epoch, schedule.val_check_batch, schedule.batches_per_epoch
+            if schedule.time_based:
+                validation_now = True  # time-based: it may come after any batch
+            elif vcb is None or not math.isfinite(vcb):
+                validation_now = bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+            else:
+                n = trainer.fit_loop.total_batch_idx + 1 if k is None else trainer.current_epoch * nb + batch_idx + 1
+                validation_now = validation_after(n, nb, vcb, k)
+        per_validation = self._saves_per_validation
+        if per_validation is None:
+            per_validation = schedule.default_saves
+        step = trainer.global_step
+        return StopPlan(validation_now=validation_now, validation_on_stop=validation_epoch and self.on_cap == "stop",
+                        saves_per_validation=per_validation,
+                        saves_on_stop=1 + (per_validation if self.on_cap == "stop" else 0),
+                        saves_now=schedule.step_saves(step) if batch_idx is not None else 0,
+                        saves_next=schedule.step_saves(step + 1))
+
+    # ----------------------------------------------------------------------------------------
+    # Deciding
+    # ----------------------------------------------------------------------------------------
+
+    def _agree(self, trainer: Any, pl_module: Any, local: bool, spent: dict, plan: StopPlan) -> bool:
+        """The ranks' joint decision: any rank that would cross a cap stops them all.
+
+        One process: this rank's decision, every batch. Under DDP the ranks must call the
+        collective on the same batches, so they do it on a schedule they agree on: at each
+        agreement they also take the smallest headroom (in batches) of any rank and meet again
+        after half of it (at most every ``log_every_n_steps``, every batch near a cap).
+        """
+        if trainer.world_size <= 1:
+            return trainer.strategy.reduce_boolean_decision(local, all=False)
+        self._since_sync += 1
+        if self._since_sync < self._sync_every:
+            return False
+        self._since_sync = 0
+        decision = trainer.strategy.reduce_boolean_decision(local, all=False)
+        room = self.planner.headroom_batches(spent, plan, self._schedule.batches_per_validation())
+        room = torch.tensor(min(room, 1e12), dtype=torch.float64, device=pl_module.device)
+        room = float(trainer.strategy.reduce(room, reduce_op="min"))
+        self._sync_every = int(max(1, min(room // 2, max(trainer.log_every_n_steps, 1))))
+        return bool(decision)
+
+    def _stop(self, trainer: Any, pl_module: Any, breach: Breach, spent: dict, decided_here: bool) -> None:
+        self.stopped = breach
+        trainer.should_stop = True
+        self._override_minimums(trainer)
+        path = self._stop_checkpoint_path(trainer)
+        totals = self.monitor.current_totals()
+        self.monitor.ledger.record_event(
+            "budget_cap_hit", cap=breach.cap, unit=breach.unit, limit=breach.limit, value=breach.value,
+            predicted_next=breach.predicted, next_batch=breach.next_batch, reserve=breach.reserve,
+            predictive=breach.predictive, step=trainer.global_step, epoch=trainer.current_epoch,
+            on_cap=self.on_cap, decided_by="this rank" if decided_here else "another rank",
+            checkpoint=str(path), totals=totals.to_dict())
+        self._save_stop_checkpoint(trainer, path)
+        message = (f"costaware: BudgetCap stopped the run at step {trainer.global_step}: {breach.cap}="
+                   f"{describe(breach.cap, breach.limit)}, spent {describe(breach.cap, breach.value)}"
+                   + (f", one more step and the stop would reach {describe(breach.cap, breach.predicted)}"
+                      if breach.predictive else "")
+                   + f". Checkpoint: {path}")
+        if self.on_cap == "raise":
+            raise BudgetExceededError(message, breach.cap, breach.limit, breach.value, trainer.global_step, str(path))
+        rank_zero_info(message)
+
+    def _override_minimums(self, trainer: Any) -> None:
+        """A hard cap wins over ``min_epochs``/``min_steps``, which Lightning's fit loop otherwise
+        enforces by ignoring ``should_stop`` (``FitLoop._can_stop_early``)."""
+        fit_loop = trainer.fit_loop
+        min_epochs, min_steps = fit_loop.min_epochs, fit_loop.epoch_loop.min_steps
+        if not getattr(fit_loop, "_can_stop_early", True):
+            rank_zero_info(f"costaware: the budget cap stops the run before min_epochs={min_epochs}, "
+                           f"min_steps={min_steps} are met")
+        fit_loop.min_epochs = None
+        fit_loop.epoch_loop.min_steps = None
+
+    def _restore_minimums(self, trainer: Any) -> None:
+        if self._saved_minimums is not None:
+            trainer.fit_loop.min_epochs, trainer.fit_loop.epoch_loop.min_steps = self._saved_minimums
+            self._saved_minimums = None
+
+    def _stop_checkpoint_path(self, trainer: Any) -> Path:
+        if self.ckpt_path is not None:
+            return Path(self.ckpt_path)
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if dirpath:
+            return Path(dirpath) / STOP_CHECKPOINT
+        return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / STOP_CHECKPOINT
+
+    def _save_stop_checkpoint(self, trainer: Any, path: Path) -> None:
+        """Write the stop checkpoint (every rank calls it: it is a collective), timing it."""
+        before = self._now()
+        self._saving_stop_checkpoint = True
+        try:
+            trainer.save_checkpoint(str(path))
+        finally:
+            self._saving_stop_checkpoint = False
+        cost = subtract(self._now(), before)
+        self.planner.observe_checkpoint(cost)
+        self._excluded = add(self._excluded, cost)
+
+    # ----------------------------------------------------------------------------------------
+    # Warnings and forecasts
+    # ----------------------------------------------------------------------------------------
+
+    def _warn_milestones(self, trainer: Any, spent: dict) -> None:
+        for cap, fraction in self.planner.new_warnings(spent):
+            limit, value = self.limits[cap], spent[CAP_UNITS[cap]]
+            rank_zero_warn(f"costaware: {fraction:.0%} of {cap}={describe(cap, limit)} spent "
+                           f"({describe(cap, value)}) at step {trainer.global_step}", category=BudgetWarning)
+            self.monitor.ledger.record_event("budget_warning", cap=cap, fraction=fraction, limit=limit, value=value,
+                                             step=trainer.global_step)
+
+    def _update_forecast(self, trainer: Any, pl_module: Any, spent: dict, plan: StopPlan, log: bool) -> None:
+        planned = self._planned_batches
+        if planned is None:
+            return
+        done = trainer.fit_loop.total_batch_idx + 1
+        schedule = self._schedule
+        validations = saves = 0.0
+        if schedule.validation and not schedule.time_based:
+            validations = validations_between(done, int(planned), schedule.batches_per_epoch,
+                                              schedule.val_check_batch, schedule.check_val_every_n_epoch)
+            saves = validations * plan.saves_per_validation
+        elif not schedule.validation and math.isfinite(schedule.batches_per_epoch):
+            nb = schedule.batches_per_epoch
+            saves = (int(planned) // nb - done // nb) * schedule.checkpoint_callbacks
+        forecast = self.planner.forecast(spent, planned - done, validations, saves)
+        if forecast is None:
+            return
+        self.forecast = forecast
+        if log:
+            for unit in UNITS:
+                pl_module.log(f"cost/forecast_{unit}", forecast[unit], on_step=True, on_epoch=False, logger=True,
+                              batch_size=1, sync_dist=False)
+        over = {cap: forecast[CAP_UNITS[cap]] for cap, limit in self.limits.items() if forecast[CAP_UNITS[cap]] > limit}
+        if self._recorded_forecast is None or (
+                self._record_forecast and _moved(forecast, self._recorded_forecast, _FORECAST_RECORD_CHANGE)):
+            # In the ledger (read by `costaware report`): the first forecast, then after a validation
+            # or an epoch if it moved (an event is flushed at once: not at every log interval).
+            self._recorded_forecast = forecast
+            self._record_forecast = False
+            self.monitor.ledger.record_event(
+                "forecast", forecast_usd=forecast["usd"], forecast=forecast, planned_batches=planned,
+                batches_done=done, over=sorted(over), step=trainer.global_step,
+                basis=f"BudgetCap: {done} of {planned:g} planned batches done; the rest at the mean cost per batch, "
+                      f"plus {validations:g} validation runs and {saves:g} checkpoint saves at their measured cost")
+        if self._forecast_checked:
+            return
+        self._forecast_checked = True
+        if over:
+            room = self.planner.headroom_batches(spent, plan, self._schedule.batches_per_validation())
+            accumulate = max(trainer.accumulate_grad_batches, 1)
+            at = f"about step {trainer.global_step + int(room // accumulate)}" if math.isfinite(room) else "its cap"
+            details = "; ".join(f"{cap}={describe(cap, self.limits[cap])}, forecast {describe(cap, value)}"
+                                for cap, value in over.items())
+            rank_zero_warn(f"costaware: the planned run ({int(planned)} batches) does not fit the budget ({details}): "
+                           f"BudgetCap will stop it at {at}", category=BudgetWarning)
+
+
+def _moved(forecast: dict, previous: Optional[dict], change: float) -> bool:
+    """Whether a forecast differs from the last one recorded by more than ``change`` in a unit."""
+    if previous is None:
+        return True
+    return any(abs(forecast[u] - previous[u]) > change * abs(previous[u]) for u in UNITS if previous[u])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the Trainer
+# ---------------------------------------------------------------------------------------------
+
+
+def _monitor_kwargs(given: dict, extra: Optional[dict]) -> dict:
+    """Validate the arguments for a CostMonitor, by building one (it checks every value)."""
+    if extra is not None and not isinstance(extra, dict):
+        raise ValueError(f"monitor_kwargs must be a dict of CostMonitor arguments, got {extra!r}")
+    accepted = [p for p in inspect.signature(CostMonitor.__init__).parameters if p != "self"]
+    for key in extra or {}:
+        if key not in accepted:
+            raise ValueError(f"monitor_kwargs has an unknown key {key!r}: CostMonitor accepts {', '.join(accepted)}")
+        if key in given:
+            raise ValueError(f"{key} is given twice (as an argument and in monitor_kwargs)")
+    kwargs = {**given, **(extra or {})}
+    CostMonitor(**kwargs)  # raises ValueError naming a bad price, country, meter setting...
+    return kwargs
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """What the Trainer will run besides training batches, read once per epoch (the hot path reads
+    this instead of Lightning's properties)."""
+
+    validation: bool  # a validation loop runs during fit
+    time_based: bool  # val_check_interval is a duration
+    batches_per_epoch: float
+    val_check_batch: Optional[float]
+    check_val_every_n_epoch: Optional[int]
+    checkpoint_callbacks: int
+    default_saves: int  # saves after a validation, before one is observed (save_last counts twice)
+    step_savers: tuple  # (every_n_train_steps, saves) of each ModelCheckpoint saving by steps
+
+    @classmethod
+    def read(cls, trainer: Any) -> "_Schedule":
+        checkpoints = trainer.checkpoint_callbacks
+        saves = [1 + (1 if getattr(cb, "save_last", False) else 0) for cb in checkpoints]
+        step_savers = tuple((int(getattr(cb, "_every_n_train_steps", 0) or 0), n) for cb, n in zip(checkpoints, saves)
+                            if (getattr(cb, "_every_n_train_steps", 0) or 0) >= 1)
+        return cls(validation=bool(trainer.enable_validation),
+                   time_based=getattr(trainer, "_val_check_time_interval", None) is not None,
+                   batches_per_epoch=trainer.num_training_batches, val_check_batch=trainer.val_check_batch,
+                   check_val_every_n_epoch=trainer.check_val_every_n_epoch, checkpoint_callbacks=len(checkpoints),
+                   default_saves=sum(saves), step_savers=step_savers)
+
+    def validation_epoch(self, epoch: int) -> bool:
+        k = self.check_val_every_n_epoch
+        return self.validation and (k is None or (epoch + 1) % k == 0)
+
+    def step_saves(self, step: int) -> int:
+        """Checkpoint saves ``ModelCheckpoint(every_n_train_steps=...)`` makes at ``step``."""
+        return sum(n for every, n in self.step_savers if step > 0 and step % every == 0)
+
+    def batches_per_validation(self) -> float:
+        if not self.validation:
+            return math.inf
+        vcb = self.val_check_batch
+        if vcb is None or not math.isfinite(vcb):
+            return self.batches_per_epoch
+        return float(vcb) * (self.check_val_every_n_epoch or 1)
+
+
+def _validation_batches(trainer: Any) -> Optional[float]:
+    """Batches in one validation run, as Lightning counted them; else a guess (a quarter of an
+    epoch) before the validation data is loaded."""
+    if not trainer.enable_validation:
+        return 0.0
+    counted = [n for n in (trainer.num_val_batches or []) if math.isfinite(n)]
+    if counted:
+        return float(sum(counted))
+    if isinstance(trainer.limit_val_batches, int):
+        return float(trainer.limit_val_batches)
+    nb = trainer.num_training_batches
+    return math.ceil(nb / 4) if math.isfinite(nb) else None
+
+
+def _planned_batches(trainer: Any) -> Optional[float]:
+    """Training batches the run plans, from ``estimated_stepping_batches``; None if unbounded."""
+    try:
+        steps = trainer.estimated_stepping_batches
+    except Exception:  # noqa: BLE001 - a forecast is optional, training is not
+        return None
+    if steps is None or not math.isfinite(steps):
+        return None
+    planned = float(steps) * max(trainer.accumulate_grad_batches, 1)
+    nb = trainer.num_training_batches
+    if trainer.max_epochs not in (None, -1) and math.isfinite(nb):
+        planned = min(planned, float(trainer.max_epochs * nb))
+    return planned
+
+
+def _checkpoint_prior_s(pl_module: Any) -> float:
+    """Seconds a checkpoint save is expected to take before one is measured."""
+    size = sum(t.numel() * t.element_size() for t in list(pl_module.parameters()) + list(pl_module.buffers()))
+    return size * _PRIOR_CHECKPOINT_STATE_FACTOR / _PRIOR_CHECKPOINT_BYTES_PER_S
