@@ -1,18 +1,36 @@
 """costaware: cost-aware training for PyTorch Lightning.
 
 ``costaware.CostMonitor`` (and every callback here) is a ``pytorch_lightning.Callback``; the
-same callbacks for ``lightning.pytorch`` are in ``costaware.lightning``.
+same callbacks for ``lightning.pytorch`` are in ``costaware.lightning``. The callbacks are bound
+on first use, so ``costaware report`` and friends start without importing Lightning.
 """
 
-from costaware import _lightning
-from costaware.callbacks import CALLBACKS
 from costaware.ledger import Ledger, LedgerError, Totals, read_ledger
 from costaware.prices import Prices, make_prices
 
 __version__ = "0.1.0"
 
-for _logic in CALLBACKS:
-    globals()[_logic.__name__] = _lightning.bind(_logic, "pytorch_lightning", __name__)
+_CALLBACK_NAMES = ("CostMonitor", "BudgetCap", "OnlineProbe", "MarginalGainStopping")
+_ERRORS = {"BudgetExceededError": "costaware.callbacks.budget_cap", "BudgetWarning": "costaware.callbacks.budget_cap"}
 
-__all__ = ["Ledger", "LedgerError", "Prices", "Totals", "make_prices", "read_ledger",
-           *(c.__name__ for c in CALLBACKS)]
+
+def __getattr__(name: str):
+    if name in _CALLBACK_NAMES:
+        from costaware import _lightning
+        from costaware.callbacks import CALLBACKS
+
+        for logic in CALLBACKS:
+            globals()[logic.__name__] = _lightning.bind(logic, "pytorch_lightning", __name__)
+        return globals()[name]
+    if name in _ERRORS:
+        from importlib import import_module
+
+        return getattr(import_module(_ERRORS[name]), name)
+    raise AttributeError(f"module 'costaware' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_CALLBACK_NAMES, *_ERRORS])
+
+
+__all__ = ["Ledger", "LedgerError", "Prices", "Totals", "make_prices", "read_ledger", *_CALLBACK_NAMES, *_ERRORS]

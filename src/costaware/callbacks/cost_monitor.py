@@ -112,6 +112,7 @@ class CostMonitor:
         self._run_id: Optional[str] = None
         self._sampler: Optional[Sampler] = None
         self.readings: dict = {}  # the latest logged figures, keyed as logged
+        self.report_paths: dict = {}  # report.json / .md / .html once the fit has ended
 
     # ----------------------------------------------------------------------------------------
     # Lightning hooks
@@ -192,14 +193,15 @@ class CostMonitor:
         self.ledger.flush()
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        # The ledger stays open until teardown: callbacks later in the list (the marginal-gain
+        # policy's strategies) still record their results in their own on_fit_end.
         self._stop_meters()
         self.refresh(trainer, pl_module)
-        self._finish("completed")
         if trainer.is_global_zero:
             t = self.totals
             rank_zero_info(
                 f"costaware: run spent ${t.usd:.4f} ({t.kwh:.4f} kWh, {t.co2_kg:.4f} kg CO2, {t.gpu_hours:.3f} "
-                f"GPU-h, {t.flops:.3g} FLOPs) in {t.elapsed_s:.0f} s; ledger: {self.ledger.path}"
+                f"GPU-h, {t.flops:.3g} FLOPs) in {t.elapsed_s:.0f} s; report: {self.ledger.path.parent}"
             )
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
@@ -213,10 +215,12 @@ class CostMonitor:
         if local.usd > self.totals.usd:
             self.totals = local
         self.ledger.record_event("exception", error=f"{type(exception).__name__}: {exception}")
-        self._finish("exception")
+        self._finish("exception", trainer)  # Lightning calls no teardown after an exception
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._stop_meters()
+        if stage == "fit" and self.ledger is not None and not self.ledger.closed:
+            self._finish("completed", trainer)
 
     def state_dict(self) -> dict:
         if self._sampler is not None and self._world_size == 1:
@@ -364,9 +368,21 @@ class CostMonitor:
             self._sampler = None
             self._gpu.close()
 
-    def _finish(self, how: str) -> None:
+    def _finish(self, how: str, trainer: Any) -> None:
+        """Close the ledger and build the run's report from it (rank zero)."""
         self._note_meter_faults()
         self.ledger.close(self.totals, how=how, meters=self._meter_status())
+        if self.ledger.path is None:
+            return
+        try:
+            from costaware.report import publish_to_loggers, write_report
+
+            self.report_paths = write_report(self.ledger.path)
+        except Exception as err:  # noqa: BLE001 - a report must never break the run
+            warnings.warn(f"costaware: could not write the budget report ({type(err).__name__}: {err}); "
+                          f"`costaware report {self.ledger.path.parent}` rebuilds it", RuntimeWarning, stacklevel=2)
+            return
+        publish_to_loggers(trainer.loggers, self.report_paths, step=trainer.global_step)
 
 
 def _is_scalar(value: Any) -> bool:
