@@ -73,6 +73,7 @@ class FlopsCounter:
         self._estimated_batches = 0
         self._declared_flops = 0.0
         self._mode: Any = None
+        self._declares: Optional[bool] = None
         self.source = "FlopCounterMode on real batches"
         self.failed: Optional[str] = None
 
@@ -88,9 +89,11 @@ class FlopsCounter:
         return self._declared_flops + sum(self._measured_flops) + per_batch * self._estimated_batches
 
     def batch_start(self, pl_module: Any, batch_idx_in_run: int) -> None:
-        if getattr(pl_module, "flops_per_batch", None) is not None:
+        if self._declares is None:  # asked once: a failed attribute lookup on nn.Module is slow
+            self._declares = getattr(pl_module, "flops_per_batch", None) is not None
+        if self._declares or self.failed is not None or len(self._measured_flops) >= self.measure_batches:
             return
-        if self.failed is None and self.skip_batches <= batch_idx_in_run and len(self._measured_flops) < self.measure_batches:
+        if self.skip_batches <= batch_idx_in_run:
             try:
                 from torch.utils.flop_counter import FlopCounterMode
 
@@ -100,10 +103,9 @@ class FlopsCounter:
                 self.failed, self._mode = f"FlopCounterMode failed ({err})", None
 
     def batch_end(self, pl_module: Any) -> None:
-        declared = getattr(pl_module, "flops_per_batch", None)
-        if declared is not None:
+        if self._declares:
             self.source = "the module's flops_per_batch"
-            self._declared_flops += float(declared)
+            self._declared_flops += float(pl_module.flops_per_batch)
             return
         if self._mode is not None:
             mode, self._mode = self._mode, None
