@@ -1,0 +1,381 @@
+"""``MarginalGainStopping``: stop when the next dollar of training buys less than it costs."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import asdict
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
+
+from costaware.callbacks.budget_cap import BudgetCap, _monitor_kwargs
+from costaware.callbacks.cost_monitor import CostMonitor
+from costaware.curves import Decision, MarginalGainPolicy
+from costaware.strategies.base import ModelRow, StopContext, StopStrategy
+from costaware.strategies.early_stop import EarlyStop
+
+#: Keys written to the loggers at each decision (``{monitor}`` is the monitored metric's name).
+GAIN_PER_USD_KEY = "cost/marginal_gain_per_usd"
+PREDICTED_FINAL_KEY = "cost/predicted_final_{monitor}"
+USD_TO_PREDICTED_FINAL_KEY = "cost/usd_to_predicted_final"
+
+
+class MetricNotLoggedError(KeyError, ValueError):
+    """The monitored metric is not among the metrics the run logs.
+
+    Attributes:
+        monitor: the missing key.
+        logged: the keys that are logged (``trainer.callback_metrics``).
+    """
+
+    def __init__(self, monitor: str, logged: Sequence[str]) -> None:
+        self.monitor = monitor
+        self.logged = list(logged)
+        self.message = (f"MarginalGainStopping(monitor={monitor!r}): the run does not log {monitor!r} at validation; "
+                        f"logged metrics are {self.logged or 'none'}. Log it in validation_step "
+                        f"(self.log({monitor!r}, value)) or pass one of these as monitor=")
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class MarginalGainStopping:
+    r"""Stop training when the metric the next dollar buys is worth less than that dollar.
+
+    At every validation end of a fit (not the sanity check) the monitored metric and the run's
+    cost so far, in dollars, go to a :class:`costaware.curves.MarginalGainPolicy`: it fits
+    learning curves of the metric against cost and estimates, with uncertainty, how much the
+    best value would improve over the next increment of spend. When even the optimistic
+    (``confidence``) estimate is worth less than the increment costs, at ``usd_per_point``
+    dollars per point of the metric (a point is 0.01 of accuracy with the default
+    ``points_per_unit=100``), the run stops and the ``then`` strategy takes over: by default
+    :class:`~costaware.strategies.EarlyStop`, which keeps the best weights. Other strategies
+    distill the model into a student or quantize it. A run whose metric turns NaN, or collapses,
+    stops too.
+
+    Cost comes from the ``CostMonitor`` among the Trainer's callbacks (moved before this callback
+    if needed); without one, one is inserted at ``setup`` built from ``monitor_kwargs`` (prices;
+    note that on a CPU-only machine the run costs $0 unless ``usd_per_host_hour`` is given, and a
+    run that costs nothing is never stopped: a warning says so). Totals are refreshed at each
+    decision (a collective under DDP; every rank validates, so every rank calls it).
+
+    Each decision, with its reason and the policy's figures, is written to the run's ledger as a
+    ``marginal_gain_decision`` event (``stop``, ``reason``, ``monitor``, ``metric``, ``value``,
+    ``usd``, ``step``, ``gain_points``, ``gain_points_upper``, ``increment_usd``,
+    ``gain_per_usd``, ``predicted_final``, ``usd_to_predicted_final``, ``curve``), and the
+    estimate goes to the loggers as ``cost/marginal_gain_per_usd`` (points per dollar),
+    ``cost/predicted_final_<monitor>`` and ``cost/usd_to_predicted_final`` (with a plan) at the
+    Trainer's ``global_step``, and into ``trainer.callback_metrics`` for callbacks that run
+    after this one. They are written to the loggers directly (as ``LearningRateMonitor`` does),
+    not through ``pl_module.log``: Lightning forbids ``log`` in ``on_validation_end``, the only
+    hook where a metric logged in the module's own ``on_validation_epoch_end`` is final. At the
+    end of the fit, each strategy's ``after_fit`` runs and its rows (teacher, student, quantized)
+    are recorded as a ``strategy_result`` event and kept in :attr:`results`.
+
+    Under DDP the ranks stop together: the stop goes through
+    ``trainer.strategy.reduce_boolean_decision`` (one rank that would stop stops them all).
+    ``state_dict`` carries the policy's points, so a resumed run decides as if never stopped.
+
+    Args:
+        monitor: the metric to watch, as logged (``"val_acc"``).
+        mode: ``"max"`` if higher is better (accuracy), ``"min"`` if lower is better (loss).
+        usd_per_point: what one point of the metric is worth to you, in dollars. Give this or
+            ``min_gain_per_usd``.
+        min_gain_per_usd: the same knob as a rate: the fewest points per dollar worth paying for
+            (``1 / usd_per_point``).
+        confidence: in (0, 1): the quantile of the gain estimate that must fall below the cost;
+            higher is more cautious (stops later).
+        min_points: never stop (except on NaN or collapse) before this many validations (>= 3).
+        points_per_unit: points per unit of the metric (100: accuracy points are percentage
+            points; for a loss, 0.01 of loss is one point).
+        then: what to do on a stop: a :class:`~costaware.strategies.StopStrategy` or a list of
+            them, run in order; default ``EarlyStop()``.
+        policy_kwargs: more ``MarginalGainPolicy`` arguments (``fit_fraction``,
+            ``increment_fraction``, ``planned_cost_usd``, ``collapse_points``, ``seed``...).
+        monitor_kwargs: ``CostMonitor`` arguments for the monitor this callback inserts when the
+            Trainer has none (``{"usd_per_host_hour": 0.1, "country": "USA"}``); ignored, with a
+            warning, when there is one.
+        verbose: print each decision on rank zero (stops are always printed).
+
+    Raises:
+        ValueError: at construction, naming the argument: an empty ``monitor``, an unknown
+            ``mode``, neither or both of ``usd_per_point`` and ``min_gain_per_usd``, a knob that
+            is not a number > 0, ``confidence`` outside (0, 1), ``min_points`` < 3, a ``then``
+            that is not a strategy, bad ``policy_kwargs`` or ``monitor_kwargs``.
+        MetricNotLoggedError: (a ``KeyError`` and a ``ValueError``) at the first validation,
+            when ``monitor`` is not logged; it lists the keys that are.
+
+    Example::
+
+        from pytorch_lightning import Trainer
+        from costaware import CostMonitor, MarginalGainStopping
+        from costaware.strategies import Distill
+
+        trainer = Trainer(callbacks=[
+            CostMonitor(gpu="H100", usd_per_gpu_hour=2.5),
+            MarginalGainStopping(monitor="val_acc", mode="max", usd_per_point=5),
+        ])
+        # Distill into a small student once the teacher is not worth more:
+        MarginalGainStopping(monitor="val_acc", usd_per_point=5, then=Distill(student=small_model))
+        # LightningCLI:  --config callbacks/marginal_gain.yaml
+    """
+
+    def __init__(
+        self,
+        monitor: str,
+        mode: str = "max",
+        usd_per_point: Optional[float] = None,
+        min_gain_per_usd: Optional[float] = None,
+        confidence: float = 0.8,
+        min_points: int = 4,
+        points_per_unit: float = 100.0,
+        then: Optional[Union[StopStrategy, Sequence[StopStrategy]]] = None,
+        policy_kwargs: Optional[dict] = None,
+        monitor_kwargs: Optional[dict] = None,
+        verbose: bool = False,
+    ) -> None:
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"monitor must be the name of a logged metric such as 'val_acc', got {monitor!r}")
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be one of ('max', 'min'), got {mode!r}")
+        if usd_per_point is None and min_gain_per_usd is None:
+            raise ValueError("give usd_per_point (dollars one point of the metric is worth to you) or min_gain_per_usd "
+                             "(the fewest points per dollar worth paying for); got neither")
+        if usd_per_point is not None and min_gain_per_usd is not None:
+            raise ValueError(f"give usd_per_point or min_gain_per_usd, not both (got usd_per_point={usd_per_point!r}, "
+                             f"min_gain_per_usd={min_gain_per_usd!r})")
+        if policy_kwargs is not None and not isinstance(policy_kwargs, dict):
+            raise ValueError(f"policy_kwargs must be a dict of MarginalGainPolicy arguments, got {policy_kwargs!r}")
+        if not isinstance(verbose, bool):
+            raise ValueError(f"verbose must be True or False, got {verbose!r}")
+        self.policy_kwargs = dict(policy_kwargs or {})
+        for key in ("mode", "usd_per_point", "min_gain_per_usd", "confidence", "min_points", "points_per_unit"):
+            if key in self.policy_kwargs:
+                raise ValueError(f"policy_kwargs has {key!r}, which is an argument of MarginalGainStopping: pass "
+                                 f"{key}= directly")
+        try:
+            self.policy = MarginalGainPolicy(mode=mode, usd_per_point=usd_per_point, min_gain_per_usd=min_gain_per_usd,
+                                             confidence=confidence, min_points=min_points,
+                                             points_per_unit=points_per_unit, **self.policy_kwargs)
+        except TypeError as err:  # an unknown policy_kwargs key
+            raise ValueError(f"policy_kwargs: {err}") from err
+        except ValueError as err:  # the policy names the argument; strip its backquotes
+            raise ValueError(str(err).replace("`", "")) from err
+        self.monitor = monitor
+        self.mode = mode
+        self.usd_per_point = self.policy.usd_per_point
+        self.min_gain_per_usd = self.policy.min_gain_per_usd
+        self.confidence = float(confidence)
+        self.min_points = min_points
+        self.points_per_unit = float(points_per_unit)
+        self.strategies = _strategies(then)
+        self.monitor_kwargs = _monitor_kwargs({}, monitor_kwargs) if monitor_kwargs else {}
+        self.verbose = verbose
+        self.cost_monitor: Optional[Any] = None
+        self.decisions: list[Decision] = []  # this session's decisions, in order
+        self.stopped_step: Optional[int] = None
+        self.stop_reason: Optional[str] = None
+        self.results: list[ModelRow] = []  # the strategies' rows, after the fit
+        self._seen_monitor = False
+        self._warned_free = False
+        self._setting_up: Optional[Any] = None
+        self._owns_monitor = False
+
+    @property
+    def state_key(self) -> str:
+        generate = getattr(self, "_generate_state_key", None)
+        return generate(monitor=self.monitor, mode=self.mode) if generate else type(self).__qualname__
+
+    # ------------------------------------------------------------------------------------------
+    # Setup: find or create the CostMonitor
+    # ------------------------------------------------------------------------------------------
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit" or self._setting_up is trainer:
+            return  # (called again when the monitor is inserted before us in the list being walked)
+        self._setting_up = trainer
+        self.cost_monitor = self._attach_monitor(trainer, pl_module, stage)
+
+    def _attach_monitor(self, trainer: Any, pl_module: Any, stage: str) -> Any:
+        """The run's CostMonitor, placed before this callback so that its hooks run first.
+
+        Its ``on_fit_end`` then stops the teacher's meters before the strategies run (a student's
+        training is not counted as the teacher's). Lightning walks ``trainer.callbacks`` in place
+        when it calls ``setup``: a monitor inserted or moved at our index is not reached by that
+        walk, so its ``setup`` is called here.
+        """
+        callbacks = trainer.callbacks
+        me = next(i for i, cb in enumerate(callbacks) if cb is self)
+        found = [i for i, cb in enumerate(callbacks) if isinstance(cb, CostMonitor)]
+        if found:
+            monitor = callbacks[found[0]]
+            if self.monitor_kwargs and not (self._owns_monitor and monitor is self.cost_monitor):
+                rank_zero_warn(f"costaware: MarginalGainStopping's monitor_kwargs {sorted(self.monitor_kwargs)} are "
+                               "ignored: the Trainer already has a CostMonitor, whose prices apply")
+            if found[0] > me:
+                callbacks.pop(found[0])
+                callbacks.insert(me, monitor)
+                monitor.setup(trainer, pl_module, stage)
+            return monitor
+        monitor = self._monitor_class()(**self.monitor_kwargs)
+        callbacks.insert(me, monitor)
+        monitor.setup(trainer, pl_module, stage)
+        self._owns_monitor = True
+        return monitor
+
+    def _monitor_class(self) -> type:
+        """``CostMonitor`` bound to the same Lightning namespace as this callback."""
+        for base in type(self).__mro__:
+            module = getattr(base, "__module__", "") or ""
+            if base.__name__ == "Callback" and module.startswith("lightning.pytorch"):
+                return importlib.import_module("costaware.lightning").CostMonitor
+            if base.__name__ == "Callback" and module.startswith("pytorch_lightning"):
+                return importlib.import_module("costaware").CostMonitor
+        raise TypeError("MarginalGainStopping must be used as costaware.MarginalGainStopping or "
+                        "costaware.lightning.MarginalGainStopping")
+
+    # ------------------------------------------------------------------------------------------
+    # Lightning hooks
+    # ------------------------------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._setting_up = None
+        self.decisions = []
+        self.results = []
+        self.cost_monitor.ledger.record_event(
+            "marginal_gain_policy", monitor=self.monitor, mode=self.mode, usd_per_point=self.usd_per_point,
+            min_gain_per_usd=self.min_gain_per_usd, confidence=self.confidence, min_points=self.min_points,
+            points_per_unit=self.points_per_unit, strategies=[_name(s) for s in self.strategies],
+            resumed_points=self.policy.num_points)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        context = self._context(trainer, pl_module)
+        for strategy in self.strategies:
+            hook = getattr(strategy, "on_train_start", None)
+            if callable(hook):
+                hook(context)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or self.cost_monitor is None:
+            return
+        metrics = trainer.callback_metrics
+        if self.monitor not in metrics:
+            if not self._seen_monitor:
+                raise MetricNotLoggedError(self.monitor, sorted(metrics))
+            return  # logged at other validations: nothing to decide on this one
+        self._seen_monitor = True
+        value = float(metrics[self.monitor])
+        totals = self.cost_monitor.refresh(trainer, pl_module)  # a collective: every rank validates
+        context = self._context(trainer, pl_module, totals_usd=totals.usd)
+        for strategy in self.strategies:
+            hook = getattr(strategy, "on_validation", None)
+            if callable(hook):
+                hook(context, value)
+        decision = self.policy.observe(totals.usd, value)
+        self.decisions.append(decision)
+        stop = bool(trainer.strategy.reduce_boolean_decision(decision.stop, all=False))
+        if totals.usd <= 0 and self.policy.num_points >= self.min_points and not self._warned_free:
+            self._warned_free = True
+            rank_zero_warn("costaware: MarginalGainStopping sees a run that costs $0, so it can never stop it on "
+                           "price: give the CostMonitor a price (usd_per_host_hour on a CPU, usd_per_gpu_hour or "
+                           "gpu on a GPU)")
+        reason = decision.reason
+        if stop and not decision.stop:
+            reason = f"another rank decided to stop (here: {decision.reason})"
+        self._record(trainer, decision, stop, reason, value, totals)
+        if stop:
+            trainer.should_stop = True  # (again, if min_steps/min_epochs made Lightning go on)
+        if stop and self.stopped_step is None:
+            self.stopped_step = trainer.global_step
+            self.stop_reason = reason
+            rank_zero_info(f"costaware: MarginalGainStopping stops the run at step {trainer.global_step} "
+                           f"(${totals.usd:.4g} spent, {self.monitor}={value:.6g}): {reason}")
+            context.reason = reason
+            for strategy in self.strategies:
+                strategy.on_stop(context)
+        elif self.verbose:
+            rank_zero_info(f"costaware: MarginalGainStopping at step {trainer.global_step}: {decision.reason}")
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.cost_monitor is None:
+            return
+        context = self._context(trainer, pl_module, totals_usd=self.cost_monitor.totals.usd)
+        context.reason = self.stop_reason or "the fit ended without a marginal-gain stop"
+        ledger = self.cost_monitor.ledger
+        for strategy in self.strategies:
+            rows = strategy.after_fit(context) or []
+            self.results.extend(rows)
+            ledger.record_event("strategy_result", strategy=_name(strategy), reason=context.reason,
+                                rows=[asdict(row) for row in rows])
+
+    def state_dict(self) -> dict:
+        return {"policy": self.policy.state_dict(), "seen_monitor": self._seen_monitor,
+                "stopped_step": self.stopped_step, "stop_reason": self.stop_reason,
+                "strategies": [s.state_dict() if callable(getattr(s, "state_dict", None)) else {}
+                               for s in self.strategies]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.policy.load_state_dict(state_dict["policy"])
+        self._seen_monitor = bool(state_dict.get("seen_monitor", False))
+        self.stopped_step = state_dict.get("stopped_step")
+        self.stop_reason = state_dict.get("stop_reason")
+        for strategy, state in zip(self.strategies, state_dict.get("strategies", [])):
+            if state and callable(getattr(strategy, "load_state_dict", None)):
+                strategy.load_state_dict(state)
+
+    # ------------------------------------------------------------------------------------------
+
+    def _context(self, trainer: Any, pl_module: Any, totals_usd: Optional[float] = None) -> StopContext:
+        return StopContext(trainer=trainer, pl_module=pl_module, monitor=self.cost_monitor, metric_name=self.monitor,
+                           mode=self.mode, budget_left_usd=_budget_left_usd(trainer, totals_usd))
+
+    def _record(self, trainer: Any, decision: Decision, stop: bool, reason: str, value: float, totals: Any) -> None:
+        """The decision into the ledger, and its estimate to the loggers and callback metrics."""
+        est = decision.estimate
+        figures = {"gain_points": None, "gain_points_upper": None, "increment_usd": None, "gain_per_usd": None,
+                   "predicted_final": None, "usd_to_predicted_final": None, "curve": None}
+        if est is not None:
+            figures.update({k: getattr(est, k) for k in figures})
+        ledger = self.cost_monitor.ledger
+        ledger.totals = totals  # the event's totals: those the decision used, not the last sample's
+        ledger.record_event("marginal_gain_decision", stop=stop, reason=reason, monitor=self.monitor,
+                            metric=self.monitor, value=value, usd=totals.usd, step=trainer.global_step,
+                            points=self.policy.num_points, usd_per_point=self.usd_per_point, **figures)
+        if est is None:
+            return
+        logged = {GAIN_PER_USD_KEY: est.gain_per_usd,
+                  PREDICTED_FINAL_KEY.format(monitor=self.monitor): est.predicted_final}
+        if est.usd_to_predicted_final is not None:
+            logged[USD_TO_PREDICTED_FINAL_KEY] = est.usd_to_predicted_final
+        logged = {k: float(v) for k, v in logged.items() if v is not None and math.isfinite(v)}
+        for logger in trainer.loggers:  # rank-zero-only methods
+            logger.log_metrics(logged, step=trainer.global_step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
+
+
+def _strategies(then: Any) -> list:
+    if then is None:
+        return [EarlyStop()]
+    items = list(then) if isinstance(then, (list, tuple)) else [then]
+    if not items:
+        raise ValueError("then must be a strategy or a non-empty list of them (default: EarlyStop())")
+    for item in items:
+        if not (callable(getattr(item, "on_stop", None)) and callable(getattr(item, "after_fit", None))):
+            raise ValueError(f"then must hold costaware.strategies.StopStrategy objects (EarlyStop, Distill, "
+                             f"Quantize), got {item!r}")
+    return items
+
+
+def _name(strategy: Any) -> str:
+    return getattr(strategy, "name", None) or type(strategy).__name__
+
+
+def _budget_left_usd(trainer: Any, totals_usd: Optional[float]) -> Optional[float]:
+    """Dollars left under the Trainer's BudgetCap(s) ``max_usd``, or None when uncapped."""
+    caps = [cb.limits["max_usd"] for cb in trainer.callbacks if isinstance(cb, BudgetCap) and "max_usd" in cb.limits]
+    if not caps or totals_usd is None:
+        return None
+    return min(caps) - totals_usd

@@ -1,0 +1,295 @@
+"""MarginalGainStopping in real fits on a synthetic learning curve, in both namespaces; EarlyStop."""
+
+import csv
+import math
+import random
+
+import pytest
+import torch
+
+from conftest import make_clocked_model
+from costaware.callbacks.marginal_gain import MetricNotLoggedError
+from costaware.ledger import read_ledger
+from costaware.strategies import EarlyStop
+
+# Every training step takes 1 s on the fake clock and the host costs $3.6/h: $0.001 a step.
+USD_PER_STEP = 0.001
+K = 0.05  # val_acc = 1 - exp(-K * step): its slope is 100 K exp(-K s) points a step
+
+
+def _break_even_step(usd_per_point):
+    """Where one more step's gain, in points, is worth less than the step costs."""
+    # 100 K exp(-K s) * usd_per_point = USD_PER_STEP
+    return math.log(100 * K * usd_per_point / USD_PER_STEP) / K
+
+
+def _curve_model(base, clock, curve, snapshots=None, noise=0.002):
+    """A BoringModel whose validation logs ``curve(global_step)`` plus a little noise as val_acc."""
+
+    class Curve(base):
+        def training_step(self, batch, batch_idx):
+            clock.advance(1.0)
+            return super().training_step(batch, batch_idx)
+
+        def validation_step(self, batch, batch_idx):
+            step = self.global_step
+            if snapshots is not None and batch_idx == 0:
+                snapshots[step] = {k: v.detach().clone() for k, v in self.state_dict().items()}
+            self.log("val_acc", curve(step) + noise * random.Random(step).gauss(0.0, 1.0))
+            return super().validation_step(batch, batch_idx)
+
+    return Curve()
+
+
+def _saturating(step):
+    return 1.0 - math.exp(-K * step)
+
+
+def _monitor(ns, clock):
+    monitor = ns.costaware.CostMonitor(usd_per_host_hour=3.6, cpu_tdp_w=10, ram_power_w=3, country="FRA")
+    monitor.clock = clock
+    return monitor
+
+
+def _trainer(ns, tmp_path, callbacks, **kwargs):
+    kwargs = {"max_steps": 300, "limit_train_batches": 1000, "val_check_interval": 5, "limit_val_batches": 1,
+              "log_every_n_steps": 5, "enable_progress_bar": False, "enable_model_summary": False,
+              "default_root_dir": tmp_path, "logger": ns.pl.loggers.CSVLogger(tmp_path), **kwargs}
+    return ns.Trainer(callbacks=callbacks, **kwargs)
+
+
+def test_stops_near_break_even_and_records_why(ns, tmp_path, clock):
+    stopping = ns.costaware.MarginalGainStopping(monitor="val_acc", mode="max", usd_per_point=0.01)
+    trainer = _trainer(ns, tmp_path, [_monitor(ns, clock), stopping])
+    trainer.fit(_curve_model(ns.BoringModel, clock, _saturating))
+
+    knee = _break_even_step(0.01)  # 78
+    assert stopping.stopped_step == trainer.global_step
+    # The policy pays for its caution (an upper quantile of the gain, a best-of-noisy kept
+    # value): it stops after the break-even point, but not far after.
+    assert knee <= stopping.stopped_step <= 1.5 * knee, stopping.stop_reason
+    assert stopping.stop_reason.startswith("not worth it")
+
+    ledger = read_ledger(stopping.cost_monitor.ledger.path)
+    decisions = [e for e in ledger.events if e["name"] == "marginal_gain_decision"]
+    assert len(decisions) == trainer.global_step // 5  # one per validation, not the sanity check
+    assert [d["stop"] for d in decisions] == [False] * (len(decisions) - 1) + [True]
+    last = decisions[-1]
+    for key in ("reason", "metric", "monitor", "value", "usd", "gain_points", "gain_points_upper", "gain_per_usd",
+                "predicted_final", "usd_to_predicted_final", "curve"):
+        assert key in last, key
+    assert last["metric"] == "val_acc" and last["gain_per_usd"] < 1 / 0.01
+    assert last["usd"] == pytest.approx(trainer.global_step * USD_PER_STEP, rel=1e-6)
+    assert last["totals"]["usd"] == pytest.approx(last["usd"])  # the event's totals are the decision's
+    assert 0.97 < last["predicted_final"] < 1.05  # the asymptote, 1
+    assert decisions[0]["gain_points"] is None  # too few points to fit yet
+    # The estimate reached the loggers and the callback metrics.
+    for key in ("cost/marginal_gain_per_usd", "cost/predicted_final_val_acc"):
+        assert key in trainer.callback_metrics, key
+    with open(trainer.logger.experiment.metrics_file_path) as f:
+        columns = next(csv.reader(f))
+    assert "cost/marginal_gain_per_usd" in columns and "cost/predicted_final_val_acc" in columns
+    # The default strategy, EarlyStop, reported the teacher.
+    results = [e for e in ledger.events if e["name"] == "strategy_result"]
+    assert len(results) == 1 and results[0]["strategy"] == "early_stop"
+    row = results[0]["rows"][0]
+    assert row["role"] == "teacher" and row["params"] == 66 and row["size_bytes"] > 0
+    assert row["train_usd"] == pytest.approx(ledger.totals.usd) and row["latency_ms_per_example"] > 0
+    assert row["metric"] == pytest.approx(max(d["value"] for d in decisions))
+    assert stopping.results[0].role == "teacher"
+
+
+def test_a_higher_price_per_point_stops_later(pl_ns, tmp_path, clock):
+    stops = []
+    for usd_per_point in (0.001, 0.1):
+        stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=usd_per_point)
+        trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, clock), stopping], logger=False)
+        trainer.fit(_curve_model(pl_ns.BoringModel, clock, _saturating))
+        assert stopping.stopped_step >= _break_even_step(usd_per_point)
+        stops.append(stopping.stopped_step)
+    assert stops[0] < stops[1] < 300
+
+
+def test_still_improving_run_is_not_stopped(ns, tmp_path, clock):
+    # 0.2 points a step = 200 points a dollar, worth $2 at $0.01/point: always worth it.
+    stopping = ns.costaware.MarginalGainStopping(monitor="val_acc", min_gain_per_usd=100.0)
+    trainer = _trainer(ns, tmp_path, [_monitor(ns, clock), stopping], max_steps=150, logger=False)
+    trainer.fit(_curve_model(ns.BoringModel, clock, lambda step: 0.002 * step))
+    assert stopping.stopped_step is None and trainer.global_step == 150
+    assert not any(d.stop for d in stopping.decisions)
+    assert all(d.reason.startswith("worth it") for d in stopping.decisions[4:])
+
+
+def test_works_alone_with_its_own_monitor(ns, tmp_path, clock, monkeypatch):
+    monkeypatch.setattr(ns.costaware.CostMonitor, "clock", staticmethod(clock))
+    stopping = ns.costaware.MarginalGainStopping(
+        monitor="val_acc", usd_per_point=0.01,
+        monitor_kwargs={"usd_per_host_hour": 3.6, "cpu_tdp_w": 10, "ram_power_w": 3})
+    trainer = _trainer(ns, tmp_path, [stopping], logger=False)
+    trainer.fit(_curve_model(ns.BoringModel, clock, _saturating))
+    monitors = [i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, ns.costaware.CostMonitor)]
+    assert len(monitors) == 1 and trainer.callbacks[monitors[0]] is stopping.cost_monitor
+    assert monitors[0] < trainer.callbacks.index(stopping)  # its hooks run first
+    assert stopping.stopped_step is not None and stopping.cost_monitor.totals.usd > 0
+
+
+def test_monitor_placed_after_is_moved_before(pl_ns, tmp_path, clock):
+    stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=0.01)
+    monitor = _monitor(pl_ns, clock)
+    trainer = _trainer(pl_ns, tmp_path, [stopping, monitor], max_steps=20, logger=False)
+    trainer.fit(_curve_model(pl_ns.BoringModel, clock, _saturating))
+    assert trainer.callbacks.index(monitor) < trainer.callbacks.index(stopping)
+    assert stopping.cost_monitor is monitor and len(stopping.decisions) == 4
+
+
+def test_missing_monitor_key_fails_at_first_validation_naming_logged_keys(ns, tmp_path, clock):
+    stopping = ns.costaware.MarginalGainStopping(monitor="val_accuracy", usd_per_point=1.0)
+    trainer = _trainer(ns, tmp_path, [_monitor(ns, clock), stopping], logger=False)
+    with pytest.raises(MetricNotLoggedError) as error:
+        trainer.fit(make_clocked_model(ns.BoringModel, clock))  # logs val_loss
+    assert isinstance(error.value, KeyError) and isinstance(error.value, ValueError)
+    assert "val_accuracy" in str(error.value) and "'val_loss'" in str(error.value)
+    assert "val_loss" in error.value.logged
+    assert trainer.global_step == 5  # the first validation, not later
+
+
+@pytest.mark.parametrize(("kwargs", "named"), [
+    ({"mode": "up", "usd_per_point": 1.0}, "mode"),
+    ({"usd_per_point": -1.0}, "usd_per_point"),
+    ({"min_gain_per_usd": 0.0}, "min_gain_per_usd"),
+    ({}, "usd_per_point"),
+    ({"usd_per_point": 1.0, "min_gain_per_usd": 1.0}, "not both"),
+    ({"usd_per_point": 1.0, "confidence": 1.5}, "confidence"),
+    ({"usd_per_point": 1.0, "min_points": 2}, "min_points"),
+    ({"usd_per_point": 1.0, "monitor": ""}, "monitor"),
+    ({"usd_per_point": 1.0, "then": object()}, "then"),
+    ({"usd_per_point": 1.0, "then": []}, "then"),
+    ({"usd_per_point": 1.0, "policy_kwargs": {"nope": 1}}, "policy_kwargs"),
+    ({"usd_per_point": 1.0, "policy_kwargs": {"mode": "min"}}, "policy_kwargs"),
+    ({"usd_per_point": 1.0, "monitor_kwargs": {"usd_per_host_hour": -1}}, "usd_per_host_hour"),
+])
+def test_bad_input_fails_at_construction(ns, kwargs, named):
+    kwargs = {"monitor": "val_acc", **kwargs}
+    with pytest.raises(ValueError, match=named):
+        ns.costaware.MarginalGainStopping(**kwargs)
+
+
+def test_state_dict_carries_the_policy(ns, tmp_path, clock):
+    stopping = ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=10.0)
+    ckpt = ns.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = _trainer(ns, tmp_path, [_monitor(ns, clock), stopping, ckpt], max_steps=30, logger=False)
+    trainer.fit(_curve_model(ns.BoringModel, clock, _saturating))
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
+    key = next(k for k in state if k.startswith("MarginalGainStopping"))
+    assert "val_acc" in key and len(state[key]["policy"]["metrics"]) == 6
+
+    resumed = ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=10.0)
+    trainer = _trainer(ns, tmp_path, [_monitor(ns, clock), resumed], max_steps=40, logger=False)
+    trainer.fit(_curve_model(ns.BoringModel, clock, _saturating), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed.policy.num_points == 8  # 6 before the checkpoint, 2 after
+    costs = resumed.policy.state_dict()["costs_usd"]
+    assert costs == sorted(costs)  # never reset on resume
+
+
+def _peaked(step):
+    return 0.9 - 4e-5 * (step - 50) ** 2  # best at step 50, 10 points down by step 100
+
+
+@pytest.mark.parametrize("restore_best", [True, False])
+def test_early_stop_restores_the_best_weights(ns, tmp_path, clock, restore_best):
+    snapshots = {}
+    strategy = EarlyStop(restore_best=restore_best)
+    stopping = ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=1e6, then=strategy)
+    trainer = _trainer(ns, tmp_path, [_monitor(ns, clock), stopping], max_steps=100, logger=False)
+    model = _curve_model(ns.BoringModel, clock, _peaked, snapshots, noise=0.0)
+    trainer.fit(model)
+    assert strategy.best_step == 50
+    expected = snapshots[50] if restore_best else {k: v for k, v in model.state_dict().items()}
+    assert max(snapshots) > 50  # stopped (or ended) after the best, with other weights
+    assert not torch.equal(snapshots[50]["layer.weight"], snapshots[max(snapshots)]["layer.weight"])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    row = stopping.results[0]
+    assert row.metric == pytest.approx(_peaked(50), abs=0.01) and row.role == "teacher"
+    assert ("restored" in row.note) == restore_best
+
+
+def test_early_stop_copies_only_what_trains():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    from costaware.strategies.early_stop import copy_state
+
+    copied = copy_state(model)
+    assert "0.weight" not in copied and "2.weight" in copied and "1.running_mean" in copied
+    assert set(copy_state(model, copy_frozen=True)) == set(model.state_dict())
+    with pytest.raises(ValueError, match="restore_best"):
+        EarlyStop(restore_best="yes")
+
+
+def test_preset_config(ns, tmp_path):
+    from importlib import import_module
+    from pathlib import Path
+
+    preset = Path(__file__).resolve().parents[1] / "callbacks" / "marginal_gain.yaml"
+    if ns.name == "lightning.pytorch":
+        text = preset.read_text().replace("costaware.MarginalGainStopping", "costaware.lightning.MarginalGainStopping")
+        preset = tmp_path / "preset.yaml"
+        preset.write_text(text)
+    cli = import_module(f"{ns.name}.cli").LightningCLI(
+        ns.BoringModel, save_config_kwargs={"overwrite": True},
+        args=["fit", f"--config={preset}", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+              f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    stopping = next(c for c in cli.trainer.callbacks if type(c).__name__ == "MarginalGainStopping")
+    assert isinstance(stopping, ns.costaware.MarginalGainStopping)
+    assert stopping.monitor == "val_acc" and stopping.usd_per_point == 5.0
+    assert isinstance(stopping.strategies[0], EarlyStop) and stopping.strategies[0].restore_best
+    assert isinstance(stopping.cost_monitor, ns.costaware.CostMonitor)  # created from monitor_kwargs
+    assert cli.trainer.global_step == 2
+
+
+_DDP_SCRIPT = '''
+import json, os, sys
+import pytorch_lightning as pl
+from pytorch_lightning.demos.boring_classes import BoringModel
+import costaware
+
+class Model(BoringModel):
+    def validation_step(self, batch, batch_idx):
+        # Rank 1 sees a flat curve (not worth more), rank 0 a steep one (worth it).
+        self.log("val_acc", 0.5 if self.global_rank == 1 else 0.002 * self.global_step)
+        return super().validation_step(batch, batch_idx)
+
+class Record(pl.Callback):
+    def __init__(self, stopping, out):
+        self.stopping, self.out = stopping, out
+    def on_fit_end(self, trainer, pl_module):
+        with open(os.path.join(self.out, f"rank{trainer.global_rank}.json"), "w") as f:
+            json.dump({"step": trainer.global_step, "stopped": self.stopping.stopped_step,
+                       "decided": [d.stop for d in self.stopping.decisions]}, f)
+
+out = sys.argv[1]
+stopping = costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=10.0, monitor_kwargs={
+    "usd_per_host_hour": 3600.0, "cpu_tdp_w": 10, "ram_power_w": 3})
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=200, limit_train_batches=1000,
+                     val_check_interval=4, limit_val_batches=1, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=out, callbacks=[stopping, Record(stopping, out)])
+trainer.fit(Model())
+'''
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stop_together(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_marginal_gain.py"
+    script.write_text(_DDP_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["step"] == ranks[1]["step"] == ranks[0]["stopped"] == ranks[1]["stopped"] < 200
+    assert ranks[1]["decided"][-1] and not ranks[0]["decided"][-1]  # rank 1 decided, rank 0 followed
+    ledger = read_ledger(tmp_path / "lightning_logs" / "version_0" / "costaware")
+    last = [e for e in ledger.events if e["name"] == "marginal_gain_decision"][-1]
+    assert last["stop"] and last["reason"].startswith("another rank decided to stop")
