@@ -11,7 +11,8 @@ from costaware.prices import Prices, make_prices
 __version__ = "0.1.0"
 
 _CALLBACK_NAMES = ("CostMonitor", "BudgetCap", "OnlineProbe", "MarginalGainStopping")
-_ERRORS = {"BudgetExceededError": "costaware.callbacks.budget_cap", "BudgetWarning": "costaware.callbacks.budget_cap"}
+_ERRORS = {"BudgetExceededError": "costaware.callbacks.budget_cap", "BudgetWarning": "costaware.callbacks.budget_cap",
+           "EarlyStop": "costaware.strategies", "Distill": "costaware.strategies", "Quantize": "costaware.strategies"}
 
 
 def __getattr__(name: str):
