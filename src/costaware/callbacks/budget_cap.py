@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
 from dataclasses import dataclass
 from datetime import timedelta
@@ -13,7 +11,7 @@ from typing import Any, Optional, Union
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 
-from costaware.callbacks.cost_monitor import CostMonitor
+from costaware.callbacks.attach import attach_cost_monitor, check_monitor_kwargs
 from costaware.forecast import (
     CAP_UNITS,
     UNITS,
@@ -186,7 +184,7 @@ class BudgetCap:
         given = {"gpu": gpu, "usd_per_gpu_hour": usd_per_gpu_hour, "usd_per_host_hour": usd_per_host_hour,
                  "usd_per_kwh": usd_per_kwh, "pue": pue, "mode": mode, "country": country, "region": region,
                  "cloud_provider": cloud_provider, "cloud_region": cloud_region, "g_co2_per_kwh": g_co2_per_kwh}
-        self.monitor_kwargs = _monitor_kwargs({k: v for k, v in given.items() if v is not None}, monitor_kwargs)
+        self.monitor_kwargs = check_monitor_kwargs({k: v for k, v in given.items() if v is not None}, monitor_kwargs)
         self.planner = BudgetPlanner(self.limits, predictive=predictive, warmup_batches=warmup_steps)
         self.monitor: Optional[Any] = None
         self.stopped: Optional[Breach] = None  # the cap that stopped this session's run
@@ -220,46 +218,10 @@ class BudgetCap:
         if stage != "fit" or self._setting_up is trainer:
             return  # (called again when the monitor is inserted before us in the list being walked)
         self._setting_up = trainer
-        self.monitor = self._attach_monitor(trainer, pl_module, stage)
-
-    def _attach_monitor(self, trainer: Any, pl_module: Any, stage: str) -> Any:
-        """The run's CostMonitor, placed before BudgetCap so that its batch hooks run first.
-
-        Lightning calls ``setup`` walking ``trainer.callbacks`` in place: a monitor inserted (or
-        moved) at our own index is not reached by that walk, so its ``setup`` is called here; its
-        later hooks (and its ``state_dict`` in checkpoints) run as for any callback.
-        """
-        callbacks = trainer.callbacks
-        me = next(i for i, cb in enumerate(callbacks) if cb is self)
-        found = [i for i, cb in enumerate(callbacks) if isinstance(cb, CostMonitor)]
-        if found:
-            monitor = callbacks[found[0]]
-            if len(found) > 1:
-                rank_zero_warn("costaware: several CostMonitors in the Trainer's callbacks; BudgetCap reads the first",
-                               category=BudgetWarning)
-            if self.monitor_kwargs and not (self._owns_monitor and monitor is self.monitor):
-                rank_zero_warn(f"costaware: BudgetCap's monitor arguments {sorted(self.monitor_kwargs)} are ignored: "
-                               "the Trainer already has a CostMonitor, whose prices apply", category=BudgetWarning)
-            if found[0] > me:
-                callbacks.pop(found[0])
-                callbacks.insert(me, monitor)
-                monitor.setup(trainer, pl_module, stage)
-            return monitor
-        monitor = self._monitor_class()(**self.monitor_kwargs)
-        callbacks.insert(me, monitor)
-        monitor.setup(trainer, pl_module, stage)
-        self._owns_monitor = True
-        return monitor
-
-    def _monitor_class(self) -> type:
-        """``CostMonitor`` bound to the same Lightning namespace as this callback."""
-        for base in type(self).__mro__:
-            module = getattr(base, "__module__", "")
-            if base.__name__ == "Callback" and module.startswith("lightning.pytorch"):
-                return importlib.import_module("costaware.lightning").CostMonitor
-            if base.__name__ == "Callback" and module.startswith("pytorch_lightning"):
-                return importlib.import_module("costaware").CostMonitor
-        raise TypeError("BudgetCap must be used as costaware.BudgetCap or costaware.lightning.BudgetCap")
+        ours = self.monitor if self._owns_monitor else None
+        self.monitor, added = attach_cost_monitor(self, trainer, pl_module, stage, self.monitor_kwargs, ours,
+                                                  warning_category=BudgetWarning)
+        self._owns_monitor = self._owns_monitor or added
 
     # ----------------------------------------------------------------------------------------
     # Lightning hooks
@@ -584,19 +546,6 @@ def _moved(forecast: dict, previous: Optional[dict], change: float) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def _monitor_kwargs(given: dict, extra: Optional[dict]) -> dict:
-    """Validate the arguments for a CostMonitor, by building one (it checks every value)."""
-    if extra is not None and not isinstance(extra, dict):
-        raise ValueError(f"monitor_kwargs must be a dict of CostMonitor arguments, got {extra!r}")
-    accepted = [p for p in inspect.signature(CostMonitor.__init__).parameters if p != "self"]
-    for key in extra or {}:
-        if key not in accepted:
-            raise ValueError(f"monitor_kwargs has an unknown key {key!r}: CostMonitor accepts {', '.join(accepted)}")
-        if key in given:
-            raise ValueError(f"{key} is given twice (as an argument and in monitor_kwargs)")
-    kwargs = {**given, **(extra or {})}
-    CostMonitor(**kwargs)  # raises ValueError naming a bad price, country, meter setting...
-    return kwargs
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import asdict
 from typing import Any, Optional, Sequence, Union
@@ -10,8 +9,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 
-from costaware.callbacks.budget_cap import BudgetCap, _monitor_kwargs
-from costaware.callbacks.cost_monitor import CostMonitor
+from costaware.callbacks.attach import attach_cost_monitor, check_monitor_kwargs
+from costaware.callbacks.budget_cap import BudgetCap
 from costaware.curves import Decision, MarginalGainPolicy
 from costaware.strategies.base import ModelRow, StopContext, StopStrategy
 from costaware.strategies.early_stop import EarlyStop
@@ -172,7 +171,7 @@ class MarginalGainStopping:
         self.min_points = min_points
         self.points_per_unit = float(points_per_unit)
         self.strategies = _strategies(then)
-        self.monitor_kwargs = _monitor_kwargs({}, monitor_kwargs) if monitor_kwargs else {}
+        self.monitor_kwargs = check_monitor_kwargs({}, monitor_kwargs) if monitor_kwargs else {}
         self.verbose = verbose
         self.cost_monitor: Optional[Any] = None
         self.decisions: list[Decision] = []  # this session's decisions, in order
@@ -197,45 +196,9 @@ class MarginalGainStopping:
         if stage != "fit" or self._setting_up is trainer:
             return  # (called again when the monitor is inserted before us in the list being walked)
         self._setting_up = trainer
-        self.cost_monitor = self._attach_monitor(trainer, pl_module, stage)
-
-    def _attach_monitor(self, trainer: Any, pl_module: Any, stage: str) -> Any:
-        """The run's CostMonitor, placed before this callback so that its hooks run first.
-
-        Its ``on_fit_end`` then stops the teacher's meters before the strategies run (a student's
-        training is not counted as the teacher's). Lightning walks ``trainer.callbacks`` in place
-        when it calls ``setup``: a monitor inserted or moved at our index is not reached by that
-        walk, so its ``setup`` is called here.
-        """
-        callbacks = trainer.callbacks
-        me = next(i for i, cb in enumerate(callbacks) if cb is self)
-        found = [i for i, cb in enumerate(callbacks) if isinstance(cb, CostMonitor)]
-        if found:
-            monitor = callbacks[found[0]]
-            if self.monitor_kwargs and not (self._owns_monitor and monitor is self.cost_monitor):
-                rank_zero_warn(f"costaware: MarginalGainStopping's monitor_kwargs {sorted(self.monitor_kwargs)} are "
-                               "ignored: the Trainer already has a CostMonitor, whose prices apply")
-            if found[0] > me:
-                callbacks.pop(found[0])
-                callbacks.insert(me, monitor)
-                monitor.setup(trainer, pl_module, stage)
-            return monitor
-        monitor = self._monitor_class()(**self.monitor_kwargs)
-        callbacks.insert(me, monitor)
-        monitor.setup(trainer, pl_module, stage)
-        self._owns_monitor = True
-        return monitor
-
-    def _monitor_class(self) -> type:
-        """``CostMonitor`` bound to the same Lightning namespace as this callback."""
-        for base in type(self).__mro__:
-            module = getattr(base, "__module__", "") or ""
-            if base.__name__ == "Callback" and module.startswith("lightning.pytorch"):
-                return importlib.import_module("costaware.lightning").CostMonitor
-            if base.__name__ == "Callback" and module.startswith("pytorch_lightning"):
-                return importlib.import_module("costaware").CostMonitor
-        raise TypeError("MarginalGainStopping must be used as costaware.MarginalGainStopping or "
-                        "costaware.lightning.MarginalGainStopping")
+        ours = self.cost_monitor if self._owns_monitor else None
+        self.cost_monitor, added = attach_cost_monitor(self, trainer, pl_module, stage, self.monitor_kwargs, ours)
+        self._owns_monitor = self._owns_monitor or added
 
     # ------------------------------------------------------------------------------------------
     # Lightning hooks
