@@ -219,6 +219,15 @@ def test_newer_schema_is_read_best_effort(tmp_path):
     assert "best-effort" in write_report(tmp_path)["md"].read_text()
 
 
+def test_non_integer_schema_is_named_and_read_best_effort(tmp_path):
+    records, end_totals = make_records(schema="one")
+    write_ledger(tmp_path, records)
+    with pytest.raises(LedgerError, match="schema must be an integer, got 'one'"):
+        read_ledger(tmp_path / "costaware")
+    report = build_report(tmp_path)
+    assert not report["ledger"]["trusted"] and report["totals"] == end_totals
+
+
 def test_ledger_without_a_header(tmp_path):
     records, end_totals = make_records()
     write_ledger(tmp_path, records[1:])

@@ -175,11 +175,17 @@ class LedgerContents:
         return best
 
 
-def read_ledger(path) -> LedgerContents:
+def read_ledger(path, lenient: bool = False) -> LedgerContents:
     """Read a ledger, tolerating a truncated last line and reporting corrupt ones.
 
+    Args:
+        path: the ledger file, or the folder that holds ``ledger.jsonl``.
+        lenient: best effort for a report: a newer schema or a missing header becomes a
+            problem in ``contents.problems`` instead of an error.
+
     Raises:
-        LedgerError: the file is missing, has no header, or comes from a newer schema.
+        LedgerError: the file is missing or holds no costaware record; unless ``lenient``, it
+            also has no header, or comes from a newer schema.
     """
     path = Path(path)
     if path.is_dir():
@@ -195,13 +201,16 @@ def read_ledger(path) -> LedgerContents:
         try:
             record = json.loads(line)
             kind = record["kind"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError):
             where = "truncated last line (the run was probably killed)" if number - 1 == last else "corrupt line"
             contents.problems.append(f"{path.name}:{number}: {where}, skipped")
             continue
         if kind == "header":
-            if record.get("schema", 0) > SCHEMA_VERSION:
-                raise LedgerError(f"{path} has schema {record.get('schema')}, newer than this costaware reads "
+            schema = record.get("schema", 0)
+            if not lenient and not isinstance(schema, int):
+                raise LedgerError(f"{path}: header schema must be an integer, got {schema!r}")
+            if not lenient and schema > SCHEMA_VERSION:
+                raise LedgerError(f"{path} has schema {schema}, newer than this costaware reads "
                                   f"({SCHEMA_VERSION}); upgrade costaware")
             if not contents.header:
                 contents.header = record
@@ -218,7 +227,11 @@ def read_ledger(path) -> LedgerContents:
         else:
             contents.problems.append(f"{path.name}:{number}: unknown record kind {kind!r}, skipped")
     if not contents.header:
-        raise LedgerError(f"{path} has no header record: not a costaware ledger")
+        if not lenient:
+            raise LedgerError(f"{path} has no header record: not a costaware ledger")
+        if not (contents.samples or contents.metrics or contents.events or contents.end):
+            raise LedgerError(f"{path} holds no costaware record: not a costaware ledger")
+        contents.problems.append("no header record: prices, meters and the run's plan are unknown")
     return contents
 
 

@@ -93,10 +93,11 @@ def load_ledger(source: PathLike) -> tuple[Path, LedgerContents, bool]:
     try:
         contents = read_ledger(path)
         return path, contents, True
-    except (LedgerError, TypeError) as err:
+    except LedgerError as err:
         if not path.is_file():
             raise
-        contents = _read_lenient(path, reason=str(err))
+        contents = read_ledger(path, lenient=True)
+        contents.problems.insert(0, f"{err}; the figures below are read best-effort and may be wrong")
         return path, contents, False
 
 
@@ -134,47 +135,6 @@ def _gc_paused():
     finally:
         if enabled:
             gc.enable()
-
-
-# ------------------------------------------------------------------------------------------------
-# Reading
-# ------------------------------------------------------------------------------------------------
-
-
-def _read_lenient(path: Path, reason: str) -> LedgerContents:
-    """Like ``read_ledger`` but accepting any schema and a missing header (best effort)."""
-    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
-    contents = LedgerContents(header={}, samples=[], metrics=[], events=[], end=None, problems=[])
-    contents.problems.append(f"{reason}; the figures below are read best-effort and may be wrong")
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    kinds = {"sample": contents.samples, "metric": contents.metrics, "event": contents.events}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            kind = record["kind"]
-        except (json.JSONDecodeError, KeyError, TypeError, IndexError):
-            where = "truncated last line (the run was probably killed)" if number - 1 == last else "corrupt line"
-            contents.problems.append(f"{path.name}:{number}: {where}, skipped")
-            continue
-        if kind == "header":
-            if not contents.header:
-                contents.header = record
-            else:
-                contents.events.append({"kind": "event", "name": "resumed",
-                                        **{k: v for k, v in record.items() if k != "kind"}})
-        elif kind in kinds:
-            kinds[kind].append(record)
-        elif kind == "end":
-            contents.end = record
-        else:
-            contents.problems.append(f"{path.name}:{number}: unknown record kind {kind!r}, skipped")
-    if not (contents.header or contents.samples or contents.metrics or contents.events or contents.end):
-        raise LedgerError(f"{path} holds no costaware record: not a costaware ledger")
-    if not contents.header:
-        contents.problems.append("no header record: prices, meters and the run's plan are unknown")
-    return contents
 
 
 # ------------------------------------------------------------------------------------------------
