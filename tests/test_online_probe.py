@@ -14,12 +14,7 @@ from costaware.ledger import read_ledger
 PRESET = Path(__file__).resolve().parents[1] / "callbacks" / "online_probe.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def clusters(n=200, dim=32, classes=4, seed=0, spread=0.3):
