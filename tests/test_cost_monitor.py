@@ -195,3 +195,81 @@ def test_namespaces_are_separate_hierarchies(ns):
     assert isinstance(ns.costaware.CostMonitor(), ns.pl.Callback)
     assert not isinstance(ns.costaware.CostMonitor(), _lightning.load(other).Callback)
     assert json.dumps(ns.costaware.CostMonitor().__class__.__module__)
+
+
+def test_metric_points_are_priced_at_the_moment_of_validation(pl_ns, tmp_path, clock):
+    monitor = _monitor(pl_ns, clock)
+    trainer = _trainer(pl_ns, tmp_path, [monitor], log_every_n_steps=50)  # no log step before validation
+    trainer.fit(make_clocked_model(pl_ns.BoringModel, clock, step_s=2.0))
+    points = [m for m in read_ledger(monitor.ledger.path).metrics if m["name"] == "val_loss"]
+    # Validations after 5 and 10 steps of 2 s at $0.001/s (plus the validation's own time).
+    assert len(points) == 2 and points[0]["usd"] >= 0.01 and points[1]["usd"] >= 0.02
+
+
+def test_runs_sharing_a_log_dir_keep_separate_ledgers(pl_ns, tmp_path, clock):
+    ledgers = []
+    for _ in range(2):
+        monitor = _monitor(pl_ns, clock)
+        trainer = _trainer(pl_ns, tmp_path, [monitor], logger=False, max_steps=2, limit_val_batches=0)
+        if ledgers:
+            with pytest.warns(RuntimeWarning, match="another run's ledger"):
+                trainer.fit(make_clocked_model(pl_ns.BoringModel, clock))
+        else:
+            trainer.fit(make_clocked_model(pl_ns.BoringModel, clock))
+        ledgers.append(monitor.ledger.path)
+    assert ledgers[0] == tmp_path / "costaware" / "ledger.jsonl"
+    assert ledgers[1].parent.parent == tmp_path / "costaware" and ledgers[1] != ledgers[0]
+    for path in ledgers:
+        contents = read_ledger(path)
+        assert not contents.problems and not [e for e in contents.events if e["name"] == "resumed"]
+        assert (path.parent / "report.html").is_file()
+
+
+def test_a_second_fit_continues_the_run(pl_ns, tmp_path, clock):
+    monitor = _monitor(pl_ns, clock)
+    trainer = _trainer(pl_ns, tmp_path, [monitor], max_steps=2, limit_val_batches=0)
+    model = make_clocked_model(pl_ns.BoringModel, clock, step_s=1.0)
+    trainer.fit(model)
+    first = monitor.totals
+    trainer.fit_loop.epoch_loop.max_steps = 4
+    trainer.fit(model)
+    assert monitor.totals.usd > first.usd and monitor.totals.train_batches == first.train_batches + 2
+
+
+def test_ledger_write_failure_keeps_the_records(tmp_path):
+    from costaware.ledger import Ledger, Totals
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    ledger = Ledger(blocker / "ledger.jsonl")
+    with pytest.warns(RuntimeWarning, match="could not write the ledger"):
+        ledger.write_header(note="first")
+    ledger.record_event("spent", usd=1.0)  # warned once only
+    ledger.path = tmp_path / "ok" / "ledger.jsonl"
+    ledger.close(Totals(usd=2.0), how="completed")
+    contents = read_ledger(ledger.path)
+    assert contents.header["note"] == "first" and contents.events[0]["usd"] == 1.0
+    assert contents.end["totals"]["usd"] == 2.0
+
+
+def test_ddp_estimate_between_syncs_scales_gpu_by_ranks_and_host_by_nodes(pl_ns):
+    """current_totals under DDP (2 ranks, 1 node): resumed spend counted once, host not doubled."""
+    from costaware.ledger import Totals
+
+    monitor = _monitor(pl_ns, usd_per_gpu_hour=3.6, gpu="A100")  # $0.001/GPU-s, $0.001/host-s
+    session = {"elapsed_s": 0.0, "gpu_hours": 0.0, "host_hours": 0.0, "gpu_energy_j": 0.0, "cpu_energy_j": 0.0,
+               "ram_energy_j": 0.0, "flops": 0.0, "usd": 0.0, "co2_kg": 0.0, "train_batches": 0.0}
+    monitor._read_session = lambda: dict(session)
+    monitor._world_size, monitor._num_nodes, monitor._counts_host = 2, 1, 1
+    monitor._base = Totals(elapsed_s=100.0, usd=7.0, train_batches=50.0)  # from the checkpoint
+    monitor.totals = monitor._mine_at_refresh = monitor._base  # as on_fit_start leaves them
+    assert monitor.current_totals().usd == pytest.approx(7.0)  # not 7 x (1 + 2)
+    # This rank (local rank 0: it holds the host) runs 10 s on its GPU.
+    session.update(elapsed_s=10.0, gpu_hours=10 / 3600, host_hours=10 / 3600, train_batches=5.0)
+    now = monitor.current_totals()
+    assert now.gpu_hours == pytest.approx(20 / 3600) and now.host_hours == pytest.approx(10 / 3600)
+    assert now.usd == pytest.approx(7.0 + 0.02 + 0.01) and now.train_batches == 60.0
+    # A rank that does not hold the host extrapolates the run's host spend from elapsed time.
+    monitor._counts_host = 0
+    session.update(host_hours=0.0)
+    assert monitor.current_totals().host_hours == pytest.approx(10 / 3600)

@@ -87,3 +87,19 @@ def test_compute_format_follows_lightning_precision():
     assert compute_format("32-true") == "fp32"
     assert compute_format("32-true", "high") == "tf32"
     assert compute_format("transformer-engine") == "fp8"
+
+
+def test_a_batch_skipped_by_the_module_does_not_leave_counting_on(pl_ns, tmp_path):
+    """on_train_batch_start returning -1 ends the epoch before on_train_batch_end."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    class Skips(pl_ns.BoringModel):
+        def on_train_batch_start(self, batch, batch_idx):
+            return -1 if batch_idx == 1 else None
+
+    monitor = pl_ns.costaware.CostMonitor(usd_per_host_hour=1.0, cpu_tdp_w=10, ram_power_w=1)
+    trainer = pl_ns.Trainer(max_epochs=2, limit_train_batches=4, limit_val_batches=1, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=tmp_path, callbacks=[monitor])
+    trainer.fit(Skips())
+    assert not _get_current_dispatch_mode_stack()
+    assert monitor.totals.train_batches == 2 and monitor.totals.flops > 0

@@ -144,13 +144,41 @@ def test_monitor_placed_after_is_moved_before(pl_ns, tmp_path, clock):
 
 def test_missing_monitor_key_fails_at_first_validation_naming_logged_keys(ns, tmp_path, clock):
     stopping = ns.costaware.MarginalGainStopping(monitor="val_accuracy", usd_per_point=1.0)
-    trainer = _trainer(ns, tmp_path, [_monitor(ns, clock), stopping], logger=False)
+    trainer = _trainer(ns, tmp_path, [_monitor(ns, clock), stopping], logger=False, num_sanity_val_steps=0)
     with pytest.raises(MetricNotLoggedError) as error:
         trainer.fit(make_clocked_model(ns.BoringModel, clock))  # logs val_loss
     assert isinstance(error.value, KeyError) and isinstance(error.value, ValueError)
     assert "val_accuracy" in str(error.value) and "'val_loss'" in str(error.value)
     assert "val_loss" in error.value.logged
     assert trainer.global_step == 5  # the first validation, not later
+
+
+def test_missing_monitor_key_fails_at_the_sanity_check_before_training(pl_ns, tmp_path, clock):
+    stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_accuracy", usd_per_point=1.0)
+    trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, clock), stopping], logger=False)
+    with pytest.raises(MetricNotLoggedError, match="val_accuracy"):
+        trainer.fit(make_clocked_model(pl_ns.BoringModel, clock))
+    assert trainer.global_step == 0
+
+
+class _Broken:
+    """A strategy whose work after the fit fails (a student out of memory, say)."""
+
+    def on_stop(self, context):
+        pass
+
+    def after_fit(self, context):
+        raise RuntimeError("out of memory")
+
+
+def test_a_failing_strategy_keeps_the_finished_fit(pl_ns, tmp_path, clock):
+    stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=0.01, then=_Broken())
+    trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, clock), stopping], max_steps=20)
+    with pytest.warns(UserWarning, match="_Broken failed after the fit.*out of memory"):
+        trainer.fit(_curve_model(pl_ns.BoringModel, clock, _saturating))
+    ledger = read_ledger(stopping.cost_monitor.ledger.path)
+    assert ledger.end["how"] == "completed"
+    assert [e["error"] for e in ledger.events if e["name"] == "strategy_failed"] == ["RuntimeError: out of memory"]
 
 
 @pytest.mark.parametrize(("kwargs", "named"), [
@@ -210,8 +238,21 @@ def test_early_stop_restores_the_best_weights(ns, tmp_path, clock, restore_best)
     for key, value in model.state_dict().items():
         assert torch.equal(value, expected[key]), key
     row = stopping.results[0]
-    assert row.metric == pytest.approx(_peaked(50), abs=0.01) and row.role == "teacher"
+    # The row describes the weights kept: the best, or the last validation's.
+    assert row.metric == pytest.approx(_peaked(50) if restore_best else strategy.last_value) and row.role == "teacher"
+    assert strategy.last_value < _peaked(50) - 0.01
     assert ("restored" in row.note) == restore_best
+
+
+def test_latency_measurement_leaves_frozen_parts_in_eval_mode():
+    from costaware.strategies.early_stop import latency_ms_per_example
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 2))
+    model.train()
+    model[1].eval()  # a frozen part the user keeps in eval mode
+    loader = [(torch.randn(8, 4), torch.zeros(8, dtype=torch.long))]
+    assert latency_ms_per_example(model, loader, split=lambda batch: batch) > 0
+    assert model.training and model[0].training and not model[1].training
 
 
 def test_early_stop_copies_only_what_trains():

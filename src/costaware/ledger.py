@@ -14,6 +14,7 @@ import math
 import os
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -94,6 +95,7 @@ class Ledger:
         self._buffer: list[str] = []
         self._last_flush_s = clock()
         self.closed = False
+        self._write_failed = False
 
     def write_header(self, **info: Any) -> None:
         self._append({"kind": "header", "schema": SCHEMA_VERSION, "run_id": self.run_id, "wall_time": time.time(), **info})
@@ -130,16 +132,21 @@ class Ledger:
         if self.path is None or not self._buffer:
             self._buffer.clear()
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         lines, self._buffer = self._buffer, []
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
-
-    def state_dict(self) -> dict:
-        return {"schema": SCHEMA_VERSION, "run_id": self.run_id, "totals": asdict(self.totals),
-                "path": str(self.path) if self.path else None}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write("".join(lines))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:  # disk full, permissions: keep the records, training goes on
+            self._buffer = lines + self._buffer
+            if not self._write_failed:
+                self._write_failed = True
+                warnings.warn(f"costaware: could not write the ledger {self.path} ({err}); its records are kept "
+                              "in memory and written at the next flush that succeeds", RuntimeWarning, stacklevel=2)
+            return
+        self._write_failed = False
 
     def _append(self, record: dict) -> None:
         if self.path is not None:
@@ -173,6 +180,16 @@ class LedgerContents:
             if "totals" in record and record["totals"].get("usd", 0.0) >= best.usd:
                 best = Totals.from_dict(record["totals"])
         return best
+
+
+def header_run_id(path: Path) -> Optional[str]:
+    """The run id in a ledger file's first line, or None when it has no readable header."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            record = json.loads(f.readline())
+        return record.get("run_id") if isinstance(record, dict) and record.get("kind") == "header" else None
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def read_ledger(path, lenient: bool = False) -> LedgerContents:

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info
 
-from costaware.ledger import LEDGER_FILENAME, Ledger, LedgerError, Totals, read_ledger
+from costaware.ledger import LEDGER_FILENAME, Ledger, LedgerError, Totals, header_run_id, read_ledger
 from costaware.meters import FlopsCounter, Sampler, open_gpu, open_host, peak_flops_per_s
 from costaware.prices import check_amount, make_prices
 
@@ -142,6 +142,7 @@ class CostMonitor:
         self._flops = FlopsCounter(self.flops_measure_batches)
         self._batches = 0
         self._world_size = trainer.world_size
+        self._num_nodes = max(int(getattr(trainer, "num_nodes", 1) or 1), 1)
         self._peak_flops_per_s = peak_flops_per_s(self.prices.gpu_model or self._gpu.name, str(trainer.precision),
                                                   torch.get_float32_matmul_precision())
         self._last_log = (0.0, 0.0, 0.0)  # elapsed_s, train_batches, flops at the previous log
@@ -155,9 +156,16 @@ class CostMonitor:
         self.ledger = Ledger(path, flush_interval_s=self.flush_interval_s, clock=self.clock)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        if self._run_id is not None:
+        if self._run_id is not None:  # known only now: the checkpoint is restored after setup
             self.ledger.run_id = self._run_id
+        path = self.ledger.path
+        if path is not None and path.is_file() and header_run_id(path) != self.ledger.run_id:
+            # Another run's ledger (logger=False, or a logger whose log_dir every run shares).
+            self.ledger.path = path.parent / self.ledger.run_id / LEDGER_FILENAME
+            warnings.warn(f"costaware: {path} is another run's ledger; this run's ledger and report go to "
+                          f"{self.ledger.path.parent}", RuntimeWarning, stacklevel=2)
         self.totals = self._base
+        self._mine_at_refresh = self._base  # the checkpoint's totals are loaded after setup
         self.ledger.totals = self._base
         self.ledger.write_header(
             prices=self.prices.to_dict(),
@@ -181,6 +189,7 @@ class CostMonitor:
             self._log(trainer, pl_module, on_step=True)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._flops.abort()  # a module's on_train_batch_start returned -1: that batch never ended
         self._log(trainer, pl_module, on_step=False)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
@@ -223,9 +232,9 @@ class CostMonitor:
             self._finish("completed", trainer)
 
     def state_dict(self) -> dict:
-        if self._sampler is not None and self._world_size == 1:
-            self.totals = self._session_totals(self._read_session())
-        return {"run_id": self.ledger.run_id if self.ledger else self._run_id, "totals": self.totals.to_dict(),
+        # Spend up to this moment (between DDP syncs, the estimate BudgetCap uses), not the last log's.
+        totals = self.current_totals() if self._sampler is not None else self.totals
+        return {"run_id": self.ledger.run_id if self.ledger else self._run_id, "totals": totals.to_dict(),
                 "ledger_path": str(self.ledger.path) if self.ledger and self.ledger.path else None}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -258,6 +267,8 @@ class CostMonitor:
             vector = trainer.strategy.reduce(vector, reduce_op="sum")
             session = {**session, **dict(zip(_SUMMED, vector.tolist()))}
         self.totals = self._session_totals(session)
+        if self.ledger is not None:
+            self.ledger.totals = self.totals  # metric points and events carry the spend at that moment
         self._readings = session
         self._note_meter_faults()
         return self.totals
@@ -265,16 +276,32 @@ class CostMonitor:
     def current_totals(self) -> Totals:
         """The run's totals now, without a collective, cheap enough for every training step.
 
-        Exact on one process; under DDP, the last summed totals plus this rank's spend since
-        then times the world size (ranks spend alike between log intervals).
+        Exact on one process. Under DDP: the last summed totals plus this rank's spend since then
+        scaled to the run (ranks spend alike between log intervals): GPU figures times the world
+        size, host figures times the node count (only local rank 0 meters its host; the other
+        ranks extrapolate the run's host rate), dollars and CO2 priced from those.
         """
         session = self._session_totals(self._read_session())
         if self._world_size == 1:
             return session
-        last, mine_then = self.totals, self._mine_at_refresh
-        delta = Totals(*(getattr(session, f) - getattr(mine_then, f) for f in Totals.__dataclass_fields__))
-        scaled = Totals(*(getattr(delta, f) * (1 if f == "elapsed_s" else self._world_size) for f in Totals.__dataclass_fields__))
-        return last + scaled
+        last, then = self.totals, self._mine_at_refresh
+        d = {f: getattr(session, f) - getattr(then, f) for f in Totals.__dataclass_fields__}
+        ws, nodes = self._world_size, self._num_nodes
+        gpu_j = d["gpu_energy_j"] * ws
+        if self._counts_host:
+            host = {f: d[f] * nodes for f in ("host_hours", "cpu_energy_j", "ram_energy_j")}
+        else:
+            span_s = last.elapsed_s - self._base.elapsed_s
+            rate = (lambda f: (getattr(last, f) - getattr(self._base, f)) / span_s) if span_s > 0 else (lambda f: 0.0)
+            host = {"host_hours": nodes * d["elapsed_s"] / 3600.0,
+                    "cpu_energy_j": rate("cpu_energy_j") * d["elapsed_s"],
+                    "ram_energy_j": rate("ram_energy_j") * d["elapsed_s"]}
+        kwh = (gpu_j + host["cpu_energy_j"] + host["ram_energy_j"]) / 3.6e6
+        gpu_hours = d["gpu_hours"] * ws
+        delta = Totals(elapsed_s=d["elapsed_s"], gpu_hours=gpu_hours, gpu_energy_j=gpu_j, flops=d["flops"] * ws,
+                       train_batches=d["train_batches"] * ws, usd=self.prices.usd(gpu_hours, host["host_hours"], kwh),
+                       co2_kg=self.prices.co2_kg(kwh), **host)
+        return last + delta
 
     def _read_session(self) -> dict:
         """This rank's figures since setup, from the meters' cached readings."""
@@ -339,7 +366,7 @@ class CostMonitor:
         self._last_log = (t.elapsed_s, t.train_batches, t.flops)
         for key, value in monitored.items():
             pl_module.log(key, value, on_step=on_step, on_epoch=not on_step, prog_bar=key == "cost/usd",
-                          logger=True, batch_size=1, sync_dist=False)
+                          logger=bool(trainer.loggers), batch_size=1, sync_dist=False)
         self.readings.update({**monitored, **readings})
         step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs this batch at
         for logger in trainer.loggers:
@@ -372,6 +399,9 @@ class CostMonitor:
         """Close the ledger and build the run's report from it (rank zero)."""
         self._note_meter_faults()
         self.ledger.close(self.totals, how=how, meters=self._meter_status())
+        # A later fit with this monitor continues the same run, from what it has spent.
+        self._run_id, self._base = self.ledger.run_id, self.totals
+        self._resumed_from = {"run_id": self._run_id, "previous_fit_usd": self.totals.usd}
         if self.ledger.path is None:
             return
         try:

@@ -222,9 +222,16 @@ class MarginalGainStopping:
                 hook(context)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit" or self.cost_monitor is None:
+        if trainer.state.fn != "fit" or self.cost_monitor is None:
             return
         metrics = trainer.callback_metrics
+        if trainer.sanity_checking:
+            # A typo fails here, before training, when the sanity check logged other metrics
+            # (a module that logs nothing during the sanity check is judged at the first validation).
+            logged = [k for k in metrics if not k.startswith(("cost/", "throughput/", "gpu/", "host/"))]
+            if logged and self.monitor not in metrics:
+                raise MetricNotLoggedError(self.monitor, sorted(metrics))
+            return
         if self.monitor not in metrics:
             if not self._seen_monitor:
                 raise MetricNotLoggedError(self.monitor, sorted(metrics))
@@ -269,7 +276,14 @@ class MarginalGainStopping:
         context.reason = self.stop_reason or "the fit ended without a marginal-gain stop"
         ledger = self.cost_monitor.ledger
         for strategy in self.strategies:
-            rows = strategy.after_fit(context) or []
+            try:
+                rows = strategy.after_fit(context) or []
+            except Exception as err:  # noqa: BLE001 - the teacher is trained and measured: keep it, say why
+                rank_zero_warn(f"costaware: {_name(strategy)} failed after the fit ({type(err).__name__}: {err}); "
+                               "the teacher's training and its ledger are kept")
+                ledger.record_event("strategy_failed", strategy=_name(strategy), reason=context.reason,
+                                    error=f"{type(err).__name__}: {err}")
+                continue
             self.results.extend(rows)
             ledger.record_event("strategy_result", strategy=_name(strategy), reason=context.reason,
                                 rows=[asdict(row) for row in rows])

@@ -152,7 +152,8 @@ class OnlineProbe:
         # Several probes (a k-NN and a linear one) can share a Trainer and a checkpoint.
         return self._generate_state_key(log_name=self.log_name)
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        # Not in setup: BudgetCap or MarginalGainStopping may add their monitor later in that walk.
         found = [cb for cb in trainer.callbacks if isinstance(cb, CostMonitor)]
         self.monitor = found[0] if found else None
 

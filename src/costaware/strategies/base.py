@@ -68,3 +68,14 @@ class StopStrategy:
     def after_fit(self, context: StopContext) -> list[ModelRow]:
         """Called at the end of the teacher's fit; returns rows for the report's model table."""
         return []
+
+
+def training_modes(module: Any) -> dict:
+    """Each submodule's train/eval flag, to put back after an evaluation (frozen parts stay eval)."""
+    return {m: m.training for m in module.modules()}
+
+
+def restore_training_modes(modes: dict) -> None:
+    """Put back the flags :func:`training_modes` took (``module.train(flag)`` would reset them all)."""
+    for m, training in modes.items():
+        m.training = training

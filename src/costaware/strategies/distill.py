@@ -15,7 +15,7 @@ from lightning_utilities.core.rank_zero import rank_zero_info
 from torch import nn
 
 from costaware import _lightning
-from costaware.strategies.base import ModelRow, StopContext, StopStrategy
+from costaware.strategies.base import ModelRow, StopContext, StopStrategy, restore_training_modes, training_modes
 from costaware.strategies.early_stop import (
     EarlyStop,
     accuracy,
@@ -370,7 +370,7 @@ class Distill(StopStrategy):
         inputs, _ = split_batch(teacher, batch, self.inputs_fn)
         models = (teacher, self.student)
         places = [next((p.device for p in m.parameters()), torch.device("cpu")) for m in models]
-        modes = [m.training for m in models]
+        modes = [training_modes(m) for m in models]
         try:
             for m in models:
                 m.to(device).eval()
@@ -378,7 +378,8 @@ class Distill(StopStrategy):
             s_out = call_model(self.student, inputs)
         finally:
             for m, place, mode in zip(models, places, modes):
-                m.to(place).train(mode)
+                m.to(place)
+                restore_training_modes(mode)
         if not isinstance(s_out, torch.Tensor) or not isinstance(t_out, torch.Tensor):
             raise StudentShapeError(f"Distill needs logits tensors from teacher and student, got "
                                     f"{type(t_out).__name__} and {type(s_out).__name__}")
@@ -425,7 +426,7 @@ class Distill(StopStrategy):
         pl = _lightning.load(namespace)
         module = _distill_module_class(pl)(self.student, pl_module, split, self.temperature, self.alpha, self.lr,
                                            self.weight_decay)
-        teacher_training = pl_module.training
+        teacher_modes = training_modes(pl_module)
         self.student_trainer = type(trainer)(**kwargs)
         self.student_monitor = student_monitor
         rank_zero_info(f"costaware: Distill: training the student ({count_params(self.student):,} parameters) "
@@ -434,7 +435,7 @@ class Distill(StopStrategy):
             self.student_trainer.fit(module, train_dataloaders=train_data)
         finally:
             pl_module.cpu()
-            pl_module.train(teacher_training)
+            restore_training_modes(teacher_modes)
         self.losses = [float(x) for x in module.losses]
 
     def _apply_follower(self, follower: Any, val_data: Optional[Iterable], split: Callable, metric_fn: MetricFn,
@@ -546,7 +547,7 @@ class _AccuracyMetric:
     @torch.no_grad()
     def __call__(self, model: nn.Module, dataloader: Iterable) -> float:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        was_training = model.training
+        modes = training_modes(model)
         model.eval()
         try:
             correct, examples = 0.0, 0
@@ -559,7 +560,7 @@ class _AccuracyMetric:
                 examples += n
             return correct / examples if examples else math.nan
         finally:
-            model.train(was_training)
+            restore_training_modes(modes)
 
 
 def _safe_metric(metric_fn: MetricFn, model: nn.Module, loader: Optional[Iterable],

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info
 
-from costaware.strategies.base import ModelRow, StopContext, StopStrategy
+from costaware.strategies.base import ModelRow, StopContext, StopStrategy, restore_training_modes, training_modes
 
 _MODES = ("max", "min")
 
@@ -78,6 +78,7 @@ class EarlyStop(StopStrategy):
         self.latency_batches = _check_batches("latency_batches", latency_batches)
         self.best_value: Optional[float] = None
         self.best_step: Optional[int] = None
+        self.last_value: Optional[float] = None  # the latest finite validation value
         self.stop_step: Optional[int] = None
         self._best_state: Optional[dict] = None
         self.note = ""  # what after_fit did with the weights
@@ -92,6 +93,7 @@ class EarlyStop(StopStrategy):
             raise ValueError(f"mode must be one of {_MODES}, got {context.mode!r}")
         if not math.isfinite(value):
             return
+        self.last_value = float(value)
         best = self.best_value
         if best is not None and (value <= best if context.mode == "max" else value >= best):
             return
@@ -104,12 +106,15 @@ class EarlyStop(StopStrategy):
 
     def after_fit(self, context: StopContext) -> list[ModelRow]:
         """Restore the best weights; return the teacher's row."""
-        note = "last weights"
+        note, metric = "last weights", self.last_value
         if self.restore_best and self._best_state is not None:
             context.pl_module.load_state_dict(self._best_state, strict=False)
-            note = f"best weights (step {self.best_step}) restored"
+            note, metric = f"best weights (step {self.best_step}) restored", self.best_value
             rank_zero_info(f"costaware: EarlyStop restored the best weights: {context.metric_name}="
                            f"{self.best_value:.6g} at step {self.best_step}")
+        elif self.best_step is not None and self.restore_best:
+            # The best was seen before a resume: checkpoints hold the model, not this copy.
+            note = f"best at step {self.best_step}, before the resume, not kept in memory; last weights kept"
         elif self.best_step is not None:
             note = f"best at step {self.best_step}; last weights kept (restore_best=False)"
         self._best_state = None  # a CPU copy of the weights: free it
@@ -118,19 +123,22 @@ class EarlyStop(StopStrategy):
                              split=lambda batch: split_batch(context.pl_module, batch),
                              latency_batches=self.latency_batches,
                              train_usd=context.monitor.totals.usd if context.monitor is not None else None)
-        row.metric = self.best_value
-        row.note = "; ".join(x for x in (f"{context.metric_name} (best validation)" if context.metric_name else "",
+        row.metric = metric
+        which = "best validation" if metric == self.best_value else "last validation"
+        row.note = "; ".join(x for x in (f"{context.metric_name} ({which})" if context.metric_name else "",
                                          note, row.note) if x)
         return [row]
 
     def state_dict(self) -> dict:
         """The best value and step (not the weights: a checkpoint already holds the model)."""
-        return {"best_value": self.best_value, "best_step": self.best_step, "stop_step": self.stop_step}
+        return {"best_value": self.best_value, "best_step": self.best_step, "stop_step": self.stop_step,
+                "last_value": self.last_value}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.best_value = state_dict.get("best_value")
         self.best_step = state_dict.get("best_step")
         self.stop_step = state_dict.get("stop_step")
+        self.last_value = state_dict.get("last_value")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,7 +289,7 @@ def latency_ms_per_example(model: torch.nn.Module, loader: Iterable, split: Call
     if not examples:
         return None
     device = _device_of(model)
-    was_training = model.training
+    modes = training_modes(model)
     model.to(cpu).eval()
     try:
         for inputs, _ in kept:  # warm-up pass: allocations, weight packing, caches
@@ -295,7 +303,7 @@ def latency_ms_per_example(model: torch.nn.Module, loader: Iterable, split: Call
         return 1000.0 * best_s / examples
     finally:
         model.to(device)
-        model.train(was_training)
+        restore_training_modes(modes)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

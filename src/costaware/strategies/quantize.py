@@ -27,7 +27,7 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_info
 from torch import nn
 
-from costaware.strategies.base import ModelRow, StopContext, StopStrategy
+from costaware.strategies.base import ModelRow, StopContext, StopStrategy, restore_training_modes, training_modes
 
 BITS = (4, 8)
 QUANT_TYPES_4BIT = ("nf4", "fp4")
@@ -348,7 +348,7 @@ class Quantize(StopStrategy):
         examples = sum(_batch_size(b) for b in batches)
         if not batches or examples == 0:
             return None
-        training = _training_flags(model)
+        training = training_modes(model)
         threads = torch.get_num_threads()
         model.eval()
         try:
@@ -368,7 +368,7 @@ class Quantize(StopStrategy):
             return None
         finally:
             torch.set_num_threads(threads)
-            _restore_training(model, training)
+            restore_training_modes(training)
         return 1000.0 * best_s / examples
 
 
@@ -587,12 +587,12 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
 
 
 def _call_metric(metric_fn: Callable, model: nn.Module, dataloader: Any) -> float:
-    training = _training_flags(model)
+    training = training_modes(model)
     try:
         with _quiet():
             value = metric_fn(model, dataloader)
     finally:
-        _restore_training(model, training)
+        restore_training_modes(training)
     value = float(value.item() if isinstance(value, torch.Tensor) else value)
     return value
 
@@ -639,15 +639,6 @@ def _batch_size(batch: Any) -> int:
 
 def _all_float32(module: nn.Module) -> bool:
     return all(p.dtype == torch.float32 for p in module.parameters() if p.is_floating_point())
-
-
-def _training_flags(module: nn.Module) -> dict:
-    return {m: m.training for m in module.modules()}
-
-
-def _restore_training(module: nn.Module, flags: dict) -> None:
-    for m, training in flags.items():
-        m.training = training
 
 
 def _namespace_of(obj: Any) -> str:
