@@ -227,14 +227,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     monitor = costaware.CostMonitor(usd_per_host_hour=args.usd_per_host_hour, country="USA")
     probe = costaware.OnlineProbe(train=data["probe_train"], val=data["held_out"], probe="knn", k=args.k)
     quantize = make_quantize(args)
-    callbacks: list = [monitor, probe]
-    stopping_cls = getattr(costaware, "MarginalGainStopping", None)
-    stopping = None
-    if stopping_cls is not None:
-        then = quantize if quantize is not None else None  # None: its default, EarlyStop
-        stopping = stopping_cls(monitor="probe/acc", mode="max", usd_per_point=args.usd_per_point,
-                                min_points=args.min_points, then=then)
-        callbacks.append(stopping)
+    # then=None: MarginalGainStopping's default, EarlyStop (keep the best weights).
+    stopping = costaware.MarginalGainStopping(monitor="probe/acc", mode="max", usd_per_point=args.usd_per_point,
+                                              min_points=args.min_points, then=quantize)
+    callbacks: list = [monitor, probe, stopping]
     model = SimCLR(lr=args.lr)
     trainer = pl.Trainer(max_epochs=args.max_epochs, check_val_every_n_epoch=args.val_every, accelerator="cpu",
                          devices=1, callbacks=callbacks, default_root_dir=args.out_dir,
@@ -243,12 +239,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     trainer.fit(model, pretrain, held_out)
 
     rows: list[ModelRow] = list(quantize.rows) if quantize is not None and quantize.rows else []
-    if quantize is not None and not rows:  # no MarginalGainStopping in this costaware: quantize here
-        _, rows = quantize.apply(model, held_out, lambda m, _loader: probe.score(m), mode="max",
-                                 train_usd=monitor.totals.usd, metric_name="probe/acc",
-                                 save_path=monitor.ledger.path.parent / "quantized.pt")
-    if not rows and stopping is not None:
-        rows = list(stopping.results)  # its default strategy's (EarlyStop) rows
+    if not rows:
+        rows = list(stopping.results)  # EarlyStop's row, or what a failed Quantize left
     if not rows:
         rows = [ModelRow(role="teacher", metric=probe.score(model), params=sum(p.numel() for p in model.parameters()),
                          train_usd=monitor.totals.usd)]

@@ -229,7 +229,8 @@ class MarginalGainStopping:
             # A typo fails here, before training, when the sanity check logged other metrics
             # (a module that logs nothing during the sanity check is judged at the first validation).
             logged = [k for k in metrics if not k.startswith(("cost/", "throughput/", "gpu/", "host/"))]
-            if logged and self.monitor not in metrics:
+            later = {getattr(cb, "log_name", None) for cb in trainer.callbacks}  # OnlineProbe skips the sanity check
+            if logged and self.monitor not in metrics and self.monitor not in later:
                 raise MetricNotLoggedError(self.monitor, sorted(metrics))
             return
         if self.monitor not in metrics:

@@ -1,0 +1,26 @@
+"""The self-supervised example (examples/ssl_digits.py), run as a user would, a few epochs."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from costaware.ledger import read_ledger
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ssl_digits.py"
+
+
+def test_ssl_digits_probes_stops_and_quantizes(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("bitsandbytes")
+    command = [sys.executable, str(EXAMPLE), "--max-epochs", "4", "--val-every", "1", "--min-points", "3",
+               "--out-dir", str(tmp_path), "--no-progress-bar"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = result.stdout[result.stdout.index("== SimCLR on digits: summary =="):]
+    assert "teacher" in summary and "quantized" in summary and "raw pixels" in summary
+    ledger = read_ledger(next(tmp_path.glob("lightning_logs/version_*/costaware/ledger.jsonl")))
+    assert ledger.end["how"] == "completed" and not ledger.problems
+    assert len([m for m in ledger.metrics if m["name"] == "probe/acc"]) == 4  # priced against dollars
+    assert [e for e in ledger.events if e["name"] == "marginal_gain_decision"]
