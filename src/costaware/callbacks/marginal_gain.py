@@ -67,7 +67,7 @@ class MarginalGainStopping:
     ``gain_per_usd``, ``predicted_final``, ``usd_to_predicted_final``, ``curve``), and the
     estimate goes to the loggers as ``cost/marginal_gain_per_usd`` (points per dollar),
     ``cost/predicted_final_<monitor>`` and ``cost/usd_to_predicted_final`` (with a plan) at the
-    Trainer's ``global_step``, and into ``trainer.callback_metrics`` for callbacks that run
+    step Lightning logs the validation's metrics at, and into ``trainer.callback_metrics`` for callbacks that run
     after this one. They are written to the loggers directly (as ``LearningRateMonitor`` does),
     not through ``pl_module.log``: Lightning forbids ``log`` in ``on_validation_end``, the only
     hook where a metric logged in the module's own ``on_validation_epoch_end`` is final. At the
@@ -330,7 +330,7 @@ class MarginalGainStopping:
             logged[USD_TO_PREDICTED_FINAL_KEY] = est.usd_to_predicted_final
         logged = {k: float(v) for k, v in logged.items() if v is not None and math.isfinite(v)}
         for logger in trainer.loggers:  # rank-zero-only methods
-            logger.log_metrics(logged, step=trainer.global_step)
+            logger.log_metrics(logged, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
 
 
