@@ -249,7 +249,7 @@ class BudgetCap:
         plan = self._stop_plan(trainer, batch_idx=None)
         breach = self.planner.decide(spent, plan)
         if trainer.strategy.reduce_boolean_decision(breach is not None, all=False):
-            self._stop(trainer, pl_module, breach or self.planner.closest(spent, plan), spent,
+            self._stop(trainer, pl_module, breach or self.planner.closest(spent, plan),
                        decided_here=breach is not None)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -272,7 +272,7 @@ class BudgetCap:
         breach = self.planner.decide(spent, plan)
         stop = self._agree(trainer, pl_module, breach is not None, spent, plan)
         if stop:
-            self._stop(trainer, pl_module, breach or self.planner.closest(spent, plan), spent,
+            self._stop(trainer, pl_module, breach or self.planner.closest(spent, plan),
                        decided_here=breach is not None)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
@@ -417,7 +417,7 @@ class BudgetCap:
         self._sync_every = int(max(1, min(room // 2, max(trainer.log_every_n_steps, 1))))
         return bool(decision)
 
-    def _stop(self, trainer: Any, pl_module: Any, breach: Breach, spent: dict, decided_here: bool) -> None:
+    def _stop(self, trainer: Any, pl_module: Any, breach: Breach, decided_here: bool) -> None:
         self.stopped = breach
         trainer.should_stop = True
         self._override_minimums(trainer)

@@ -195,7 +195,7 @@ def _build(path: Path, contents: LedgerContents, trusted: bool, max_points: int)
         "meters": meters,
         "prices": prices,
         "cost_breakdown": _cost_breakdown(totals, prices),
-        "averages": _averages(samples, totals, header, meters, columns),
+        "averages": _averages(totals, header, meters, columns),
         "metrics": _metric_summaries(metrics, events),
         "events": [_event(e) for e in events],
         "strategy_results": _strategy_rows(events),
@@ -211,7 +211,7 @@ def _build(path: Path, contents: LedgerContents, trusted: bool, max_points: int)
         "notes": notes,
         "problems": problems,
     }
-    report["planned"] = _planned(header, totals, events, end)
+    report["planned"] = _planned(header, totals, events)
     report["outcome"] = _outcome(end, events, report["planned"])
     return report
 
@@ -330,7 +330,7 @@ def _cost_breakdown(totals: dict, prices: Optional[dict]) -> list[dict]:
     return rows
 
 
-def _averages(samples: list, totals: dict, header: dict, meters: dict, columns: dict) -> dict:
+def _averages(totals: dict, header: dict, meters: dict, columns: dict) -> dict:
     out: dict = {}
     for key in READINGS:
         xs, ys = columns.get(key, ((), ()))
@@ -516,7 +516,7 @@ def _strategy_rows(events: list) -> list[dict]:
     return rows
 
 
-def _planned(header: dict, totals: dict, events: list, end: Optional[dict]) -> dict:
+def _planned(header: dict, totals: dict, events: list) -> dict:
     """What the run as planned would have cost, from every basis the ledger offers."""
     estimates = []
     for event in events[::-1]:
