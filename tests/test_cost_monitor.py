@@ -148,6 +148,20 @@ def test_unknown_detected_gpu_without_price_fails_before_training(pl_ns, tmp_pat
     assert trainer.global_step == 0
 
 
+def test_a_gpu_nvml_cannot_name_is_measured_and_priced_at_zero_with_a_warning(pl_ns, tmp_path, clock, monkeypatch):
+    import sys
+
+    from fake_nvml import FakeGPU, FakeNVML
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML([FakeGPU(failures={"name": 1})], clock))
+    monitor = _monitor(pl_ns, clock, nvml_index=0)
+    trainer = _trainer(pl_ns, tmp_path, [monitor])
+    with pytest.warns(RuntimeWarning, match="could not name this GPU"):
+        trainer.fit(make_clocked_model(pl_ns.BoringModel, clock))  # a meter fault must not stop training
+    assert trainer.global_step == 10
+    assert monitor.totals.gpu_hours > 0 and monitor.totals.gpu_energy_j > 0
+
+
 def test_fit_makes_no_network_call(pl_ns, tmp_path, no_network):
     monitor = pl_ns.costaware.CostMonitor(usd_per_host_hour=1.0, country="USA", sample_interval_s=0.05)
     trainer = _trainer(pl_ns, tmp_path, [monitor], max_steps=20)

@@ -126,11 +126,15 @@ class CostMonitor:
         cuda_index = root.index if root.type == "cuda" else None
         self._gpu = open_gpu(cuda_index, self._start_s, nvml_index=self.nvml_index)
         self._gpus_held = 1 if (cuda_index is not None or self.nvml_index is not None) else 0
-        detected = self._gpu.name if self._gpu.present else (
-            torch.cuda.get_device_name(cuda_index) if cuda_index is not None else None)
+        nvml_name = self._gpu.name if self._gpu.present and self._gpu.name != "unknown GPU" else None
+        detected = nvml_name or (torch.cuda.get_device_name(cuda_index) if cuda_index is not None else None)
         if self._price_args["gpu"] is None and detected is not None:
             # The price depends on the detected GPU: resolve it now, before any compute.
             self.prices = make_prices(**{**self._price_args, "gpu": detected})
+        elif self._gpu.present and detected is None and self._price_args["usd_per_gpu_hour"] is None \
+                and self._price_args["gpu"] is None and self.prices.mode == "cloud":
+            warnings.warn("costaware: NVML could not name this GPU, so it has no price: GPU-hours are counted at $0; "
+                          "give CostMonitor(gpu=...) or usd_per_gpu_hour=...", RuntimeWarning, stacklevel=2)
         if self._gpus_held == 0 and self._price_args["usd_per_gpu_hour"] is not None:
             warnings.warn("costaware: usd_per_gpu_hour is set but this rank trains on no GPU: no GPU-hours are "
                           "counted for it", RuntimeWarning, stacklevel=2)
