@@ -1,11 +1,11 @@
 """Marginal-gain stopping: is the next dollar of training still worth its accuracy?
 
 A run's validation metric is fitted against its cumulative cost (in dollars) with a
-small ensemble of saturating learning-curve families. The fit predicts how much the
-*kept* result (the best checkpoint so far) would improve if the run spent its next
-increment of cost, with an epistemic upper bound. The user prices one point of the
-metric (``usd_per_point``); the policy stops when even the optimistic gain is worth
-less than the increment costs.
+small ensemble of learning-curve families (power laws from a straight line to strongly
+saturating, and exponential saturation). The fit predicts how much the *kept* result
+(the best checkpoint so far) would improve if the run spent more, with an epistemic
+upper bound. The user prices one point of the metric (``usd_per_point``); the policy
+stops when even the optimistic gain is worth less than it costs.
 
 Units used throughout:
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.special import ndtr, ndtri
+from scipy.special import ndtr
 
 __all__ = [
     "DEFAULT_USD_PER_POINT",
@@ -44,9 +44,9 @@ __all__ = [
     "MarginalGainPolicy",
 ]
 
-#: Default price of one point of the metric, in dollars. Chosen on the tuning half of the
-#: DeBERTa-MNLI replay at 400 examples/s on a $2/GPU-hour GPU (see the benchmark).
-#: It is only a starting point: set your own price.
+#: Default price of one point of the metric, in dollars: near the operating price the
+#: DeBERTa-MNLI replay chose on its tuning half ($0.58 at 400 examples/s on a $2/GPU-hour
+#: GPU; see benchmarks/replay_curves.py). Only a starting point: set your own price.
 DEFAULT_USD_PER_POINT = 0.5
 
 _MODES = ("max", "min")
@@ -63,6 +63,12 @@ _FAMILIES = ("power",) * len(_POWER_ALPHAS) + ("exp",) * len(_EXP_RATES)
 # Where a non-saturating component has no asymptote, "final" means this many times the
 # cost spent so far.
 _NO_PLAN_HORIZON = 10.0
+# A collapse is this many consecutive evaluations far below the best (one is a glitch).
+_COLLAPSE_EVALS = 3
+# Without a planned cost, look ahead at most this fraction of the cost spent so far.
+_LOOKAHEAD_FRACTION = 1.0
+# Robust pass: points this many robust SDs *worse* than the fit are glitches.
+_GLITCH_SDS = 4.0
 
 
 @dataclass(frozen=True)
@@ -72,11 +78,13 @@ class GainEstimate:
     Attributes:
         gain_points: Expected improvement of the best-so-far metric over the next
             increment, in points (``points_per_unit`` metric units; accuracy 0.01 = 1).
-        gain_points_upper: Upper bound of that gain at the policy's ``confidence``
-            (epistemic: over the curve-fit uncertainty), in points.
-        increment_usd: Cost of the next increment, in dollars.
+        gain_points_upper: The ``confidence`` quantile of that gain over the curve-fit
+            uncertainty (epistemic), in points.
+        increment_usd: Cost of the increment judged, in dollars: the next evaluation
+            interval (or ``increment_fraction`` of the cost so far), or the longer
+            look-ahead horizon that was most worth its cost.
         gain_per_usd: ``gain_points_upper / increment_usd``, in points per dollar; the
-            policy stops when it is below ``min_gain_per_usd``.
+            policy stops when it is below ``min_gain_per_usd`` for every horizon.
         predicted_final: Predicted metric (in the metric's own units) at the planned end
             if a plan was given, else at the fitted asymptote (or at 10x the cost so far
             for curves that do not saturate).
@@ -127,13 +135,27 @@ class MarginalGainPolicy:
     saturation ``a - b exp(-k c)``) weighted by their likelihood, on the most recent
     part of the run. It then predicts the expected improvement of the *best* value seen
     so far (the checkpoint you would keep) if the run spends its next increment, taking
-    evaluation noise into account. With ``confidence`` c, it stops when the c-quantile of
-    that gain (over the fit's uncertainty) is worth less than the increment costs::
+    evaluation noise into account (a noisy run may still beat its best; a run below its
+    best must first climb back). It looks at the next increment and at doubling horizons
+    up to the planned end (or, without a plan, up to the cost spent so far again), since
+    learning-rate annealing and recoveries from a dip pay off over several evaluations.
+    With ``confidence`` c, it stops when, for every horizon, the c-quantile of that gain
+    (over the fit's uncertainty) is worth less than the horizon costs::
 
         gain_points_upper * usd_per_point < increment_usd
 
-    A non-finite metric (NaN/inf: the run diverged) stops at once; so does a collapse
-    (two consecutive evaluations more than ``collapse_points`` below the best).
+    A non-finite metric (NaN/inf: the run diverged) stops at once, even before
+    ``min_points``; so does a collapse (three consecutive evaluations more than
+    ``collapse_points`` below the best; a single glitch is ignored, also by the fit).
+
+    A run whose best is still within ``start_fraction`` of its first evaluation
+    (relative to that value) has not started learning, and a fit cannot tell that
+    plateau from convergence (runs often break out of it late). Such a run is worth
+    waiting for as long as the wait costs less than the value of that improvement: the
+    policy does not stop it on the fit while its cost so far is below
+    ``start_fraction * |first metric| * points_per_unit * usd_per_point``. Once it has
+    started, its learning curve begins at the last evaluation before the start: the fit
+    ignores the plateau, and ``min_points`` counts from there.
 
     Args:
         mode: ``"max"`` if higher is better (accuracy), ``"min"`` if lower is better
@@ -156,7 +178,9 @@ class MarginalGainPolicy:
         planned_cost_usd: Total cost planned for the run, if known (e.g. from
             ``max_steps``); caps the increment and anchors ``predicted_final``.
         collapse_points: Drop below the best, in points, that counts as a collapse when
-            seen twice in a row; ``None`` disables collapse detection.
+            seen three times in a row; ``None`` disables collapse detection.
+        start_fraction: Relative improvement over the first evaluation below which a
+            run has not started learning (see above); ``None`` disables the wait.
         n_samples: Monte-Carlo draws from the fitted ensemble for the gain distribution.
         seed: Seed of those draws; the same points always give the same decision.
 
@@ -168,12 +192,6 @@ class MarginalGainPolicy:
         policy = MarginalGainPolicy(mode="min", usd_per_point=2.0)
         decision = policy.observe(cost_usd=1.25, metric=3.2)
     """
-
-    multi_horizon = True
-    lookahead_fraction = 1.0
-    gain_kind = "ei"
-    local_noise = True
-    drift = 0.0
 
     def __init__(
         self,
@@ -187,6 +205,7 @@ class MarginalGainPolicy:
         fit_fraction: float = 0.5,
         planned_cost_usd: float | None = None,
         collapse_points: float | None = 20.0,
+        start_fraction: float | None = 0.01,
         n_samples: int = 256,
         seed: int = 0,
     ) -> None:
@@ -220,6 +239,7 @@ class MarginalGainPolicy:
         self.fit_fraction = float(fit_fraction)
         self.planned_cost_usd = _check_positive("planned_cost_usd", planned_cost_usd, allow_none=True)
         self.collapse_points = _check_positive("collapse_points", collapse_points, allow_none=True)
+        self.start_fraction = _check_positive("start_fraction", start_fraction, allow_none=True)
         self.n_samples = n_samples
         self.seed = seed
         self._sign = 1.0 if mode == "max" else -1.0
@@ -292,23 +312,48 @@ class MarginalGainPolicy:
         points = self._sign * self.points_per_unit * np.asarray(self._metrics, dtype=float)
         finite = np.isfinite(points)
         best = float(np.max(points[finite]))
-        if self.collapse_points is not None and n >= 2 and np.all(finite[-2:]):
-            drop = best - points[-2:]
+        k = _COLLAPSE_EVALS
+        if self.collapse_points is not None and n >= k and np.all(finite[-k:]):
+            drop = best - points[-k:]
             if np.all(drop > self.collapse_points):
                 return Decision(
                     True,
-                    f"collapse: last two evaluations {drop.min():.2f}+ points below the best "
+                    f"collapse: last {k} evaluations {drop.min():.2f}+ points below the best "
                     f"(threshold {self.collapse_points:g})",
                     None,
                 )
         if n < self.min_points:
             return Decision(False, f"{n} of {self.min_points} evaluations needed before deciding", None)
+        costs, points = costs[finite], points[finite]
+        if self.start_fraction is not None:
+            start_points = self.start_fraction * abs(points[0])
+            started = np.flatnonzero(points - points[0] >= start_points)
+            wait_usd = start_points * self.usd_per_point
+            if started.size == 0 and costs[-1] < wait_usd:
+                return Decision(
+                    False,
+                    f"not started learning: {best - points[0]:.2f} points better than the first "
+                    f"evaluation (< {start_points:.3g}); waiting up to ${wait_usd:.4g} for it to start",
+                    None,
+                )
+            if started.size:
+                # The learning curve begins at the last evaluation before the start: the
+                # plateau before it says nothing about how the run converges.
+                origin = max(int(started[0]) - 1, 0)
+                costs, points = costs[origin:], points[origin:]
+                if len(points) < self.min_points:
+                    return Decision(
+                        False,
+                        f"started learning at ${costs[1]:.4g}: {len(points)} of {self.min_points} "
+                        "evaluations needed before deciding",
+                        None,
+                    )
         remaining_usd = None
         if self.planned_cost_usd is not None:
             remaining_usd = self.planned_cost_usd - costs[-1]
             if remaining_usd <= 0:
                 return Decision(False, "planned end reached", None)
-        estimate = self._estimate(costs[finite], points[finite], best, remaining_usd)
+        estimate = self._estimate(costs, points, best, remaining_usd)
         if estimate is None:
             return Decision(False, "cost has not grown enough to fit a curve", None)
         worth_usd = estimate.gain_points_upper * self.usd_per_point
@@ -343,30 +388,25 @@ class MarginalGainPolicy:
             1.0 + remaining_usd / cost_now if remaining_usd is not None else None
         )
         # Horizons: the next increment, then doubling, up to the planned end (or, without
-        # a plan, `lookahead_fraction` of the cost so far). Gains from annealing and from
+        # a plan, _LOOKAHEAD_FRACTION of the cost so far). Gains from annealing and from
         # climbing out of a dip show up over a longer horizon than one evaluation.
-        max_usd = remaining_usd if remaining_usd is not None else max(increment_usd, self.lookahead_fraction * cost_now)
+        if remaining_usd is not None:
+            max_usd = remaining_usd
+        else:
+            max_usd = max(increment_usd, _LOOKAHEAD_FRACTION * cost_now)
         horizons_usd = [increment_usd]
-        while self.multi_horizon and horizons_usd[-1] * 2.0 < max_usd:
+        while horizons_usd[-1] * 2.0 < max_usd:
             horizons_usd.append(horizons_usd[-1] * 2.0)
-        if self.multi_horizon and max_usd > horizons_usd[-1]:
+        if max_usd > horizons_usd[-1]:
             horizons_usd.append(max_usd)
         horizons_usd = np.asarray(horizons_usd)
-        fit = _fit_ensemble(x, u, _local_noise_points(costs, points) if self.local_noise else 0.0)
+        fit = _fit_ensemble(x, u, _local_noise_points(costs, points))
         rng = np.random.default_rng(self.seed + len(costs))
         draws = fit.sample(rng, self.n_samples)
         # Expected improvement of the kept (best) value, over evaluation noise, per draw.
         x_h = 1.0 + horizons_usd / cost_now
         means = draws.value_at(x_h)  # (horizons, samples)
-        if self.drift > 0:
-            walk = np.cumsum(rng.standard_normal((len(x_h), self.n_samples)) * np.sqrt(np.diff(np.log(np.concatenate([[1.0], x_h]))))[:, None], axis=0)
-            means = means + self.drift * fit.noise_points * walk
-        if self.gain_kind == "ei":
-            gains = _expected_improvement(means, fit.noise_points, best)
-        elif self.gain_kind == "trend":
-            gains = means - draws.value_at(1.0)[None, :]
-        else:  # smoothed best
-            gains = np.maximum(means - np.maximum(draws.value_at(1.0)[None, :], best - fit.noise_points), 0)
+        gains = _expected_improvement(means, fit.noise_points, best)
         gain_mean = gains.mean(axis=1)
         gain_upper_all = np.quantile(gains, self.confidence, axis=1)
         h = int(np.argmax(gain_upper_all / horizons_usd))
@@ -451,12 +491,16 @@ class _EnsembleFit:
     slope_sd: np.ndarray
     level_sd: float
     noise_points: float
+    noise_dof: float
 
     def sample(self, rng: np.random.Generator, n: int) -> _Draws:
         comp = rng.choice(self.weights.size, size=n, p=self.weights)
         z = rng.standard_normal((2, n))
-        level = self.u_mean + self.level_sd * z[0]
-        slope = self.slope[comp] + self.slope_sd[comp] * z[1]
+        # The noise SD is itself estimated from few points: draw it (scaled inverse
+        # chi-square), which makes the parameters Student-t -- cautious early in a run.
+        scale = np.sqrt(self.noise_dof / rng.chisquare(self.noise_dof, size=n))
+        level = self.u_mean + self.level_sd * scale * z[0]
+        slope = self.slope[comp] + self.slope_sd[comp] * scale * z[1]
         return _Draws(comp=comp, level=level, slope=slope, g_mean=self.g_mean)
 
     def describe(self) -> str:
@@ -521,7 +565,7 @@ def _fit_ensemble(x: np.ndarray, u: np.ndarray, noise_floor_points: float = 0.0)
         scale = 1.4826 * mad
         if scale <= 0:
             break
-        new_w = (np.abs(resid) <= 4.0 * scale + 1e-12).astype(float)
+        new_w = (resid >= -_GLITCH_SDS * scale - 1e-12).astype(float)  # improvements are kept
         if new_w.sum() < 3 or np.array_equal(new_w, w):
             break
         w = new_w
@@ -544,4 +588,5 @@ def _fit_ensemble(x: np.ndarray, u: np.ndarray, noise_floor_points: float = 0.0)
         slope_sd=slope_sd,
         level_sd=math.sqrt(noise_var / n_eff),
         noise_points=math.sqrt(noise_var),
+        noise_dof=max(n_eff - 2.0, 1.0),
     )
