@@ -73,6 +73,13 @@ def test_stops_near_break_even_and_records_why(ns, tmp_path, clock):
     ledger = read_ledger(stopping.cost_monitor.ledger.path)
     decisions = [e for e in ledger.events if e["name"] == "marginal_gain_decision"]
     assert len(decisions) == trainer.global_step // 5  # one per validation, not the sanity check
+    curve = decisions[-1]["curve_points"]  # the fitted curve against dollars, which the report draws
+    assert len(curve["usd"]) == len(curve["value"]) > 2 and curve["usd"] == sorted(curve["usd"])
+    assert curve["usd"][0] < decisions[-1]["usd"] < curve["usd"][-1]
+    now = min(range(len(curve["usd"])), key=lambda i: abs(curve["usd"][i] - decisions[-1]["usd"]))
+    assert abs(curve["value"][now] - _saturating(trainer.global_step)) < 0.02
+    html = stopping.cost_monitor.report_paths["html"].read_text()
+    assert "fitted curve" in html and "stopped at" in html
     assert [d["stop"] for d in decisions] == [False] * (len(decisions) - 1) + [True]
     last = decisions[-1]
     for key in ("reason", "metric", "monitor", "value", "usd", "gain_points", "gain_points_upper", "gain_per_usd",

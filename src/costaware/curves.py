@@ -69,6 +69,8 @@ _COLLAPSE_EVALS = 3
 _LOOKAHEAD_FRACTION = 1.0
 # Robust pass: points this many robust SDs *worse* than the fit are glitches.
 _GLITCH_SDS = 4.0
+# Points of the fitted curve kept in an estimate (and the ledger) for plots.
+_CURVE_POINTS = 24
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,9 @@ class GainEstimate:
             for curves that do not saturate).
         usd_to_predicted_final: Dollars from now to the planned end, or ``None`` without a plan.
         curve: Curve families in the ensemble with their posterior weights.
+        curve_usd: Costs (dollars) at which the fitted curve is sampled, from the start of
+            the fit window to the farthest horizon judged (or the planned end), for plots.
+        curve_metric: The ensemble's mean metric at those costs, in the metric's own units.
     """
 
     gain_points: float
@@ -99,6 +104,8 @@ class GainEstimate:
     predicted_final: float
     usd_to_predicted_final: float | None
     curve: str
+    curve_usd: tuple = ()
+    curve_metric: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -417,7 +424,12 @@ class MarginalGainPolicy:
             final_points = float(np.mean(draws.value_at(x_final)))
         else:
             final_points = float(np.mean(draws.asymptote()))
+        # The fitted curve, for plots: the ensemble mean from the fit window to the horizon.
+        x_curve = np.linspace(float(x[0]), 1.0 + float(horizons_usd[-1]) / cost_now, _CURVE_POINTS)
+        curve_points = draws.value_at(x_curve).mean(axis=1)
         return GainEstimate(
+            curve_usd=tuple(float(c) for c in x_curve * cost_now),
+            curve_metric=tuple(float(v) for v in self._sign * curve_points / self.points_per_unit),
             gain_points=gain_points,
             gain_points_upper=gain_upper,
             increment_usd=increment_usd,

@@ -64,11 +64,12 @@ class MarginalGainStopping:
     Each decision, with its reason and the policy's figures, is written to the run's ledger as a
     ``marginal_gain_decision`` event (``stop``, ``reason``, ``monitor``, ``metric``, ``value``,
     ``usd``, ``step``, ``gain_points``, ``gain_points_upper``, ``increment_usd``,
-    ``gain_per_usd``, ``predicted_final``, ``usd_to_predicted_final``, ``curve``), and the
+    ``gain_per_usd``, ``predicted_final``, ``usd_to_predicted_final``, ``curve``, and
+    ``curve_points``: the fitted curve sampled against dollars, which the report draws), and the
     estimate goes to the loggers as ``cost/marginal_gain_per_usd`` (points per dollar),
     ``cost/predicted_final_<monitor>`` and ``cost/usd_to_predicted_final`` (with a plan) at the
-    step Lightning logs the validation's metrics at, and into ``trainer.callback_metrics`` for callbacks that run
-    after this one. They are written to the loggers directly (as ``LearningRateMonitor`` does),
+    step Lightning logs the validation's metrics at, and into ``trainer.callback_metrics`` for
+    callbacks that run after this one. They are written to the loggers directly (as ``LearningRateMonitor`` does),
     not through ``pl_module.log``: Lightning forbids ``log`` in ``on_validation_end``, the only
     hook where a metric logged in the module's own ``on_validation_epoch_end`` is final. At the
     end of the fit, each strategy's ``after_fit`` runs and its rows (teacher, student, quantized)
@@ -317,6 +318,7 @@ class MarginalGainStopping:
                    "predicted_final": None, "usd_to_predicted_final": None, "curve": None}
         if est is not None:
             figures.update({k: getattr(est, k) for k in figures})
+            figures["curve_points"] = {"usd": list(est.curve_usd), "value": list(est.curve_metric)}  # for the report
         ledger = self.cost_monitor.ledger
         ledger.totals = totals  # the event's totals: those the decision used, not the last sample's
         ledger.record_event("marginal_gain_decision", stop=stop, reason=reason, monitor=self.monitor,
