@@ -10,6 +10,7 @@ import pytest
 from costaware.ledger import read_ledger
 
 
+@pytest.mark.slow  # two processes (~25 s); CI runs -m slow too
 def test_ddp_totals_are_the_sum_of_ranks(tmp_path):
     script = Path(__file__).with_name("ddp_fit.py")
     result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=240)

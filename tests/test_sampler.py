@@ -81,7 +81,9 @@ def test_a_meter_hanging_at_the_last_sample_never_hangs_the_end_of_training():
     sampler = Sampler([meter], interval_s=60.0, clock=FakeClock(), join_timeout_s=0.2)
     sampler.start()
     try:
+        deadline = time.monotonic() + 10.0
         while not meter.samples:  # the thread's first reading
+            assert time.monotonic() < deadline, "the sampler thread never took its first reading"
             time.sleep(0.01)
         meter.armed = True  # the driver hangs from now on
         t0 = time.monotonic()
