@@ -18,9 +18,9 @@ where the ledger is (``costaware report`` renders it). Offline: the data is read
 
 Prices: on a CPU, dollars are host-hours times ``--usd-per-host-hour`` (default $0.10, an example
 of the order of a small cloud CPU instance, not a quote). ``--usd-per-point`` is what one point of
-validation accuracy is worth to you; its default, $0.0005, is scaled to this toy run (which costs
-a sixth of a cent a minute): $0.0005 is 18 s of this machine, so the teacher stops once its next
-stretch of training is not expected to buy a point per 18 s. On a real run, price a point in real
+validation accuracy is worth to you; its default, $0.0002, is scaled to this toy run (which costs
+a sixth of a cent a minute): $0.0002 is 7 s of this machine, so the teacher stops once its next
+stretch of training is not expected to buy a point per 7 s. On a real run, price a point in real
 money (``--usd-per-point 5``).
 
 Example::
@@ -131,7 +131,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     teacher.add_argument("--lr", type=float, default=5e-4, help="LoRA learning rate")
     teacher.add_argument("--head-lr", type=float, default=2e-3)
     stop = p.add_argument_group("stopping (costaware.MarginalGainStopping)")
-    stop.add_argument("--usd-per-point", type=float, default=0.0005,
+    stop.add_argument("--usd-per-point", type=float, default=0.0002,
                       help="dollars one point (0.01) of validation accuracy is worth; scaled to this toy run")
     stop.add_argument("--confidence", type=float, default=0.8)
     stop.add_argument("--max-usd", type=float, default=None,
