@@ -132,7 +132,7 @@ def test_compare_default_metric_and_mode(capsys, tmp_path):
     # The first metric every run records is val_loss: lower is best, guessed from its name.
     assert code == 0 and (result["metric"], result["mode"]) == ("val_loss", "min")
     code, out, _ = _run(capsys, "compare", *runs, "--metric", "val_acc", "--mode", "min", "--json")
-    assert json.loads(out)["mode"] == "min"
+    assert code == 0 and json.loads(out)["mode"] == "min"
 
 
 def test_compare_errors(capsys, tmp_path):
@@ -148,6 +148,58 @@ def test_compare_errors(capsys, tmp_path):
     assert code == 1 and "no run could be read" in err
 
 
+def test_compare_exits_1_when_a_ledger_is_read_best_effort(capsys, tmp_path):
+    runs = _runs(tmp_path)
+    write_ledger(tmp_path / "newer", make_records(schema=2, metrics=("val_acc",))[0])
+    code, out, err = _run(capsys, "compare", *runs, str(tmp_path / "newer"), "--metric", "val_acc")
+    assert code == 1 and "4 runs ranked" in out and "ledger not trusted" in out  # still ranked and shown
+    assert f"{tmp_path / 'newer'} could only be read best-effort" in err and "newer than this costaware reads" in err
+
+
+def test_compare_ignores_nan_and_non_numeric_points(capsys, tmp_path):
+    runs = _runs(tmp_path)
+    records, _ = make_records(metrics=("val_acc",), accuracy=lambda i: float("nan") if i == 3 else 0.1)
+    records[2 * 5]["usd"] = "cheap"  # a dollar figure that is not a number: the point is dropped, no crash
+    write_ledger(tmp_path / "diverged", records)
+    allnan, _ = make_records(metrics=("val_acc",), accuracy=lambda i: float("inf") if i % 2 else float("nan"))
+    write_ledger(tmp_path / "allnan", allnan)
+    code, out, err = _run(capsys, "compare", *runs, str(tmp_path / "diverged"), str(tmp_path / "allnan"),
+                          "--metric", "val_acc", "--json")
+    result = json.loads(out)
+    assert (code, err) == (0, "")
+    ranked = {r["source"].rsplit("/", 1)[-1]: r for r in result["runs"]}
+    assert list(ranked)[-1] == "diverged" and ranked["diverged"]["best"] == pytest.approx(0.1)
+    assert ranked["diverged"]["evaluations"] == 8 and not ranked["diverged"]["pareto"]
+    assert [r["rank"] for r in result["runs"]] == [1, 2, 3, 4] and next(iter(ranked)) == "cheap"
+    assert [(u["source"].rsplit("/", 1)[-1], u["reason"]) for u in result["unranked"]] == [
+        ("allnan", "no finite val_acc with its cost recorded")]
+
+
+def test_report_with_non_numeric_prices(capsys, tmp_path):
+    records, _ = make_records()
+    records[0]["prices"] = {**records[0]["prices"], "usd_per_gpu_hour": "3", "pue": "n/a"}
+    write_ledger(tmp_path, records)
+    code, out, err = _run(capsys, "report", str(tmp_path))
+    assert code == 0 and "Dollars: $3.50" in out
+    assert "costaware: warning: header price usd_per_gpu_hour is not a finite number (3)" in err
+    assert "| PUE | n/a |" in (tmp_path / "costaware" / "report.md").read_text()
+
+
+def test_report_of_an_unreadable_ledger(capsys, tmp_path, monkeypatch):
+    import costaware.report.build as B
+
+    write_ledger(tmp_path, make_records()[0])
+
+    def denied(path, lenient=False):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(B, "read_ledger", denied)  # the tests run as root, where chmod 000 does not deny
+    code, out, err = _run(capsys, "report", str(tmp_path))
+    assert (code, out) == (1, "")
+    assert err.startswith(f"costaware: error: could not read the ledger in {tmp_path}: [Errno 13] Permission denied")
+    assert "Traceback" not in err
+
+
 def test_prices(capsys):
     code, out, _ = _run(capsys, "prices")
     assert code == 0
@@ -155,7 +207,8 @@ def test_prices(capsys):
     assert "FRA" in out and "France" in out and "gcp" in out and "us-central1" in out
     code, out, _ = _run(capsys, "prices", "--cloud", "--json")
     data = json.loads(out)
-    assert list(data) == ["cloud_regions"] and all(r["g_co2_per_kwh"] >= 0 for r in data["cloud_regions"])
+    assert code == 0 and list(data) == ["cloud_regions"] and len(data["cloud_regions"]) > 10
+    assert all(r["g_co2_per_kwh"] >= 0 for r in data["cloud_regions"])
     code, out, _ = _run(capsys, "prices", "--gpus", "--countries", "--json")
     data = json.loads(out)
     assert {g["model"] for g in data["gpus"]} >= {"H100-SXM", "A100", "T4"}

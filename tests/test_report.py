@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import warnings
 import xml.etree.ElementTree as ET
@@ -14,6 +15,7 @@ import pytest
 from conftest import make_clocked_model
 from costaware.ledger import LedgerError, read_ledger
 from costaware.report import build_report, find_ledger, publish_to_loggers, render_html, render_markdown, write_report
+from costaware.report import text as T
 from costaware.report.write import atomic_write
 
 # ------------------------------------------------------------------------------------------------
@@ -379,6 +381,118 @@ def test_resumed_run_and_odd_event_fields(tmp_path):
     assert saved["events"][-1]["fields"] == {"ratio": None, "nested": {"a": [1, 2]}}
 
 
+def _resumed(records, **changes):
+    """A second header, as a restart from a checkpoint writes it."""
+    return {**records[0], "wall_time": 1.76e9, "resumed_from": {"run_id": records[0]["run_id"], "checkpoint_usd": 1.0},
+            **changes}
+
+
+@pytest.mark.parametrize("first_session_end", [
+    {"name": "exception", "error": "RuntimeError: CUDA error: an illegal memory access"},
+    {"name": "budget_cap_hit", "cap": "max_usd", "limit": 1.0, "value": 1.01},
+    {"name": "marginal_gain_decision", "stop": True, "reason": "not worth it"},
+])
+def test_outcome_is_decided_by_the_last_session_only(tmp_path, first_session_end):
+    first, _ = make_records(samples=5, end=False, events=[first_session_end], max_steps=360)
+    second, t = make_records(samples=10, max_steps=360)  # 360 batches: the plan is finished
+    records = first + [_resumed(first)] + second[1:]
+    write_ledger(tmp_path, records)
+    report = build_report(tmp_path)
+    assert report["run"]["resumes"] == 1 and report["planned"]["fraction_done"] == pytest.approx(1.0)
+    assert report["outcome"] == {"how": "completed", "why": "completed: max_steps reached"}
+
+    # Without a plan, a clean end is just that; and what ends the last session still counts.
+    write_ledger(tmp_path, [r if r["kind"] != "header" else {**r, "max_steps": None} for r in records])
+    assert build_report(tmp_path)["outcome"] == {"how": "completed", "why": "ended: completed"}
+    crashed = records[:-1] + [{"kind": "event", "name": "exception", "error": "ValueError: late", "totals": t},
+                              {**records[-1], "how": "exception"}]
+    write_ledger(tmp_path, crashed)
+    assert build_report(tmp_path)["outcome"] == {"how": "exception", "why": "stopped by an exception: ValueError: late"}
+
+
+def test_planned_run_counts_accumulated_batches(tmp_path):
+    # 10 samples x 360 s x 0.1 batch/s = 360 batches done, $3.50 spent.
+    records, t = make_records(max_steps=180)
+    records[0]["accumulate_grad_batches"] = 4  # 180 optimizer steps x 4 = 720 batches planned
+    write_ledger(tmp_path, records)
+    planned = build_report(tmp_path)["planned"]
+    assert planned["fraction_done"] == pytest.approx(0.5)
+    assert planned["usd"] == pytest.approx(2 * t["usd"]) and planned["usd_not_spent"] == pytest.approx(t["usd"])
+    assert "x 4)" in planned["basis"] and "accumulate_grad_batches" in planned["basis"]
+
+    records[0]["max_steps"] = 90  # 90 steps x 4 = all 360 batches: finished, not "4 times over"
+    write_ledger(tmp_path, records)
+    report = build_report(tmp_path)
+    assert report["planned"]["fraction_done"] == pytest.approx(1.0)
+    assert report["outcome"]["why"] == "completed: max_steps reached"
+
+    del records[0]["accumulate_grad_batches"]  # not recorded: one batch per step is assumed, and said
+    records[0]["max_steps"] = 720
+    write_ledger(tmp_path, records)
+    planned = build_report(tmp_path)["planned"]
+    assert planned["fraction_done"] == pytest.approx(0.5) and "assumes one batch per optimizer step" in planned["basis"]
+    records[0]["max_steps"] = 90  # 4x more batches than steps, and no record of why: no estimate
+    write_ledger(tmp_path, records)
+    assert build_report(tmp_path)["planned"]["fraction_done"] is None
+
+
+def test_missing_totals_are_not_recorded_never_zero(tmp_path):
+    records, t = make_records()
+    for key in ("flops", "usd", "gpu_energy_j"):
+        del records[-1]["totals"][key]
+    records[-1]["totals"]["train_batches"] = "many"
+    del records[-1]["totals"]["kwh"]
+    write_ledger(tmp_path, records)
+    report = build_report(tmp_path)
+    totals = report["totals"]
+    assert (totals["flops"], totals["usd"], totals["gpu_energy_j"], totals["train_batches"]) == (None, None, None, None)
+    assert totals["kwh"] == pytest.approx((t["cpu_energy_j"] + t["ram_energy_j"]) / 3.6e6)  # what is recorded
+    assert report["flops_status"] == "not recorded: the ledger's totals hold no FLOP count"
+    assert report["energy"]["gpu"] == {"measured": False, "kwh": None,
+                                       "status": "not recorded: the ledger's totals hold no gpu_energy_j"}
+    assert report["cost_breakdown"] == [] and report["planned"]["usd_not_spent"] is None
+    md = render_markdown(report)
+    assert "| Dollars | not recorded |" in md and "| Training batches | not recorded |" in md
+    assert "| FLOPs | not recorded: the ledger's totals hold no FLOP count |" in md
+    assert "0 FLOP" not in md and "| Dollars | $" not in md
+    saved = json.loads(write_report(tmp_path)["json"].read_text())
+    assert saved["totals"]["usd"] is None and "not recorded" in render_html(report)
+
+    write_ledger(tmp_path, [r for r in records if r["kind"] == "header"])  # no totals anywhere
+    report = build_report(tmp_path)
+    assert set(report["totals"].values()) == {None} and report["outcome"]["why"].startswith("no end record")
+    assert "| Wall time | not recorded, from 2025-06-15T" in render_markdown(report)
+
+
+def test_non_numeric_prices_are_problems_not_crashes(tmp_path):
+    records, _ = make_records()
+    records[0]["prices"] = {**records[0]["prices"], "mode": "on_prem", "usd_per_gpu_hour": "3.0", "pue": "high",
+                            "usd_per_kwh": float("nan"), "g_co2_per_kwh": None}
+    write_ledger(tmp_path, records)
+    report = build_report(tmp_path)
+    assert report["prices"]["usd_per_gpu_hour"] is None and report["prices"]["pue"] is None
+    assert report["prices"]["usd_per_kwh"] is None and report["prices"]["usd_per_host_hour"] == 0.5
+    assert [p for p in report["problems"] if p.startswith("header price")] == [
+        "header price usd_per_gpu_hour is not a finite number (3.0): shown as unknown",
+        "header price usd_per_kwh is not a finite number (NaN): shown as unknown",
+        "header price pue is not a finite number (high): shown as unknown"]
+    md = render_markdown(report)
+    assert "| GPU price | n/a/GPU-h, given by the user |" in md and "| PUE | n/a |" in md
+    assert render_html(report).startswith("<!DOCTYPE html>")
+    assert T.usd("3.0") == T.number("x") == T.si([1]) == T.duration("1") == T.percent("50") == "n/a"
+
+
+def test_marginal_gain_decisions_are_thinned_to_about_fifty(tmp_path):
+    for count in (53, 99, 100, 400):
+        decisions = [{"name": "marginal_gain_decision", "stop": False, "monitor": "val_acc", "value": 0.5 + i * 1e-3,
+                      "totals": totals_at(10.0 * (i + 1))} for i in range(count)]
+        decisions[10]["stop"] = True
+        write_ledger(tmp_path, make_records(events=decisions)[0])
+        kept = [f for f in build_report(tmp_path)["series"]["forecasts"] if f["kind"] == "marginal_gain"]
+        assert 25 <= len(kept) <= 52, (count, len(kept))  # at most 50, the stop decision and the last
+        assert kept[-1]["value"] == pytest.approx(0.5 + (count - 1) * 1e-3) and any(f["stop"] for f in kept)
+
+
 def test_long_run_is_downsampled_for_plots_never_for_totals(tmp_path):
     records, end_totals = make_records(samples=12_000, step_s=7.2, metrics=())
     records[5000]["gpu_power_w"] = 99_999.0  # an outlier the plot must keep
@@ -405,6 +519,77 @@ def test_writes_are_atomic_and_stay_in_the_run_folder(tmp_path):
         "ledger.jsonl", "report.html", "report.json", "report.md"]  # no temporary file left
     with pytest.raises(ValueError, match="outside"):
         atomic_write(tmp_path / "elsewhere.txt", "x", within=tmp_path / "run")
+
+
+def _folder_state(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
+
+
+def test_a_failed_write_leaves_the_old_report_and_no_temporary_file(tmp_path, monkeypatch):
+    import costaware.report.write as W
+
+    write_ledger(tmp_path, make_records()[0])
+    write_report(tmp_path)
+    folder = tmp_path / "costaware"
+    before = _folder_state(folder)
+
+    def refuse(src, dst):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:  # the rename fails: the old file stays, the temporary file goes
+        m.setattr(W.os, "replace", refuse)
+        with pytest.raises(OSError, match="No space left"):
+            write_report(tmp_path)
+    assert _folder_state(folder) == before
+
+    def broken(report):
+        raise RuntimeError("renderer bug")
+
+    with monkeypatch.context() as m:  # a rendering fails: nothing is written, not even report.json
+        m.setattr(W, "render_html", broken)
+        with pytest.raises(RuntimeError, match="renderer bug"):
+            write_report(tmp_path)
+    assert _folder_state(folder) == before
+
+
+def test_written_files_follow_the_umask_and_the_folder_is_synced(tmp_path, monkeypatch):
+    write_ledger(tmp_path, make_records()[0])
+    synced_dirs = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            synced_dirs.append(fd)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    old = os.umask(0o077)
+    try:
+        paths = write_report(tmp_path)
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in paths.values()} == {"0o600"}
+    assert len(synced_dirs) == 3  # one per file, after its rename
+    old = os.umask(0o027)
+    try:
+        paths = write_report(tmp_path)
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in paths.values()} == {"0o640"}
+
+
+def test_a_report_is_written_next_to_the_ledger_named_not_the_one_it_was_built_from(tmp_path):
+    write_ledger(tmp_path / "a", make_records(run_id="run-a")[0])
+    write_ledger(tmp_path / "b", make_records(run_id="run-b")[0])
+    report_of_b = build_report(tmp_path / "b")
+    with pytest.raises(ValueError, match="refusing to write it next to another run's ledger"):
+        write_report(tmp_path / "a", report=report_of_b)
+    assert sorted(p.name for p in (tmp_path / "a" / "costaware").iterdir()) == ["ledger.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "b" / "costaware").iterdir()) == ["ledger.jsonl"]
+    # The same ledger named another way is fine, and the files land next to it.
+    paths = write_report(tmp_path / "a", report=build_report(tmp_path / "a" / "costaware" / "ledger.jsonl"))
+    assert {p.parent for p in paths.values()} == {tmp_path / "a" / "costaware"}
+    assert json.loads(paths["json"].read_text())["run"]["run_id"] == "run-a"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -455,6 +640,19 @@ def test_publish_to_loggers_is_duck_typed_and_never_raises(tmp_path):
         assert publish_to_loggers(WandbLogger(), list(paths.values())) == ["WandbLogger: 3 files saved"]
     with pytest.warns(RuntimeWarning):
         assert publish_to_loggers([mlflow], 42) == []  # bad paths: a warning, not an error
+
+
+@pytest.mark.parametrize("as_type", [str, Path])
+def test_publish_one_path_is_one_artifact(tmp_path, as_type):
+    write_ledger(tmp_path, make_records()[0])
+    md = write_report(tmp_path)["md"]
+    mlflow, wandb = MLFlowLogger(), WandbLogger()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        done = publish_to_loggers([mlflow, wandb], as_type(md))
+    assert done == ["MLFlowLogger: 1 artifacts in costaware/", "WandbLogger: 1 files saved"]
+    assert mlflow.experiment.calls == [("log_artifact", "mlflow-run-1", "report.md", "costaware")]
+    assert [c[1] for c in wandb.experiment.calls] == ["report.md"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,8 +6,15 @@
     costaware compare RUN_DIR... --out runs.html [--metric val_acc] [--mode max]
     costaware prices [--gpus] [--countries] [--cloud] [--json]
 
-Exit codes: 0 done; 1 a missing or unreadable ledger, or one that could only be read
-best-effort (newer schema, no header), with the reason on stderr; 2 a usage error.
+Exit codes:
+
+- 0: done.
+- 1: bad input, with the reason on stderr: a missing or unreadable ledger (no such path, no
+  ledger in it, permission denied), an output that cannot be written, or a ledger that could
+  only be read best-effort (newer schema, no header). In the last case, and for ``compare``
+  when some runs were skipped, the output is still printed and written from what could be
+  read, so a script can tell "done, but do not trust every figure" from 0.
+- 2: a usage error (bad option, or ``compare --metric`` that no run records).
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="costaware", description="Cost reports for PyTorch Lightning runs measured by costaware.",
-        epilog="Exit codes: 0 ok, 1 bad ledger or directory, 2 usage error.")
+        epilog="Exit codes: 0 ok; 1 bad input: a missing or unreadable ledger, or one read only best-effort "
+               "(the output is still written); 2 usage error.")
     sub = parser.add_subparsers(dest="command", metavar="{report,compare,prices}")
 
     report = sub.add_parser(
@@ -88,6 +96,8 @@ def _report(args: argparse.Namespace) -> int:
         report = build_report(args.run_dir)
     except LedgerError as err:
         return _fail(str(err))
+    except OSError as err:  # permission denied, a folder where the file should be, an I/O error
+        return _fail(f"could not read the ledger in {args.run_dir}: {err}")
     try:
         paths = write_report(args.run_dir, report=report)
     except OSError as err:
@@ -132,7 +142,12 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     for error in result["errors"]:
         print(f"costaware: warning: skipped {error}", file=sys.stderr)
-    return EXIT_BAD_INPUT if result["errors"] else EXIT_OK
+    untrusted = [run for run in result["runs"] + result["unranked"] if not run["trusted"]]
+    for run in untrusted:
+        reason = run["problems"][0] if run["problems"] else "no reason recorded"
+        print(f"costaware: warning: {run['source']} could only be read best-effort ({reason}); "
+              "its figures may be wrong", file=sys.stderr)
+    return EXIT_BAD_INPUT if result["errors"] or untrusted else EXIT_OK
 
 
 def _prices(args: argparse.Namespace) -> int:

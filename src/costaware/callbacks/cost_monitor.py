@@ -180,6 +180,7 @@ class CostMonitor:
             peak_flops_per_s=self._peak_flops_per_s,
             max_steps=trainer.max_steps,
             max_epochs=trainer.max_epochs,
+            accumulate_grad_batches=trainer.accumulate_grad_batches,
             resumed_from=self._resumed_from,
         )
 

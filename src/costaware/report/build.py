@@ -3,8 +3,9 @@
 The report is built from the ledger alone, so a run that crashed or was killed can be reported
 after the fact. It never invents a figure: a meter that did not measure is said to be "not
 measured" with its reason, never shown as zero, and whatever was wrong with the file (a truncated
-last line, a corrupt line, a newer schema) is listed under ``problems``. Totals are copied from
-the ledger exactly; only the time series kept for plotting are downsampled.
+last line, a corrupt line, a newer schema, a price that is not a number) is listed under
+``problems``. Totals are copied from the ledger exactly (a total the ledger lacks is None, shown
+as "not recorded"); only the time series kept for plotting are downsampled.
 
 Example::
 
@@ -25,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
-from costaware.ledger import LEDGER_FILENAME, LedgerContents, LedgerError, Totals, read_ledger
+from costaware.ledger import LEDGER_FILENAME, LedgerContents, LedgerError, read_ledger
 
 #: Version of the layout of ``report.json``; bumped when a key changes meaning or goes away.
 REPORT_SCHEMA_VERSION = 1
@@ -50,6 +51,12 @@ READINGS = {
 _MIN_HINTS = ("loss", "err", "perplexity", "ppl", "mse", "mae", "rmse", "wer", "cer", "nll", "bpb", "bpc")
 
 PathLike = Union[str, Path]
+
+#: The totals key of each energy part.
+_ENERGY_KEYS = {"gpu": "gpu_energy_j", "cpu": "cpu_energy_j", "ram": "ram_energy_j"}
+
+#: How the report says a total is missing from the ledger.
+NOT_RECORDED = "not recorded"
 
 
 def find_ledger(source: PathLike) -> Path:
@@ -154,11 +161,12 @@ def _build(path: Path, contents: LedgerContents, trusted: bool, max_points: int)
     totals, totals_source = _final_totals(end, samples, events)
     columns = _sample_columns(samples)
     meters = _meters(end, header)
-    prices = header.get("prices") if isinstance(header.get("prices"), dict) else None
+    raw_prices = header.get("prices") if isinstance(header.get("prices"), dict) else None
+    prices = _clean_prices(raw_prices, problems)
     schema = header.get("schema")
     resumes = [e for e in events if e.get("name") == "resumed"]
     for resumed in resumes:
-        if prices is not None and isinstance(resumed.get("prices"), dict) and resumed["prices"] != prices:
+        if raw_prices is not None and isinstance(resumed.get("prices"), dict) and resumed["prices"] != raw_prices:
             notes.append("prices changed on resume: the totals use each session's own prices; "
                          f"later prices: {_short(resumed['prices'])}")
 
@@ -216,6 +224,23 @@ def _build(path: Path, contents: LedgerContents, trusted: bool, max_points: int)
     return report
 
 
+#: The figures of a header's ``prices`` that must be numbers.
+PRICE_NUMBERS = ("usd_per_gpu_hour", "usd_per_host_hour", "usd_per_kwh", "pue", "g_co2_per_kwh")
+
+
+def _clean_prices(prices: Optional[dict], problems: list) -> Optional[dict]:
+    """The header's prices with every figure a finite float or None; a bad figure is a problem."""
+    if prices is None:
+        return None
+    out = dict(prices)
+    for key in PRICE_NUMBERS:
+        if key in out and out[key] is not None and _num(out[key]) is None:
+            problems.append(f"header price {key} is not a finite number ({_short(out[key], 60)}): shown as unknown")
+        if key in out:
+            out[key] = _num(out[key])
+    return out
+
+
 def _final_totals(end: Optional[dict], samples: list, events: list) -> tuple[dict, str]:
     """The run's totals exactly as the ledger records them, and which record they come from."""
     if end is not None and isinstance(end.get("totals"), dict):
@@ -234,12 +259,14 @@ def _final_totals(end: Optional[dict], samples: list, events: list) -> tuple[dic
 
 
 def _totals_dict(raw: dict) -> dict:
-    out = {}
-    for key in TOTAL_KEYS:
-        value = _num(raw.get(key))
-        out[key] = value if value is not None else (0.0 if key != "kwh" else None)
+    """Each total as a finite float, or None where the record lacks it (never a made-up zero).
+
+    A missing ``kwh`` is the sum of the energies that are recorded (None if none is).
+    """
+    out = {key: _num(raw.get(key)) for key in TOTAL_KEYS}
     if out["kwh"] is None:
-        out["kwh"] = Totals.from_dict({k: v for k, v in out.items() if k != "kwh"}).kwh
+        parts = [out[k] for k in _ENERGY_KEYS.values() if out[k] is not None]
+        out["kwh"] = sum(parts) / 3.6e6 if parts else None
     return out
 
 
@@ -258,7 +285,8 @@ def _energy(totals: dict, meters: dict) -> dict:
     if not meters["known"]:
         unknown = "unknown: the ledger records no meter status"
         gpu_status = cpu_status = ram_status = unknown
-        gpu_ok, host_ok = totals["gpu_energy_j"] > 0, totals["cpu_energy_j"] > 0 or totals["ram_energy_j"] > 0
+        gpu_ok = (totals["gpu_energy_j"] or 0.0) > 0
+        host_ok = (totals["cpu_energy_j"] or 0.0) > 0 or (totals["ram_energy_j"] or 0.0) > 0
     else:
         gpu_ok = bool(gpu.get("present")) and gpu.get("energy_source", "unavailable") != "unavailable"
         if gpu_ok:
@@ -279,8 +307,11 @@ def _energy(totals: dict, meters: dict) -> dict:
         "cpu": (host_ok, cpu_status, totals["cpu_energy_j"]),
         "ram": (host_ok, ram_status, totals["ram_energy_j"]),
     }
-    out = {name: {"measured": ok, "kwh": (energy_j / 3.6e6 if ok else None), "status": status}
-           for name, (ok, status, energy_j) in parts.items()}
+    out = {}
+    for name, (ok, status, energy_j) in parts.items():
+        if ok and energy_j is None:  # the meter ran, but the ledger's totals hold no figure for it
+            ok, status = False, f"{NOT_RECORDED}: the ledger's totals hold no {_ENERGY_KEYS[name]}"
+        out[name] = {"measured": ok, "kwh": (energy_j / 3.6e6 if ok else None), "status": status}
     missing = [name.upper() for name, part in out.items() if not part["measured"]]
     out["total_kwh"] = totals["kwh"]
     out["total_note"] = ("complete" if not missing else
@@ -295,6 +326,8 @@ def _status_text(status: Any, measured: str) -> str:
 
 
 def _flops_status(totals: dict, meters: dict) -> str:
+    if totals["flops"] is None:
+        return f"{NOT_RECORDED}: the ledger's totals hold no FLOP count"
     flops = meters["flops"]
     status = flops.get("status", "ok") if meters["known"] else "unknown"
     if status not in ("ok", "unknown"):
@@ -308,6 +341,9 @@ def _cost_breakdown(totals: dict, prices: Optional[dict]) -> list[dict]:
     """Where the dollars went: GPU rental, host rental, energy (on-prem), at the header's prices."""
     if not prices:
         return []
+    needed = ("usd", "gpu_hours", "host_hours") + (("kwh",) if prices.get("mode") == "on_prem" else ())
+    if any(totals[key] is None for key in needed):
+        return []  # a part of the bill the ledger does not record cannot be split out
     usd_gpu = totals["gpu_hours"] * (_num(prices.get("usd_per_gpu_hour")) or 0.0)
     usd_host = totals["host_hours"] * (_num(prices.get("usd_per_host_hour")) or 0.0)
     usd_energy = 0.0
@@ -341,8 +377,9 @@ def _averages(totals: dict, header: dict, meters: dict, columns: dict) -> dict:
     out["gpu_utilization_note"] = "measured (NVML, time-weighted mean of samples)" if out["gpu_utilization_pct"] \
         is not None else no_gpu_reason
     peak = _num(header.get("peak_flops_per_s"))
-    gpu_s = totals["gpu_hours"] * 3600.0
-    out["mfu_pct_overall"] = 100.0 * totals["flops"] / (peak * gpu_s) if peak and gpu_s > 0 and totals["flops"] > 0 else None
+    gpu_s = (totals["gpu_hours"] or 0.0) * 3600.0
+    flops = totals["flops"] or 0.0
+    out["mfu_pct_overall"] = 100.0 * flops / (peak * gpu_s) if peak and gpu_s > 0 and flops > 0 else None
     if out["throughput_mfu_pct"] is not None:
         out["mfu_note"] = "measured (FLOPs counted / peak FLOP/s of the GPU, time-weighted mean of samples)"
     elif not peak:
@@ -524,19 +561,25 @@ def _planned(header: dict, totals: dict, events: list) -> dict:
             estimates.append({"usd": _num(event["forecast_usd"]),
                               "basis": "forecast event" + (f" ({event['basis']})" if event.get("basis") else "")})
             break
-    max_steps, world = header.get("max_steps"), header.get("world_size") or 1
+    max_steps, world = _num(header.get("max_steps")), _num(header.get("world_size") or 1)
+    accumulate = _num(header.get("accumulate_grad_batches"))  # absent from ledgers written so far
+    accumulate = accumulate if accumulate is not None and accumulate >= 1 else None
     done = totals["train_batches"]
     fraction = None
-    if isinstance(max_steps, (int, float)) and max_steps > 0 and done > 0 and isinstance(world, (int, float)):
-        planned_batches = float(max_steps) * float(world)
+    if max_steps is not None and max_steps > 0 and done is not None and done > 0 and world is not None and world > 0:
+        planned_batches = max_steps * world * (accumulate or 1.0)
         fraction = done / planned_batches
         if fraction <= 1.0 + 1e-9:
-            estimates.append({"usd": totals["usd"] / fraction,
-                              "basis": f"{done:g} of {planned_batches:g} planned batches (max_steps={max_steps:g} x "
-                                       f"{world:g} ranks) at the cost per batch so far; assumes one batch per "
-                                       "optimizer step"})
+            if totals["usd"] is not None:
+                per_step = (f"{accumulate:g} batches per optimizer step (accumulate_grad_batches)" if accumulate
+                            else "assumes one batch per optimizer step (the ledger does not record "
+                                 "accumulate_grad_batches)")
+                factors = f"max_steps={max_steps:g} x {world:g} ranks" + (f" x {accumulate:g}" if accumulate else "")
+                estimates.append({"usd": totals["usd"] / fraction,
+                                  "basis": f"{done:g} of {planned_batches:g} planned batches ({factors}) at the cost "
+                                           f"per batch so far; {per_step}"})
         else:
-            fraction = None  # gradient accumulation: steps are not batches, and the ledger cannot tell
+            fraction = None  # gradient accumulation the ledger does not record: steps are not batches
     for event in events[::-1]:
         if event.get("name") == "marginal_gain_decision" and _num(event.get("usd_to_predicted_final")) is not None:
             at = _num((event.get("totals") or {}).get("usd") if isinstance(event.get("totals"), dict) else None) or 0.0
@@ -549,7 +592,7 @@ def _planned(header: dict, totals: dict, events: list) -> dict:
     if fraction is not None and fraction >= 1.0 - 1e-9:
         out["note"] = "the run finished its plan (max_steps reached)"
         out["usd_not_spent"] = 0.0
-    elif out["usd"] is not None:
+    elif out["usd"] is not None and totals["usd"] is not None:
         out["usd_not_spent"] = max(0.0, out["usd"] - totals["usd"])
     elif isinstance(header.get("max_epochs"), (int, float)) and header.get("max_epochs", -1) > 0:
         out["note"] = ("unknown: the plan is max_epochs, and the ledger does not record batches per epoch "
@@ -566,20 +609,21 @@ def _outcome(end: Optional[dict], events: list, planned: dict) -> dict:
     else:
         how = str(end.get("how", "unknown"))
         why = f"ended: {how}"
+    # Only the last session decides why the run ended: an exception or a cap hit before a
+    # ``resumed`` event ended an earlier session, not the run.
     for event in events[::-1]:
         name = event.get("name")
+        if name == "resumed":
+            break
         if name == "exception":
-            why = f"stopped by an exception: {event.get('error', '?')}"
-            break
+            return {"how": how, "why": f"stopped by an exception: {event.get('error', '?')}"}
         if name == "budget_cap_hit":
-            why = "stopped by a budget cap: " + describe_event(name, event)
-            break
+            return {"how": how, "why": "stopped by a budget cap: " + describe_event(name, event)}
         if name == "marginal_gain_decision" and event.get("stop"):
-            why = "stopped by the marginal-gain policy" + (f": {event['reason']}" if event.get("reason") else "")
-            break
-    else:
-        if end is not None and planned.get("note", "") and str(planned.get("note")).startswith("the run finished"):
-            why = "completed: max_steps reached"
+            return {"how": how, "why": "stopped by the marginal-gain policy"
+                    + (f": {event['reason']}" if event.get("reason") else "")}
+    if end is not None and str(planned.get("note") or "").startswith("the run finished"):
+        why = "completed: max_steps reached"
     return {"how": how, "why": why}
 
 
@@ -662,7 +706,7 @@ def _forecasts(events: list, metrics: list) -> list[dict]:
     decisions = [f for f in out if f["kind"] == "marginal_gain"]
     if len(decisions) > 52:
         keep = {id(f) for f in decisions if f["stop"]} | {id(decisions[-1])}
-        step = max(1, len(decisions) // 50)
+        step = max(1, math.ceil(len(decisions) / 50))
         keep |= {id(f) for f in decisions[::step]}
         out = [f for f in out if f["kind"] != "marginal_gain" or id(f) in keep]
     return out

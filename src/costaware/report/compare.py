@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 from costaware.ledger import LedgerError
 from costaware.report import text as T
-from costaware.report.build import PathLike, _build, guess_mode, load_ledger
+from costaware.report.build import PathLike, _build, _num, guess_mode, load_ledger
 from costaware.report.plots import PALETTE, Line, line_chart
 
 MODES = ("max", "min")
@@ -88,13 +88,18 @@ def compare_runs(sources: Sequence[PathLike], metric: Optional[str] = None, mode
     runs, unranked = [], []
     for run, name in zip(loaded, display):
         report = run["report"]
-        points = [(float(r["value"]), float(r.get("usd") or 0.0), r.get("step")) for r in run["records"]
-                  if r["name"] == metric and isinstance(r.get("value"), (int, float)) and not isinstance(r["value"], bool)]
+        # A point counts only with a finite value and a finite cost: a NaN (diverged) value or a
+        # missing / non-numeric dollar figure says nothing about metric per dollar.
+        points = [(value, usd, r.get("step")) for r in run["records"] if r["name"] == metric
+                  for value, usd in [(_num(r.get("value")), _num(r.get("usd")))]
+                  if value is not None and usd is not None]
         entry = {"name": name, "source": run["source"], "run_id": report["run"]["run_id"],
                  "usd": report["totals"]["usd"], "complete": report["ledger"]["complete"],
                  "trusted": report["ledger"]["trusted"], "problems": report["problems"]}
         if not points:
-            unranked.append({**entry, "reason": f"no {metric} recorded"})
+            recorded = any(r["name"] == metric for r in run["records"])
+            unranked.append({**entry, "reason": f"no finite {metric} with its cost recorded" if recorded
+                             else f"no {metric} recorded"})
             continue
         pick = max if mode == "max" else min
         best = pick(points, key=lambda p: p[0])
@@ -104,7 +109,8 @@ def compare_runs(sources: Sequence[PathLike], metric: Optional[str] = None, mode
         runs.append(entry)
     _mark_pareto(runs, mode)
     sign = 1.0 if mode == "max" else -1.0
-    runs.sort(key=lambda r: (r["score"] is None, -(r["score"] or 0.0), not r["pareto"], -sign * r["best"], r["usd"]))
+    runs.sort(key=lambda r: (r["score"] is None, -(r["score"] or 0.0), not r["pareto"], -sign * r["best"],
+                             r["usd"] is None, r["usd"] or 0.0))
     for rank, run in enumerate(runs, start=1):
         run["rank"] = rank
     return {"metric": metric, "mode": mode,
@@ -112,8 +118,8 @@ def compare_runs(sources: Sequence[PathLike], metric: Optional[str] = None, mode
             "runs": runs, "unranked": unranked, "errors": errors}
 
 
-def _score(best: float, usd: float, mode: str) -> Optional[float]:
-    if usd <= 0 or best <= 0:
+def _score(best: float, usd: Optional[float], mode: str) -> Optional[float]:
+    if usd is None or usd <= 0 or best <= 0:
         return None
     return best / usd if mode == "max" else 1.0 / (best * usd)
 
@@ -121,8 +127,12 @@ def _score(best: float, usd: float, mode: str) -> Optional[float]:
 def _mark_pareto(runs: list[dict], mode: str) -> None:
     sign = 1.0 if mode == "max" else -1.0
     for run in runs:
+        if run["usd"] is None:  # a run whose total cost is not recorded cannot be placed on the front
+            run["pareto"] = False
+            continue
         run["pareto"] = not any(
-            other is not run and other["usd"] <= run["usd"] and sign * other["best"] >= sign * run["best"]
+            other is not run and other["usd"] is not None
+            and other["usd"] <= run["usd"] and sign * other["best"] >= sign * run["best"]
             and (other["usd"] < run["usd"] or sign * other["best"] > sign * run["best"])
             for other in runs
         )
@@ -152,11 +162,11 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
             notes.append("ledger not trusted")
         if run["problems"]:
             notes.append(f"{len(run['problems'])} problem(s)")
-        rows.append([str(run["rank"]), run["name"], f"{run['best']:.4g}", T.usd(run["usd"]),
+        rows.append([str(run["rank"]), run["name"], f"{run['best']:.4g}", T.recorded(run["usd"], T.usd),
                      f"{run['score']:.4g}" if run["score"] is not None else "n/a", T.usd(run["usd_at_best"]),
                      T.cell(run["step_at_best"]), "*" if run["pareto"] else "", "; ".join(notes)])
     for run in result["unranked"]:
-        rows.append(["-", run["name"], "n/a", T.usd(run["usd"]), "n/a", "", "", "", run["reason"]])
+        rows.append(["-", run["name"], "n/a", T.recorded(run["usd"], T.usd), "n/a", "", "", "", run["reason"]])
     return head, rows
 
 
@@ -180,6 +190,8 @@ def render_compare_svg(result: dict) -> str:
         if len(run["curve_usd"]) > 1:
             lines.append(Line(f"{run['name']} ({metric} over the run)", run["curve_usd"], run["curve_value"], color,
                               css_class="run-curve", legend=False))
+        if run["usd"] is None:  # no total cost recorded: nowhere to put it on the dollars axis
+            continue
         lines.append(Line(f"#{run['rank']} {run['name']}", [run["usd"]], [run["best"]], color, style="points",
                           css_class="run-best",
                           point_labels=[f"#{run['rank']} {run['name']}: {run['best']:.4g}, {T.usd(run['usd'])}"]))

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
@@ -104,8 +105,10 @@ def _as_list(loggers: Any) -> list:
 def _as_paths(paths: Any) -> dict[str, Path]:
     if isinstance(paths, Mapping):
         return {str(k): Path(v) for k, v in paths.items()}
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        paths = [paths]  # one path, not a sequence of one-letter ones
     out = {}
     for p in paths:
-        p = Path(p)
+        p = Path(os.fsdecode(p))
         out[p.suffix.lstrip(".") or p.name] = p
     return out

@@ -11,10 +11,26 @@ from typing import Any, Optional
 
 _SI = ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
 
+#: What a total the ledger does not hold reads as.
+NOT_RECORDED = "not recorded"
+
+
+def _real(value: Any) -> Optional[float]:
+    """A finite float, or None for anything else (None, bools, strings, NaN): the formatters never raise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def recorded(value: Optional[float], fmt) -> str:
+    """``fmt(value)``, or "not recorded" where the ledger holds no such figure."""
+    return fmt(value) if _real(value) is not None else NOT_RECORDED
+
 
 def usd(value: Optional[float]) -> str:
     """Dollars with as many decimals as a small figure needs: ``$12.35``, ``$0.0123``, ``$6.5e-05``."""
-    if value is None or not math.isfinite(value):
+    value = _real(value)
+    if value is None:
         return "n/a"
     sign, a = ("-" if value < 0 else ""), abs(value)
     if a == 0:
@@ -32,7 +48,8 @@ def usd(value: Optional[float]) -> str:
 
 def number(value: Optional[float], unit: str = "", digits: int = 4) -> str:
     """A figure with ``digits`` significant digits and its unit: ``0.0123 kWh``, ``1.2e-07 kg``."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    value = _real(value)
+    if value is None:
         return "n/a"
     text = f"{value:.{digits}g}"
     return f"{text} {unit}".strip()
@@ -40,7 +57,8 @@ def number(value: Optional[float], unit: str = "", digits: int = 4) -> str:
 
 def si(value: Optional[float], unit: str = "") -> str:
     """A large count with an SI prefix: ``5.12 kFLOP``, ``3.4 PFLOP``."""
-    if value is None or not math.isfinite(value):
+    value = _real(value)
+    if value is None:
         return "n/a"
     for scale, prefix in _SI:
         if abs(value) >= scale:
@@ -50,7 +68,8 @@ def si(value: Optional[float], unit: str = "") -> str:
 
 def duration(seconds: Optional[float]) -> str:
     """``45.2 s``, ``12 min 5 s``, ``3 h 12 min``."""
-    if seconds is None or not math.isfinite(seconds):
+    seconds = _real(seconds)
+    if seconds is None:
         return "n/a"
     if seconds < 60:
         return f"{seconds:.3g} s"
@@ -60,6 +79,7 @@ def duration(seconds: Optional[float]) -> str:
 
 
 def percent(value: Optional[float]) -> str:
+    value = _real(value)
     return "n/a" if value is None else f"{value:.1f} %"
 
 
@@ -102,23 +122,25 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         p = e[part]
         return f"{number(p['kwh'], 'kWh')} ({p['status']})" if p["measured"] else p["status"]
 
+    elapsed = _real(t["elapsed_s"])
     rows = [
         ("Outcome", report["outcome"]["why"]),
-        ("Wall time", duration(t["elapsed_s"]) + (f" ({number(t['elapsed_s'], 's', 6)})" if t["elapsed_s"] >= 60 else "")
+        ("Wall time", recorded(elapsed, duration)
+                      + (f" ({number(elapsed, 's', 6)})" if elapsed is not None and elapsed >= 60 else "")
                       + (f", from {run['started']} to {run['ended']}" if run.get("started") else "")),
-        ("Dollars", usd(t["usd"])),
-        ("GPU-hours", number(t["gpu_hours"], "GPU-h") + (" (no GPU held)" if not t["gpu_hours"] and not
-                                                         (report["meters"]["gpu"] or {}).get("present") else "")),
-        ("Host-hours", number(t["host_hours"], "host-h")),
-        ("Energy, total", f"{number(t['kwh'], 'kWh')} ({energy_note(report)})"),
+        ("Dollars", recorded(t["usd"], usd)),
+        ("GPU-hours", recorded(t["gpu_hours"], lambda v: number(v, "GPU-h"))
+         + (" (no GPU held)" if t["gpu_hours"] == 0 and not (report["meters"]["gpu"] or {}).get("present") else "")),
+        ("Host-hours", recorded(t["host_hours"], lambda v: number(v, "host-h"))),
+        ("Energy, total", f"{recorded(t['kwh'], lambda v: number(v, 'kWh'))} ({energy_note(report)})"),
         ("Energy, GPU", energy("gpu", "GPU")),
         ("Energy, CPU", energy("cpu", "CPU")),
         ("Energy, RAM", energy("ram", "RAM")),
-        ("CO2", f"{number(t['co2_kg'], 'kg CO2-eq')}" + ("" if e["total_note"] == "complete" else
-                                                       " (from the measured energy only)")),
-        ("FLOPs", f"{si(t['flops'], 'FLOP')} ({report['flops_status']})" if not
+        ("CO2", recorded(t["co2_kg"], lambda v: number(v, "kg CO2-eq"))
+         + ("" if e["total_note"] == "complete" or _real(t["co2_kg"]) is None else " (from the measured energy only)")),
+        ("FLOPs", f"{si(t['flops'], 'FLOP')} ({report['flops_status']})" if _real(t["flops"]) is not None and not
          report["flops_status"].startswith("not measured") else report["flops_status"]),
-        ("Training batches", number(t["train_batches"], "", 8)),
+        ("Training batches", recorded(t["train_batches"], lambda v: number(v, "", 8))),
         ("Mean MFU", measured_or_reason(a.get("throughput_mfu_pct"), a.get("mfu_note", "not measured"), percent)
          + (f"; overall {percent(a['mfu_pct_overall'])} (FLOPs / GPU-seconds x peak)"
             if a.get("mfu_pct_overall") is not None else "")),

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from costaware.report.build import DEFAULT_MAX_POINTS, PathLike, build_report
+from costaware.report.build import DEFAULT_MAX_POINTS, PathLike, build_report, find_ledger
 from costaware.report.html import render_html
 from costaware.report.markdown import render_markdown
 
@@ -35,7 +35,8 @@ def write_report(run_dir_or_ledger_path: PathLike, report: Optional[dict] = None
                  max_points: int = DEFAULT_MAX_POINTS) -> dict[str, Path]:
     """Build the report of a run from its ledger and write ``report.json``, ``.md`` and ``.html``.
 
-    The files go in the ledger's own folder (``<log_dir>/costaware/``).
+    The files go in the folder of the ledger that ``run_dir_or_ledger_path`` names
+    (``<log_dir>/costaware/``), never anywhere a ``report`` dict points.
 
     Args:
         run_dir_or_ledger_path: a run directory, its ``costaware/`` folder, or ``ledger.jsonl``.
@@ -47,11 +48,18 @@ def write_report(run_dir_or_ledger_path: PathLike, report: Optional[dict] = None
 
     Raises:
         LedgerError: no ledger there (nothing to report).
+        ValueError: ``report`` was built from another ledger.
         OSError: the folder cannot be written.
     """
+    ledger = find_ledger(run_dir_or_ledger_path)
     if report is None:
-        report = build_report(run_dir_or_ledger_path, max_points=max_points)
-    folder = Path(report["ledger"]["path"]).parent
+        report = build_report(ledger, max_points=max_points)
+    else:
+        built_from = (report.get("ledger") or {}).get("path") if isinstance(report, dict) else None
+        if not built_from or Path(built_from).resolve() != ledger.resolve():
+            raise ValueError(f"the report was built from {built_from or 'an unknown ledger'}, not from {ledger}: "
+                             "refusing to write it next to another run's ledger")
+    folder = ledger.parent
     texts = {
         "json": json.dumps(_finite(report), indent=1, allow_nan=False, default=str) + "\n",
         "md": render_markdown(report) + "\n",
@@ -95,7 +103,7 @@ def atomic_write(path: Path, text: str, within: Optional[Path] = None) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0o600; a report is as readable as any new file
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -103,4 +111,33 @@ def atomic_write(path: Path, text: str, within: Optional[Path] = None) -> Path:
         except OSError:
             pass
         raise
+    _fsync_dir(folder)
     return path
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the platform allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it (and put it straight back)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable: fsync the folder (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
