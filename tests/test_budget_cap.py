@@ -520,3 +520,159 @@ def test_ddp_ranks_stop_together_on_the_run_total(tmp_path):
 def test_bad_input_fails_at_construction(ns, kwargs, error, message):
     with pytest.raises(error, match=message):
         ns.costaware.BudgetCap(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Review fixes: saves after a validation, DDP agreement before a validation, reloaded epochs,
+# forecast saves
+# ---------------------------------------------------------------------------------------------
+
+
+def test_modelcheckpoint_saves_after_a_validation_are_counted_and_reserved(pl_ns, tmp_path, sclock):
+    """Epochs of 4 steps (1 s), a 1-batch validation (1 s) and ModelCheckpoint(save_last=True): two
+    saves of 2 s after every validation, all of which a stop entails with its own checkpoint.
+
+    The sanity check takes 1 s; epoch 0 ends at 5 s, its validation at 6 s and its saves at 10 s.
+    After step k of epoch 1 (k = 5..8) the clock is at k + 6 and going on costs 1 s, the stop's
+    validation (1.2 s with the margin) and three saves (7.2 s): k + 15.4 <= 23.5 up to k = 8; but
+    after step 8 (14 s) the scheduled validation and its saves are due as well (6 s): 14 + 6 + 1 +
+    8.4 > 23.5, so it stops there and ends at 14 + 1 + 4 + 2 = 21 s. Counting the saves after a
+    validation as 0 (as before) reserved 3.6 s: it went on to step 9 and ended at 27 s.
+    """
+    monitor = _monitor(pl_ns, sclock)
+    budget = pl_ns.costaware.BudgetCap(max_time=23.5)
+    saver = pl_ns.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = _trainer(pl_ns, tmp_path, [monitor, budget, saver], max_steps=-1, max_epochs=5, limit_train_batches=4,
+                       limit_val_batches=1, num_sanity_val_steps=1)
+    trainer.fit(_model(pl_ns, sclock, val_batch_s=1.0, save_s=2.0))
+    assert budget._saves_per_validation == 2
+    assert trainer.global_step == 8
+    assert monitor.totals.elapsed_s <= 23.5
+    assert monitor.totals.elapsed_s == pytest.approx(21.0)
+    state = torch.load(_events(monitor, "budget_cap_hit")[0]["checkpoint"], weights_only=False)
+    assert state["callbacks"]["BudgetCap"]["saves_per_validation"] == 2
+
+
+class _FakeStrategy:
+    """Two ranks seen from one: every collective returns this rank's value, and is counted."""
+
+    def __init__(self):
+        self.agreements = []
+
+    def reduce_boolean_decision(self, decision, all=True):
+        self.agreements.append(self.batch)
+        return decision
+
+    def reduce(self, tensor, reduce_op="mean"):
+        return tensor
+
+
+def _ddp_replay(ns, cap, every=100, batch=1.0, validation=120.0, batches=2000):
+    """Replay a DDP run through ``BudgetCap._agree``: batches of ``batch``, a validation of
+    ``validation`` after every ``every`` batches and at a stop; returns (final spend, agreements)."""
+    from types import SimpleNamespace
+
+    from costaware.callbacks.budget_cap import _Schedule
+    from costaware.forecast import StopPlan
+
+    budget = ns.costaware.BudgetCap(max_usd=cap, warmup_steps=0)
+    budget._schedule = _Schedule(validation=True, time_based=False, batches_per_epoch=every, val_check_batch=every,
+                                 check_val_every_n_epoch=1, checkpoint_callbacks=0, default_saves=0, epoch_saves=0,
+                                 step_savers=())
+    strategy = _FakeStrategy()
+    trainer = SimpleNamespace(world_size=2, strategy=strategy, log_every_n_steps=50, accumulate_grad_batches=1)
+    module = SimpleNamespace(device=torch.device("cpu"))
+    planner = budget.planner
+    planner.observe_validation({**_zero(), "usd": validation})
+    spent = 0.0
+    for b in range(1, batches + 1):
+        strategy.batch = b
+        spent += batch
+        planner.observe_batch({**_zero(), "usd": batch})
+        now = {**_zero(), "usd": spent}
+        plan = StopPlan(validation_now=b % every == 0, validation_on_stop=True, saves_per_validation=0, saves_on_stop=0)
+        breach = planner.decide(now, plan)
+        if budget._agree(trainer, module, breach is not None, now, plan):
+            return spent + validation, strategy.agreements  # the stop's validation
+        if b % every == 0:
+            spent += validation
+    return spent, strategy.agreements
+
+
+def _zero():
+    from costaware.forecast import zero
+
+    return zero()
+
+
+@pytest.mark.parametrize("cap", [1000.0, 1010.0, 1050.0, 1100.0, 1200.0, 1300.0, 1500.0])
+def test_ddp_ranks_agree_before_every_scheduled_validation(pl_ns, cap):
+    """The reviewer's case: validations of $120 every 100 batches of $1. The headroom spreads a
+    validation over 100 batches, so the ranks used to agree some 20-30 batches apart and let a
+    scheduled validation run that a stop should have replaced: over the cap. Now they also agree
+    after every batch that a validation follows."""
+    final, agreements = _ddp_replay(pl_ns, cap)
+    assert final <= cap
+    assert {100, 200, 300} <= set(agreements)
+
+
+def test_ddp_ranks_agree_before_step_saves(pl_ns):
+    from types import SimpleNamespace
+
+    from costaware.callbacks.budget_cap import _Schedule
+    from costaware.forecast import StopPlan
+
+    budget = pl_ns.costaware.BudgetCap(max_usd=1e6, warmup_steps=0)
+    budget._schedule = _Schedule(validation=False, time_based=False, batches_per_epoch=1000, val_check_batch=None,
+                                 check_val_every_n_epoch=1, checkpoint_callbacks=1, default_saves=1, epoch_saves=0,
+                                 step_savers=((10, 1),))
+    strategy = _FakeStrategy()
+    trainer = SimpleNamespace(world_size=2, strategy=strategy, log_every_n_steps=50, accumulate_grad_batches=1)
+    budget.planner.observe_batch({**_zero(), "usd": 1.0})
+    for step in range(1, 31):
+        strategy.batch = step
+        plan = StopPlan(validation_on_stop=False, saves_now=budget._schedule.step_saves(step),
+                        saves_next=budget._schedule.step_saves(step + 1))
+        budget._agree(trainer, SimpleNamespace(device=torch.device("cpu")), False, {**_zero(), "usd": 1.0}, plan)
+    assert {9, 10, 19, 20, 29, 30} <= set(strategy.agreements)
+    assert budget._schedule.step_saves_per_batch() == pytest.approx(0.1)
+    assert budget._schedule.step_saves_between(5, 30) == 3 and budget._schedule.step_saves_between(30, 30) == 0
+
+
+def test_a_reloaded_longer_epoch_is_still_capped(pl_ns, tmp_path, sclock):
+    """Epoch 0 has 4 batches, the reloaded epoch 1 has 20: the run planned at fit start (8 batches)
+    is passed at step 8, and the cap must still stop it at step 12 (12 s, an 13th would reach 13 s)."""
+    from pytorch_lightning.demos.boring_classes import RandomDataset
+    from torch.utils.data import DataLoader
+
+    model = _model(pl_ns, sclock)
+
+    def train_dataloader():
+        length = 4 if model.trainer.current_epoch == 0 else 20
+        return DataLoader(RandomDataset(32, length), batch_size=1)
+
+    model.train_dataloader = train_dataloader
+    monitor = _monitor(pl_ns, sclock)
+    budget = pl_ns.costaware.BudgetCap(max_time=12.5)
+    trainer = _trainer(pl_ns, tmp_path, [monitor, budget], max_steps=-1, max_epochs=2,
+                       reload_dataloaders_every_n_epochs=1, enable_checkpointing=False)
+    trainer.fit(model)
+    assert trainer.global_step == 12 and monitor.totals.elapsed_s == pytest.approx(12.0)
+    assert budget._planned_batches == 4 + 20  # re-read at the reloaded epoch
+
+
+def test_forecast_counts_save_last_and_step_saves(pl_ns, tmp_path, sclock):
+    """No validation; 3 epochs of 8 steps of 1 s; saves of 1 s: ModelCheckpoint(save_last=True) saves
+    twice at every epoch end (6), one with every_n_train_steps=4 after steps 4, 8, ..., 24 (6):
+    24 + 12 s. The first forecast (after step 5) counts them all."""
+    monitor = _monitor(pl_ns, sclock)
+    budget = pl_ns.costaware.BudgetCap(max_time=1000)
+    by_epoch = pl_ns.callbacks.ModelCheckpoint(dirpath=tmp_path / "epochs", save_last=True)
+    by_steps = pl_ns.callbacks.ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=4, save_top_k=-1)
+    trainer = _trainer(pl_ns, tmp_path, [monitor, budget, by_epoch, by_steps], max_steps=-1, max_epochs=3,
+                       limit_train_batches=8)
+    trainer.fit(_model(pl_ns, sclock, save_s=1.0))
+    assert monitor.totals.elapsed_s == pytest.approx(36.0)
+    first = _events(monitor, "forecast")[0]
+    assert first["batches_done"] == 5
+    assert first["forecast"]["elapsed_s"] == pytest.approx(36.0)

@@ -333,3 +333,42 @@ def test_benchmark_replays_the_same_decision_code():
         assert bench.simulate(spec, mode="EarlyStopping").final_usd > predictive.cap_usd  # the baseline overshoots
     ours, linear = bench.forecast_errors(bench.RunSpec(kind="steady", seed=1, cap_fraction=0.3))
     assert ours < 0.05
+
+
+def test_reactive_keeps_a_scheduled_validation_besides_the_stops():
+    """Reactive, with a validation due now: not stopping runs it, and the stop after the next batch
+    runs another, so both are counted (counting one lets the stop overshoot by a whole
+    validation). Batches of 1, a validation of 6 after every 10 and at the stop: never more than
+    one batch over any cap."""
+    for cap in [c + 0.25 for c in range(20, 80)]:
+        planner = BudgetPlanner({"max_usd": cap}, predictive=False, warmup_batches=0)
+        planner.observe_validation(_cost(6.0))
+        spent = 0.0
+        for b in range(1, 200):
+            spent += 1.0
+            planner.observe_batch(_cost(1.0))
+            plan = StopPlan(validation_now=b % 10 == 0, validation_on_stop=True)
+            if planner.decide(_cost(spent), plan) is not None:
+                spent += 6.0
+                break
+            if b % 10 == 0:
+                spent += 6.0
+        assert spent - cap <= 1.0, cap
+
+
+def test_headroom_spreads_step_saves_over_batches():
+    planner = BudgetPlanner({"max_usd": 100.0}, warmup_batches=0)
+    planner.observe_batch(_cost(2.0))
+    planner.observe_checkpoint(_cost(5.0))
+    plan = StopPlan(validation_on_stop=False, saves_on_stop=0)
+    # One save every 10 batches: 2 + 5 x 1.2 / 10 a batch.
+    assert planner.headroom_batches(_cost(50.0), plan, math.inf, 0.1) == pytest.approx(50.0 / (2.0 + 0.6))
+
+
+def test_state_from_a_newer_version_is_refused():
+    planner = BudgetPlanner({"max_usd": 1.0})
+    state = planner.state_dict()
+    assert state["version"] == 1
+    BudgetPlanner({"max_usd": 1.0}).load_state_dict({k: v for k, v in state.items() if k != "version"})  # older
+    with pytest.raises(ValueError, match="version 2 is newer than this costaware reads"):
+        BudgetPlanner({"max_usd": 1.0}).load_state_dict({**state, "version": 2})

@@ -227,3 +227,53 @@ def test_missing_bitsandbytes(monkeypatch):
     with pytest.raises(QuantizationUnavailableError, match=r"pip install costaware\[quant\]") as error:
         Quantize(bits=8)
     assert isinstance(error.value, ImportError)
+
+
+@pytest.fixture
+def rank_zero(monkeypatch):
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", 0, raising=False)
+
+
+def test_after_fit_never_raises_on_monitor_or_ledger_errors(tmp_path, rank_zero):
+    """Reading the monitor's totals and writing the ledger event fail: a row and a warning, no crash."""
+
+    class BrokenMonitor:
+        ledger = None
+
+        @property
+        def totals(self):
+            raise RuntimeError("totals gone")
+
+    loader = DataLoader(TensorDataset(torch.randn(8, 8)), batch_size=4)
+    trainer = SimpleNamespace(global_rank=0, callbacks=[], val_dataloaders=loader, loggers=[],
+                              default_root_dir=str(tmp_path))
+    strategy = Quantize(bits=8, max_drop=1.0, metric_fn=lambda m, dl: 1.0, latency_batches=1, latency_repeats=1)
+    with pytest.warns(RuntimeWarning, match="Quantize failed .*totals gone"):
+        rows = strategy.after_fit(StopContext(trainer=trainer, pl_module=nn.Linear(8, 2), monitor=BrokenMonitor(),
+                                              metric_name="val_acc"))
+    assert rows[0].note == "not quantized: RuntimeError: totals gone"
+
+    class BrokenLedger:
+        def record_event(self, *args, **kwargs):
+            raise OSError("disk full")
+
+    monitor = SimpleNamespace(totals=None, ledger=BrokenLedger())
+    with pytest.warns(RuntimeWarning, match="could not record its ledger event"):
+        rows = strategy.after_fit(StopContext(trainer=trainer, pl_module=nn.Sequential(nn.Linear(8, 2)), monitor=monitor,
+                                              metric_name="val_acc"))
+    assert [r.role for r in rows] == ["teacher", "quantized"] and strategy.kept, rows[1].note
+
+
+def test_a_skipped_after_fit_clears_an_earlier_apply(tmp_path, rank_zero):
+    model = nn.Sequential(nn.Linear(8, 2))
+    loader = DataLoader(TensorDataset(torch.randn(16, 8)), batch_size=8)
+    strategy = Quantize(bits=8, max_drop=1.0, latency_batches=1, latency_repeats=1)
+    strategy.apply(model, loader, lambda m, dl: 1.0, save_path=tmp_path / "q.pt")
+    assert strategy.kept and strategy.model is not None and strategy.path == tmp_path / "q.pt"
+    trainer = SimpleNamespace(global_rank=0, callbacks=[], val_dataloaders=None, loggers=[],
+                              default_root_dir=str(tmp_path))
+    rows = strategy.after_fit(StopContext(trainer=trainer, pl_module=model, metric_name="val_acc"))
+    assert rows[0].note.startswith("not quantized: no validation data")
+    assert strategy.kept is False and strategy.model is None and strategy.path is None

@@ -53,7 +53,6 @@ __all__ = [
     "check_caps",
     "cost_of",
     "describe",
-    "limits_in_units",
     "parse_duration_s",
     "scale",
     "subtract",
@@ -520,8 +519,11 @@ class BudgetPlanner:
         most, and what a stop costs."""
         nxt, val, ckpt = estimates[0][unit], estimates[1][unit], estimates[2][unit]
         reserve = ckpt * plan.saves_on_stop + (val if plan.validation_on_stop else 0.0)
-        due = ckpt * plan.saves_now + ((val + ckpt * plan.saves_per_validation) if plan.validation_now else 0.0)
-        ahead = due + reserve
+        # A validation due now counts besides the stop's even when reactive: going on runs it, and
+        # the stop after the next batch runs another (counting it once lets a reactive stop
+        # overshoot by a whole validation instead of at most the last batch).
+        scheduled = (val + ckpt * plan.saves_per_validation) if plan.validation_now else 0.0
+        ahead = ckpt * plan.saves_now + scheduled + reserve
         if self.predictive:
             ahead += nxt + ckpt * plan.saves_next
         return ahead, reserve
@@ -536,7 +538,8 @@ class BudgetPlanner:
 
         Predictive: what is due after this batch anyway (a scheduled validation and its saves,
         step-scheduled checkpoint saves), the next batch and the saves due after it, then a stop.
-        Reactive: what is due after this batch, and a stop.
+        Reactive: what is due after this batch, and a stop (after the next batch, which is the
+        at most one batch a reactive stop may overshoot by).
         """
         estimates = self._estimates()
         return {unit: self._amounts(unit, plan, estimates)[0] for unit in UNITS}
@@ -574,9 +577,11 @@ class BudgetPlanner:
                 best = breach
         return best
 
-    def headroom_batches(self, spent: Mapping[str, float], plan: StopPlan, batches_per_validation: float) -> float:
+    def headroom_batches(self, spent: Mapping[str, float], plan: StopPlan, batches_per_validation: float,
+                         saves_per_batch: float = 0.0) -> float:
         """How many more batches fit under every cap before a stop must be decided, with
-        scheduled validations spread over the batches between them. ``inf`` if none is limiting."""
+        scheduled validations (and their saves) spread over the batches between them, and
+        ``saves_per_batch`` step-scheduled checkpoint saves per batch. ``inf`` if none is limiting."""
         estimates = self._estimates()
         nxt, val, ckpt = estimates
         spread = batches_per_validation and math.isfinite(batches_per_validation) and batches_per_validation > 0
@@ -585,7 +590,7 @@ class BudgetPlanner:
         for cap, limit in self.limits.items():
             unit = CAP_UNITS[cap]
             ahead = self._amounts(unit, reactive, estimates)[0] - (nxt[unit] if self.predictive else 0.0)
-            per_batch = nxt[unit]
+            per_batch = nxt[unit] + ckpt[unit] * max(saves_per_batch, 0.0)
             if spread:
                 per_batch += (val[unit] + ckpt[unit] * plan.saves_per_validation) / batches_per_validation
             left = limit - spent[unit] - ahead
@@ -639,7 +644,15 @@ class BudgetPlanner:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue the measured costs of a checkpointed run. Warnings already given are kept
-        for caps whose limit is unchanged; a changed cap warns again at its own fractions."""
+        for caps whose limit is unchanged; a changed cap warns again at its own fractions.
+
+        Raises:
+            ValueError: the state was written by a newer costaware (its ``version`` is unknown).
+        """
+        version = state.get("version", _STATE_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version > _STATE_VERSION:
+            raise ValueError(f"budget planner state version {version!r} is newer than this costaware reads "
+                             f"({_STATE_VERSION}); upgrade costaware")
         self.batches.load_state_dict(state.get("batches", {}))
         self.validations.load_state_dict(state.get("validations", {}))
         self.checkpoints.load_state_dict(state.get("checkpoints", {}))
@@ -652,11 +665,6 @@ class BudgetPlanner:
         self.warned = {cap: {"limit": w["limit"], "fractions": list(w["fractions"])}
                        for cap, w in state.get("warned", {}).items()
                        if cap in self.limits and w.get("limit") == self.limits[cap]}
-
-
-def limits_in_units(limits: Mapping[str, float]) -> dict:
-    """``{unit: limit}`` from ``{cap argument: limit}``."""
-    return {CAP_UNITS[cap]: limit for cap, limit in limits.items()}
 
 
 def describe(cap: str, amount: float) -> str:

@@ -205,6 +205,7 @@ class BudgetCap:
         self._since_sync = 0
         self._sync_every = 1
         self._planned_batches: Optional[float] = None
+        self._replan = False  # re-read the planned batches at the epoch's first batch
         self._forecast_checked = False
         self._recorded_forecast: Optional[dict] = None
         self._record_forecast = False  # set after a validation or an epoch: record it if it moved
@@ -263,12 +264,16 @@ class BudgetCap:
         self.planner.observe_batch(subtract(subtract(spent, self._mark, floor=None), self._excluded))
         self._mark, self._excluded = spent, zero()
         self._warn_milestones(trainer, spent)
+        if self._replan:
+            self._replan = False
+            # Batches run before this epoch, counted here (on a mid-epoch resume, too).
+            self._planned_batches = _planned_batches(trainer, trainer.fit_loop.total_batch_idx - batch_idx)
         plan = self._stop_plan(trainer, batch_idx)
         log_now = trainer._logger_connector.should_update_logs  # as CostMonitor and Lightning's monitors do
         if log_now or not self._forecast_checked:
             self._update_forecast(trainer, pl_module, spent, plan, log=log_now)
-        if self._planned_batches is not None and trainer.fit_loop.total_batch_idx + 1 >= self._planned_batches:
-            return  # the planned run ends here anyway: no further batch to decide on (same on every rank)
+        if _last_batch_of_run(trainer):
+            return  # the run ends here anyway: no further batch to decide on (same on every rank)
         breach = self.planner.decide(spent, plan)
         stop = self._agree(trainer, pl_module, breach is not None, spent, plan)
         if stop:
@@ -279,6 +284,7 @@ class BudgetCap:
         self._close_checkpoint()
         if self._mark is not None:
             self._schedule = _Schedule.read(trainer)  # data loaders may have been reloaded
+            self._replan = True  # ... and the planned run with them
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._record_forecast = True
@@ -315,7 +321,7 @@ class BudgetCap:
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict) -> None:
         if self._saving_stop_checkpoint or self.monitor is None or self._mark is None:
             return
-        self._close_checkpoint()
+        self._close_checkpoint_timing()  # (not the count: this save is one of those that follow a validation)
         self._checkpoint_start = self._now()
         if self._saves_after_validation is not None:
             self._saves_after_validation += 1
@@ -359,14 +365,18 @@ class BudgetCap:
     def _close_checkpoint(self) -> None:
         """End the timing of a checkpoint save at the next hook after it (the save itself runs
         after ``on_save_checkpoint``); end the count of saves that follow a validation."""
+        self._close_checkpoint_timing()
+        if self._saves_after_validation is not None and self._validation_start is None:
+            self._saves_per_validation = max(self._saves_per_validation or 0, self._saves_after_validation)
+            self._saves_after_validation = None
+
+    def _close_checkpoint_timing(self) -> None:
+        """End the timing of a checkpoint save, if one is being timed."""
         if self._checkpoint_start is not None:
             cost = subtract(self._now(), self._checkpoint_start)
             self._checkpoint_start = None
             self.planner.observe_checkpoint(cost)
             self._excluded = add(self._excluded, cost)
-        if self._saves_after_validation is not None and self._validation_start is None:
-            self._saves_per_validation = max(self._saves_per_validation or 0, self._saves_after_validation)
-            self._saves_after_validation = None
 
     def _stop_plan(self, trainer: Any, batch_idx: Optional[int]) -> StopPlan:
         """What a stop after this batch entails, from Lightning's validation schedule."""
@@ -402,16 +412,22 @@ class BudgetCap:
         One process: this rank's decision, every batch. Under DDP the ranks must call the
         collective on the same batches, so they do it on a schedule they agree on: at each
         agreement they also take the smallest headroom (in batches) of any rank and meet again
-        after half of it (at most every ``log_every_n_steps``, every batch near a cap).
+        after half of it (at most every ``log_every_n_steps``, every batch near a cap). The
+        headroom spreads a validation's cost over the batches between validations, so they also
+        agree after every batch that a validation or checkpoint saves follow, or precede the next
+        batch's saves (the schedule is the same on every rank): the last chance to stop before them.
         """
         if trainer.world_size <= 1:
             return trainer.strategy.reduce_boolean_decision(local, all=False)
         self._since_sync += 1
-        if self._since_sync < self._sync_every:
+        due = ((plan.validation_now and not self._schedule.time_based)  # time-based: could be any batch
+               or plan.saves_now > 0 or plan.saves_next > 0)
+        if self._since_sync < self._sync_every and not due:
             return False
         self._since_sync = 0
         decision = trainer.strategy.reduce_boolean_decision(local, all=False)
-        room = self.planner.headroom_batches(spent, plan, self._schedule.batches_per_validation())
+        room = self.planner.headroom_batches(spent, plan, self._schedule.batches_per_validation(),
+                                             self._schedule.step_saves_per_batch(trainer.accumulate_grad_batches))
         room = torch.tensor(min(room, 1e12), dtype=torch.float64, device=pl_module.device)
         room = float(trainer.strategy.reduce(room, reduce_op="min"))
         self._sync_every = int(max(1, min(room // 2, max(trainer.log_every_n_steps, 1))))
@@ -500,7 +516,9 @@ class BudgetCap:
             saves = validations * plan.saves_per_validation
         elif not schedule.validation and math.isfinite(schedule.batches_per_epoch):
             nb = schedule.batches_per_epoch
-            saves = (int(planned) // nb - done // nb) * schedule.checkpoint_callbacks
+            saves = (int(planned) // nb - done // nb) * schedule.epoch_saves
+        accumulate = max(trainer.accumulate_grad_batches, 1)
+        saves += schedule.step_saves_between(trainer.global_step, trainer.global_step + (planned - done) / accumulate)
         forecast = self.planner.forecast(spent, planned - done, validations, saves)
         if forecast is None:
             return
@@ -525,7 +543,8 @@ class BudgetCap:
             return
         self._forecast_checked = True
         if over:
-            room = self.planner.headroom_batches(spent, plan, self._schedule.batches_per_validation())
+            room = self.planner.headroom_batches(spent, plan, self._schedule.batches_per_validation(),
+                                                 self._schedule.step_saves_per_batch(trainer.accumulate_grad_batches))
             accumulate = max(trainer.accumulate_grad_batches, 1)
             at = f"about step {trainer.global_step + int(room // accumulate)}" if math.isfinite(room) else "its cap"
             details = "; ".join(f"{cap}={describe(cap, self.limits[cap])}, forecast {describe(cap, value)}"
@@ -560,19 +579,23 @@ class _Schedule:
     check_val_every_n_epoch: Optional[int]
     checkpoint_callbacks: int
     default_saves: int  # saves after a validation, before one is observed (save_last counts twice)
+    epoch_saves: int  # saves at an epoch's end without validation, for forecasts (save_last counts twice)
     step_savers: tuple  # (every_n_train_steps, saves) of each ModelCheckpoint saving by steps
 
     @classmethod
     def read(cls, trainer: Any) -> "_Schedule":
         checkpoints = trainer.checkpoint_callbacks
         saves = [1 + (1 if getattr(cb, "save_last", False) else 0) for cb in checkpoints]
+        # At an epoch's end (no validation), a ModelCheckpoint saving by steps only (every_n_epochs=0,
+        # Lightning's default with every_n_train_steps) does not save: for forecasts, not the reserve.
+        by_epochs = [n for cb, n in zip(checkpoints, saves) if (getattr(cb, "_every_n_epochs", 1) or 0) >= 1]
         step_savers = tuple((int(getattr(cb, "_every_n_train_steps", 0) or 0), n) for cb, n in zip(checkpoints, saves)
                             if (getattr(cb, "_every_n_train_steps", 0) or 0) >= 1)
         return cls(validation=bool(trainer.enable_validation),
                    time_based=getattr(trainer, "_val_check_time_interval", None) is not None,
                    batches_per_epoch=trainer.num_training_batches, val_check_batch=trainer.val_check_batch,
                    check_val_every_n_epoch=trainer.check_val_every_n_epoch, checkpoint_callbacks=len(checkpoints),
-                   default_saves=sum(saves), step_savers=step_savers)
+                   default_saves=sum(saves), epoch_saves=sum(by_epochs), step_savers=step_savers)
 
     def validation_epoch(self, epoch: int) -> bool:
         k = self.check_val_every_n_epoch
@@ -581,6 +604,15 @@ class _Schedule:
     def step_saves(self, step: int) -> int:
         """Checkpoint saves ``ModelCheckpoint(every_n_train_steps=...)`` makes at ``step``."""
         return sum(n for every, n in self.step_savers if step > 0 and step % every == 0)
+
+    def step_saves_between(self, step: int, last_step: float) -> int:
+        """Saves ``ModelCheckpoint(every_n_train_steps=...)`` makes after steps ``step + 1`` to ``last_step``."""
+        last = int(last_step)
+        return sum(n * (last // every - step // every) for every, n in self.step_savers if last > step)
+
+    def step_saves_per_batch(self, accumulate_grad_batches: int = 1) -> float:
+        """Saves ``ModelCheckpoint(every_n_train_steps=...)`` makes per training batch, on average."""
+        return sum(n / every for every, n in self.step_savers) / max(accumulate_grad_batches, 1)
 
     def batches_per_validation(self) -> float:
         if not self.validation:
@@ -605,19 +637,36 @@ def _validation_batches(trainer: Any) -> Optional[float]:
     return math.ceil(nb / 4) if math.isfinite(nb) else None
 
 
-def _planned_batches(trainer: Any) -> Optional[float]:
-    """Training batches the run plans, from ``estimated_stepping_batches``; None if unbounded."""
-    try:
-        steps = trainer.estimated_stepping_batches
-    except Exception:  # noqa: BLE001 - a forecast is optional, training is not
-        return None
-    if steps is None or not math.isfinite(steps):
-        return None
-    planned = float(steps) * max(trainer.accumulate_grad_batches, 1)
+def _planned_batches(trainer: Any, epoch_start: Optional[int] = None) -> Optional[float]:
+    """Training batches the run plans, from ``max_steps`` and ``max_epochs``; None if unbounded.
+
+    ``epoch_start``: batches run before the current epoch, whose length (``num_training_batches``,
+    which a reloaded data loader changes) the remaining epochs are taken to have; without it,
+    every epoch is taken to have it.
+    """
+    planned = math.inf
+    max_steps = trainer.max_steps
+    if max_steps is not None and max_steps != -1:
+        planned = float(max_steps) * max(trainer.accumulate_grad_batches, 1)
     nb = trainer.num_training_batches
-    if trainer.max_epochs not in (None, -1) and math.isfinite(nb):
-        planned = min(planned, float(trainer.max_epochs * nb))
-    return planned
+    max_epochs = trainer.max_epochs
+    if max_epochs not in (None, -1) and math.isfinite(nb):
+        if epoch_start is None:
+            planned = min(planned, float(max_epochs * nb))
+        else:
+            planned = min(planned, float(epoch_start + max(max_epochs - trainer.current_epoch, 0) * nb))
+    return planned if math.isfinite(planned) else None
+
+
+def _last_batch_of_run(trainer: Any) -> bool:
+    """Whether the fit ends after this training batch (``max_steps`` reached, or the last batch of
+    the last epoch): read from the Trainer, not from the plan, so a lengthened epoch stays checked."""
+    max_steps = trainer.max_steps
+    if max_steps is not None and max_steps != -1 and trainer.global_step >= max_steps:
+        return True
+    max_epochs = trainer.max_epochs
+    return (max_epochs not in (None, -1) and trainer.current_epoch + 1 >= max_epochs
+            and bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch))
 
 
 def _checkpoint_prior_s(pl_module: Any) -> float:

@@ -207,19 +207,20 @@ class Quantize(StopStrategy):
         if getattr(trainer, "global_rank", 0) != 0:
             return []
         started_s = time.perf_counter()
-        metric_fn = self.metric_fn or _provider_metric_fn(trainer, context.metric_name)
-        dataloader = _val_dataloader(trainer, pl_module)
-        if metric_fn is None:
-            if dataloader is None:
-                return self._skip(context, "no validation data to check the quantized model on")
-            if not context.metric_name:
-                return self._skip(context, "no monitored metric to check the quantized model with")
-            metric_fn = LightningMetric(context.metric_name, trainer_cls=type(trainer),
-                                        limit_val_batches=getattr(trainer, "limit_val_batches", 1.0))
         monitor = context.monitor
-        train_usd = float(monitor.totals.usd) if monitor is not None and getattr(monitor, "totals", None) else None
-        folder = _ledger_dir(trainer, monitor)
         try:
+            metric_fn = self.metric_fn or _provider_metric_fn(trainer, context.metric_name)
+            dataloader = _val_dataloader(trainer, pl_module)
+            if metric_fn is None:
+                if dataloader is None:
+                    return self._skip(context, "no validation data to check the quantized model on")
+                if not context.metric_name:
+                    return self._skip(context, "no monitored metric to check the quantized model with")
+                metric_fn = LightningMetric(context.metric_name, trainer_cls=type(trainer),
+                                            limit_val_batches=getattr(trainer, "limit_val_batches", 1.0))
+            totals = getattr(monitor, "totals", None) if monitor is not None else None
+            train_usd = float(totals.usd) if totals else None
+            folder = _ledger_dir(trainer, monitor)
             _, rows = self.apply(pl_module, dataloader, metric_fn, mode=context.mode, role="teacher",
                                  save_path=folder / self.filename, train_usd=train_usd,
                                  metric_name=context.metric_name)
@@ -228,24 +229,37 @@ class Quantize(StopStrategy):
             return self._skip(context, f"{type(err).__name__}: {err}")
         seconds = time.perf_counter() - started_s
         teacher, quantized = rows
-        ledger = getattr(monitor, "ledger", None)
-        if ledger is not None:
-            ledger.record_event(
-                "quantize", bits=self.bits, quant_type=self.label, kept=self.kept, metric=context.metric_name,
-                mode=context.mode, max_drop=self.max_drop, teacher_metric=teacher.metric,
-                quantized_metric=quantized.metric, teacher_size_bytes=teacher.size_bytes,
-                quantized_size_bytes=quantized.size_bytes, teacher_latency_ms_per_example=teacher.latency_ms_per_example,
-                quantized_latency_ms_per_example=quantized.latency_ms_per_example,
-                path=str(self.path) if self.path else None, seconds=seconds, note=quantized.note)
+        try:
+            ledger = getattr(monitor, "ledger", None)
+            if ledger is not None:
+                ledger.record_event(
+                    "quantize", bits=self.bits, quant_type=self.label, kept=self.kept, metric=context.metric_name,
+                    mode=context.mode, max_drop=self.max_drop, teacher_metric=teacher.metric,
+                    quantized_metric=quantized.metric, teacher_size_bytes=teacher.size_bytes,
+                    quantized_size_bytes=quantized.size_bytes,
+                    teacher_latency_ms_per_example=teacher.latency_ms_per_example,
+                    quantized_latency_ms_per_example=quantized.latency_ms_per_example,
+                    path=str(self.path) if self.path else None, seconds=seconds, note=quantized.note)
+        except Exception as err:  # noqa: BLE001 - the model is quantized (or not) as the rows say: keep them
+            warnings.warn(f"costaware: Quantize could not record its ledger event ({type(err).__name__}: {err})",
+                          RuntimeWarning, stacklevel=2)
         rank_zero_info(f"costaware: Quantize({self.label}): {quantized.note}")
         return rows
 
     def _skip(self, context: StopContext, why: str) -> list[ModelRow]:
+        """No quantized model: the results of an earlier ``apply`` are cleared, not left behind."""
         self.kept = False
+        self.model = None
+        self.path = None
         self.rows = [ModelRow(role="quantized", note=f"not quantized: {why}")]
         ledger = getattr(context.monitor, "ledger", None)
         if ledger is not None:
-            ledger.record_event("quantize", bits=self.bits, quant_type=self.label, kept=False, note=self.rows[0].note)
+            try:
+                ledger.record_event("quantize", bits=self.bits, quant_type=self.label, kept=False,
+                                    note=self.rows[0].note)
+            except Exception as err:  # noqa: BLE001 - as in after_fit: never an exception at the end of a fit
+                warnings.warn(f"costaware: Quantize could not record its ledger event ({type(err).__name__}: "
+                              f"{err})", RuntimeWarning, stacklevel=2)
         rank_zero_info(f"costaware: Quantize({self.label}): {self.rows[0].note}")
         return self.rows
 
