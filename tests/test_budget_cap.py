@@ -472,6 +472,7 @@ DDP_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # two processes (~20 s); CI runs -m slow too
 def test_ddp_ranks_stop_together_on_the_run_total(tmp_path):
     """Between log intervals each rank extrapolates its own spend (rank 0 sees 200 FLOPs a step,
     rank 1 600): rank 1 would stop at step 6 (3600 + 600 > 4100), rank 0 at step 20. Any rank's
