@@ -7,7 +7,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -181,7 +180,8 @@ def test_planned_cost_caps_the_increment_and_sets_the_final_prediction():
     assert est.usd_to_predicted_final == pytest.approx(0.10)
     assert est.increment_usd <= 0.10 + 1e-12
     assert 0.85 < est.predicted_final < 0.95
-    assert policy.observe(0.30, 0.9).reason == "planned end reached"
+    at_end = policy.observe(0.30, 0.9)  # at the plan's end it judges without the plan
+    assert at_end.estimate is not None and at_end.estimate.usd_to_predicted_final is None
 
 
 @pytest.mark.parametrize(
@@ -237,14 +237,35 @@ def test_state_dict_round_trip_gives_identical_decisions():
         assert first.observe(c, m) == resumed.observe(c, m)
 
 
-def test_observe_is_fast_with_100_points():
+def test_observe_with_100_points_fits_and_does_not_stop_at_a_high_price():
+    # (How fast a decision is, is measured by benchmarks/replay_curves.py, not here.)
     cost_usd, _, noisy = _saturating(n=100, seed=8)
-    policy = MarginalGainPolicy(usd_per_point=1e3)  # never stops: every call fits
+    policy = MarginalGainPolicy(usd_per_point=1e3)
     policy.load_state_dict({"costs_usd": list(cost_usd[:99]), "metrics": list(noisy[:99])})
-    start = time.perf_counter()
-    for _ in range(10):
-        policy.observe(cost_usd[99], noisy[99])
-    assert (time.perf_counter() - start) / 10 < 0.05
+    decision = policy.observe(cost_usd[99], noisy[99])
+    assert not decision.stop and decision.estimate is not None
+    assert decision.estimate.curve_usd[0] >= 0.4 * cost_usd[99]  # only the recent half is fitted
+
+
+def test_a_plan_estimated_too_low_does_not_switch_the_policy_off():
+    cost_usd, _, noisy = _saturating(n=40, seed=3)
+    policy = MarginalGainPolicy(usd_per_point=1e-3, planned_cost_usd=float(cost_usd[9]))
+    decisions = [policy.observe(c, m) for c, m in zip(cost_usd, noisy)]
+    assert any(d.stop for d in decisions[10:])
+    assert not any(d.reason == "planned end reached" for d in decisions)
+
+
+def test_an_evaluation_before_any_spend_is_left_off_the_fit():
+    cost_usd, _, noisy = _saturating(n=12, seed=4)
+    with_zero = MarginalGainPolicy(usd_per_point=1.0)
+    with np.errstate(divide="raise", invalid="raise"):
+        decisions = [with_zero.observe(c, m) for c, m in zip([0.0, *cost_usd], [0.3, *noisy])]
+    assert decisions[-1].estimate is not None and math.isfinite(decisions[-1].estimate.gain_points)
+
+
+def test_a_newer_state_is_refused():
+    with pytest.raises(ValueError, match="newer"):
+        MarginalGainPolicy(usd_per_point=1.0).load_state_dict({"version": 99, "costs_usd": [], "metrics": []})
 
 
 # ---------------------------------------------------------------------- replay benchmark

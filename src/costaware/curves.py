@@ -183,7 +183,8 @@ class MarginalGainPolicy:
             ``fit_fraction`` of the cost spent (at least ``min_points`` of them); early
             warm-up behaviour says little about the end of a run.
         planned_cost_usd: Total cost planned for the run, if known (e.g. from
-            ``max_steps``); caps the increment and anchors ``predicted_final``.
+            ``max_steps``); caps the increment and anchors ``predicted_final``. Past it (a
+            plan estimated too low), the policy judges as if there were no plan.
         collapse_points: Drop below the best, in points, that counts as a collapse when
             seen three times in a row; ``None`` disables collapse detection.
         start_fraction: Relative improvement over the first evaluation below which a
@@ -300,6 +301,10 @@ class MarginalGainPolicy:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores the points saved by :meth:`state_dict` (settings stay as constructed)."""
+        version = state_dict.get("version", _STATE_VERSION)
+        if not isinstance(version, int) or version > _STATE_VERSION:
+            raise ValueError(f"policy state version {version!r} is newer than this costaware reads "
+                             f"({_STATE_VERSION}); upgrade costaware")
         costs = [float(c) for c in state_dict["costs_usd"]]
         metrics = [float(m) for m in state_dict["metrics"]]
         if len(costs) != len(metrics):
@@ -355,11 +360,15 @@ class MarginalGainPolicy:
                         "evaluations needed before deciding",
                         None,
                     )
+        paid = costs > 0  # an evaluation before any spend has no place on a cost axis (log scale)
+        costs, points = costs[paid], points[paid]
+        if len(points) < self.min_points:
+            return Decision(False, f"{len(points)} of {self.min_points} evaluations after the first spend "
+                            "needed before deciding", None)
         remaining_usd = None
-        if self.planned_cost_usd is not None:
+        if self.planned_cost_usd is not None and self.planned_cost_usd > costs[-1]:
             remaining_usd = self.planned_cost_usd - costs[-1]
-            if remaining_usd <= 0:
-                return Decision(False, "planned end reached", None)
+        # Past a plan that was estimated too low, the policy judges as if there were no plan.
         estimate = self._estimate(costs, points, best, remaining_usd)
         if estimate is None:
             return Decision(False, "cost has not grown enough to fit a curve", None)
@@ -600,5 +609,7 @@ def _fit_ensemble(x: np.ndarray, u: np.ndarray, noise_floor_points: float = 0.0)
         slope_sd=slope_sd,
         level_sd=math.sqrt(noise_var / n_eff),
         noise_points=math.sqrt(noise_var),
+        # The draw's degrees of freedom: n - 2 was chosen on the replay's tune half (n - 3,
+        # the variance estimate's own, gave a higher regret there at $0.1/point).
         noise_dof=max(n_eff - 2.0, 1.0),
     )
