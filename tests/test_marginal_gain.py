@@ -303,8 +303,9 @@ import costaware
 
 class Model(BoringModel):
     def validation_step(self, batch, batch_idx):
-        # Rank 1 sees a flat curve (not worth more), rank 0 a steep one (worth it).
-        self.log("val_acc", 0.5 if self.global_rank == 1 else 0.002 * self.global_step)
+        # Rank 1 sees a curve that learned, then went flat (not worth more); rank 0 a steep one.
+        step = self.global_step
+        self.log("val_acc", min(0.5, 0.1 * step) if self.global_rank == 1 else 0.002 * step)
         return super().validation_step(batch, batch_idx)
 
 class Record(pl.Callback):
