@@ -119,9 +119,10 @@ class EarlyStop(StopStrategy):
             note = f"best at step {self.best_step}; last weights kept (restore_best=False)"
         self._best_state = None  # a CPU copy of the weights: free it
         self.note = note
+        timed = getattr(context.trainer, "is_global_zero", True)  # rank zero only: others need no CPU copy
         row = describe_model(context.pl_module, "teacher", loader=val_loader(context.trainer),
                              split=lambda batch: split_batch(context.pl_module, batch),
-                             latency_batches=self.latency_batches,
+                             latency_batches=self.latency_batches if timed else 0,
                              train_usd=context.monitor.totals.usd if context.monitor is not None else None)
         row.metric = metric
         which = "best validation" if metric == self.best_value else "last validation"
