@@ -83,3 +83,16 @@ def make_clocked_model(base, clock, step_s: float = 1.0):
             return out
 
     return Clocked()
+
+
+def make_crashing_model(base, clock, at_batch: int = 6):
+    """A BoringModel that takes 1 s a step on the fake clock and raises at batch ``at_batch``."""
+
+    class Crashes(base):
+        def training_step(self, batch, batch_idx):
+            clock.advance(1.0)
+            if batch_idx == at_batch:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    return Crashes()

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_clocked_model
+from conftest import make_clocked_model, make_crashing_model
 from costaware.ledger import read_ledger
 from test_gpu_meter import _logged
 
@@ -172,17 +172,10 @@ def test_fit_makes_no_network_call(pl_ns, tmp_path, no_network):
 
 
 def test_ledger_is_readable_after_a_crash(pl_ns, tmp_path, clock):
-    class Crashes(pl_ns.BoringModel):
-        def training_step(self, batch, batch_idx):
-            clock.advance(1.0)
-            if batch_idx == 6:
-                raise RuntimeError("boom")
-            return super().training_step(batch, batch_idx)
-
     monitor = _monitor(pl_ns, clock)
     trainer = _trainer(pl_ns, tmp_path, [monitor])
     with pytest.raises(RuntimeError, match="boom"):
-        trainer.fit(Crashes())
+        trainer.fit(make_crashing_model(pl_ns.BoringModel, clock))
     ledger = read_ledger(monitor.ledger.path)
     assert ledger.end["how"] == "exception"
     assert ledger.end["totals"]["elapsed_s"] == pytest.approx(7.0)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_clocked_model
+from conftest import make_clocked_model, make_crashing_model
 from costaware.ledger import LedgerError, read_ledger
 from costaware.report import build_report, find_ledger, publish_to_loggers, render_html, render_markdown, write_report
 from costaware.report import text as T
@@ -135,19 +135,12 @@ def test_report_of_a_real_fit(pl_ns, tmp_path, clock):
 
 
 def test_report_of_a_crashed_fit(pl_ns, tmp_path, clock):
-    class Crashes(pl_ns.BoringModel):
-        def training_step(self, batch, batch_idx):
-            clock.advance(1.0)
-            if batch_idx == 6:
-                raise RuntimeError("boom")
-            return super().training_step(batch, batch_idx)
-
     monitor = pl_ns.costaware.CostMonitor(usd_per_host_hour=1.0, cpu_tdp_w=10, ram_power_w=3)
     monitor.clock = clock
     trainer = pl_ns.Trainer(max_steps=20, callbacks=[monitor], default_root_dir=tmp_path, log_every_n_steps=2,
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     with pytest.raises(RuntimeError, match="boom"):
-        trainer.fit(Crashes())
+        trainer.fit(make_crashing_model(pl_ns.BoringModel, clock))
     report = json.loads(write_report(trainer.log_dir)["json"].read_text())
     assert report["outcome"] == {"how": "exception", "why": "stopped by an exception: RuntimeError: boom"}
     assert report["totals"]["train_batches"] == 6 and report["planned"]["fraction_done"] == pytest.approx(0.3)
