@@ -132,6 +132,35 @@ def test_run_that_has_not_started_learning_gets_a_priced_wait():
     assert stop is not None and cost_usd[stop] >= 0.14 and stop < 15
 
 
+def _anneal_curve():
+    """A linearly annealed run: a noisy plateau at a high learning rate, then the annealing gain."""
+    cost_usd = 0.05 * np.arange(1, 41)  # planned end: $2.00
+    noise = np.random.default_rng(5).normal(0.0, 0.003, 40)
+    acc = 0.82 + 0.04 * np.clip((np.arange(40) - 12) / 27, 0.0, 1.0) ** 2 + noise
+    return cost_usd, acc
+
+
+def test_a_planned_run_waits_for_its_annealing_up_to_what_it_is_worth():
+    cost_usd, acc = _anneal_curve()
+    # Without the wait, the plateau looks converged and the run stops before $0.5.
+    no_wait = MarginalGainPolicy(usd_per_point=0.5, planned_cost_usd=2.0, anneal_fraction=None)
+    stop, _ = _replay(no_wait, cost_usd, acc)
+    assert stop is not None and cost_usd[stop] < 0.5
+    # With it, the fit is not trusted before min(50% of $2, 1 point x $0.5/point) = $0.5.
+    policy = MarginalGainPolicy(usd_per_point=0.5, planned_cost_usd=2.0)
+    stop, decisions = _replay(policy, cost_usd, acc)
+    assert stop is not None and cost_usd[stop] >= 0.5 - 1e-12
+    assert any(d.reason.startswith("waiting for the annealing") for d in decisions)
+    # Cheap points make the wait short: 1 point at $0.05 pays for $0.05 of waiting.
+    cheap = MarginalGainPolicy(usd_per_point=0.05, planned_cost_usd=2.0)
+    stop, decisions = _replay(cheap, cost_usd, acc)
+    assert stop is not None and cost_usd[stop] < 0.2
+    assert not any(d.reason.startswith("waiting") for d in decisions)
+    # Without a plan there is no annealing to wait for.
+    _, decisions = _replay(MarginalGainPolicy(usd_per_point=0.5), cost_usd, acc)
+    assert not any(d.reason.startswith("waiting") for d in decisions)
+
+
 def test_nan_points_in_history_are_survivable():
     policy = MarginalGainPolicy(usd_per_point=1.0, min_points=3)
     policy.load_state_dict({"costs_usd": [0.01, 0.02, 0.03], "metrics": [0.5, float("nan"), 0.6]})
@@ -203,6 +232,9 @@ def test_planned_cost_caps_the_increment_and_sets_the_final_prediction():
         ({"planned_cost_usd": -5.0}, "planned_cost_usd"),
         ({"collapse_points": 0}, "collapse_points"),
         ({"start_fraction": -0.1}, "start_fraction"),
+        ({"anneal_fraction": 1.5}, "anneal_fraction"),
+        ({"anneal_fraction": 0}, "anneal_fraction"),
+        ({"anneal_points": -1.0}, "anneal_points"),
         ({"n_samples": 4}, "n_samples"),
     ],
 )

@@ -88,7 +88,9 @@ def test_stops_near_break_even_and_records_why(ns, tmp_path, clock):
     assert last["metric"] == "val_acc" and last["gain_per_usd"] < 1 / 0.01
     assert last["usd"] == pytest.approx(trainer.global_step * USD_PER_STEP, rel=1e-6)
     assert last["totals"]["usd"] == pytest.approx(last["usd"])  # the event's totals are the decision's
-    assert 0.97 < last["predicted_final"] < 1.05  # the asymptote, 1
+    # The plan: $ per step so far x max_steps (300 steps at $0.001).
+    assert last["usd_to_predicted_final"] == pytest.approx(300 * USD_PER_STEP - last["usd"], rel=1e-3)
+    assert 0.97 < last["predicted_final"] < 1.05  # the curve at the planned end, ~1
     assert decisions[0]["gain_points"] is None  # too few points to fit yet
     # The estimate reached the loggers and the callback metrics.
     for key in ("cost/marginal_gain_per_usd", "cost/predicted_final_val_acc"):
@@ -115,6 +117,15 @@ def test_a_higher_price_per_point_stops_later(pl_ns, tmp_path, clock):
         assert stopping.stopped_step >= _break_even_step(usd_per_point)
         stops.append(stopping.stopped_step)
     assert stops[0] < stops[1] < 300
+
+
+def test_a_plan_given_by_the_user_is_kept(pl_ns, tmp_path, clock):
+    stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=0.01,
+                                                    policy_kwargs={"planned_cost_usd": 1.0})
+    trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, clock), stopping], max_steps=40, logger=False)
+    trainer.fit(_curve_model(pl_ns.BoringModel, clock, _saturating))
+    last = stopping.decisions[-1].estimate
+    assert last.usd_to_predicted_final == pytest.approx(1.0 - trainer.global_step * USD_PER_STEP, rel=1e-3)
 
 
 def test_still_improving_run_is_not_stopped(ns, tmp_path, clock):

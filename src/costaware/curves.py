@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 #: Default price of one point of the metric, in dollars: near the operating price the
-#: DeBERTa-MNLI replay chose on its tuning half ($0.58 at 400 examples/s on a $2/GPU-hour
+#: DeBERTa-MNLI replay chose on its tuning half ($0.49 at 400 examples/s on a $2/GPU-hour
 #: GPU; see benchmarks/replay_curves.py). Only a starting point: set your own price.
 DEFAULT_USD_PER_POINT = 0.5
 
@@ -164,6 +164,13 @@ class MarginalGainPolicy:
     started, its learning curve begins at the last evaluation before the start: the fit
     ignores the plateau, and ``min_points`` counts from there.
 
+    A run with a planned cost usually anneals its learning rate towards it, and annealing
+    pays late: early on, the fit sees a noisy plateau at a high learning rate and calls it
+    converged. With a plan, the policy does not stop on the fit before ``anneal_fraction``
+    of the planned cost, as long as that wait costs less than ``anneal_points`` points are
+    worth: it trusts the fit once the cost so far reaches
+    ``min(anneal_fraction * planned_cost_usd, anneal_points * usd_per_point)``.
+
     Args:
         mode: ``"max"`` if higher is better (accuracy), ``"min"`` if lower is better
             (loss); for ``"min"`` the gain is the decrease.
@@ -189,6 +196,10 @@ class MarginalGainPolicy:
             seen three times in a row; ``None`` disables collapse detection.
         start_fraction: Relative improvement over the first evaluation below which a
             run has not started learning (see above); ``None`` disables the wait.
+        anneal_fraction: With a plan, the fraction of the planned cost before which the
+            fit alone does not stop the run (see above); ``None`` disables the wait.
+        anneal_points: The most the annealing wait may cost, in points (times
+            ``usd_per_point`` in dollars): cheap points make the wait short.
         n_samples: Monte-Carlo draws from the fitted ensemble for the gain distribution.
         seed: Seed of those draws; the same points always give the same decision.
 
@@ -207,13 +218,15 @@ class MarginalGainPolicy:
         usd_per_point: float | None = None,
         min_gain_per_usd: float | None = None,
         confidence: float = 0.8,
-        min_points: int = 4,
+        min_points: int = 3,
         points_per_unit: float = 100.0,
         increment_fraction: float = 0.0,
         fit_fraction: float = 0.5,
         planned_cost_usd: float | None = None,
         collapse_points: float | None = 20.0,
         start_fraction: float | None = 0.01,
+        anneal_fraction: float | None = 0.5,
+        anneal_points: float = 1.0,
         n_samples: int = 256,
         seed: int = 0,
     ) -> None:
@@ -234,6 +247,11 @@ class MarginalGainPolicy:
             raise ValueError(f"`increment_fraction` must be a number in [0, 10], got {increment_fraction!r}")
         if isinstance(fit_fraction, bool) or not isinstance(fit_fraction, (int, float)) or not 0.0 < fit_fraction <= 1.0:
             raise ValueError(f"`fit_fraction` must be a number in (0, 1], got {fit_fraction!r}")
+        if anneal_fraction is not None and (
+            isinstance(anneal_fraction, bool) or not isinstance(anneal_fraction, (int, float))
+            or not 0.0 < anneal_fraction <= 1.0
+        ):
+            raise ValueError(f"`anneal_fraction` must be a number in (0, 1] or None, got {anneal_fraction!r}")
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 16:
             raise ValueError(f"`n_samples` must be an int >= 16, got {n_samples!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -248,6 +266,8 @@ class MarginalGainPolicy:
         self.planned_cost_usd = _check_positive("planned_cost_usd", planned_cost_usd, allow_none=True)
         self.collapse_points = _check_positive("collapse_points", collapse_points, allow_none=True)
         self.start_fraction = _check_positive("start_fraction", start_fraction, allow_none=True)
+        self.anneal_fraction = None if anneal_fraction is None else float(anneal_fraction)
+        self.anneal_points = _check_positive("anneal_points", anneal_points)
         self.n_samples = n_samples
         self.seed = seed
         self._sign = 1.0 if mode == "max" else -1.0
@@ -379,8 +399,18 @@ class MarginalGainPolicy:
             f"${worth_usd:.4g} at ${self.usd_per_point:.4g}/point"
         )
         if estimate.gain_per_usd < self.min_gain_per_usd:
+            wait_usd = self._anneal_wait_usd()
+            if costs[-1] < wait_usd:
+                return Decision(False, f"waiting for the annealing to the planned ${self.planned_cost_usd:.4g} "
+                                f"until ${wait_usd:.4g} before trusting the fit ({figures})", estimate)
             return Decision(True, f"not worth it: {figures}", estimate)
         return Decision(False, f"worth it: {figures}", estimate)
+
+    def _anneal_wait_usd(self) -> float:
+        """Cost before which the fit alone does not stop a run with a plan (0 without one)."""
+        if self.anneal_fraction is None or self.planned_cost_usd is None:
+            return 0.0
+        return min(self.anneal_fraction * self.planned_cost_usd, self.anneal_points * self.usd_per_point)
 
     def _estimate(
         self, costs: np.ndarray, points: np.ndarray, best: float, remaining_usd: float | None

@@ -55,6 +55,12 @@ class MarginalGainStopping:
     distill the model into a student or quantize it. A run whose metric turns NaN, or collapses,
     stops too.
 
+    The policy also gets the run's planned cost: dollars per optimizer step so far times
+    ``trainer.estimated_stepping_batches`` (none when the Trainer plans no end). It anchors the
+    predicted final metric and lets the policy wait for the gains of learning-rate annealing
+    (``anneal_fraction``, ``anneal_points``); give ``policy_kwargs={"planned_cost_usd": ...}`` to
+    set the plan yourself.
+
     Cost comes from the ``CostMonitor`` among the Trainer's callbacks (moved before this callback
     if needed); without one, one is inserted at ``setup`` built from ``monitor_kwargs`` (prices;
     note that on a CPU-only machine the run costs $0 unless ``usd_per_host_hour`` is given, and a
@@ -94,7 +100,8 @@ class MarginalGainStopping:
         then: what to do on a stop: a :class:`~costaware.strategies.StopStrategy` or a list of
             them, run in order; default ``EarlyStop()``.
         policy_kwargs: more ``MarginalGainPolicy`` arguments (``fit_fraction``,
-            ``increment_fraction``, ``planned_cost_usd``, ``collapse_points``, ``seed``...).
+            ``increment_fraction``, ``planned_cost_usd``, ``anneal_fraction``, ``collapse_points``,
+            ``seed``...).
         monitor_kwargs: ``CostMonitor`` arguments for the monitor this callback inserts when the
             Trainer has none (``{"usd_per_host_hour": 0.1, "country": "USA"}``); ignored, with a
             warning, when there is one.
@@ -130,7 +137,7 @@ class MarginalGainStopping:
         usd_per_point: Optional[float] = None,
         min_gain_per_usd: Optional[float] = None,
         confidence: float = 0.8,
-        min_points: int = 4,
+        min_points: int = 3,
         points_per_unit: float = 100.0,
         then: Optional[Union[StopStrategy, Sequence[StopStrategy]]] = None,
         policy_kwargs: Optional[dict] = None,
@@ -152,6 +159,7 @@ class MarginalGainStopping:
         if not isinstance(verbose, bool):
             raise ValueError(f"verbose must be True or False, got {verbose!r}")
         self.policy_kwargs = dict(policy_kwargs or {})
+        self._user_plan = self.policy_kwargs.get("planned_cost_usd") is not None
         for key in ("mode", "usd_per_point", "min_gain_per_usd", "confidence", "min_points", "points_per_unit"):
             if key in self.policy_kwargs:
                 raise ValueError(f"policy_kwargs has {key!r}, which is an argument of MarginalGainStopping: pass "
@@ -246,7 +254,7 @@ class MarginalGainStopping:
             hook = getattr(strategy, "on_validation", None)
             if callable(hook):
                 hook(context, value)
-        decision = self.policy.observe(totals.usd, value)
+        decision = self.policy.observe(totals.usd, value, planned_cost_usd=self._planned_cost_usd(trainer, totals.usd))
         self.decisions.append(decision)
         stop = bool(trainer.strategy.reduce_boolean_decision(decision.stop, all=False))
         if totals.usd <= 0 and self.policy.num_points >= self.min_points and not self._warned_free:
@@ -270,6 +278,22 @@ class MarginalGainStopping:
                 strategy.on_stop(context)
         elif self.verbose:
             rank_zero_info(f"costaware: MarginalGainStopping at step {trainer.global_step}: {decision.reason}")
+
+    def _planned_cost_usd(self, trainer: Any, spent_usd: float) -> Optional[float]:
+        """The run's planned cost: dollars per optimizer step so far times the planned steps.
+
+        ``None`` (the policy keeps its last plan) when the user gave ``planned_cost_usd``, when
+        the Trainer plans no end (``max_steps=-1``, ``max_epochs=-1``), or before the first step.
+        """
+        if self._user_plan or spent_usd <= 0 or trainer.global_step <= 0:
+            return None
+        try:
+            planned_steps = float(trainer.estimated_stepping_batches)
+        except Exception:  # noqa: BLE001 - an unsized data loader: no plan, judged without one
+            return None
+        if not math.isfinite(planned_steps) or planned_steps <= trainer.global_step:
+            return None
+        return spent_usd * planned_steps / trainer.global_step
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self.cost_monitor is None:
