@@ -48,7 +48,7 @@ count is printed and must be 0); Hugging Face is forced offline.
 Usage::
 
     python benchmarks/overhead.py                       # CPU, ~4 min on 2 idle cores
-    python benchmarks/overhead.py --steps 500 --repeats 7 --out benchmarks/results/overhead_cpu.txt
+    python benchmarks/overhead.py --repeats 9 --out benchmarks/results/overhead_cpu.txt   # the committed run
     python benchmarks/overhead.py --gpu --out benchmarks/results/overhead_gpu.txt
 """
 

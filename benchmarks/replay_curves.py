@@ -122,12 +122,6 @@ def run_from_generic(record: dict) -> Run:
     return Run(str(record["id"]), mode, pts[:, 0], pts[:, 1], None if planned is None else float(planned))
 
 
-def load_generic(path: Path) -> list[Run]:
-    """Reads the generic JSONL format, one run a line."""
-    with open(path) as f:
-        return [run_from_generic(json.loads(line)) for line in f if line.strip()]
-
-
 def deberta_records(path: Path, usd_per_example: float) -> list[dict]:
     """DeBERTa-MNLI tuning runs -> generic records (cost = step x batch size x $/example)."""
     records = []

@@ -54,6 +54,19 @@ def sst2_dir(data_dir: Optional[str | Path] = None) -> Path:
     return folder
 
 
+def sst2_dir_or_exit(data_dir: Optional[str | Path], script: str) -> Path:
+    """:func:`sst2_dir` for a script: missing data ends it with one line, before anything loads."""
+    try:
+        return sst2_dir(data_dir)
+    except FileNotFoundError as err:
+        raise SystemExit(f"{script}: error: {err}") from None
+
+
+def read_splits(folder: Path, limits: Sequence[Optional[int]], seed: int = 0) -> list[tuple[list[str], list[int]]]:
+    """The train, dev and test splits of SST-2 in ``folder``, each capped at its limit (None: all)."""
+    return [read_sst2(folder / f"{split}.tsv", limit=limit, seed=seed) for split, limit in zip(SPLITS, limits)]
+
+
 def read_sst2(path: str | Path, limit: Optional[int] = None, seed: int = 0) -> tuple[list[str], list[int]]:
     """Read one SST-2 file, optionally a random subset of it.
 

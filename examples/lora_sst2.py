@@ -49,7 +49,7 @@ from torch import nn  # noqa: E402
 
 import costaware  # noqa: E402
 from costaware.ledger import LedgerError, read_ledger  # noqa: E402
-from data import read_sst2, sst2_dir, sst2_loader  # noqa: E402
+from data import read_splits, sst2_dir_or_exit, sst2_loader  # noqa: E402
 
 # Batches are built from tensors already in memory: worker processes would only compete with
 # training for the same few cores.
@@ -235,10 +235,7 @@ def cost_callbacks(args: argparse.Namespace) -> list:
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Fine-tune, test, and print what it cost; returns the summary's figures."""
     args = parse_args(argv)
-    try:
-        folder = sst2_dir(args.data_dir)  # fail on missing data before loading anything
-    except FileNotFoundError as err:
-        raise SystemExit(f"lora_sst2.py: error: {err}") from None
+    folder = sst2_dir_or_exit(args.data_dir, "lora_sst2.py")  # before loading anything
     torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, workers=True, verbose=False)
 
@@ -249,9 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     hf_logging.disable_progress_bar()
     weights = model_dir()
     tokenizer = AutoTokenizer.from_pretrained(str(weights))
-    train = read_sst2(folder / "train.tsv", limit=args.train_samples, seed=args.seed)
-    val = read_sst2(folder / "dev.tsv", limit=args.val_samples, seed=args.seed)
-    test = read_sst2(folder / "test.tsv", limit=args.test_samples, seed=args.seed)
+    train, val, test = read_splits(folder, (args.train_samples, args.val_samples, args.test_samples), args.seed)
     loader = dict(batch_size=args.batch_size, max_length=args.max_length)
     train_loader = sst2_loader(tokenizer, *train, shuffle=True, **loader)
     val_loader = sst2_loader(tokenizer, *val, **loader)

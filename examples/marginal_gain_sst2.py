@@ -56,7 +56,7 @@ from torch import nn  # noqa: E402
 
 import costaware  # noqa: E402
 from costaware.strategies import Distill, ModelRow  # noqa: E402
-from data import read_sst2, sst2_dir, sst2_loader  # noqa: E402
+from data import read_splits, sst2_dir_or_exit, sst2_loader  # noqa: E402
 from lora_sst2 import SST2Classifier, lora_encoder, model_dir  # noqa: E402
 
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
@@ -165,7 +165,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Train, stop, distill, quantize; print the table; return its figures."""
     args = parse_args(argv)
-    folder = sst2_dir(args.data_dir)  # fail on missing data before loading anything
+    folder = sst2_dir_or_exit(args.data_dir, "marginal_gain_sst2.py")  # before loading anything
     torch.set_num_threads(os.cpu_count() or 1)
     pl.seed_everything(args.seed, workers=True, verbose=False)
 
@@ -175,9 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     hf_logging.set_verbosity_error()
     weights = model_dir()
     tokenizer = AutoTokenizer.from_pretrained(str(weights))
-    train = read_sst2(folder / "train.tsv", limit=args.train_samples, seed=args.seed)
-    val = read_sst2(folder / "dev.tsv", limit=args.val_samples, seed=args.seed)
-    test = read_sst2(folder / "test.tsv", limit=args.test_samples, seed=args.seed)
+    train, val, test = read_splits(folder, (args.train_samples, args.val_samples, args.test_samples), args.seed)
     train_loader = sst2_loader(tokenizer, *train, batch_size=args.batch_size, shuffle=True)
     val_loader = sst2_loader(tokenizer, *val, batch_size=64)
     test_loader = sst2_loader(tokenizer, *test, batch_size=64)

@@ -35,11 +35,19 @@ def clock():
 
 
 @pytest.fixture
-def fake_nvml(monkeypatch, clock):
+def install_nvml(monkeypatch, clock):
+    """A function that installs a fake NVML with the given simulated GPUs (default: one H100)."""
+    def install(gpus=None, **kwargs):
+        nvml = FakeNVML(gpus if gpus is not None else [FakeGPU()], clock, **kwargs)
+        monkeypatch.setitem(sys.modules, "pynvml", nvml)
+        return nvml
+    return install
+
+
+@pytest.fixture
+def fake_nvml(install_nvml):
     """Install a fake NVML with one simulated H100; returns the fake module."""
-    nvml = FakeNVML([FakeGPU()], clock)
-    monkeypatch.setitem(sys.modules, "pynvml", nvml)
-    return nvml
+    return install_nvml()
 
 
 @pytest.fixture

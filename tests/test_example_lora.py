@@ -51,6 +51,15 @@ def test_sst2_dir_names_the_missing_files(tmp_path):
     assert data.sst2_dir(write_sst2(tmp_path / "ok")) == (tmp_path / "ok").resolve()
 
 
+def test_scripts_exit_with_one_line_on_missing_data_and_read_three_splits(tmp_path):
+    with pytest.raises(SystemExit, match=r"^some_script.py: error: SST-2 not found"):
+        data.sst2_dir_or_exit(tmp_path / "nowhere", "some_script.py")
+    folder = data.sst2_dir_or_exit(write_sst2(tmp_path / "ok"), "some_script.py")
+    train, val, test = data.read_splits(folder, (6, None, 4), seed=1)
+    assert (len(train[0]), len(test[0])) == (6, 4)
+    assert val == data.read_sst2(folder / "dev.tsv")
+
+
 def test_default_data_dir_is_next_to_the_checkout():
     assert data.DEFAULT_SST2_DIR == EXAMPLES.parent.parent / "shared" / "data" / "sst2"
 

@@ -54,19 +54,17 @@ def test_h100_energy_counter_prices_and_logs(ns, tmp_path, clock, fake_nvml):
     assert ledger.end["totals"]["gpu_energy_j"] == pytest.approx(7000.0)
 
 
-def test_gpu_without_energy_counter_integrates_power(ns, tmp_path, clock, monkeypatch):
-    nvml = FakeNVML([FakeGPU(name="Tesla T4", power_w=70.0, unsupported=("energy",))], clock)
-    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+def test_gpu_without_energy_counter_integrates_power(ns, tmp_path, clock, install_nvml):
+    install_nvml([FakeGPU(name="Tesla T4", power_w=70.0, unsupported=("energy",))])
     monitor, _ = _fit(ns, tmp_path, clock, steps=8)
     assert monitor.totals.gpu_energy_j == pytest.approx(70.0 * 8)
     assert monitor.prices.gpu_model == "T4"
     assert read_ledger(monitor.ledger.path).header["meters"]["gpu"]["energy_source"] == "integrated nvml power samples"
 
 
-def test_unsupported_query_disables_only_that_field(clock, monkeypatch):
+def test_unsupported_query_disables_only_that_field(clock, install_nvml):
     # A MIG slice: no energy, no utilization; power and memory still read.
-    nvml = FakeNVML([FakeGPU(unsupported=("energy", "utilization"))], clock)
-    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    nvml = install_nvml([FakeGPU(unsupported=("energy", "utilization"))])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an unsupported field is not a fault: no warning
         meter = open_gpu(None, clock(), nvml_index=0)
@@ -79,9 +77,8 @@ def test_unsupported_query_disables_only_that_field(clock, monkeypatch):
     assert nvml.gpus[0].queries.count("utilization") == 1  # asked once, then never again
 
 
-def test_nvml_lost_mid_run_keeps_training_and_energy(ns, tmp_path, clock, monkeypatch):
-    nvml = FakeNVML([FakeGPU(lost_after_s=clock() + 4.5)], clock)
-    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+def test_nvml_lost_mid_run_keeps_training_and_energy(ns, tmp_path, clock, install_nvml):
+    install_nvml([FakeGPU(lost_after_s=clock() + 4.5)])
     with pytest.warns(RuntimeWarning, match="GPU meter degraded"):
         monitor, trainer = _fit(ns, tmp_path, clock, steps=10)
     assert trainer.global_step == 10
@@ -92,9 +89,8 @@ def test_nvml_lost_mid_run_keeps_training_and_energy(ns, tmp_path, clock, monkey
     assert "meter_degraded" in events
 
 
-def test_meter_keeps_energy_read_before_the_gpu_was_lost(clock, monkeypatch):
-    nvml = FakeNVML([FakeGPU(lost_after_s=clock() + 4.5)], clock)
-    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+def test_meter_keeps_energy_read_before_the_gpu_was_lost(clock, install_nvml):
+    install_nvml([FakeGPU(lost_after_s=clock() + 4.5)])
     meter = open_gpu(None, clock(), nvml_index=0)
     clock.advance(4.0)
     assert meter.sample(clock()).energy_j == pytest.approx(2800.0)
@@ -107,9 +103,8 @@ def test_meter_keeps_energy_read_before_the_gpu_was_lost(clock, monkeypatch):
         meter.sample(clock())
 
 
-def test_counter_fault_goes_on_integrating_power_from_the_energy_counted(clock, monkeypatch):
-    nvml = FakeNVML([FakeGPU()], clock)
-    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+def test_counter_fault_goes_on_integrating_power_from_the_energy_counted(clock, install_nvml):
+    nvml = install_nvml()
     gpu = nvml.gpus[0]
     meter = open_gpu(None, clock(), nvml_index=0)
     clock.advance(4.0)
@@ -127,9 +122,8 @@ def test_counter_fault_goes_on_integrating_power_from_the_energy_counted(clock, 
     assert gpu.queries.count("energy") == energy_queries  # power from now on
 
 
-def test_counter_going_backwards_keeps_the_energy_counted(clock, monkeypatch):
-    nvml = FakeNVML([FakeGPU()], clock)
-    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+def test_counter_going_backwards_keeps_the_energy_counted(clock, install_nvml):
+    nvml = install_nvml()
     meter = open_gpu(None, clock(), nvml_index=0)
     clock.advance(4.0)
     meter.sample(clock())
@@ -141,10 +135,9 @@ def test_counter_going_backwards_keeps_the_energy_counted(clock, monkeypatch):
 
 
 @pytest.mark.parametrize("fault", ["transient", "lost"])
-def test_power_fault_keeps_the_integrated_energy(clock, monkeypatch, fault):
+def test_power_fault_keeps_the_integrated_energy(clock, install_nvml, fault):
     gpu = FakeGPU(name="Tesla T4", power_w=70.0, unsupported=("energy",))
-    nvml = FakeNVML([gpu], clock)
-    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    install_nvml([gpu])
     meter = open_gpu(None, clock(), nvml_index=0)
     clock.advance(4.0)
     assert meter.sample(clock()).energy_j == pytest.approx(280.0)
@@ -163,10 +156,8 @@ def test_power_fault_keeps_the_integrated_energy(clock, monkeypatch, fault):
 
 
 @pytest.mark.parametrize("source", ["counter", "power"])
-def test_gpu_lost_mid_fit_keeps_its_kwh(ns, tmp_path, clock, monkeypatch, source):
-    nvml = FakeNVML([FakeGPU(lost_after_s=clock() + 4.5, unsupported=() if source == "counter" else ("energy",))],
-                    clock)
-    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+def test_gpu_lost_mid_fit_keeps_its_kwh(ns, tmp_path, clock, install_nvml, source):
+    install_nvml([FakeGPU(lost_after_s=clock() + 4.5, unsupported=() if source == "counter" else ("energy",))])
 
     class SampleEveryStep(ns.pl.Callback):  # deterministic readings on the fake clock
         def on_train_batch_end(self, trainer, *args):
@@ -210,17 +201,15 @@ def test_degraded_is_never_seen_with_status_ok(clock, monkeypatch):
     assert len(seen) == 2 and all(status.startswith("degraded") for status in seen)
 
 
-def test_device_lookup_failure_shuts_nvml_down(clock, monkeypatch):
-    nvml = FakeNVML([FakeGPU()], clock)
-    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+def test_device_lookup_failure_shuts_nvml_down(clock, install_nvml):
+    nvml = install_nvml()
     with pytest.warns(RuntimeWarning, match="GPU not metered"):
         meter = open_gpu(None, clock(), nvml_index=3)
     assert isinstance(meter, EmptyGPU) and nvml.initialised == 0
 
 
-def test_close_shuts_nvml_down_once_and_later_samples_keep_readings(clock, monkeypatch):
-    nvml = FakeNVML([FakeGPU()], clock)
-    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+def test_close_shuts_nvml_down_once_and_later_samples_keep_readings(clock, install_nvml):
+    nvml = install_nvml()
     meter = open_gpu(None, clock(), nvml_index=0)
     clock.advance(2.0)
     meter.sample(clock())
@@ -233,9 +222,8 @@ def test_close_shuts_nvml_down_once_and_later_samples_keep_readings(clock, monke
     assert len(nvml.gpus[0].queries) == queries  # no NVML call after shutdown
 
 
-def test_close_never_shuts_nvml_down_under_a_hung_query(clock, monkeypatch):
-    nvml = FakeNVML([FakeGPU()], clock)
-    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+def test_close_never_shuts_nvml_down_under_a_hung_query(clock, install_nvml):
+    nvml = install_nvml()
     gpu = nvml.gpus[0]
     meter = open_gpu(None, clock(), nvml_index=0)
     meter.close_timeout_s = 0.05

@@ -1,6 +1,5 @@
 """The sampler thread: a last reading and the meters' shutdown at the end, never a hang."""
 
-import sys
 import threading
 import time
 import types
@@ -9,7 +8,7 @@ import warnings
 import pytest
 
 from costaware.meters import HostMeter, Sampler, open_gpu
-from fake_nvml import FakeClock, FakeGPU, FakeNVML
+from fake_nvml import FakeClock
 
 
 class FakeMeter:
@@ -97,10 +96,8 @@ def test_a_meter_hanging_at_the_last_sample_never_hangs_the_end_of_training():
     assert len(meter.samples) == 2 and meter.closes == 0
 
 
-def test_nvml_is_not_shut_down_under_a_hung_query(monkeypatch):
-    clock = FakeClock()
-    nvml = FakeNVML([FakeGPU()], clock)
-    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+def test_nvml_is_not_shut_down_under_a_hung_query(clock, install_nvml):
+    nvml = install_nvml()
     gpu = nvml.gpus[0]
     meter = open_gpu(None, clock(), nvml_index=0)
     meter.close_timeout_s = 0.05
@@ -128,10 +125,8 @@ class _FakeCodecarbonCPU:
         return types.SimpleNamespace(W=10.0), types.SimpleNamespace(kWh=10.0 * last_duration / 3.6e6)
 
 
-def test_sampler_closes_the_host_meter_and_it_stays_closed(monkeypatch):
-    clock = FakeClock()
-    nvml = FakeNVML([FakeGPU()], clock)
-    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+def test_sampler_closes_the_host_meter_and_it_stays_closed(clock, install_nvml):
+    nvml = install_nvml()
     host = HostMeter(clock(), cpu_tdp_w=10, ram_power_w=3)
     opened = []
 
