@@ -152,6 +152,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _prices(args: argparse.Namespace) -> int:
     from costaware import prices as P
+    from costaware.report.text import text_table
 
     every = not (args.gpus or args.countries or args.cloud)
     out: dict = {}
@@ -172,26 +173,19 @@ def _prices(args: argparse.Namespace) -> int:
         return EXIT_OK
     if "gpus" in out:
         print("GPU on-demand prices (per GPU-hour; override with usd_per_gpu_hour=...)")
-        _print_table(["model", "$/GPU-h", "as of", "source"],
-                     [[g["model"], f"{g['usd_per_gpu_hour']:.4g}", g["as_of"], g["source"]] for g in out["gpus"]])
+        print(text_table(["model", "$/GPU-h", "as of", "source"],
+                         [[g["model"], f"{g['usd_per_gpu_hour']:.4g}", g["as_of"], g["source"]] for g in out["gpus"]]))
     if "countries" in out:
         print("\nGrid carbon intensity by country (codecarbon global_energy_mix; CostMonitor(country=ISO3))")
-        _print_table(["iso3", "country", "gCO2/kWh", "year"],
-                     [[c["iso3"], str(c["country"]), f"{c['g_co2_per_kwh']:.4g}", str(c["year"])] for c in out["countries"]])
+        print(text_table(["iso3", "country", "gCO2/kWh", "year"],
+                         [[c["iso3"], str(c["country"]), f"{c['g_co2_per_kwh']:.4g}", str(c["year"])]
+                          for c in out["countries"]]))
     if "cloud_regions" in out:
         print("\nGrid carbon intensity by cloud region (codecarbon; CostMonitor(cloud_provider=..., cloud_region=...))")
-        _print_table(["provider", "region", "country", "gCO2/kWh", "source"],
-                     [[c["provider"], c["region"], str(c["country"]), f"{c['g_co2_per_kwh']:.4g}", str(c["source"])]
-                      for c in out["cloud_regions"]])
+        print(text_table(["provider", "region", "country", "gCO2/kWh", "source"],
+                         [[c["provider"], c["region"], str(c["country"]), f"{c['g_co2_per_kwh']:.4g}", str(c["source"])]
+                          for c in out["cloud_regions"]]))
     return EXIT_OK
-
-
-def _print_table(head: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip())
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ class Ledger:
 
     def _append(self, record: dict) -> None:
         if self.path is not None:
-            self._buffer.append(json.dumps(_finite(record), default=_jsonable, allow_nan=False) + "\n")
+            self._buffer.append(json.dumps(finite_json(record), default=_jsonable, allow_nan=False) + "\n")
 
 
 @dataclass
@@ -252,18 +252,18 @@ def read_ledger(path, lenient: bool = False) -> LedgerContents:
     return contents
 
 
-def _finite(value: Any):
-    """JSON has no NaN or infinity: a diverged metric is written as null."""
+def finite_json(value: Any):
+    """JSON has no NaN or infinity: a diverged metric (or a report figure copied from one) is written as null."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite_json(v) for v in value]
     return value
 
 
 def _jsonable(value: Any):
     if hasattr(value, "item"):
-        return _finite(value.item())
+        return finite_json(value.item())
     return str(value)

@@ -121,11 +121,29 @@ def build_report(source: PathLike, max_points: int = DEFAULT_MAX_POINTS) -> dict
     Raises:
         LedgerError: no ledger there, or a file with no costaware record at all.
     """
-    if not isinstance(max_points, int) or max_points < 10:
-        raise ValueError(f"max_points must be an int >= 10, got {max_points!r}")
+    _check_max_points(max_points)  # before reading a large file for nothing
     with _gc_paused():
         path, contents, trusted = load_ledger(source)
+        return report_from_contents(path, contents, trusted, max_points)
+
+
+def report_from_contents(path: Path, contents: LedgerContents, trusted: bool,
+                         max_points: int = DEFAULT_MAX_POINTS) -> dict:
+    """Build the report dict from a ledger already read with :func:`load_ledger`.
+
+    For callers that need the raw records too (``compare_runs``) without reading the file twice.
+
+    Raises:
+        ValueError: a bad ``max_points``.
+    """
+    _check_max_points(max_points)
+    with _gc_paused():
         return _build(path, contents, trusted, max_points)
+
+
+def _check_max_points(max_points: Any) -> None:
+    if not isinstance(max_points, int) or max_points < 10:
+        raise ValueError(f"max_points must be an int >= 10, got {max_points!r}")
 
 
 @contextmanager
@@ -133,7 +151,7 @@ def _gc_paused():
     """Pause the cyclic garbage collector while a large ledger is parsed and summarised.
 
     A 24-hour ledger is 100,000 small dicts; the collector would otherwise re-scan them all many
-    times over (a quarter of the build time) though they hold no cycles.
+    times over (a noticeable share of the build time) though they hold no cycles.
     """
     enabled = gc.isenabled()
     gc.disable()
@@ -234,10 +252,10 @@ def _clean_prices(prices: Optional[dict], problems: list) -> Optional[dict]:
         return None
     out = dict(prices)
     for key in PRICE_NUMBERS:
-        if key in out and out[key] is not None and _num(out[key]) is None:
+        if key in out and out[key] is not None and finite_number(out[key]) is None:
             problems.append(f"header price {key} is not a finite number ({_short(out[key], 60)}): shown as unknown")
         if key in out:
-            out[key] = _num(out[key])
+            out[key] = finite_number(out[key])
     return out
 
 
@@ -250,7 +268,7 @@ def _final_totals(end: Optional[dict], samples: list, events: list) -> tuple[dic
         raw = record.get("totals")
         if not isinstance(raw, dict):
             continue
-        key = (_num(raw.get("elapsed_s")) or 0.0, _num(raw.get("usd")) or 0.0)
+        key = (finite_number(raw.get("elapsed_s")) or 0.0, finite_number(raw.get("usd")) or 0.0)
         if best_key is None or key >= best_key:
             best, best_key = raw, key
     if best is not None:
@@ -263,7 +281,7 @@ def _totals_dict(raw: dict) -> dict:
 
     A missing ``kwh`` is the sum of the energies that are recorded (None if none is).
     """
-    out = {key: _num(raw.get(key)) for key in TOTAL_KEYS}
+    out = {key: finite_number(raw.get(key)) for key in TOTAL_KEYS}
     if out["kwh"] is None:
         parts = [out[k] for k in _ENERGY_KEYS.values() if out[k] is not None]
         out["kwh"] = sum(parts) / 3.6e6 if parts else None
@@ -344,16 +362,19 @@ def _cost_breakdown(totals: dict, prices: Optional[dict]) -> list[dict]:
     needed = ("usd", "gpu_hours", "host_hours") + (("kwh",) if prices.get("mode") == "on_prem" else ())
     if any(totals[key] is None for key in needed):
         return []  # a part of the bill the ledger does not record cannot be split out
-    usd_gpu = totals["gpu_hours"] * (_num(prices.get("usd_per_gpu_hour")) or 0.0)
-    usd_host = totals["host_hours"] * (_num(prices.get("usd_per_host_hour")) or 0.0)
+    gpu_rate = finite_number(prices.get("usd_per_gpu_hour")) or 0.0
+    host_rate = finite_number(prices.get("usd_per_host_hour")) or 0.0
+    usd_gpu = totals["gpu_hours"] * gpu_rate
+    usd_host = totals["host_hours"] * host_rate
     usd_energy = 0.0
     if prices.get("mode") == "on_prem":
-        usd_energy = totals["kwh"] * (_num(prices.get("pue")) or 1.0) * (_num(prices.get("usd_per_kwh")) or 0.0)
+        usd_energy = (totals["kwh"] * (finite_number(prices.get("pue")) or 1.0)
+                      * (finite_number(prices.get("usd_per_kwh")) or 0.0))
     rows = [
         {"part": "GPU rental", "usd": usd_gpu,
-         "basis": f"{totals['gpu_hours']:.4g} GPU-h x ${_num(prices.get('usd_per_gpu_hour')) or 0:.4g}/GPU-h"},
+         "basis": f"{totals['gpu_hours']:.4g} GPU-h x ${gpu_rate:.4g}/GPU-h"},
         {"part": "host rental", "usd": usd_host,
-         "basis": f"{totals['host_hours']:.4g} host-h x ${_num(prices.get('usd_per_host_hour')) or 0:.4g}/host-h"},
+         "basis": f"{totals['host_hours']:.4g} host-h x ${host_rate:.4g}/host-h"},
     ]
     if prices.get("mode") == "on_prem":
         rows.append({"part": "energy", "usd": usd_energy,
@@ -376,7 +397,7 @@ def _averages(totals: dict, header: dict, meters: dict, columns: dict) -> dict:
         "not measured: NVML gave no utilization for this GPU"
     out["gpu_utilization_note"] = "measured (NVML, time-weighted mean of samples)" if out["gpu_utilization_pct"] \
         is not None else no_gpu_reason
-    peak = _num(header.get("peak_flops_per_s"))
+    peak = finite_number(header.get("peak_flops_per_s"))
     gpu_s = (totals["gpu_hours"] or 0.0) * 3600.0
     flops = totals["flops"] or 0.0
     out["mfu_pct_overall"] = 100.0 * flops / (peak * gpu_s) if peak and gpu_s > 0 and flops > 0 else None
@@ -429,20 +450,20 @@ def _metric_summaries(metrics: list, events: list) -> list[dict]:
                 if e.get("name") == "marginal_gain_policy" and e.get("mode") in ("max", "min")}
     by_name: dict[str, list] = {}
     for record in metrics:
-        name, value = record.get("name"), _num(record.get("value"))
+        name, value = record.get("name"), finite_number(record.get("value"))
         if not isinstance(name, str) or value is None:
             continue
         by_name.setdefault(name, []).append(record)
     out = []
     for name, records in by_name.items():
         mode = declared.get(name) or guess_mode(name)
-        values = [_num(r["value"]) for r in records]
+        values = [finite_number(r["value"]) for r in records]
         best_i = (max if mode == "max" else min)(range(len(values)), key=values.__getitem__)
         out.append({
             "name": name, "count": len(records), "mode": mode,
             "first": values[0], "last": values[-1], "best": values[best_i],
-            "usd_at_best": _num(records[best_i].get("usd")), "step_at_best": records[best_i].get("step"),
-            "usd_at_last": _num(records[-1].get("usd")),
+            "usd_at_best": finite_number(records[best_i].get("usd")), "step_at_best": records[best_i].get("step"),
+            "usd_at_last": finite_number(records[-1].get("usd")),
         })
     return out
 
@@ -467,9 +488,9 @@ def _event(record: dict) -> dict:
     return {
         "name": name,
         "time": _iso(record.get("wall_time")),
-        "wall_time": _num(record.get("wall_time")),
-        "elapsed_s": _num(totals.get("elapsed_s")),
-        "usd": _num(totals.get("usd")),
+        "wall_time": finite_number(record.get("wall_time")),
+        "elapsed_s": finite_number(totals.get("elapsed_s")),
+        "usd": finite_number(totals.get("usd")),
         "summary": describe_event(name, fields),
         "fields": fields,
     }
@@ -479,7 +500,7 @@ def describe_event(name: str, fields: dict) -> str:
     """One readable sentence for a ledger event; unknown events list their fields."""
     f = fields
     if name == "budget_cap_hit":
-        if f.get("predictive") and _num(f.get("predicted_next")) is not None:
+        if f.get("predictive") and finite_number(f.get("predicted_next")) is not None:
             text = (f"Budget cap {f.get('cap', '?')}={_fmt(f.get('limit'))}: stopped at {_fmt(f.get('value'))}, "
                     f"as the next step would reach {_fmt(f['predicted_next'])}")
         else:
@@ -491,7 +512,7 @@ def describe_event(name: str, fields: dict) -> str:
         listed = ", ".join(f"{k}={_fmt(v)}" for k, v in caps.items()) or "none"
         return f"Budget caps set: {listed}" + (f" (on cap: {f['on_cap']})" if f.get("on_cap") else "")
     if name == "budget_warning":
-        fraction = _num(f.get("fraction"))
+        fraction = finite_number(f.get("fraction"))
         share = f"{fraction:.0%}" if fraction is not None else "part"
         return f"{share} of {f.get('cap', '?')}={_fmt(f.get('limit'))} spent ({_fmt(f.get('value'))})"
     if name == "marginal_gain_policy":
@@ -500,7 +521,7 @@ def describe_event(name: str, fields: dict) -> str:
                 f"${_fmt(f.get('usd_per_point'))} per point; then {then}")
     if name == "online_probe":
         return f"Online probe: {f.get('metric', 'probe')} = {_fmt(f.get('acc'))}" + (
-            f" (probe cost ${_fmt(f['cost_usd'])})" if _num(f.get("cost_usd")) is not None else "")
+            f" (probe cost ${_fmt(f['cost_usd'])})" if finite_number(f.get("cost_usd")) is not None else "")
     if name == "distill":
         if not f.get("trained", True):
             return f"Distill: no student trained: {f.get('note', 'no reason recorded')}"
@@ -508,7 +529,7 @@ def describe_event(name: str, fields: dict) -> str:
                 + (" (stopped by the budget)" if f.get("stopped_by_budget") else ""))
     if name == "quantize":
         verdict = "kept" if f.get("kept") else "not kept"
-        if _num(f.get("teacher_metric")) is None:
+        if finite_number(f.get("teacher_metric")) is None:
             return f"Quantize ({f.get('quant_type', '?')}): {verdict}" + (f": {f['note']}" if f.get("note") else "")
         return (f"Quantize ({f.get('quant_type', '?')}): {f.get('metric', 'metric')} {_fmt(f.get('teacher_metric'))} -> "
                 f"{_fmt(f.get('quantized_metric'))}, {verdict}" + (f"; {f['note']}" if f.get("note") else ""))
@@ -517,8 +538,8 @@ def describe_event(name: str, fields: dict) -> str:
         parts = [f"{verdict}" + (f" ({f['monitor']})" if f.get("monitor") else "")]
         if f.get("reason"):
             parts.append(str(f["reason"]))
-        if _num(f.get("predicted_final")) is not None:
-            more = _num(f.get("usd_to_predicted_final"))
+        if finite_number(f.get("predicted_final")) is not None:
+            more = finite_number(f.get("usd_to_predicted_final"))
             parts.append(f"predicted final {_fmt(f['predicted_final'])}"
                          + (f" for ${_fmt(more)} more" if more is not None else " (at the fitted asymptote)"))
         if f.get("curve"):
@@ -530,7 +551,7 @@ def describe_event(name: str, fields: dict) -> str:
         return f"The {f.get('meter', '?')} meter degraded: {f.get('status', 'no reason recorded')}"
     if name == "resumed":
         origin = f.get("resumed_from") if isinstance(f.get("resumed_from"), dict) else {}
-        carried = _num(origin.get("ledger_usd", origin.get("checkpoint_usd")))
+        carried = finite_number(origin.get("ledger_usd", origin.get("checkpoint_usd")))
         return ("Resumed from a checkpoint" + (f" of run {origin['run_id']}" if origin.get("run_id") else "")
                 + (f", carrying ${_fmt(carried)} already spent" if carried is not None else ""))
     if name == "strategy_result":
@@ -557,12 +578,12 @@ def _planned(header: dict, totals: dict, events: list) -> dict:
     """What the run as planned would have cost, from every basis the ledger offers."""
     estimates = []
     for event in events[::-1]:
-        if event.get("name") == "forecast" and _num(event.get("forecast_usd")) is not None:
-            estimates.append({"usd": _num(event["forecast_usd"]),
+        if event.get("name") == "forecast" and finite_number(event.get("forecast_usd")) is not None:
+            estimates.append({"usd": finite_number(event["forecast_usd"]),
                               "basis": "forecast event" + (f" ({event['basis']})" if event.get("basis") else "")})
             break
-    max_steps, world = _num(header.get("max_steps")), _num(header.get("world_size") or 1)
-    accumulate = _num(header.get("accumulate_grad_batches"))  # absent from ledgers written so far
+    max_steps, world = finite_number(header.get("max_steps")), finite_number(header.get("world_size") or 1)
+    accumulate = finite_number(header.get("accumulate_grad_batches"))  # absent from ledgers written so far
     accumulate = accumulate if accumulate is not None and accumulate >= 1 else None
     done = totals["train_batches"]
     fraction = None
@@ -581,9 +602,11 @@ def _planned(header: dict, totals: dict, events: list) -> dict:
         else:
             fraction = None  # gradient accumulation the ledger does not record: steps are not batches
     for event in events[::-1]:
-        if event.get("name") == "marginal_gain_decision" and _num(event.get("usd_to_predicted_final")) is not None:
-            at = _num((event.get("totals") or {}).get("usd") if isinstance(event.get("totals"), dict) else None) or 0.0
-            estimates.append({"usd": at + _num(event["usd_to_predicted_final"]),
+        if (event.get("name") == "marginal_gain_decision"
+                and finite_number(event.get("usd_to_predicted_final")) is not None):
+            totals_then = event.get("totals") if isinstance(event.get("totals"), dict) else {}
+            at = finite_number(totals_then.get("usd")) or 0.0
+            estimates.append({"usd": at + finite_number(event["usd_to_predicted_final"]),
                               "basis": "marginal-gain policy: dollars spent at its last decision plus its dollars to "
                                        "the planned end"})
             break
@@ -644,8 +667,8 @@ def _cost_series(samples: list, events: list, end: Optional[dict], max_points: i
     keep = downsample_indices(points, [p[1] for p in points], max_points)
     kept = [points[i] for i in keep]
     return {"elapsed_s": [_round(p[0]) for p in kept], "usd": [_round(p[1]) for p in kept],
-            "kwh": [_round(_num(p[2].get("kwh"))) for p in kept],
-            "co2_kg": [_round(_num(p[2].get("co2_kg"))) for p in kept],
+            "kwh": [_round(finite_number(p[2].get("kwh"))) for p in kept],
+            "co2_kg": [_round(finite_number(p[2].get("co2_kg"))) for p in kept],
             "points_in_ledger": len(points)}
 
 
@@ -664,9 +687,10 @@ def _reading_series(columns: dict, max_points: int) -> dict:
 def _metric_series(metrics: list, max_points: int) -> dict:
     by_name: dict[str, list] = {}
     for record in metrics:
-        name, value, usd = record.get("name"), _num(record.get("value")), _num(record.get("usd"))
+        name, value, usd = record.get("name"), finite_number(record.get("value")), finite_number(record.get("usd"))
         if isinstance(name, str) and value is not None and usd is not None:
-            by_name.setdefault(name, []).append((usd, value, record.get("step"), _num(record.get("elapsed_s"))))
+            by_name.setdefault(name, []).append(
+                (usd, value, record.get("step"), finite_number(record.get("elapsed_s"))))
     out = {}
     for name, points in by_name.items():
         keep = downsample_indices([p[0] for p in points], [p[1] for p in points], max_points)
@@ -683,25 +707,25 @@ def _forecasts(events: list, metrics: list) -> list[dict]:
     for event in events:
         name = event.get("name")
         at = event.get("totals") if isinstance(event.get("totals"), dict) else {}
-        usd, elapsed_s = _num(at.get("usd", event.get("usd"))), _num(at.get("elapsed_s"))
+        usd, elapsed_s = finite_number(at.get("usd", event.get("usd"))), finite_number(at.get("elapsed_s"))
         if name == "marginal_gain_decision":
             monitor = event.get("monitor") if isinstance(event.get("monitor"), str) else (names[0] if names else None)
-            more = _num(event.get("usd_to_predicted_final"))
+            more = finite_number(event.get("usd_to_predicted_final"))
             curve = event.get("curve_points")
             curve_usd, curve_value = [], []
             if isinstance(curve, dict) and isinstance(curve.get("usd"), list) and isinstance(curve.get("value"), list):
-                pairs = [(_num(u), _num(v)) for u, v in zip(curve["usd"], curve["value"])]
+                pairs = [(finite_number(u), finite_number(v)) for u, v in zip(curve["usd"], curve["value"])]
                 pairs = [p for p in pairs if p[0] is not None and p[1] is not None][:2000]
                 curve_usd, curve_value = [p[0] for p in pairs], [p[1] for p in pairs]
             out.append({"kind": "marginal_gain", "monitor": monitor, "usd": usd, "elapsed_s": elapsed_s,
-                        "value": _num(event.get("value")),
-                        "stop": bool(event.get("stop")), "predicted_final": _num(event.get("predicted_final")),
+                        "value": finite_number(event.get("value")),
+                        "stop": bool(event.get("stop")), "predicted_final": finite_number(event.get("predicted_final")),
                         "usd_at_predicted_final": usd + more if usd is not None and more is not None else None,
                         "curve_usd": curve_usd, "curve_value": curve_value})
         elif name == "budget_cap_hit":
             out.append({"kind": "budget_cap", "cap": str(event.get("cap", "")), "unit": str(event.get("unit") or ""),
-                        "limit": _num(event.get("limit")),
-                        "value": _num(event.get("value")), "usd": usd, "elapsed_s": elapsed_s})
+                        "limit": finite_number(event.get("limit")),
+                        "value": finite_number(event.get("value")), "usd": usd, "elapsed_s": elapsed_s})
     # Keep the plots light: the stop decisions, the last decision, and at most 50 others.
     decisions = [f for f in out if f["kind"] == "marginal_gain"]
     if len(decisions) > 52:
@@ -747,8 +771,8 @@ def _finite_or_none(value: Any) -> Optional[float]:
     return value if type(value) in _NUMBER_TYPES and -_INF < value < _INF else None
 
 
-def _num(value: Any) -> Optional[float]:
-    """A finite float, or None for anything else (bools, strings, NaN, missing)."""
+def finite_number(value: Any) -> Optional[float]:
+    """A finite float, or None for anything else (bools, strings, NaN, missing): readers never raise on a bad figure."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     value = float(value)
@@ -760,7 +784,7 @@ def _round(value: Optional[float]) -> Optional[float]:
 
 
 def _fmt(value: Any) -> str:
-    number = _num(value)
+    number = finite_number(value)
     return f"{number:.4g}" if number is not None else str(value)
 
 
@@ -770,7 +794,7 @@ def _short(value: Any, limit: int = 200) -> str:
 
 
 def _iso(wall_time: Any) -> Optional[str]:
-    seconds = _num(wall_time)
+    seconds = finite_number(wall_time)
     if seconds is None:
         return None
     try:
@@ -780,9 +804,9 @@ def _iso(wall_time: Any) -> Optional[str]:
 
 
 def _last_wall_time(end: Optional[dict], *groups: Iterable[dict]) -> Optional[float]:
-    if end is not None and _num(end.get("wall_time")) is not None:
-        return _num(end["wall_time"])
-    times = [_num(r.get("wall_time")) for group in groups for r in group[-1:]]
+    if end is not None and finite_number(end.get("wall_time")) is not None:
+        return finite_number(end["wall_time"])
+    times = [finite_number(r.get("wall_time")) for group in groups for r in group[-1:]]
     times = [t for t in times if t is not None]
     return max(times) if times else None
 

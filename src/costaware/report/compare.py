@@ -24,10 +24,15 @@ from typing import Optional, Sequence
 
 from costaware.ledger import LedgerError
 from costaware.report import text as T
-from costaware.report.build import PathLike, _build, _num, guess_mode, load_ledger
+from costaware.report.build import PathLike, finite_number, guess_mode, load_ledger, report_from_contents
 from costaware.report.plots import PALETTE, Line, line_chart
 
 MODES = ("max", "min")
+
+#: Most points kept per run's metric curve: several runs' curves share one chart, so fewer than a
+#: single report's plots.
+CURVE_POINTS = 400
+
 _COST_PREFIXES = ("cost/", "throughput/", "gpu/", "host/")
 
 
@@ -66,7 +71,7 @@ def compare_runs(sources: Sequence[PathLike], metric: Optional[str] = None, mode
         except (LedgerError, OSError) as err:
             errors.append(f"{source}: {err}")
             continue
-        report = _build(path, contents, trusted, 400)
+        report = report_from_contents(path, contents, trusted, CURVE_POINTS)
         records = [m for m in contents.metrics if isinstance(m, dict) and isinstance(m.get("name"), str)
                    and not m["name"].startswith(_COST_PREFIXES)]
         loaded.append({"source": str(source), "report": report, "records": records})
@@ -91,7 +96,7 @@ def compare_runs(sources: Sequence[PathLike], metric: Optional[str] = None, mode
         # A point counts only with a finite value and a finite cost: a NaN (diverged) value or a
         # missing / non-numeric dollar figure says nothing about metric per dollar.
         points = [(value, usd, r.get("step")) for r in run["records"] if r["name"] == metric
-                  for value, usd in [(_num(r.get("value")), _num(r.get("usd")))]
+                  for value, usd in [(finite_number(r.get("value")), finite_number(r.get("usd")))]
                   if value is not None and usd is not None]
         entry = {"name": name, "source": run["source"], "run_id": report["run"]["run_id"],
                  "usd": report["totals"]["usd"], "complete": report["ledger"]["complete"],
@@ -172,13 +177,8 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
 
 def render_compare_text(result: dict) -> str:
     """The ranking as a plain-text table (what ``costaware compare`` prints)."""
-    head, rows = table_rows(result)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.append(f"\n* on the Pareto front: no other run has a better {result['metric']} for fewer dollars.")
-    return "\n".join(lines)
+    return (T.text_table(*table_rows(result))
+            + f"\n\n* on the Pareto front: no other run has a better {result['metric']} for fewer dollars.")
 
 
 def render_compare_svg(result: dict) -> str:

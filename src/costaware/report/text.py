@@ -6,8 +6,9 @@ were not measured come through as the reason they were not, never as a zero.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
+
+from costaware.report.build import finite_number
 
 _SI = ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
 
@@ -15,21 +16,14 @@ _SI = ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")
 NOT_RECORDED = "not recorded"
 
 
-def _real(value: Any) -> Optional[float]:
-    """A finite float, or None for anything else (None, bools, strings, NaN): the formatters never raise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 def recorded(value: Optional[float], fmt) -> str:
     """``fmt(value)``, or "not recorded" where the ledger holds no such figure."""
-    return fmt(value) if _real(value) is not None else NOT_RECORDED
+    return fmt(value) if finite_number(value) is not None else NOT_RECORDED
 
 
 def usd(value: Optional[float]) -> str:
     """Dollars with as many decimals as a small figure needs: ``$12.35``, ``$0.0123``, ``$6.5e-05``."""
-    value = _real(value)
+    value = finite_number(value)
     if value is None:
         return "n/a"
     sign, a = ("-" if value < 0 else ""), abs(value)
@@ -48,7 +42,7 @@ def usd(value: Optional[float]) -> str:
 
 def number(value: Optional[float], unit: str = "", digits: int = 4) -> str:
     """A figure with ``digits`` significant digits and its unit: ``0.0123 kWh``, ``1.2e-07 kg``."""
-    value = _real(value)
+    value = finite_number(value)
     if value is None:
         return "n/a"
     text = f"{value:.{digits}g}"
@@ -57,7 +51,7 @@ def number(value: Optional[float], unit: str = "", digits: int = 4) -> str:
 
 def si(value: Optional[float], unit: str = "") -> str:
     """A large count with an SI prefix: ``5.12 kFLOP``, ``3.4 PFLOP``."""
-    value = _real(value)
+    value = finite_number(value)
     if value is None:
         return "n/a"
     for scale, prefix in _SI:
@@ -68,7 +62,7 @@ def si(value: Optional[float], unit: str = "") -> str:
 
 def duration(seconds: Optional[float]) -> str:
     """``45.2 s``, ``12 min 5 s``, ``3 h 12 min``."""
-    seconds = _real(seconds)
+    seconds = finite_number(seconds)
     if seconds is None:
         return "n/a"
     if seconds < 60:
@@ -79,7 +73,7 @@ def duration(seconds: Optional[float]) -> str:
 
 
 def percent(value: Optional[float]) -> str:
-    value = _real(value)
+    value = finite_number(value)
     return "n/a" if value is None else f"{value:.1f} %"
 
 
@@ -122,7 +116,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         p = e[part]
         return f"{number(p['kwh'], 'kWh')} ({p['status']})" if p["measured"] else p["status"]
 
-    elapsed = _real(t["elapsed_s"])
+    elapsed = finite_number(t["elapsed_s"])
     rows = [
         ("Outcome", report["outcome"]["why"]),
         ("Wall time", recorded(elapsed, duration)
@@ -137,9 +131,11 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         ("Energy, CPU", energy("cpu", "CPU")),
         ("Energy, RAM", energy("ram", "RAM")),
         ("CO2", recorded(t["co2_kg"], lambda v: number(v, "kg CO2-eq"))
-         + ("" if e["total_note"] == "complete" or _real(t["co2_kg"]) is None else " (from the measured energy only)")),
-        ("FLOPs", f"{si(t['flops'], 'FLOP')} ({report['flops_status']})" if _real(t["flops"]) is not None and not
-         report["flops_status"].startswith("not measured") else report["flops_status"]),
+         + ("" if e["total_note"] == "complete" or finite_number(t["co2_kg"]) is None
+            else " (from the measured energy only)")),
+        ("FLOPs", f"{si(t['flops'], 'FLOP')} ({report['flops_status']})"
+         if finite_number(t["flops"]) is not None and not report["flops_status"].startswith("not measured")
+         else report["flops_status"]),
         ("Training batches", recorded(t["train_batches"], lambda v: number(v, "", 8))),
         ("Mean MFU", measured_or_reason(a.get("throughput_mfu_pct"), a.get("mfu_note", "not measured"), percent)
          + (f"; overall {percent(a['mfu_pct_overall'])} (FLOPs / GPU-seconds x peak)"
@@ -223,3 +219,12 @@ def event_time(event: dict) -> str:
     if event.get("usd") is not None:
         parts.append(usd(event["usd"]))
     return ", ".join(parts) or (event.get("time") or "")
+
+
+def text_table(head: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned columns under a dashed header: the one plain-text table the CLI prints."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)

@@ -17,12 +17,12 @@ Example::
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Optional
 
+from costaware.ledger import finite_json
 from costaware.report.build import DEFAULT_MAX_POINTS, PathLike, build_report, find_ledger
 from costaware.report.html import render_html
 from costaware.report.markdown import render_markdown
@@ -61,7 +61,7 @@ def write_report(run_dir_or_ledger_path: PathLike, report: Optional[dict] = None
                              "refusing to write it next to another run's ledger")
     folder = ledger.parent
     texts = {
-        "json": json.dumps(_finite(report), indent=1, allow_nan=False, default=str) + "\n",
+        "json": json.dumps(finite_json(report), indent=1, allow_nan=False, default=str) + "\n",
         "md": render_markdown(report) + "\n",
         "html": render_html(report) + "\n",
     }
@@ -69,17 +69,6 @@ def write_report(run_dir_or_ledger_path: PathLike, report: Optional[dict] = None
     for key, name in REPORT_FILES.items():
         paths[key] = atomic_write(folder / name, texts[key], folder)
     return paths
-
-
-def _finite(value):
-    """JSON has no NaN or infinity: a non-finite figure copied from an event's fields becomes null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def atomic_write(path: Path, text: str, within: Optional[Path] = None) -> Path:
