@@ -124,7 +124,7 @@ def build_report(source: PathLike, max_points: int = DEFAULT_MAX_POINTS) -> dict
     _check_max_points(max_points)  # before reading a large file for nothing
     with _gc_paused():
         path, contents, trusted = load_ledger(source)
-        return report_from_contents(path, contents, trusted, max_points)
+        return _build(path, contents, trusted, max_points)
 
 
 def report_from_contents(path: Path, contents: LedgerContents, trusted: bool,
