@@ -139,11 +139,19 @@ def test_run_after_a_plain_fit(ns, tmp_path):
     assert rows[1].latency_ms_per_example is None and rows[1].train_usd == 0.0  # no prices given
 
 
+def test_without_a_cost_monitor_the_student_goes_under_the_loggers_folder(pl_ns, tmp_path):
+    logger = pl_ns.pl.loggers.CSVLogger(tmp_path, name="run")
+    trainer = pl_ns.Trainer(max_steps=4, limit_val_batches=1, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=tmp_path / "root", logger=logger)
+    teacher = _teacher(pl_ns)
+    trainer.fit(teacher, *_loaders())
+    rows = Distill(nn.Linear(FEATURES, 2), max_steps=2, max_epochs=-1, latency_batches=0).run(trainer, teacher)
+    assert rows[1].path == str(tmp_path / "run" / "version_0" / "costaware" / "student" / "student.pt")
+
+
 @pytest.mark.parametrize("max_usd", [0.02, 1.0])
 def test_the_student_gets_what_is_left_of_the_budget(ns, tmp_path, clock, max_usd):
-    budget_cap = getattr(ns.costaware, "BudgetCap", None)
-    if budget_cap is None:
-        pytest.skip("no BudgetCap in this costaware")
+    budget_cap = ns.costaware.BudgetCap
     distill = Distill(nn.Linear(FEATURES, 2), max_steps=5, max_epochs=-1)
     # $0.001 a step: a $0.02 cap stops the teacher at step 20 with nothing left.
     trainer, stopping, _ = _fit(ns, tmp_path, clock, distill, extra=[budget_cap(max_usd=max_usd)])

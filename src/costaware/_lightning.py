@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Any, Optional
 
 NAMESPACES = ("pytorch_lightning", "lightning.pytorch")
 DEFAULT_NAMESPACE = "pytorch_lightning"
@@ -21,6 +22,20 @@ def load(namespace: str) -> ModuleType:
     if namespace not in NAMESPACES:
         raise ValueError(f"namespace={namespace!r} is not one of {NAMESPACES}")
     return importlib.import_module(namespace)
+
+
+def namespace_of(obj: Any) -> Optional[str]:
+    """The namespace an object (or class) belongs to, found from its bases' modules; None if neither.
+
+    So that a helper built for a fit (a Trainer, a LightningModule) uses the fit's own namespace.
+    """
+    cls = obj if isinstance(obj, type) else type(obj)
+    for base in cls.__mro__:
+        module = getattr(base, "__module__", "") or ""
+        for namespace in NAMESPACES:
+            if module == namespace or module.startswith(namespace + "."):
+                return namespace
+    return None
 
 
 def bind(logic: type, namespace: str, module: str) -> type:

@@ -6,7 +6,8 @@ These are not Lightning ``Strategy`` objects (which place a model on devices); t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 
@@ -31,7 +32,6 @@ class StopContext:
     mode: str = "max"
     budget_left_usd: Optional[float] = None
     reason: str = ""
-    extras: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -68,6 +68,22 @@ class StopStrategy:
     def after_fit(self, context: StopContext) -> list[ModelRow]:
         """Called at the end of the teacher's fit; returns rows for the report's model table."""
         return []
+
+
+def ledger_folder(trainer: Any, monitor: Any) -> Path:
+    """Where a strategy's files go: the ledger's folder, else ``<log dir>/costaware`` as ``CostMonitor`` picks it.
+
+    The log dir is read from the first logger rather than ``Trainer.log_dir``, which is a
+    broadcast: a strategy may run on rank zero alone.
+    """
+    ledger = getattr(monitor, "ledger", None)
+    if ledger is not None and getattr(ledger, "path", None) is not None:
+        return Path(ledger.path).parent
+    loggers = getattr(trainer, "loggers", None) or []
+    folder = None
+    if loggers:
+        folder = getattr(loggers[0], "log_dir", None) or getattr(loggers[0], "save_dir", None)
+    return Path(folder or trainer.default_root_dir) / "costaware"
 
 
 def training_modes(module: Any) -> dict:

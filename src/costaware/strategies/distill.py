@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import random
 import time
@@ -15,15 +16,24 @@ from lightning_utilities.core.rank_zero import rank_zero_info
 from torch import nn
 
 from costaware import _lightning
-from costaware.strategies.base import ModelRow, StopContext, StopStrategy, restore_training_modes, training_modes
+from costaware.strategies.base import (
+    ModelRow,
+    StopContext,
+    StopStrategy,
+    ledger_folder,
+    restore_training_modes,
+    training_modes,
+)
 from costaware.strategies.early_stop import (
     EarlyStop,
     accuracy,
     call_model,
     count_examples,
     count_params,
+    cpu_threads,
     describe_model,
     split_batch,
+    timed_latency,
     to_device,
     train_loader,
     val_loader,
@@ -291,28 +301,28 @@ class Distill(StopStrategy):
         split = self._split(pl_module)
         metric_fn = self.metric_fn or _AccuracyMetric(split)
         ledger = getattr(monitor, "ledger", None)
-        save_dir = self._save_dir(trainer, monitor)
+        save_dir = Path(self.save_dir) if self.save_dir is not None else ledger_folder(trainer, monitor) / "student"
         teacher_usd = float(monitor.totals.usd) if monitor is not None else None
         best = self.teacher_strategy.best_value
         measured_metric = _safe_metric(metric_fn, pl_module, val_data, device)
         if measured_metric is not None:  # else (no labels to score with): the best monitored value
             teacher_row.metric = measured_metric
-        with _threads(self.latency_threads):
-            measured = describe_model(pl_module, "teacher", val_data, split, self.latency_batches)
-        teacher_row.latency_ms_per_example = measured.latency_ms_per_example
+        with cpu_threads(self.latency_threads):  # (EarlyStop's row has the size: no second torch.save)
+            teacher_row.latency_ms_per_example, latency_note = timed_latency(pl_module, val_data, split,
+                                                                             self.latency_batches)
         teacher_row.train_usd = teacher_usd
         teacher_row.note = "; ".join(x for x in (
             f"metric: {self._metric_name()} on the validation set" if measured_metric is not None else
             f"metric: best {context.metric_name}",
             f"best {context.metric_name}={best:.6g}" if best is not None and context.metric_name else "",
-            self.teacher_strategy.note, measured.note) if x)
+            self.teacher_strategy.note, latency_note) if x)
 
         if budget_left_usd is not None and budget_left_usd <= 1e-12:  # (not a rounding error's worth)
             note = f"not trained: no budget left (${budget_left_usd:.4g} under the teacher's BudgetCap)"
             if ledger is not None:
                 ledger.record_event("distill", trained=False, note=note)
             rank_zero_info(f"costaware: Distill: {note}")
-            with _threads(self.latency_threads):
+            with cpu_threads(self.latency_threads):
                 row = describe_model(self.student, "student", val_data, split, self.latency_batches, train_usd=0.0)
             row.note = note
             self.rows = [teacher_row, row]
@@ -328,12 +338,11 @@ class Distill(StopStrategy):
         path = save_dir / STUDENT_FILENAME
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(self.student.state_dict(), path)
-        with _threads(self.latency_threads):
-            row = describe_model(self.student, "student", val_data, split, self.latency_batches,
-                                 train_usd=float(student_totals.usd))
+        row = ModelRow(role="student", params=count_params(self.student), size_bytes=path.stat().st_size,
+                       train_usd=float(student_totals.usd), path=str(path))
+        with cpu_threads(self.latency_threads):
+            row.latency_ms_per_example, row.note = timed_latency(self.student, val_data, split, self.latency_batches)
         row.metric = _safe_metric(metric_fn, self.student, val_data, device)
-        row.size_bytes = path.stat().st_size
-        row.path = str(path)
         steps = self.student_trainer.global_step
         row.note = "; ".join(x for x in (
             f"metric: {self._metric_name()} on the validation set",
@@ -352,7 +361,7 @@ class Distill(StopStrategy):
                        f"saved to {path}")
         self.rows = [teacher_row, row]
         for follower in self.then:
-            with _threads(self.latency_threads):
+            with cpu_threads(self.latency_threads):
                 self.rows += self._apply_follower(follower, val_data, split, metric_fn, row, save_dir, context)
         return self.rows
 
@@ -389,17 +398,11 @@ class Distill(StopStrategy):
                 f"{tuple(t_out.shape)} on the same batch: the student must map the teacher's inputs to logits of "
                 "the same shape (same number of classes)")
 
-    def _save_dir(self, trainer: Any, monitor: Optional[Any]) -> Path:
-        if self.save_dir is not None:
-            return Path(self.save_dir)
-        ledger = getattr(monitor, "ledger", None)
-        if ledger is not None and ledger.path is not None:
-            return Path(ledger.path).parent / "student"
-        return Path(trainer.default_root_dir) / "costaware" / "student"
-
     def _fit_student(self, trainer: Any, pl_module: Any, monitor: Optional[Any], train_data: Iterable,
                      split: Callable, budget_left_usd: Optional[float], save_dir: Path) -> None:
-        namespace = _namespace_of(type(trainer))
+        namespace = _lightning.namespace_of(trainer)
+        if namespace is None:
+            raise TypeError(f"{type(trainer).__name__} is neither a pytorch_lightning nor a lightning.pytorch Trainer")
         costaware_ns = importlib.import_module(
             "costaware.lightning" if namespace == "lightning.pytorch" else "costaware")
         student_monitor = costaware_ns.CostMonitor(**_monitor_kwargs(monitor), ledger_dir=str(save_dir))
@@ -441,17 +444,12 @@ class Distill(StopStrategy):
     def _apply_follower(self, follower: Any, val_data: Optional[Iterable], split: Callable, metric_fn: MetricFn,
                         student_row: ModelRow, save_dir: Path, context: StopContext) -> list[ModelRow]:
         """Apply ``Quantize``-like strategies to the student; keep their row for the result."""
-        forward_fn = getattr(follower, "forward_fn", None)
-        default = getattr(importlib.import_module(type(follower).__module__), "default_forward", None)
-        if forward_fn is not None and forward_fn is default:
-            follower.forward_fn = lambda model, batch: call_model(model, split(batch)[0])
-        try:
-            _, rows = follower.apply(self.student, val_data, metric_fn, mode=self.metric_mode, role="student",
-                                     save_path=save_dir / f"student_{getattr(follower, 'name', 'then')}.pt",
-                                     train_usd=student_row.train_usd, metric_name=self._metric_name())
-        finally:
-            if forward_fn is not None:
-                follower.forward_fn = forward_fn
+        kwargs = dict(mode=self.metric_mode, role="student",
+                      save_path=save_dir / f"student_{getattr(follower, 'name', 'then')}.pt",
+                      train_usd=student_row.train_usd, metric_name=self._metric_name())
+        if _accepts(follower.apply, "forward_fn"):  # the student is called by the batch protocol
+            kwargs["forward_fn"] = lambda model, batch: call_model(model, split(batch)[0])
+        _, rows = follower.apply(self.student, val_data, metric_fn, **kwargs)
         ledger = getattr(context.monitor, "ledger", None)
         if ledger is not None:
             ledger.record_event(getattr(follower, "name", type(follower).__name__), of="student",
@@ -518,9 +516,6 @@ def _distill_module_class(pl: Any) -> type:
             self.losses.append(loss.detach())
             self.log("distill_loss", loss, prog_bar=True, batch_size=count_examples(inputs, labels))
             return loss
-
-        def on_fit_end(self) -> None:
-            self.losses = [float(x) for x in self.losses]
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             params = [p for p in self.student.parameters() if p.requires_grad]
@@ -591,29 +586,13 @@ def _monitor_kwargs(monitor: Optional[Any]) -> dict:
     return kwargs
 
 
-def _namespace_of(cls: type) -> str:
-    for base in cls.__mro__:
-        module = getattr(base, "__module__", "") or ""
-        if module.startswith("lightning.pytorch"):
-            return "lightning.pytorch"
-        if module.startswith("pytorch_lightning"):
-            return "pytorch_lightning"
-    raise TypeError(f"{cls.__name__} is neither a pytorch_lightning nor a lightning.pytorch Trainer")
-
-
-class _threads:
-    """Run a block with ``count`` torch CPU threads (None: leave the setting alone)."""
-
-    def __init__(self, count: Optional[int]) -> None:
-        self.count = count
-
-    def __enter__(self) -> None:
-        self._before = torch.get_num_threads()
-        if self.count is not None:
-            torch.set_num_threads(self.count)
-
-    def __exit__(self, *exc: Any) -> None:
-        torch.set_num_threads(self._before)
+def _accepts(fn: Callable, keyword: str) -> bool:
+    """Whether ``fn`` takes ``keyword=`` (a ``then`` strategy other than ``Quantize`` may not)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == keyword or p.kind is p.VAR_KEYWORD for p in params)
 
 
 class _kept_rng:

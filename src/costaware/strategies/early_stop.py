@@ -79,7 +79,6 @@ class EarlyStop(StopStrategy):
         self.best_value: Optional[float] = None
         self.best_step: Optional[int] = None
         self.last_value: Optional[float] = None  # the latest finite validation value
-        self.stop_step: Optional[int] = None
         self._best_state: Optional[dict] = None
         self.note = ""  # what after_fit did with the weights
 
@@ -100,9 +99,6 @@ class EarlyStop(StopStrategy):
         self.best_value = float(value)
         self.best_step = int(context.trainer.global_step)
         self._best_state = copy_state(context.pl_module, self.copy_frozen) if self.restore_best else None
-
-    def on_stop(self, context: StopContext) -> None:
-        self.stop_step = int(context.trainer.global_step)
 
     def after_fit(self, context: StopContext) -> list[ModelRow]:
         """Restore the best weights; return the teacher's row."""
@@ -132,13 +128,12 @@ class EarlyStop(StopStrategy):
 
     def state_dict(self) -> dict:
         """The best value and step (not the weights: a checkpoint already holds the model)."""
-        return {"best_value": self.best_value, "best_step": self.best_step, "stop_step": self.stop_step,
-                "last_value": self.last_value}
+        return {"best_value": self.best_value, "best_step": self.best_step, "last_value": self.last_value}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Also loads older checkpoints, whose ``stop_step`` entry is ignored."""
         self.best_value = state_dict.get("best_value")
         self.best_step = state_dict.get("best_step")
-        self.stop_step = state_dict.get("stop_step")
         self.last_value = state_dict.get("last_value")
 
 
@@ -271,40 +266,75 @@ def saved_size_bytes(model: torch.nn.Module) -> int:
 
 @torch.no_grad()
 def latency_ms_per_example(model: torch.nn.Module, loader: Iterable, split: Callable[[Any], tuple],
-                           batches: int = 3, repeats: int = 3) -> Optional[float]:
+                           batches: int = 3, repeats: int = 3,
+                           forward: Optional[Callable[[torch.nn.Module, Any], Any]] = None) -> Optional[float]:
     """CPU inference time per example, milliseconds: the fastest of ``repeats`` passes over the
     loader's first ``batches`` batches, after one untimed warm-up pass (the fastest pass is the
     least disturbed by other work on the machine).
 
-    The model runs in eval mode on the CPU and is put back on its device and in its mode.
+    Each batch is timed as ``forward(model, batch)`` if given (``Quantize``'s ``forward_fn``),
+    else ``call_model(model, split(batch)[0])``; ``split`` also counts the examples. The model
+    runs in eval mode on the CPU and is put back on its device and in its mode.
     """
     if loader is None or batches <= 0:
         return None
     cpu = torch.device("cpu")
     kept = []
     for batch in loader:
-        kept.append(split(to_device(batch, cpu)))
+        kept.append(to_device(batch, cpu))
         if len(kept) >= batches:
             break
-    examples = sum(count_examples(inputs, labels) for inputs, labels in kept)
+    examples = sum(count_examples(*split(batch)) for batch in kept)
     if not examples:
         return None
+    if forward is None:
+        def forward(m: torch.nn.Module, batch: Any) -> Any:
+            return call_model(m, split(batch)[0])
     device = _device_of(model)
     modes = training_modes(model)
-    model.to(cpu).eval()
+    if device != cpu:  # (a quantized model is on the CPU already, and bitsandbytes re-packs on a move)
+        model.to(cpu)
+    model.eval()
     try:
-        for inputs, _ in kept:  # warm-up pass: allocations, weight packing, caches
-            call_model(model, inputs)
+        for batch in kept:  # warm-up pass: allocations, weight packing, caches
+            forward(model, batch)
         best_s = math.inf
         for _ in range(max(repeats, 1)):
             start = time.perf_counter()
-            for inputs, _ in kept:
-                call_model(model, inputs)
+            for batch in kept:
+                forward(model, batch)
             best_s = min(best_s, time.perf_counter() - start)
         return 1000.0 * best_s / examples
     finally:
-        model.to(device)
+        if device != cpu:
+            model.to(device)
         restore_training_modes(modes)
+
+
+def timed_latency(model: torch.nn.Module, loader: Optional[Iterable], split: Callable[[Any], tuple],
+                  batches: int = 3) -> tuple[Optional[float], str]:
+    """``(latency_ms_per_example, note)``: a latency that cannot be measured is a note, not a failure."""
+    if loader is None or batches <= 0:
+        return None, ""
+    try:
+        return latency_ms_per_example(model, loader, split, batches), ""
+    except Exception as err:  # noqa: BLE001 - a figure for the report must not fail the run
+        return None, f"latency not measured: {type(err).__name__}: {err}"
+
+
+class cpu_threads:
+    """Run a block with ``count`` torch CPU threads (None: leave the setting alone)."""
+
+    def __init__(self, count: Optional[int]) -> None:
+        self.count = count
+
+    def __enter__(self) -> None:
+        self._before = torch.get_num_threads()
+        if self.count is not None:
+            torch.set_num_threads(self.count)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_num_threads(self._before)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -317,11 +347,8 @@ def describe_model(model: torch.nn.Module, role: str, loader: Optional[Iterable]
                    train_usd: Optional[float] = None) -> ModelRow:
     """A report row with what can be measured of ``model``: parameters, size, CPU latency."""
     row = ModelRow(role=role, params=count_params(model), size_bytes=saved_size_bytes(model), train_usd=train_usd)
-    if loader is not None and split is not None and latency_batches > 0:
-        try:
-            row.latency_ms_per_example = latency_ms_per_example(model, loader, split, latency_batches)
-        except Exception as err:  # noqa: BLE001 - a figure for the report must not fail the run
-            row.note = f"latency not measured: {type(err).__name__}: {err}"
+    if split is not None:
+        row.latency_ms_per_example, row.note = timed_latency(model, loader, split, latency_batches)
     return row
 
 

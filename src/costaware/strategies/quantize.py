@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import io
 import logging
 import math
 import time
@@ -27,7 +26,23 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_info
 from torch import nn
 
-from costaware.strategies.base import ModelRow, StopContext, StopStrategy, restore_training_modes, training_modes
+from costaware import _lightning
+from costaware.strategies.base import (
+    ModelRow,
+    StopContext,
+    StopStrategy,
+    ledger_folder,
+    restore_training_modes,
+    training_modes,
+)
+from costaware.strategies.early_stop import (
+    count_params,
+    cpu_threads,
+    latency_ms_per_example,
+    saved_size_bytes,
+    to_device,
+    val_loader,
+)
 
 BITS = (4, 8)
 QUANT_TYPES_4BIT = ("nf4", "fp4")
@@ -107,8 +122,8 @@ class Quantize(StopStrategy):
             (tied) with another module are always kept in float.
         metric_fn: ``metric_fn(model, dataloader) -> float``, overriding the ways above.
         forward_fn: ``forward_fn(model, batch)``: one inference call, for latency; default:
-            ``model(batch)`` for a tensor, ``model(batch[0])`` for a tuple or list,
-            ``model(**batch)`` for a dict.
+            ``apply``'s ``forward_fn``, else ``model(batch)`` for a tensor, ``model(batch[0])``
+            for a tuple or list, ``model(**batch)`` for a dict.
         latency_batches: validation batches timed.
         latency_repeats: passes over them; the fastest counts.
         latency_threads: torch CPU threads while timing; None: leave ``torch.get_num_threads()``.
@@ -178,7 +193,7 @@ class Quantize(StopStrategy):
         self.int8_threshold = float(int8_threshold)
         self.skip_modules = tuple(skip_modules)
         self.metric_fn = metric_fn
-        self.forward_fn = forward_fn or default_forward
+        self.forward_fn = forward_fn  # None: apply's forward_fn, else default_forward
         self.latency_batches = latency_batches
         self.latency_repeats = latency_repeats
         self.latency_threads = latency_threads
@@ -220,7 +235,7 @@ class Quantize(StopStrategy):
                                             limit_val_batches=getattr(trainer, "limit_val_batches", 1.0))
             totals = getattr(monitor, "totals", None) if monitor is not None else None
             train_usd = float(totals.usd) if totals else None
-            folder = _ledger_dir(trainer, monitor)
+            folder = ledger_folder(trainer, monitor)
             _, rows = self.apply(pl_module, dataloader, metric_fn, mode=context.mode, role="teacher",
                                  save_path=folder / self.filename, train_usd=train_usd,
                                  metric_name=context.metric_name)
@@ -278,6 +293,7 @@ class Quantize(StopStrategy):
         save_path: Optional[Union[str, Path]] = None,
         train_usd: Optional[float] = None,
         metric_name: str = "",
+        forward_fn: Optional[ForwardFn] = None,
     ) -> tuple[nn.Module, list[ModelRow]]:
         """Quantize a CPU copy of ``module``, measure both, keep the copy if the metric allows.
 
@@ -296,6 +312,8 @@ class Quantize(StopStrategy):
                 folder is created); None: not saved, size measured in memory.
             train_usd: what training the float model cost, for both rows.
             metric_name: the metric's name, for the notes.
+            forward_fn: the caller's way to call the model (``Distill`` knows its batch
+                protocol), used when this ``Quantize`` was given no ``forward_fn`` of its own.
 
         Returns:
             ``(model, [float_row, quantized_row])``: ``model`` is the quantized CPU copy if kept,
@@ -311,12 +329,14 @@ class Quantize(StopStrategy):
             raise ValueError(f"metric_fn must be a callable (model, dataloader) -> float or a metric name, got "
                              f"{metric_fn!r}")
         what = metric_name or "the metric"
+        forward = self.forward_fn or forward_fn or default_forward
         float_model = cpu_copy(module)
         batches = _first_batches(val_dataloader, self.latency_batches)
         float_metric = _call_metric(metric_fn, float_model, val_dataloader)
-        params = sum(p.numel() for p in float_model.parameters())
-        float_row = ModelRow(role=role, metric=float_metric, params=params, size_bytes=saved_size(float_model),
-                             latency_ms_per_example=self._latency_ms(float_model, batches), train_usd=train_usd,
+        params = count_params(float_model)
+        float_row = ModelRow(role=role, metric=float_metric, params=params, size_bytes=saved_size_bytes(float_model),
+                             latency_ms_per_example=self._latency_ms(float_model, batches, forward),
+                             train_usd=train_usd,
                              note="float32 weights" if _all_float32(float_model) else "float weights")
 
         quantized = cpu_copy(float_model)
@@ -331,12 +351,13 @@ class Quantize(StopStrategy):
         q_metric = _call_metric(metric_fn, quantized, val_dataloader)
         drop = _worsening(float_metric, q_metric, mode)
         kept = drop is not None and drop <= self.max_drop + 1e-12
-        size_bytes = saved_size(quantized)
         if kept and save_path is not None:
             self.path = Path(save_path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(quantized.state_dict(), self.path)
             size_bytes = self.path.stat().st_size
+        else:
+            size_bytes = saved_size_bytes(quantized)
         layers = f"{len(converted)} linear layer{'s' if len(converted) != 1 else ''} in {self.label}"
         if drop is None:
             note = f"rejected: {what} could not be compared ({float_metric} -> {q_metric}); the {role} is kept"
@@ -349,7 +370,7 @@ class Quantize(StopStrategy):
                        f"rejected: {change} > max_drop {self.max_drop:g}; the {role} is kept")
             note = f"{verdict} ({layers})"
         row = ModelRow(role="quantized", metric=q_metric, params=params, size_bytes=size_bytes,
-                       latency_ms_per_example=self._latency_ms(quantized, batches), train_usd=train_usd,
+                       latency_ms_per_example=self._latency_ms(quantized, batches, forward), train_usd=train_usd,
                        path=str(self.path) if self.path else None, note=note)
         return self._result(quantized if kept else module, kept, [float_row, row])
 
@@ -357,33 +378,16 @@ class Quantize(StopStrategy):
         self.model, self.kept, self.rows = model, kept, rows
         return model, rows
 
-    def _latency_ms(self, model: nn.Module, batches: list) -> Optional[float]:
-        """Best-of-``latency_repeats`` CPU milliseconds per example of ``forward_fn``; None if it fails."""
-        examples = sum(_batch_size(b) for b in batches)
-        if not batches or examples == 0:
-            return None
-        training = training_modes(model)
-        threads = torch.get_num_threads()
-        model.eval()
+    def _latency_ms(self, model: nn.Module, batches: list, forward: ForwardFn) -> Optional[float]:
+        """Best-of-``latency_repeats`` CPU milliseconds per example of ``forward``; None if it fails."""
         try:
-            if self.latency_threads is not None:
-                torch.set_num_threads(self.latency_threads)
-            with torch.no_grad(), _quiet():
-                self.forward_fn(model, batches[0])  # warm-up: first calls allocate and pack
-                best_s = math.inf
-                for _ in range(self.latency_repeats):
-                    start = time.perf_counter()
-                    for batch in batches:
-                        self.forward_fn(model, batch)
-                    best_s = min(best_s, time.perf_counter() - start)
+            with cpu_threads(self.latency_threads), _quiet():
+                return latency_ms_per_example(model, batches, _whole_batch, len(batches), self.latency_repeats,
+                                              forward=forward)
         except Exception as err:  # noqa: BLE001 - latency is a figure for the table, not worth a failure
             warnings.warn(f"costaware: Quantize could not time {type(model).__name__}'s forward "
                           f"({type(err).__name__}: {err}); pass forward_fn=", RuntimeWarning, stacklevel=2)
             return None
-        finally:
-            torch.set_num_threads(threads)
-            restore_training_modes(training)
-        return 1000.0 * best_s / examples
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,8 +552,8 @@ class LightningMetric:
         self.limit_val_batches = limit_val_batches
 
     def __call__(self, model: nn.Module, dataloader: Any) -> float:
-        namespace = _namespace_of(self.trainer_cls or model)
-        pl = importlib.import_module(namespace)
+        namespace = _lightning.namespace_of(self.trainer_cls or model) or _lightning.DEFAULT_NAMESPACE
+        pl = _lightning.load(namespace)
         environments = importlib.import_module(f"{namespace}.plugins.environments")
         trainer_cls = self.trainer_cls or pl.Trainer
         previous = getattr(model, "_trainer", None)
@@ -584,13 +588,6 @@ def cpu_copy(module: nn.Module) -> nn.Module:
     return copied.to("cpu")  # (a LightningModule also records its device)
 
 
-def saved_size(module: nn.Module) -> int:
-    """Bytes that ``torch.save(module.state_dict())`` writes."""
-    buffer = io.BytesIO()
-    torch.save(module.state_dict(), buffer)
-    return buffer.getbuffer().nbytes
-
-
 def default_forward(model: nn.Module, batch: Any) -> Any:
     """``model(batch)`` for a tensor, ``model(batch[0])`` for a tuple or list, ``model(**batch)`` for a dict."""
     if isinstance(batch, dict):
@@ -623,7 +620,7 @@ def _first_batches(dataloader: Optional[Iterable], count: int) -> list:
     batches = []
     try:
         for batch in dataloader:
-            batches.append(_to_cpu(batch))
+            batches.append(to_device(batch, "cpu"))
             if len(batches) >= count:
                 break
     except TypeError:
@@ -631,39 +628,13 @@ def _first_batches(dataloader: Optional[Iterable], count: int) -> list:
     return batches
 
 
-def _to_cpu(batch: Any) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to("cpu")
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_cpu(b) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_cpu(v) for k, v in batch.items()}
-    return batch
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    if isinstance(batch, (tuple, list)) and batch:
-        return _batch_size(batch[0])
-    if isinstance(batch, dict) and batch:
-        return _batch_size(next(iter(batch.values())))
-    return 0
+def _whole_batch(batch: Any) -> tuple[Any, None]:
+    """The split for timing: ``forward_fn`` takes the whole batch; its first tensor counts the examples."""
+    return batch, None
 
 
 def _all_float32(module: nn.Module) -> bool:
     return all(p.dtype == torch.float32 for p in module.parameters() if p.is_floating_point())
-
-
-def _namespace_of(obj: Any) -> str:
-    cls = obj if isinstance(obj, type) else type(obj)
-    for base in cls.__mro__:
-        module = getattr(base, "__module__", "") or ""
-        if module.startswith("lightning.pytorch"):
-            return "lightning.pytorch"
-        if module.startswith("pytorch_lightning"):
-            return "pytorch_lightning"
-    return "pytorch_lightning"
 
 
 @contextmanager
@@ -702,9 +673,8 @@ def _provider_metric_fn(trainer: Any, metric_name: str) -> Optional[MetricFn]:
 
 
 def _val_dataloader(trainer: Any, pl_module: Any) -> Optional[Any]:
-    loaders = getattr(trainer, "val_dataloaders", None)
-    if isinstance(loaders, (list, tuple)):
-        loaders = loaders[0] if loaders else None
+    """The Trainer's validation data (``val_loader``), else the datamodule's or the module's hook."""
+    loaders = val_loader(trainer)
     if loaders is not None:
         return loaders
     for source in (getattr(trainer, "datamodule", None), pl_module):
@@ -717,18 +687,8 @@ def _val_dataloader(trainer: Any, pl_module: Any) -> Optional[Any]:
             continue
         if isinstance(loaders, (list, tuple)):
             loaders = loaders[0] if loaders else None
+        elif isinstance(loaders, dict):
+            loaders = next(iter(loaders.values()), None)
         if loaders is not None:
             return loaders
     return None
-
-
-def _ledger_dir(trainer: Any, monitor: Any) -> Path:
-    """The ledger's folder, else ``<log_dir>/costaware`` (Trainer.log_dir without its broadcast)."""
-    ledger = getattr(monitor, "ledger", None)
-    if ledger is not None and getattr(ledger, "path", None) is not None:
-        return Path(ledger.path).parent
-    loggers = getattr(trainer, "loggers", [])
-    folder = None
-    if loggers:
-        folder = getattr(loggers[0], "log_dir", None) or getattr(loggers[0], "save_dir", None)
-    return Path(folder or trainer.default_root_dir) / "costaware"
