@@ -578,7 +578,7 @@ def _ddp_replay(ns, cap, every=100, batch=1.0, validation=120.0, batches=2000):
 
     budget = ns.costaware.BudgetCap(max_usd=cap, warmup_steps=0)
     budget._schedule = _Schedule(validation=True, time_based=False, batches_per_epoch=every, val_check_batch=every,
-                                 check_val_every_n_epoch=1, checkpoint_callbacks=0, default_saves=0, epoch_saves=0,
+                                 check_val_every_n_epoch=1, default_saves=0, epoch_saves=0,
                                  step_savers=())
     strategy = _FakeStrategy()
     trainer = SimpleNamespace(world_size=2, strategy=strategy, log_every_n_steps=50, accumulate_grad_batches=1)
@@ -625,7 +625,7 @@ def test_ddp_ranks_agree_before_step_saves(pl_ns):
 
     budget = pl_ns.costaware.BudgetCap(max_usd=1e6, warmup_steps=0)
     budget._schedule = _Schedule(validation=False, time_based=False, batches_per_epoch=1000, val_check_batch=None,
-                                 check_val_every_n_epoch=1, checkpoint_callbacks=1, default_saves=1, epoch_saves=0,
+                                 check_val_every_n_epoch=1, default_saves=1, epoch_saves=0,
                                  step_savers=((10, 1),))
     strategy = _FakeStrategy()
     trainer = SimpleNamespace(world_size=2, strategy=strategy, log_every_n_steps=50, accumulate_grad_batches=1)

@@ -82,10 +82,10 @@ def test_stops_near_break_even_and_records_why(ns, tmp_path, clock):
     assert "fitted curve" in html and "stopped at" in html
     assert [d["stop"] for d in decisions] == [False] * (len(decisions) - 1) + [True]
     last = decisions[-1]
-    for key in ("reason", "metric", "monitor", "value", "usd", "gain_points", "gain_points_upper", "gain_per_usd",
+    for key in ("reason", "monitor", "value", "usd", "gain_points", "gain_points_upper", "gain_per_usd",
                 "predicted_final", "usd_to_predicted_final", "curve"):
         assert key in last, key
-    assert last["metric"] == "val_acc" and last["gain_per_usd"] < 1 / 0.01
+    assert last["monitor"] == "val_acc" and last["gain_per_usd"] < 1 / 0.01
     assert last["usd"] == pytest.approx(trainer.global_step * USD_PER_STEP, rel=1e-6)
     assert last["totals"]["usd"] == pytest.approx(last["usd"])  # the event's totals are the decision's
     # The plan: $ per step so far x max_steps (300 steps at $0.001).
@@ -159,6 +159,24 @@ def test_monitor_placed_after_is_moved_before(pl_ns, tmp_path, clock):
     assert trainer.callbacks.index(monitor) < trainer.callbacks.index(stopping)
     assert stopping.cost_monitor is monitor and len(stopping.decisions) == 4
 
+
+def test_a_fit_that_fails_in_setup_lets_the_next_fit_attach(pl_ns, tmp_path, clock, monkeypatch):
+    """Both callbacks release their setup guard on an exception (the mechanism they share)."""
+    monkeypatch.setattr(pl_ns.costaware.CostMonitor, "clock", staticmethod(clock))
+    stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=0.01,
+                                                    monitor_kwargs={"usd_per_host_hour": 3.6})
+    cap = pl_ns.costaware.BudgetCap(max_usd=1e6)
+    trainer = _trainer(pl_ns, tmp_path, [stopping, cap], max_steps=20, logger=False)
+
+    class FailsInSetup(pl_ns.BoringModel):
+        def setup(self, stage):
+            raise RuntimeError("no data yet")
+
+    with pytest.raises(RuntimeError, match="no data yet"):
+        trainer.fit(FailsInSetup())
+    assert stopping._attachment._trainer is None and cap._attachment._trainer is None
+    trainer.fit(_curve_model(pl_ns.BoringModel, clock, _saturating))
+    assert cap.monitor is stopping.cost_monitor and len(stopping.decisions) == 4
 
 def test_missing_monitor_key_fails_at_first_validation_naming_logged_keys(ns, tmp_path, clock):
     stopping = ns.costaware.MarginalGainStopping(monitor="val_accuracy", usd_per_point=1.0)

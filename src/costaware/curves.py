@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 from scipy.special import ndtr
 
+from costaware.prices import check_amount
+
 __all__ = [
     "DEFAULT_USD_PER_POINT",
     "Decision",
@@ -122,15 +124,6 @@ class Decision:
     stop: bool
     reason: str
     estimate: GainEstimate | None
-
-
-def _check_positive(name: str, value: Any, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        accepted = "a finite number > 0" + (" or None" if allow_none else "")
-        raise ValueError(f"`{name}` must be {accepted}, got {value!r}")
-    return float(value)
 
 
 class MarginalGainPolicy:
@@ -235,10 +228,10 @@ class MarginalGainPolicy:
         if usd_per_point is not None and min_gain_per_usd is not None:
             raise ValueError("give `usd_per_point` or `min_gain_per_usd`, not both")
         if min_gain_per_usd is not None:
-            self.min_gain_per_usd = _check_positive("min_gain_per_usd", min_gain_per_usd)
+            self.min_gain_per_usd = check_amount("min_gain_per_usd", min_gain_per_usd, minimum=0, strict=True)
         else:
             price = DEFAULT_USD_PER_POINT if usd_per_point is None else usd_per_point
-            self.min_gain_per_usd = 1.0 / _check_positive("usd_per_point", price)
+            self.min_gain_per_usd = 1.0 / check_amount("usd_per_point", price, minimum=0, strict=True)
         if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.0 < confidence < 1.0:
             raise ValueError(f"`confidence` must be a number in (0, 1), got {confidence!r}")
         if isinstance(min_points, bool) or not isinstance(min_points, int) or min_points < 3:
@@ -247,10 +240,8 @@ class MarginalGainPolicy:
             raise ValueError(f"`increment_fraction` must be a number in [0, 10], got {increment_fraction!r}")
         if isinstance(fit_fraction, bool) or not isinstance(fit_fraction, (int, float)) or not 0.0 < fit_fraction <= 1.0:
             raise ValueError(f"`fit_fraction` must be a number in (0, 1], got {fit_fraction!r}")
-        if anneal_fraction is not None and (
-            isinstance(anneal_fraction, bool) or not isinstance(anneal_fraction, (int, float))
-            or not 0.0 < anneal_fraction <= 1.0
-        ):
+        anneal_fraction = check_amount("anneal_fraction", anneal_fraction, minimum=0, strict=True, allow_none=True)
+        if anneal_fraction is not None and anneal_fraction > 1.0:
             raise ValueError(f"`anneal_fraction` must be a number in (0, 1] or None, got {anneal_fraction!r}")
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 16:
             raise ValueError(f"`n_samples` must be an int >= 16, got {n_samples!r}")
@@ -260,14 +251,14 @@ class MarginalGainPolicy:
         self.usd_per_point = 1.0 / self.min_gain_per_usd
         self.confidence = float(confidence)
         self.min_points = min_points
-        self.points_per_unit = _check_positive("points_per_unit", points_per_unit)
+        self.points_per_unit = check_amount("points_per_unit", points_per_unit, minimum=0, strict=True)
         self.increment_fraction = float(increment_fraction)
         self.fit_fraction = float(fit_fraction)
-        self.planned_cost_usd = _check_positive("planned_cost_usd", planned_cost_usd, allow_none=True)
-        self.collapse_points = _check_positive("collapse_points", collapse_points, allow_none=True)
-        self.start_fraction = _check_positive("start_fraction", start_fraction, allow_none=True)
-        self.anneal_fraction = None if anneal_fraction is None else float(anneal_fraction)
-        self.anneal_points = _check_positive("anneal_points", anneal_points)
+        self.planned_cost_usd = check_amount("planned_cost_usd", planned_cost_usd, minimum=0, strict=True, allow_none=True)
+        self.collapse_points = check_amount("collapse_points", collapse_points, minimum=0, strict=True, allow_none=True)
+        self.start_fraction = check_amount("start_fraction", start_fraction, minimum=0, strict=True, allow_none=True)
+        self.anneal_fraction = anneal_fraction
+        self.anneal_points = check_amount("anneal_points", anneal_points, minimum=0, strict=True)
         self.n_samples = n_samples
         self.seed = seed
         self._sign = 1.0 if mode == "max" else -1.0
@@ -299,7 +290,7 @@ class MarginalGainPolicy:
                 f"`cost_usd` must not decrease: got {cost_usd!r} after {self._costs_usd[-1]!r}"
             )
         if planned_cost_usd is not None:
-            self.planned_cost_usd = _check_positive("planned_cost_usd", planned_cost_usd)
+            self.planned_cost_usd = check_amount("planned_cost_usd", planned_cost_usd, minimum=0, strict=True)
         metric = float(metric)
         self._costs_usd.append(cost_usd)
         self._metrics.append(metric)
@@ -639,7 +630,7 @@ def _fit_ensemble(x: np.ndarray, u: np.ndarray, noise_floor_points: float = 0.0)
         slope_sd=slope_sd,
         level_sd=math.sqrt(noise_var / n_eff),
         noise_points=math.sqrt(noise_var),
-        # The draw's degrees of freedom: n - 2 was chosen on the replay's tune half (n - 3,
-        # the variance estimate's own, gave a higher regret there at $0.1/point).
+        # The draw's degrees of freedom: n - 2, chosen on the replay's tune half (rather than
+        # n - 3, the variance estimate's own).
         noise_dof=max(n_eff - 2.0, 1.0),
     )

@@ -40,6 +40,8 @@ from datetime import timedelta
 from numbers import Real
 from typing import Any, Mapping, Optional
 
+from costaware.prices import check_amount
+
 __all__ = [
     "CAP_UNITS",
     "RESERVE_MARGIN",
@@ -207,11 +209,8 @@ def check_caps(explicit: Mapping[str, Any], caps: Optional[Mapping[str, Any]] = 
         if arg == "max_time":
             limits[arg] = parse_duration_s(value, name)
             continue
-        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if float(value) <= 0:
-            raise ValueError(f"{name} must be > 0 (a cap of nothing would stop before the first step), got {value!r}")
-        limits[arg] = float(value)
+        limits[arg] = check_amount(name, value, minimum=0, strict=True,
+                                   why=" (a cap of nothing would stop before the first step)")
     if not limits:
         raise ValueError(f"no cap given: set at least one of {', '.join(CAP_UNITS)} (or caps={{...}})")
     return {arg: limits[arg] for arg in CAP_UNITS if arg in limits}

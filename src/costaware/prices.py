@@ -104,14 +104,20 @@ class Prices:
         }
 
 
-def check_amount(name: str, value, minimum: float = 0.0, allow_none: bool = False) -> Optional[float]:
-    """A finite real number >= ``minimum``, or a ValueError that names the argument."""
+def check_amount(name: str, value, minimum: float = 0.0, allow_none: bool = False, strict: bool = False,
+                 why: str = "") -> Optional[float]:
+    """A finite real number >= ``minimum`` (> with ``strict``), or a ValueError that names the argument.
+
+    One check for every numeric argument, so each says the same thing when it is wrong; ``why``
+    is appended to the bound's message where the bound needs explaining.
+    """
     if value is None and allow_none:
         return None
+    bound = f"{'>' if strict else '>='} {minimum}"
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be a finite number >= {minimum}, got {value!r}")
-    if float(value) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number {bound}{' or None' if allow_none else ''}, got {value!r}")
+    if float(value) < minimum or (strict and float(value) == minimum):
+        raise ValueError(f"{name} must be {bound}{why}, got {value!r}")
     return float(value)
 
 

@@ -72,6 +72,34 @@ def attach_cost_monitor(owner: Any, trainer: Any, pl_module: Any, stage: str, mo
     return monitor, False
 
 
+class MonitorAttachment:
+    """An owner's CostMonitor across fits: attached once per fit, and whether the owner added it.
+
+    Inserting the monitor before its owner shifts the owner one place on in the list Lightning
+    is walking for ``setup``, so the owner's ``setup`` is called twice: the second call is a no-op.
+    The owner calls :meth:`release` at fit start, on an exception and at teardown, so that a
+    later fit (of the same Trainer too, after one that failed in setup) attaches again.
+    """
+
+    def __init__(self) -> None:
+        self.owned = False  # the owner added the monitor (its arguments are then not ignored)
+        self._trainer: Optional[Any] = None  # the Trainer being set up, between setup and release
+
+    def attach(self, owner: Any, trainer: Any, pl_module: Any, stage: str, monitor_kwargs: dict,
+               current: Optional[Any], warning_category: type = UserWarning) -> Optional[Any]:
+        """The monitor ``owner`` reads: found or added for a fit, else ``current`` unchanged."""
+        if stage != "fit" or self._trainer is trainer:
+            return current
+        self._trainer = trainer
+        monitor, added = attach_cost_monitor(owner, trainer, pl_module, stage, monitor_kwargs,
+                                             current if self.owned else None, warning_category)
+        self.owned = self.owned or added
+        return monitor
+
+    def release(self) -> None:
+        self._trainer = None
+
+
 def _monitor_class(owner: Any) -> type:
     """``CostMonitor`` bound to the same Lightning namespace as ``owner``."""
     for base in type(owner).__mro__:

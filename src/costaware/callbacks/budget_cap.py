@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 
-from costaware.callbacks.attach import attach_cost_monitor, check_monitor_kwargs
+from costaware.callbacks.attach import MonitorAttachment, check_monitor_kwargs
 from costaware.forecast import (
     CAP_UNITS,
     UNITS,
@@ -188,8 +188,7 @@ class BudgetCap:
         self.planner = BudgetPlanner(self.limits, predictive=predictive, warmup_batches=warmup_steps)
         self.monitor: Optional[Any] = None
         self.stopped: Optional[Breach] = None  # the cap that stopped this session's run
-        self._owns_monitor = False
-        self._setting_up: Optional[Any] = None
+        self._attachment = MonitorAttachment()
         self._saved_minimums: Optional[tuple] = None
         self._previous_stop: Optional[dict] = None
         self._saves_per_validation: Optional[int] = None
@@ -216,20 +215,15 @@ class BudgetCap:
     # ----------------------------------------------------------------------------------------
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage != "fit" or self._setting_up is trainer:
-            return  # (called again when the monitor is inserted before us in the list being walked)
-        self._setting_up = trainer
-        ours = self.monitor if self._owns_monitor else None
-        self.monitor, added = attach_cost_monitor(self, trainer, pl_module, stage, self.monitor_kwargs, ours,
-                                                  warning_category=BudgetWarning)
-        self._owns_monitor = self._owns_monitor or added
+        self.monitor = self._attachment.attach(self, trainer, pl_module, stage, self.monitor_kwargs, self.monitor,
+                                               warning_category=BudgetWarning)
 
     # ----------------------------------------------------------------------------------------
     # Lightning hooks
     # ----------------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self._setting_up = None
+        self._attachment.release()
         self.stopped = None
         fit_loop = trainer.fit_loop
         self._saved_minimums = (fit_loop.min_epochs, fit_loop.epoch_loop.min_steps)
@@ -331,13 +325,13 @@ class BudgetCap:
         self._mark = None
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._setting_up = None
+        self._attachment.release()
         self._restore_minimums(trainer)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        self._setting_up = None
+        self._attachment.release()
         self._checkpoint_start = None
         self._restore_minimums(trainer)
 
@@ -553,18 +547,14 @@ class BudgetCap:
                            f"BudgetCap will stop it at {at}", category=BudgetWarning)
 
 
-def _moved(forecast: dict, previous: Optional[dict], change: float) -> bool:
+def _moved(forecast: dict, previous: dict, change: float) -> bool:
     """Whether a forecast differs from the last one recorded by more than ``change`` in a unit."""
-    if previous is None:
-        return True
     return any(abs(forecast[u] - previous[u]) > change * abs(previous[u]) for u in UNITS if previous[u])
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading the Trainer
 # ---------------------------------------------------------------------------------------------
-
-
 
 
 @dataclass(frozen=True)
@@ -577,7 +567,6 @@ class _Schedule:
     batches_per_epoch: float
     val_check_batch: Optional[float]
     check_val_every_n_epoch: Optional[int]
-    checkpoint_callbacks: int
     default_saves: int  # saves after a validation, before one is observed (save_last counts twice)
     epoch_saves: int  # saves at an epoch's end without validation, for forecasts (save_last counts twice)
     step_savers: tuple  # (every_n_train_steps, saves) of each ModelCheckpoint saving by steps
@@ -594,7 +583,7 @@ class _Schedule:
         return cls(validation=bool(trainer.enable_validation),
                    time_based=getattr(trainer, "_val_check_time_interval", None) is not None,
                    batches_per_epoch=trainer.num_training_batches, val_check_batch=trainer.val_check_batch,
-                   check_val_every_n_epoch=trainer.check_val_every_n_epoch, checkpoint_callbacks=len(checkpoints),
+                   check_val_every_n_epoch=trainer.check_val_every_n_epoch,
                    default_saves=sum(saves), epoch_saves=sum(by_epochs), step_savers=step_savers)
 
     def validation_epoch(self, epoch: int) -> bool:

@@ -301,11 +301,10 @@ class CostMonitor:
             host = {"host_hours": nodes * d["elapsed_s"] / 3600.0,
                     "cpu_energy_j": rate("cpu_energy_j") * d["elapsed_s"],
                     "ram_energy_j": rate("ram_energy_j") * d["elapsed_s"]}
-        kwh = (gpu_j + host["cpu_energy_j"] + host["ram_energy_j"]) / 3.6e6
-        gpu_hours = d["gpu_hours"] * ws
-        delta = Totals(elapsed_s=d["elapsed_s"], gpu_hours=gpu_hours, gpu_energy_j=gpu_j, flops=d["flops"] * ws,
-                       train_batches=d["train_batches"] * ws, usd=self.prices.usd(gpu_hours, host["host_hours"], kwh),
-                       co2_kg=self.prices.co2_kg(kwh), **host)
+        delta = Totals(elapsed_s=d["elapsed_s"], gpu_hours=d["gpu_hours"] * ws, gpu_energy_j=gpu_j,
+                       flops=d["flops"] * ws, train_batches=d["train_batches"] * ws, **host)
+        delta.usd = self.prices.usd(delta.gpu_hours, delta.host_hours, delta.kwh)
+        delta.co2_kg = self.prices.co2_kg(delta.kwh)
         return last + delta
 
     def _read_session(self) -> dict:
@@ -373,9 +372,7 @@ class CostMonitor:
             pl_module.log(key, value, on_step=on_step, on_epoch=not on_step, prog_bar=key == "cost/usd",
                           logger=bool(trainer.loggers), batch_size=1, sync_dist=False)
         self.readings.update({**monitored, **readings})
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs this batch at
-        for logger in trainer.loggers:
-            logger.log_metrics(readings, step=step)
+        log_at_lightning_step(trainer, readings)
         self.ledger.record_sample(t, **{k.replace("/", "_"): v for k, v in readings.items() if not k.startswith("cost/")})
 
     def _meter_status(self) -> dict:
@@ -417,6 +414,18 @@ class CostMonitor:
                           f"`costaware report {self.ledger.path.parent}` rebuilds it", RuntimeWarning, stacklevel=2)
             return
         publish_to_loggers(trainer.loggers, self.report_paths, step=trainer.global_step)
+
+
+def log_at_lightning_step(trainer: Any, metrics: dict) -> None:
+    """Write ``metrics`` to every logger at the step Lightning logs the current batch's metrics at.
+
+    For figures logged around ``pl_module.log`` (too many for it, or in a hook that forbids it),
+    so they line up with the run's own metrics. That step is a private Lightning counter: it is
+    read here only. (Not in ``attach``, which imports this module.)
+    """
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped
+    for logger in trainer.loggers:  # rank-zero-only methods
+        logger.log_metrics(metrics, step=step)
 
 
 def _is_scalar(value: Any) -> bool:

@@ -9,8 +9,9 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 
-from costaware.callbacks.attach import attach_cost_monitor, check_monitor_kwargs
+from costaware.callbacks.attach import MonitorAttachment, check_monitor_kwargs
 from costaware.callbacks.budget_cap import BudgetCap
+from costaware.callbacks.cost_monitor import log_at_lightning_step
 from costaware.curves import Decision, MarginalGainPolicy
 from costaware.strategies.base import ModelRow, StopContext, StopStrategy
 from costaware.strategies.early_stop import EarlyStop
@@ -68,7 +69,7 @@ class MarginalGainStopping:
     decision (a collective under DDP; every rank validates, so every rank calls it).
 
     Each decision, with its reason and the policy's figures, is written to the run's ledger as a
-    ``marginal_gain_decision`` event (``stop``, ``reason``, ``monitor``, ``metric``, ``value``,
+    ``marginal_gain_decision`` event (``stop``, ``reason``, ``monitor``, ``value``,
     ``usd``, ``step``, ``gain_points``, ``gain_points_upper``, ``increment_usd``,
     ``gain_per_usd``, ``predicted_final``, ``usd_to_predicted_final``, ``curve``, and
     ``curve_points``: the fitted curve sampled against dollars, which the report draws), and the
@@ -174,11 +175,6 @@ class MarginalGainStopping:
             raise ValueError(str(err).replace("`", "")) from err
         self.monitor = monitor
         self.mode = mode
-        self.usd_per_point = self.policy.usd_per_point
-        self.min_gain_per_usd = self.policy.min_gain_per_usd
-        self.confidence = float(confidence)
-        self.min_points = min_points
-        self.points_per_unit = float(points_per_unit)
         self.strategies = _strategies(then)
         self.monitor_kwargs = check_monitor_kwargs({}, monitor_kwargs) if monitor_kwargs else {}
         self.verbose = verbose
@@ -189,8 +185,29 @@ class MarginalGainStopping:
         self.results: list[ModelRow] = []  # the strategies' rows, after the fit
         self._seen_monitor = False
         self._warned_free = False
-        self._setting_up: Optional[Any] = None
-        self._owns_monitor = False
+        self._attachment = MonitorAttachment()
+
+    # The policy holds the knobs (validated there); these read them, so no copy can drift.
+
+    @property
+    def usd_per_point(self) -> float:
+        return self.policy.usd_per_point
+
+    @property
+    def min_gain_per_usd(self) -> float:
+        return self.policy.min_gain_per_usd
+
+    @property
+    def confidence(self) -> float:
+        return self.policy.confidence
+
+    @property
+    def min_points(self) -> int:
+        return self.policy.min_points
+
+    @property
+    def points_per_unit(self) -> float:
+        return self.policy.points_per_unit
 
     @property
     def state_key(self) -> str:
@@ -202,19 +219,15 @@ class MarginalGainStopping:
     # ------------------------------------------------------------------------------------------
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage != "fit" or self._setting_up is trainer:
-            return  # (called again when the monitor is inserted before us in the list being walked)
-        self._setting_up = trainer
-        ours = self.cost_monitor if self._owns_monitor else None
-        self.cost_monitor, added = attach_cost_monitor(self, trainer, pl_module, stage, self.monitor_kwargs, ours)
-        self._owns_monitor = self._owns_monitor or added
+        self.cost_monitor = self._attachment.attach(self, trainer, pl_module, stage, self.monitor_kwargs,
+                                                    self.cost_monitor)
 
     # ------------------------------------------------------------------------------------------
     # Lightning hooks
     # ------------------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self._setting_up = None
+        self._attachment.release()
         self.decisions = []
         self.results = []
         self.cost_monitor.ledger.record_event(
@@ -314,6 +327,13 @@ class MarginalGainStopping:
             ledger.record_event("strategy_result", strategy=_name(strategy), reason=context.reason,
                                 rows=[asdict(row) for row in rows])
 
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._attachment.release()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            self._attachment.release()
+
     def state_dict(self) -> dict:
         return {"policy": self.policy.state_dict(), "seen_monitor": self._seen_monitor,
                 "stopped_step": self.stopped_step, "stop_reason": self.stop_reason,
@@ -346,7 +366,7 @@ class MarginalGainStopping:
         ledger = self.cost_monitor.ledger
         ledger.totals = totals  # the event's totals: those the decision used, not the last sample's
         ledger.record_event("marginal_gain_decision", stop=stop, reason=reason, monitor=self.monitor,
-                            metric=self.monitor, value=value, usd=totals.usd, step=trainer.global_step,
+                            value=value, usd=totals.usd, step=trainer.global_step,
                             points=self.policy.num_points, usd_per_point=self.usd_per_point, **figures)
         if est is None:
             return
@@ -355,8 +375,7 @@ class MarginalGainStopping:
         if est.usd_to_predicted_final is not None:
             logged[USD_TO_PREDICTED_FINAL_KEY] = est.usd_to_predicted_final
         logged = {k: float(v) for k, v in logged.items() if v is not None and math.isfinite(v)}
-        for logger in trainer.loggers:  # rank-zero-only methods
-            logger.log_metrics(logged, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+        log_at_lightning_step(trainer, logged)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
 
 

@@ -10,6 +10,7 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
 
 from costaware.callbacks.cost_monitor import CostMonitor
+from costaware.prices import check_amount
 
 PROBES = ("knn", "linear")
 
@@ -108,11 +109,8 @@ class OnlineProbe:
         if every_n_val is None and every_n_steps is None:
             raise ValueError("every_n_val and every_n_steps are both None: give at least one (every_n_val=1 probes "
                              "at every validation)")
-        if knn_temperature is not None and (isinstance(knn_temperature, bool) or
-                                            not isinstance(knn_temperature, (int, float)) or knn_temperature <= 0):
-            raise ValueError(f"knn_temperature must be a number > 0 or None, got {knn_temperature!r}")
-        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
-            raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
+        knn_temperature = check_amount("knn_temperature", knn_temperature, minimum=0, strict=True, allow_none=True)
+        ridge = check_amount("ridge", ridge, minimum=0)
         if not isinstance(log_name, str) or not log_name:
             raise ValueError(f"log_name must be a metric name such as 'probe/acc', got {log_name!r}")
         if embed_fn is not None and not callable(embed_fn):
@@ -125,8 +123,8 @@ class OnlineProbe:
         self.val_labels = torch.searchsorted(self.classes, val_labels)
         self.probe = probe
         self.k = k
-        self.knn_temperature = None if knn_temperature is None else float(knn_temperature)
-        self.ridge = float(ridge)
+        self.knn_temperature = knn_temperature
+        self.ridge = ridge
         self.every_n_val = every_n_val
         self.every_n_steps = every_n_steps
         self.log_name = log_name
