@@ -25,7 +25,8 @@ Data: ``--data DIR`` (default: ``../shared/data`` next to the repository) holdin
 format, one run a line::
 
     {"id": "...", "mode": "max"|"min", "points": [[cumulative_cost_usd, metric], ...],
-     "planned_cost_usd": 12.5}        # optional, total planned cost
+     "planned_cost_usd": 12.5,        # optional, total planned cost
+     "baseline": 0.354}               # optional, the metric of a model that learned nothing
 
 ``--generic FILE`` replays such a file instead (``--write-generic DIR`` writes the
 converted shared data sets in that format).
@@ -69,6 +70,9 @@ TARGET_SAVED = 0.33
 DEBERTA_EXAMPLES_PER_GPU_SECOND = 400.0  # DeBERTa-base, MNLI, seq 128, mixed precision, A100-class
 USD_PER_GPU_HOUR = 2.0
 DEBERTA_LEARNS_ABOVE = 0.5  # "runs that learn": best matched accuracy above chance (~0.35)
+# The policy's `baseline` for MNLI: predicting the majority class of the matched validation set
+# (entailment, 3,479 of 9,815 sentence pairs) scores this accuracy without learning anything.
+MNLI_MATCHED_MAJORITY_ACC = 3479 / 9815
 
 # Prices of one point tried for the regret comparison, per data set ($/point).
 REGRET_PRICES = {
@@ -93,6 +97,7 @@ class Run:
     costs_usd: np.ndarray
     metrics: np.ndarray
     planned_cost_usd: float | None = None
+    baseline: float | None = None
 
     @property
     def points(self) -> np.ndarray:
@@ -119,7 +124,9 @@ def run_from_generic(record: dict) -> Run:
     if np.any(np.diff(pts[:, 0]) < 0):
         raise ValueError(f"run {record.get('id')!r}: cumulative costs must not decrease")
     planned = record.get("planned_cost_usd")
-    return Run(str(record["id"]), mode, pts[:, 0], pts[:, 1], None if planned is None else float(planned))
+    baseline = record.get("baseline")
+    return Run(str(record["id"]), mode, pts[:, 0], pts[:, 1], None if planned is None else float(planned),
+               None if baseline is None else float(baseline))
 
 
 def deberta_records(path: Path, usd_per_example: float) -> list[dict]:
@@ -138,6 +145,7 @@ def deberta_records(path: Path, usd_per_example: float) -> list[dict]:
                     "mode": "max",
                     "points": points,
                     "planned_cost_usd": r["total_model_steps"] * usd_per_step,
+                    "baseline": MNLI_MATCHED_MAJORITY_ACC,
                 }
             )
     return records
@@ -177,6 +185,8 @@ def policy_stop_index(run: Run, policy_kwargs: dict, use_plan: bool = True) -> t
     kwargs.setdefault("points_per_unit", POINTS_PER_UNIT)
     if use_plan and run.planned_cost_usd is not None:
         kwargs.setdefault("planned_cost_usd", run.planned_cost_usd)
+    if run.baseline is not None:
+        kwargs.setdefault("baseline", run.baseline)
     policy = MarginalGainPolicy(**kwargs)
     for i, (cost_usd, metric) in enumerate(zip(run.costs_usd, run.metrics)):
         decision = policy.observe(cost_usd, metric)
@@ -263,6 +273,18 @@ def mean_regret(runs: list[Run], indices: list[int], usd_per_point: float) -> fl
     return float(np.mean([excess_regret_usd(r, i, usd_per_point) for r, i in zip(runs, indices)]))
 
 
+def standard_error(values: list[float]) -> float:
+    """Standard error of the mean of ``values`` (0 for fewer than two)."""
+    return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
+def paired_regret_difference(runs: list[Run], a: list[int], b: list[int], usd_per_point: float) -> tuple[float, float]:
+    """Mean and standard error of rule a's regret minus rule b's, run by run (same runs)."""
+    diff = [excess_regret_usd(r, i, usd_per_point) - excess_regret_usd(r, j, usd_per_point)
+            for r, i, j in zip(runs, a, b)]
+    return float(np.mean(diff)), standard_error(diff)
+
+
 # ---------------------------------------------------------------------- report
 def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tuple, workers: int,
                      learns: callable, out: list[str]) -> dict:
@@ -294,8 +316,7 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
         """Whether the tune half's mean loss is within the target with one standard error to spare."""
         indices = [i for i, _ in policy_on("tune", price)]
         s = summarize(learners["tune"], indices)
-        lost = [score(r, i)[0] for r, i in zip(learners["tune"], indices)]
-        se = float(np.std(lost, ddof=1) / math.sqrt(len(lost))) if len(lost) > 1 else 0.0
+        se = standard_error([score(r, i)[0] for r, i in zip(learners["tune"], indices)])
         sweep.append((price, s["points_lost_mean"], s["cost_saved_mean"], se))
         return s["points_lost_mean"] + se <= TARGET_LOSS_POINTS
 
@@ -335,20 +356,25 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
             say(f"{h:5} {label:34} {s['runs']:5d} {s['points_lost_mean']:9.3f} {s['points_lost_p90']:9.3f} "
                 f"{s['cost_saved_mean']:7.1%}")
         pol_s = rows[f"MarginalGainPolicy(${op_price:g}/point)"]
+        pol_scores = [score(r, i) for r, (i, _) in zip(rs, pol)]
+        pol_s["points_lost_se"] = standard_error([lost for lost, _ in pol_scores])
+        pol_s["cost_saved_se"] = standard_error([saved for _, saved in pol_scores])
         result["halves"][h] = {"table": rows}
         result["halves"][h]["target_met"] = bool(
             pol_s["points_lost_mean"] <= TARGET_LOSS_POINTS and pol_s["cost_saved_mean"] >= TARGET_SAVED
         )
         say(f"{h:5} target (<= {TARGET_LOSS_POINTS} points lost and >= {TARGET_SAVED:.0%} saved): "
-            f"{'MET' if result['halves'][h]['target_met'] else 'NOT met'}")
+            f"{'MET' if result['halves'][h]['target_met'] else 'NOT met'} (policy: "
+            f"{pol_s['points_lost_mean']:.3f} +- {pol_s['points_lost_se']:.3f} points lost, "
+            f"{pol_s['cost_saved_mean']:.1%} +- {pol_s['cost_saved_se']:.1%} saved; +- one standard error)")
 
     # 3. Regret against the oracle at each price, policy priced at that price.
     say()
-    say(f"excess regret vs per-run oracle, $ per run (regret = usd_per_point * points_lost + usd_spent); "
-        f"mean run cost: tune ${np.mean([r.costs_usd[-1] for r in learners['tune']]):.3f}, "
+    say(f"excess regret vs per-run oracle, $ per run (regret = usd_per_point * points_lost + usd_spent; "
+        f"difference: policy minus best patience, run by run); mean run cost: tune ${np.mean([r.costs_usd[-1] for r in learners['tune']]):.3f}, "
         f"test ${np.mean([r.costs_usd[-1] for r in learners['test']]):.3f}")
-    say(f"{'half':5} {'$/point':>8} {'policy':>9} {'best patience':>14} {'p':>3} {'policy lost':>12} "
-        f"{'saved':>7} {'better?':>8}")
+    say(f"{'half':5} {'$/point':>8} {'policy':>9} {'best patience':>14} {'p':>3} {'difference +- SE':>17} "
+        f"{'policy lost':>12} {'saved':>7} {'better?':>8}")
     for h in ("tune", "test"):
         rs = learners[h]
         pat_idx = {p: [patience_stop_index(r, p) for r in rs] for p in PATIENCES}
@@ -360,11 +386,14 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
             best_p = min(reg_pat, key=reg_pat.get)
             s = summarize(rs, pol)
             better = reg_pol < reg_pat[best_p]
+            diff, diff_se = paired_regret_difference(rs, pol, pat_idx[best_p], price)
             say(f"{h:5} {price:8g} {reg_pol:9.4f} {reg_pat[best_p]:14.4f} {best_p:3d} "
+                f"{f'{diff:+.4f} +- {diff_se:.4f}':>17} "
                 f"{s['points_lost_mean']:12.3f} {s['cost_saved_mean']:7.1%} {'yes' if better else 'NO':>8}")
             result["halves"][h]["regret"].append({
                 "usd_per_point": price, "policy_excess_regret_usd": reg_pol,
                 "best_patience": best_p, "best_patience_excess_regret_usd": reg_pat[best_p],
+                "difference_usd": diff, "difference_se_usd": diff_se,
                 "patience_excess_regret_usd": {str(p): v for p, v in reg_pat.items()},
                 "policy_points_lost_mean": s["points_lost_mean"], "policy_cost_saved_mean": s["cost_saved_mean"],
                 "policy_better": bool(better),
@@ -382,20 +411,31 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
         evals = [i + 1 for i, _ in pol]
         saved = [1.0 - r.costs_usd[i] / r.costs_usd[-1] if r.costs_usd[-1] > 0 else 0.0
                  for r, (i, _) in zip(bad, pol)]
-        p3 = [patience_stop_index(r, 3) + 1 for r in bad]
+        spent = [r.costs_usd[i] for r, (i, _) in zip(bad, pol)]
+        p3_idx = [patience_stop_index(r, 3) for r in bad]
+        p3 = [i + 1 for i in p3_idx]
+        p3_spent = [r.costs_usd[i] for r, i in zip(bad, p3_idx)]
         say()
         say(f"runs that do not learn or diverge (both halves): {len(bad)}; policy (${op_price:g}/point) stops "
             f"after {np.mean(evals):.1f} evaluations on average (median {np.median(evals):.0f}, "
-            f"max {max(evals)}), saving {np.mean(saved):.0%} of their cost; EarlyStopping(patience=3) "
-            f"after {np.mean(p3):.1f}")
+            f"max {max(evals)}), saving {np.mean(saved):.0%} of their cost, ${np.mean(spent):.3f} spent a run; "
+            f"EarlyStopping(patience=3) after {np.mean(p3):.1f}, ${np.mean(p3_spent):.3f} a run")
         kinds: dict[str, int] = {}
         for _, reason in pol:
             key = reason.split(":")[0]
             kinds[key] = kinds.get(key, 0) + 1
         say("  stop reasons: " + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())))
+        # The other side of stopping runs as not learning: runs that learn, stopped that way.
+        false_stops = {h: [score(r, i)[0] for r, (i, reason) in zip(learners[h], policy_on(h, op_price))
+                           if reason.startswith("not learning")] for h in ("tune", "test")}
+        say("  runs that learn but were stopped as not learning: " + ", ".join(
+            f"{h} {len(v)}" + (f" ({np.sum(v):.1f} points lost in all)" if v else "") for h, v in false_stops.items()))
         result["non_learning"] = {"runs": len(bad), "policy_evals_mean": float(np.mean(evals)),
                                   "policy_cost_saved_mean": float(np.mean(saved)),
-                                  "patience3_evals_mean": float(np.mean(p3)), "stop_reasons": kinds}
+                                  "policy_usd_spent_mean": float(np.mean(spent)),
+                                  "patience3_evals_mean": float(np.mean(p3)),
+                                  "patience3_usd_spent_mean": float(np.mean(p3_spent)), "stop_reasons": kinds,
+                                  "learners_stopped_as_not_learning": {h: len(v) for h, v in false_stops.items()}}
     say()
     return result
 

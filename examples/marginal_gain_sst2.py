@@ -162,6 +162,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def majority_share(labels: Sequence[int]) -> float:
+    """Accuracy of always predicting the most frequent label: what a model that learned nothing scores."""
+    return max(labels.count(label) for label in set(labels)) / len(labels)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Train, stop, distill, quantize; print the table; return its figures."""
     args = parse_args(argv)
@@ -196,7 +201,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         costaware.CostMonitor(usd_per_host_hour=args.usd_per_host_hour, gpu=args.gpu,
                               usd_per_gpu_hour=args.usd_per_gpu_hour, country="USA"),
         costaware.MarginalGainStopping(monitor="val_acc", mode="max", usd_per_point=args.usd_per_point,
-                                       confidence=args.confidence, then=distill),
+                                       confidence=args.confidence, then=distill,
+                                       policy_kwargs={"baseline": majority_share(val[1])}),
     ]
     if args.max_usd is not None:
         callbacks.append(costaware.BudgetCap(max_usd=args.max_usd))

@@ -132,6 +132,49 @@ def test_run_that_has_not_started_learning_gets_a_priced_wait():
     assert stop is not None and cost_usd[stop] >= 0.14 and stop < 15
 
 
+def _stuck_at_chance(n: int = 60):
+    """A diverged 3-class classifier: it predicts one class, so its accuracy is one class's share."""
+    shares = np.array([0.318, 0.327, 0.354])
+    return 0.05 * np.arange(1, n + 1), shares[np.random.default_rng(3).integers(0, 3, n)]
+
+
+def test_a_baseline_stops_a_run_that_never_learns_once_its_priced_wait_is_over():
+    cost_usd, acc = _stuck_at_chance()  # planned end: $3.00
+    # Without a baseline, jumps between class shares look like noise around a plateau that may
+    # still yield a lucky best: the run goes on far past its start.
+    stop, _ = _replay(MarginalGainPolicy(usd_per_point=0.5, planned_cost_usd=3.0), cost_usd, acc)
+    assert stop is None or cost_usd[stop] > 0.5
+    # With the majority share as baseline it has not started: it waits 1% of 35.4 = 0.354
+    # points, worth $0.177 at $0.5/point, then stops.
+    policy = MarginalGainPolicy(usd_per_point=0.5, planned_cost_usd=3.0, baseline=0.354)
+    stop, decisions = _replay(policy, cost_usd, acc)
+    assert stop is not None and 0.177 <= cost_usd[stop] < 0.177 + 0.05
+    assert decisions[2].reason.startswith("not started learning") and "the baseline 0.354" in decisions[2].reason
+    assert decisions[-1].reason.startswith("not learning: the best, 0.354,")
+    # The same start from chance that breaks out before the wait is over learns on.
+    rising = np.concatenate([acc[:2], 0.40 + 0.4 * (1.0 - np.exp(-0.2 * np.arange(58)))])
+    stop, decisions = _replay(MarginalGainPolicy(usd_per_point=0.5, planned_cost_usd=3.0, baseline=0.354),
+                              cost_usd, rising)
+    assert not any(d.reason.startswith("not learning") for d in decisions)
+    assert stop is None or cost_usd[stop] > 0.5
+    # A run that starts above the baseline is judged exactly as without one.
+    cost_usd, acc = _anneal_curve()
+    with_baseline = _replay(MarginalGainPolicy(usd_per_point=0.5, planned_cost_usd=2.0, baseline=0.354),
+                            cost_usd, acc)
+    without = _replay(MarginalGainPolicy(usd_per_point=0.5, planned_cost_usd=2.0), cost_usd, acc)
+    assert [d.reason for d in with_baseline[1]] == [d.reason for d in without[1]]
+
+
+def test_a_baseline_for_a_loss_is_a_ceiling():
+    # Cross-entropy of 3 balanced classes without learning: log(3) = 1.0986.
+    cost_usd = 0.05 * np.arange(1, 41)
+    loss = 1.1 + np.random.default_rng(1).normal(0.0, 0.003, 40)
+    stop, decisions = _replay(MarginalGainPolicy(mode="min", usd_per_point=0.5, baseline=math.log(3)), cost_usd, loss)
+    # 1% of 109.9 points is 1.1 points, worth $0.55: the wait, then the stop.
+    assert stop is not None and 0.55 <= cost_usd[stop] < 0.55 + 0.05
+    assert decisions[-1].reason.startswith("not learning")
+
+
 def _anneal_curve():
     """A linearly annealed run: a noisy plateau at a high learning rate, then the annealing gain."""
     cost_usd = 0.05 * np.arange(1, 41)  # planned end: $2.00
@@ -159,6 +202,13 @@ def test_a_planned_run_waits_for_its_annealing_up_to_what_it_is_worth():
     # Without a plan there is no annealing to wait for.
     _, decisions = _replay(MarginalGainPolicy(usd_per_point=0.5), cost_usd, acc)
     assert not any(d.reason.startswith("waiting") for d in decisions)
+    # Nor at a constant learning rate: the run is judged on the fit alone, as without the wait.
+    constant = MarginalGainPolicy(usd_per_point=0.5, planned_cost_usd=2.0, anneals=False)
+    fresh_no_wait = MarginalGainPolicy(usd_per_point=0.5, planned_cost_usd=2.0, anneal_fraction=None)
+    assert _replay(constant, cost_usd, acc)[0] == _replay(fresh_no_wait, cost_usd, acc)[0]
+    # The flag can change between evaluations (the callback passes it at each one).
+    late = MarginalGainPolicy(usd_per_point=0.5, planned_cost_usd=2.0)
+    assert late.observe(cost_usd[0], acc[0], anneals=False) and late.anneals is False
 
 
 def test_nan_points_in_history_are_survivable():
@@ -235,6 +285,10 @@ def test_planned_cost_caps_the_increment_and_sets_the_final_prediction():
         ({"anneal_fraction": 1.5}, "anneal_fraction"),
         ({"anneal_fraction": 0}, "anneal_fraction"),
         ({"anneal_points": -1.0}, "anneal_points"),
+        ({"anneals": "yes"}, "anneals"),
+        ({"baseline": "chance"}, "baseline"),
+        ({"baseline": float("nan")}, "baseline"),
+        ({"baseline": 0.33, "start_fraction": None}, "baseline"),
         ({"n_samples": 4}, "n_samples"),
     ],
 )
@@ -330,6 +384,13 @@ def test_replay_on_real_deberta_runs():
         assert rc.score(run, rc.oracle_stop_index(run, 0.35))[0] <= 0.35 + 1e-9
     # EarlyStopping replay: patience 1 stops no later than patience 10.
     assert rc.patience_stop_index(healthy, 1) <= rc.patience_stop_index(healthy, 10)
+    # Iteration 14 diverged before its first evaluation: it predicts one class, so its accuracy
+    # jumps between class shares. With the majority share as baseline it stops as not learning.
+    stuck = by_id["deberta-14"]
+    assert stuck.baseline == pytest.approx(0.354457, abs=1e-6) == np.nanmax(stuck.metrics)
+    i, reason = rc.policy_stop_index(stuck, {"usd_per_point": 0.5})
+    assert reason.startswith("not learning") and i < 10, (i, reason)
+    assert rc.policy_stop_index(stuck, {"usd_per_point": 0.5, "baseline": None})[0] > 2 * i
 
 
 def test_benchmark_script_on_a_tiny_generic_file(tmp_path):

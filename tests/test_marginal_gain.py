@@ -128,6 +128,31 @@ def test_a_plan_given_by_the_user_is_kept(pl_ns, tmp_path, clock):
     assert last.usd_to_predicted_final == pytest.approx(1.0 - trainer.global_step * USD_PER_STEP, rel=1e-3)
 
 
+def test_the_annealing_wait_follows_the_lr_scheduler(pl_ns, tmp_path, clock):
+    def fast(step):
+        return 1.0 - math.exp(-0.2 * step)  # break-even at $0.1/point: step 38
+
+    stops = {}
+    for scheduled in (True, False):
+        model = _curve_model(pl_ns.BoringModel, clock, fast)  # BoringModel has a StepLR scheduler
+        if not scheduled:
+            model.configure_optimizers = lambda model=model: torch.optim.SGD(model.parameters(), lr=0.1)
+        stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=0.1)
+        trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, clock), stopping], logger=False)
+        trainer.fit(model)
+        assert stopping.policy.anneals is scheduled
+        stops[scheduled] = stopping.stopped_step
+    # Scheduled: the fit is not trusted before min(50% of the $0.3 plan, 1 point x $0.1) = step 100.
+    # Constant learning rate: nothing to wait for, it stops soon after the break-even step.
+    assert stops[True] >= 100 > stops[False] >= math.log(100 * 0.2 * 0.1 / USD_PER_STEP) / 0.2
+    # The user's setting wins over the Trainer's.
+    stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=0.1,
+                                                    policy_kwargs={"anneals": False})
+    trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, clock), stopping], logger=False)
+    trainer.fit(_curve_model(pl_ns.BoringModel, clock, fast))
+    assert stopping.policy.anneals is False and stopping.stopped_step == stops[False]
+
+
 def test_still_improving_run_is_not_stopped(ns, tmp_path, clock):
     # 0.2 points a step = 200 points a dollar, worth $2 at $0.01/point: always worth it.
     stopping = ns.costaware.MarginalGainStopping(monitor="val_acc", min_gain_per_usd=100.0)

@@ -157,12 +157,21 @@ class MarginalGainPolicy:
     started, its learning curve begins at the last evaluation before the start: the fit
     ignores the plateau, and ``min_points`` counts from there.
 
+    A ``baseline`` (the metric of a model that learned nothing, such as the majority
+    class's share for accuracy) tells a run at chance level from a plateau: a run whose
+    first evaluation is no better than the baseline starts once it is ``start_fraction``
+    better than the baseline, and if it has not when that priced wait is over, it stops
+    as not learning (typically a run that diverged before its first evaluation: its
+    jumps between class shares would otherwise look like noise that may still yield a
+    lucky best). A run that starts above the baseline is judged as without one.
+
     A run with a planned cost usually anneals its learning rate towards it, and annealing
     pays late: early on, the fit sees a noisy plateau at a high learning rate and calls it
     converged. With a plan, the policy does not stop on the fit before ``anneal_fraction``
     of the planned cost, as long as that wait costs less than ``anneal_points`` points are
     worth: it trusts the fit once the cost so far reaches
-    ``min(anneal_fraction * planned_cost_usd, anneal_points * usd_per_point)``.
+    ``min(anneal_fraction * planned_cost_usd, anneal_points * usd_per_point)``. A run that
+    does not anneal (``anneals=False``: a constant learning rate) has nothing to wait for.
 
     Args:
         mode: ``"max"`` if higher is better (accuracy), ``"min"`` if lower is better
@@ -189,10 +198,15 @@ class MarginalGainPolicy:
             seen three times in a row; ``None`` disables collapse detection.
         start_fraction: Relative improvement over the first evaluation below which a
             run has not started learning (see above); ``None`` disables the wait.
+        baseline: The metric of a model that has learned nothing, in the metric's own
+            units (see above); ``None`` (default): none known.
         anneal_fraction: With a plan, the fraction of the planned cost before which the
             fit alone does not stop the run (see above); ``None`` disables the wait.
         anneal_points: The most the annealing wait may cost, in points (times
             ``usd_per_point`` in dollars): cheap points make the wait short.
+        anneals: Whether the learning rate anneals towards the planned end; ``False``
+            turns the annealing wait off. ``MarginalGainStopping`` sets it from the
+            Trainer: ``True`` when the fit has a learning-rate scheduler.
         n_samples: Monte-Carlo draws from the fitted ensemble for the gain distribution.
         seed: Seed of those draws; the same points always give the same decision.
 
@@ -218,8 +232,10 @@ class MarginalGainPolicy:
         planned_cost_usd: float | None = None,
         collapse_points: float | None = 20.0,
         start_fraction: float | None = 0.01,
+        baseline: float | None = None,
         anneal_fraction: float | None = 0.5,
         anneal_points: float = 1.0,
+        anneals: bool = True,
         n_samples: int = 256,
         seed: int = 0,
     ) -> None:
@@ -243,6 +259,14 @@ class MarginalGainPolicy:
         anneal_fraction = check_amount("anneal_fraction", anneal_fraction, minimum=0, strict=True, allow_none=True)
         if anneal_fraction is not None and anneal_fraction > 1.0:
             raise ValueError(f"`anneal_fraction` must be a number in (0, 1] or None, got {anneal_fraction!r}")
+        if not isinstance(anneals, bool):
+            raise ValueError(f"`anneals` must be True or False, got {anneals!r}")
+        if baseline is not None and (isinstance(baseline, bool) or not isinstance(baseline, (int, float))
+                                     or not math.isfinite(baseline)):
+            raise ValueError(f"`baseline` must be a finite number or None, got {baseline!r}")
+        if baseline is not None and start_fraction is None:
+            raise ValueError("`baseline` needs `start_fraction` (how much better than it a run must be to have "
+                             "started); got start_fraction=None")
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 16:
             raise ValueError(f"`n_samples` must be an int >= 16, got {n_samples!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -257,8 +281,10 @@ class MarginalGainPolicy:
         self.planned_cost_usd = check_amount("planned_cost_usd", planned_cost_usd, minimum=0, strict=True, allow_none=True)
         self.collapse_points = check_amount("collapse_points", collapse_points, minimum=0, strict=True, allow_none=True)
         self.start_fraction = check_amount("start_fraction", start_fraction, minimum=0, strict=True, allow_none=True)
+        self.baseline = None if baseline is None else float(baseline)
         self.anneal_fraction = anneal_fraction
         self.anneal_points = check_amount("anneal_points", anneal_points, minimum=0, strict=True)
+        self.anneals = anneals
         self.n_samples = n_samples
         self.seed = seed
         self._sign = 1.0 if mode == "max" else -1.0
@@ -266,7 +292,9 @@ class MarginalGainPolicy:
         self._metrics: list[float] = []
 
     # ------------------------------------------------------------------ public API
-    def observe(self, cost_usd: float, metric: float, planned_cost_usd: float | None = None) -> Decision:
+    def observe(
+        self, cost_usd: float, metric: float, planned_cost_usd: float | None = None, anneals: bool | None = None
+    ) -> Decision:
         """Records one evaluation and decides whether to stop.
 
         Args:
@@ -275,6 +303,7 @@ class MarginalGainPolicy:
             metric: The monitored value (e.g. ``val_acc``); NaN/inf means the run diverged.
             planned_cost_usd: Updated total planned cost, if it became known or changed
                 (overrides the constructor's value from now on).
+            anneals: Updated ``anneals`` (overrides the constructor's value from now on).
 
         Returns:
             The decision; ``decision.estimate`` carries the figures.
@@ -291,6 +320,10 @@ class MarginalGainPolicy:
             )
         if planned_cost_usd is not None:
             self.planned_cost_usd = check_amount("planned_cost_usd", planned_cost_usd, minimum=0, strict=True)
+        if anneals is not None:
+            if not isinstance(anneals, bool):
+                raise ValueError(f"`anneals` must be True or False, got {anneals!r}")
+            self.anneals = anneals
         metric = float(metric)
         self._costs_usd.append(cost_usd)
         self._metrics.append(metric)
@@ -349,14 +382,27 @@ class MarginalGainPolicy:
             return Decision(False, f"{n} of {self.min_points} evaluations needed before deciding", None)
         costs, points = costs[finite], points[finite]
         if self.start_fraction is not None:
-            start_points = self.start_fraction * abs(points[0])
-            started = np.flatnonzero(points - points[0] >= start_points)
+            reference, what, at_baseline = points[0], "the first evaluation", False
+            if self.baseline is not None:
+                baseline_points = self._sign * self.points_per_unit * self.baseline
+                if baseline_points >= reference:
+                    reference, what, at_baseline = baseline_points, f"the baseline {self.baseline:g}", True
+            start_points = self.start_fraction * abs(reference)
+            started = np.flatnonzero(points - reference >= start_points)
             wait_usd = start_points * self.usd_per_point
             if started.size == 0 and costs[-1] < wait_usd:
                 return Decision(
                     False,
-                    f"not started learning: {best - points[0]:.2f} points better than the first "
-                    f"evaluation (< {start_points:.3g}); waiting up to ${wait_usd:.4g} for it to start",
+                    f"not started learning: {best - reference:.2f} points better than {what} "
+                    f"(< {start_points:.3g}); waiting up to ${wait_usd:.4g} for it to start",
+                    None,
+                )
+            if started.size == 0 and at_baseline:
+                return Decision(
+                    True,
+                    f"not learning: the best, {self._sign * best / self.points_per_unit:.6g}, is not "
+                    f"{start_points:.3g} points better than {what} after ${costs[-1]:.4g} (waited up to "
+                    f"${wait_usd:.4g})",
                     None,
                 )
             if started.size:
@@ -399,7 +445,7 @@ class MarginalGainPolicy:
 
     def _anneal_wait_usd(self) -> float:
         """Cost before which the fit alone does not stop a run with a plan (0 without one)."""
-        if self.anneal_fraction is None or self.planned_cost_usd is None:
+        if self.anneal_fraction is None or self.planned_cost_usd is None or not self.anneals:
             return 0.0
         return min(self.anneal_fraction * self.planned_cost_usd, self.anneal_points * self.usd_per_point)
 

@@ -59,8 +59,13 @@ class MarginalGainStopping:
     The policy also gets the run's planned cost: dollars per optimizer step so far times
     ``trainer.estimated_stepping_batches`` (none when the Trainer plans no end). It anchors the
     predicted final metric and lets the policy wait for the gains of learning-rate annealing
-    (``anneal_fraction``, ``anneal_points``); give ``policy_kwargs={"planned_cost_usd": ...}`` to
-    set the plan yourself.
+    (``anneal_fraction``, ``anneal_points``) when the fit has a learning-rate scheduler (at a
+    constant learning rate there is no annealing to wait for); give
+    ``policy_kwargs={"planned_cost_usd": ..., "anneals": ...}`` to set either yourself.
+    Give ``policy_kwargs={"baseline": ...}``, the metric of a model that learned nothing (the
+    majority class's share of the validation set, for accuracy), and a run stuck at that level
+    (diverged before its first validation) stops after a short, priced wait instead of sampling
+    noise for a lucky best.
 
     Cost comes from the ``CostMonitor`` among the Trainer's callbacks (moved before this callback
     if needed); without one, one is inserted at ``setup`` built from ``monitor_kwargs`` (prices;
@@ -101,8 +106,8 @@ class MarginalGainStopping:
         then: what to do on a stop: a :class:`~costaware.strategies.StopStrategy` or a list of
             them, run in order; default ``EarlyStop()``.
         policy_kwargs: more ``MarginalGainPolicy`` arguments (``fit_fraction``,
-            ``increment_fraction``, ``planned_cost_usd``, ``anneal_fraction``, ``collapse_points``,
-            ``seed``...).
+            ``increment_fraction``, ``planned_cost_usd``, ``anneal_fraction``, ``anneals``,
+            ``baseline``, ``collapse_points``, ``seed``...).
         monitor_kwargs: ``CostMonitor`` arguments for the monitor this callback inserts when the
             Trainer has none (``{"usd_per_host_hour": 0.1, "country": "USA"}``); ignored, with a
             warning, when there is one.
@@ -161,6 +166,7 @@ class MarginalGainStopping:
             raise ValueError(f"verbose must be True or False, got {verbose!r}")
         self.policy_kwargs = dict(policy_kwargs or {})
         self._user_plan = self.policy_kwargs.get("planned_cost_usd") is not None
+        self._user_anneals = "anneals" in self.policy_kwargs
         for key in ("mode", "usd_per_point", "min_gain_per_usd", "confidence", "min_points", "points_per_unit"):
             if key in self.policy_kwargs:
                 raise ValueError(f"policy_kwargs has {key!r}, which is an argument of MarginalGainStopping: pass "
@@ -267,7 +273,11 @@ class MarginalGainStopping:
             hook = getattr(strategy, "on_validation", None)
             if callable(hook):
                 hook(context, value)
-        decision = self.policy.observe(totals.usd, value, planned_cost_usd=self._planned_cost_usd(trainer, totals.usd))
+        # Any LR scheduler counts as annealing (a warmup-only schedule too: the wait is bounded by
+        # anneal_points); without one the learning rate is constant.
+        anneals = None if self._user_anneals else bool(trainer.lr_scheduler_configs)
+        decision = self.policy.observe(totals.usd, value, planned_cost_usd=self._planned_cost_usd(trainer, totals.usd),
+                                       anneals=anneals)
         self.decisions.append(decision)
         stop = bool(trainer.strategy.reduce_boolean_decision(decision.stop, all=False))
         if totals.usd <= 0 and self.policy.num_points >= self.min_points and not self._warned_free:
