@@ -141,6 +141,9 @@ def test_the_annealing_wait_follows_the_lr_scheduler(pl_ns, tmp_path, clock):
         trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, clock), stopping], logger=False)
         trainer.fit(model)
         assert stopping.policy.anneals is scheduled
+        policy_event = next(e for e in read_ledger(stopping.cost_monitor.ledger.path).events
+                            if e["name"] == "marginal_gain_policy")
+        assert policy_event["anneals"] is scheduled and policy_event["baseline"] is None
         stops[scheduled] = stopping.stopped_step
     # Scheduled: the fit is not trusted before min(50% of the $0.3 plan, 1 point x $0.1) = step 100.
     # Constant learning rate: nothing to wait for, it stops soon after the break-even step.

@@ -358,6 +358,13 @@ def test_best_metric_follows_the_declared_mode(tmp_path):
     modes = {m["name"]: (m["mode"], m["best"]) for m in report["metrics"]}
     assert modes == {"score": ("min", pytest.approx(0.54)), "val_loss": ("min", pytest.approx(0.54))}
     assert report["events"][0]["summary"] == "Marginal-gain policy on score (min): $0.5 per point; then early_stop"
+    records, _ = make_records(events=[
+        {"name": "marginal_gain_policy", "monitor": "val_acc", "mode": "max", "usd_per_point": 2,
+         "strategies": ["early_stop"], "anneals": True, "baseline": 0.51}])
+    write_ledger(tmp_path, records)
+    assert build_report(tmp_path)["events"][0]["summary"] == (
+        "Marginal-gain policy on val_acc (max): $2 per point; waits for learning-rate annealing; baseline 0.51; "
+        "then early_stop")
 
 
 def test_resumed_run_and_odd_event_fields(tmp_path):

@@ -240,7 +240,7 @@ class MarginalGainStopping:
             "marginal_gain_policy", monitor=self.monitor, mode=self.mode, usd_per_point=self.usd_per_point,
             min_gain_per_usd=self.min_gain_per_usd, confidence=self.confidence, min_points=self.min_points,
             points_per_unit=self.points_per_unit, strategies=[_name(s) for s in self.strategies],
-            resumed_points=self.policy.num_points)
+            resumed_points=self.policy.num_points, anneals=self._anneals(trainer), baseline=self.policy.baseline)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         context = self._context(trainer, pl_module)
@@ -273,11 +273,8 @@ class MarginalGainStopping:
             hook = getattr(strategy, "on_validation", None)
             if callable(hook):
                 hook(context, value)
-        # Any LR scheduler counts as annealing (a warmup-only schedule too: the wait is bounded by
-        # anneal_points); without one the learning rate is constant.
-        anneals = None if self._user_anneals else bool(trainer.lr_scheduler_configs)
         decision = self.policy.observe(totals.usd, value, planned_cost_usd=self._planned_cost_usd(trainer, totals.usd),
-                                       anneals=anneals)
+                                       anneals=self._anneals(trainer))
         self.decisions.append(decision)
         stop = bool(trainer.strategy.reduce_boolean_decision(decision.stop, all=False))
         if totals.usd <= 0 and self.policy.num_points >= self.min_points and not self._warned_free:
@@ -301,6 +298,13 @@ class MarginalGainStopping:
                 strategy.on_stop(context)
         elif self.verbose:
             rank_zero_info(f"costaware: MarginalGainStopping at step {trainer.global_step}: {decision.reason}")
+
+    def _anneals(self, trainer: Any) -> bool:
+        """Whether the learning rate anneals: the user's ``anneals``, else whether the fit has an LR scheduler.
+
+        Any scheduler counts (a warmup-only one too: the wait stays bounded by ``anneal_points``).
+        """
+        return self.policy.anneals if self._user_anneals else bool(trainer.lr_scheduler_configs)
 
     def _planned_cost_usd(self, trainer: Any, spent_usd: float) -> Optional[float]:
         """The run's planned cost: dollars per optimizer step so far times the planned steps.

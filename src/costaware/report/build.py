@@ -517,8 +517,10 @@ def describe_event(name: str, fields: dict) -> str:
         return f"{share} of {f.get('cap', '?')}={_fmt(f.get('limit'))} spent ({_fmt(f.get('value'))})"
     if name == "marginal_gain_policy":
         then = ", ".join(map(str, f.get("strategies") or [])) or "stop"
+        extras = ("; waits for learning-rate annealing" if f.get("anneals") else "") + (
+            f"; baseline {_fmt(f['baseline'])}" if finite_number(f.get("baseline")) is not None else "")
         return (f"Marginal-gain policy on {f.get('monitor', '?')} ({f.get('mode', '?')}): "
-                f"${_fmt(f.get('usd_per_point'))} per point; then {then}")
+                f"${_fmt(f.get('usd_per_point'))} per point{extras}; then {then}")
     if name == "online_probe":
         return f"Online probe: {f.get('metric', 'probe')} = {_fmt(f.get('acc'))}" + (
             f" (probe cost ${_fmt(f['cost_usd'])})" if finite_number(f.get("cost_usd")) is not None else "")
