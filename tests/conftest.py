@@ -1,6 +1,8 @@
+import re
 import socket
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +106,24 @@ def make_crashing_model(base, clock, at_batch: int = 6):
             return super().training_step(batch, batch_idx)
 
     return Crashes()
+
+
+def preset_for(ns, text: str, tmp_path) -> Path:
+    """Writes a preset's YAML for ``ns``: under lightning.pytorch its classes come from costaware.lightning."""
+    if ns.name == "lightning.pytorch":  # the callbacks' class paths; strategies are not Lightning classes
+        text = re.sub(r"class_path: costaware\.(?!strategies\.|lightning\.)", "class_path: costaware.lightning.", text)
+    preset = Path(tmp_path) / "preset.yaml"
+    preset.write_text(text)
+    return preset
+
+
+def logged_to_tensorboard(root, key: str) -> bool:
+    """Whether the TensorBoard event files under ``root`` hold the scalar ``key``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for events in root.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if key in accumulator.Tags().get("scalars", []):
+            return True
+    return False

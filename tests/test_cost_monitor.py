@@ -4,9 +4,8 @@
 import pytest
 import torch
 
-from conftest import make_clocked_model, make_crashing_model
+from conftest import logged_to_tensorboard, make_clocked_model, make_crashing_model
 from costaware.ledger import read_ledger
-from test_gpu_meter import _logged
 
 
 def _monitor(ns, clock=None, **kwargs):
@@ -41,7 +40,7 @@ def test_fit_logs_cost_everywhere(ns, tmp_path, clock):
     assert "cost/usd" in trainer.progress_bar_metrics
     for key in ("cost/elapsed_s", "throughput/batches_per_s", "throughput/flops_per_s", "host/cpu_power_w"):
         assert key in monitor.readings, key
-        assert _logged(tmp_path, key), key
+        assert logged_to_tensorboard(tmp_path, key), key
     assert "throughput/mfu_pct" not in monitor.readings  # no peak known for a CPU
     ledger = read_ledger(monitor.ledger.path)
     assert monitor.ledger.path.parent.parent == tmp_path / "lightning_logs" / "version_0"

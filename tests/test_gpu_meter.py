@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from conftest import make_clocked_model
+from conftest import logged_to_tensorboard, make_clocked_model
 from costaware.ledger import read_ledger
 from costaware.meters.gpu import EmptyGPU, GPUMeter, _handle_for_cuda_index, open_gpu
 from fake_nvml import FakeGPU, FakeNVML
@@ -23,18 +23,6 @@ def _fit(ns, tmp_path, clock, steps=10, extra_callbacks=(), **monitor_kwargs):
     return monitor, trainer
 
 
-def _logged(root, key):
-    """Whether the run's TensorBoard event files hold ``key``."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    for events in root.rglob("events.out.tfevents.*"):
-        accumulator = EventAccumulator(str(events))
-        accumulator.Reload()
-        if key in accumulator.Tags().get("scalars", []):
-            return True
-    return False
-
-
 def test_h100_energy_counter_prices_and_logs(ns, tmp_path, clock, fake_nvml):
     monitor, trainer = _fit(ns, tmp_path, clock, steps=10)
     t = monitor.totals
@@ -48,7 +36,7 @@ def test_h100_energy_counter_prices_and_logs(ns, tmp_path, clock, fake_nvml):
     assert monitor.readings["gpu/utilization_pct"] == pytest.approx(87.0)
     assert monitor.readings["gpu/memory_used_gib"] == pytest.approx(40.0)
     assert monitor.readings["throughput/mfu_pct"] > 0  # an H100's fp32 peak is known
-    assert "gpu/power_w" in trainer.logged_metrics or _logged(tmp_path, "gpu/power_w")
+    assert "gpu/power_w" in trainer.logged_metrics or logged_to_tensorboard(tmp_path, "gpu/power_w")
     ledger = read_ledger(monitor.ledger.path)
     assert ledger.header["meters"]["gpu"]["energy_source"] == "nvml energy counter"
     assert ledger.end["totals"]["gpu_energy_j"] == pytest.approx(7000.0)
@@ -261,7 +249,7 @@ def test_no_usable_nvml_warns_once_and_trains(ns, tmp_path, clock, monkeypatch, 
     meters = read_ledger(monitor.ledger.path).header["meters"]["gpu"]
     assert meters["present"] is False and meters["status"] != "ok"
     assert "gpu/power_w" not in monitor.readings  # missing, never shown as zero
-    assert not _logged(tmp_path, "gpu/power_w")
+    assert not logged_to_tensorboard(tmp_path, "gpu/power_w")
 
 
 def test_cuda_visible_devices_maps_to_nvml(clock, monkeypatch):

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import preset_for
+
 PRESET = Path(__file__).resolve().parents[1] / "callbacks" / "cost_monitor.yaml"
 
 
@@ -29,12 +31,7 @@ def test_flags_add_cost_monitor(ns, tmp_path):
 
 
 def test_preset_config(ns, tmp_path):
-    if ns.name == "lightning.pytorch":
-        text = PRESET.read_text().replace("costaware.CostMonitor", "costaware.lightning.CostMonitor")
-        preset = tmp_path / "preset.yaml"
-        preset.write_text(text)
-    else:
-        preset = PRESET
+    preset = preset_for(ns, PRESET.read_text(), tmp_path)
     cli = _cli(ns, ["fit", f"--config={preset}", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
                     f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
     assert any(type(c).__name__ == "CostMonitor" for c in cli.trainer.callbacks)

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from conftest import make_clocked_model
+from conftest import make_clocked_model, preset_for
 from costaware.callbacks.marginal_gain import MetricNotLoggedError
 from costaware.ledger import read_ledger
 from costaware.strategies import EarlyStop
@@ -335,11 +335,8 @@ def test_preset_config(ns, tmp_path):
     from importlib import import_module
     from pathlib import Path
 
-    preset = Path(__file__).resolve().parents[1] / "callbacks" / "marginal_gain.yaml"
-    if ns.name == "lightning.pytorch":
-        text = preset.read_text().replace("costaware.MarginalGainStopping", "costaware.lightning.MarginalGainStopping")
-        preset = tmp_path / "preset.yaml"
-        preset.write_text(text)
+    preset = preset_for(ns, (Path(__file__).resolve().parents[1] / "callbacks" / "marginal_gain.yaml").read_text(),
+                        tmp_path)
     cli = import_module(f"{ns.name}.cli").LightningCLI(
         ns.BoringModel, save_config_kwargs={"overwrite": True},
         args=["fit", f"--config={preset}", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import preset_for
 from costaware.callbacks.online_probe import OnlineProbe, knn_predict, ridge_predict
 from costaware.ledger import read_ledger
 
@@ -181,10 +182,7 @@ def test_preset_config(ns, tmp_path):
     torch.save((x[100:], y[100:]), tmp_path / "probe_val.pt")
     text = PRESET.read_text().replace("data/probe_train.pt", str(tmp_path / "probe_train.pt"))
     text = text.replace("data/probe_val.pt", str(tmp_path / "probe_val.pt"))
-    if ns.name == "lightning.pytorch":
-        text = text.replace("costaware.", "costaware.lightning.")
-    preset = tmp_path / "preset.yaml"
-    preset.write_text(text)
+    preset = preset_for(ns, text, tmp_path)
     cli = import_module(f"{ns.name}.cli").LightningCLI(
         ns.BoringModel, args=["fit", f"--config={preset}", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
                               "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}",
