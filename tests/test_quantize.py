@@ -204,9 +204,9 @@ def test_skips_attention_tied_and_named_layers():
 @pytest.mark.parametrize("kwargs, match", [
     ({"bits": 3}, "bits must be one of"),
     ({"bits": True}, "bits must be one of"),
-    ({"max_drop": -0.1}, "max_drop must be a number >= 0"),
-    ({"max_drop": float("nan")}, "max_drop must be a number >= 0"),
-    ({"max_drop": "0.1"}, "max_drop must be a number >= 0"),
+    ({"max_drop": -0.1}, r"max_drop must be >= 0.0 \(in units of the monitored metric\), got -0.1"),
+    ({"max_drop": float("nan")}, "max_drop must be a finite number >= 0.0, got nan"),
+    ({"max_drop": "0.1"}, "max_drop must be a finite number >= 0.0, got '0.1'"),
     ({"quant_type": "int4"}, "quant_type must be one of"),
     ({"blocksize": 10}, "blocksize must be one of"),
     ({"latency_batches": 0}, "latency_batches must be an int >= 1"),

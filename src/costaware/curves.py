@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from scipy.special import ndtr
 
-from costaware.prices import check_amount
+from costaware.prices import check_amount, check_count
 
 __all__ = [
     "DEFAULT_USD_PER_POINT",
@@ -248,17 +248,12 @@ class MarginalGainPolicy:
         else:
             price = DEFAULT_USD_PER_POINT if usd_per_point is None else usd_per_point
             self.min_gain_per_usd = 1.0 / check_amount("usd_per_point", price, minimum=0, strict=True)
-        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.0 < confidence < 1.0:
-            raise ValueError(f"`confidence` must be a number in (0, 1), got {confidence!r}")
-        if isinstance(min_points, bool) or not isinstance(min_points, int) or min_points < 3:
-            raise ValueError(f"`min_points` must be an int >= 3, got {min_points!r}")
-        if isinstance(increment_fraction, bool) or not isinstance(increment_fraction, (int, float)) or not 0.0 <= increment_fraction <= 10.0:
-            raise ValueError(f"`increment_fraction` must be a number in [0, 10], got {increment_fraction!r}")
-        if isinstance(fit_fraction, bool) or not isinstance(fit_fraction, (int, float)) or not 0.0 < fit_fraction <= 1.0:
-            raise ValueError(f"`fit_fraction` must be a number in (0, 1], got {fit_fraction!r}")
-        anneal_fraction = check_amount("anneal_fraction", anneal_fraction, minimum=0, strict=True, allow_none=True)
-        if anneal_fraction is not None and anneal_fraction > 1.0:
-            raise ValueError(f"`anneal_fraction` must be a number in (0, 1] or None, got {anneal_fraction!r}")
+        confidence = check_amount("confidence", confidence, minimum=0, strict=True, maximum=1, strict_maximum=True)
+        check_count("min_points", min_points, minimum=3)
+        increment_fraction = check_amount("increment_fraction", increment_fraction, minimum=0, maximum=10)
+        fit_fraction = check_amount("fit_fraction", fit_fraction, minimum=0, strict=True, maximum=1)
+        anneal_fraction = check_amount("anneal_fraction", anneal_fraction, minimum=0, strict=True, allow_none=True,
+                                       maximum=1)
         if not isinstance(anneals, bool):
             raise ValueError(f"`anneals` must be True or False, got {anneals!r}")
         if baseline is not None and (isinstance(baseline, bool) or not isinstance(baseline, (int, float))
@@ -267,8 +262,7 @@ class MarginalGainPolicy:
         if baseline is not None and start_fraction is None:
             raise ValueError("`baseline` needs `start_fraction` (how much better than it a run must be to have "
                              "started); got start_fraction=None")
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 16:
-            raise ValueError(f"`n_samples` must be an int >= 16, got {n_samples!r}")
+        check_count("n_samples", n_samples, minimum=16)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"`seed` must be an int, got {seed!r}")
         self.mode = mode

@@ -40,7 +40,7 @@ from datetime import timedelta
 from numbers import Real
 from typing import Any, Mapping, Optional
 
-from costaware.prices import check_amount
+from costaware.prices import check_amount, check_count
 
 __all__ = [
     "CAP_UNITS",
@@ -274,8 +274,7 @@ class RecentCosts:
     """
 
     def __init__(self, window: int) -> None:
-        if not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be an int >= 1, got {window!r}")
+        check_count("window", window, minimum=1)
         self.window = window
         self._added = 0  # costs ever added: the index of the next one
         self._values: deque = deque()

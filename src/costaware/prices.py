@@ -105,20 +105,34 @@ class Prices:
 
 
 def check_amount(name: str, value, minimum: float = 0.0, allow_none: bool = False, strict: bool = False,
-                 why: str = "") -> Optional[float]:
+                 why: str = "", maximum: Optional[float] = None, strict_maximum: bool = False) -> Optional[float]:
     """A finite real number >= ``minimum`` (> with ``strict``), or a ValueError that names the argument.
 
     One check for every numeric argument, so each says the same thing when it is wrong; ``why``
-    is appended to the bound's message where the bound needs explaining.
+    is appended to the bound's message where the bound needs explaining. ``maximum`` adds an
+    upper bound (<=, or < with ``strict_maximum``).
     """
     if value is None and allow_none:
         return None
     bound = f"{'>' if strict else '>='} {minimum}"
+    if maximum is not None:
+        bound += f" and {'<' if strict_maximum else '<='} {maximum}"
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
         raise ValueError(f"{name} must be a finite number {bound}{' or None' if allow_none else ''}, got {value!r}")
     if float(value) < minimum or (strict and float(value) == minimum):
         raise ValueError(f"{name} must be {bound}{why}, got {value!r}")
+    if maximum is not None and (float(value) > maximum or (strict_maximum and float(value) == maximum)):
+        raise ValueError(f"{name} must be {bound}{why}, got {value!r}")
     return float(value)
+
+
+def check_count(name: str, value, minimum: int = 0, allow_none: bool = False) -> Optional[int]:
+    """An int >= ``minimum`` (not a bool), or a ValueError that names the argument: counts, steps, batches."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}{' or None' if allow_none else ''}, got {value!r}")
+    return value
 
 
 def gpu_price(gpu: Optional[str], usd_per_gpu_hour: Optional[float], mode: str = "cloud") -> tuple[Optional[str], float, str]:

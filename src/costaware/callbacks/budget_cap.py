@@ -27,6 +27,7 @@ from costaware.forecast import (
     validations_between,
     zero,
 )
+from costaware.prices import check_count
 
 ON_CAP = ("stop", "raise")
 STOP_CHECKPOINT = "budget_stop.ckpt"
@@ -173,8 +174,7 @@ class BudgetCap:
             raise ValueError(f"on_cap must be one of {ON_CAP}, got {on_cap!r}")
         if not isinstance(predictive, bool):
             raise ValueError(f"predictive must be True or False, got {predictive!r}")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        check_count("warmup_steps", warmup_steps)
         if ckpt_path is not None and not isinstance(ckpt_path, (str, Path)):
             raise ValueError(f"ckpt_path must be a path, got {ckpt_path!r}")
         self.on_cap = on_cap

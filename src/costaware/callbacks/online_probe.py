@@ -10,7 +10,7 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
 
 from costaware.callbacks.cost_monitor import CostMonitor
-from costaware.prices import check_amount
+from costaware.prices import check_amount, check_count
 
 PROBES = ("knn", "linear")
 
@@ -100,12 +100,10 @@ class OnlineProbe:
     ) -> None:
         if probe not in PROBES:
             raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
-        for arg, value, optional in (("k", k, False), ("batch_size", batch_size, False),
-                                     ("every_n_val", every_n_val, True), ("every_n_steps", every_n_steps, True)):
-            if optional and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{arg} must be an int >= 1{' or None' if optional else ''}, got {value!r}")
+        check_count("k", k, minimum=1)
+        check_count("batch_size", batch_size, minimum=1)
+        check_count("every_n_val", every_n_val, minimum=1, allow_none=True)
+        check_count("every_n_steps", every_n_steps, minimum=1, allow_none=True)
         if every_n_val is None and every_n_steps is None:
             raise ValueError("every_n_val and every_n_steps are both None: give at least one (every_n_val=1 probes "
                              "at every validation)")

@@ -16,6 +16,7 @@ from lightning_utilities.core.rank_zero import rank_zero_info
 from torch import nn
 
 from costaware import _lightning
+from costaware.prices import check_amount, check_count
 from costaware.strategies.base import (
     ModelRow,
     StopContext,
@@ -167,10 +168,10 @@ class Distill(StopStrategy):
     ) -> None:
         if not isinstance(student, nn.Module):
             raise ValueError(f"student must be a torch.nn.Module, got {type(student).__name__}")
-        _check_number("temperature", temperature, low=0.0, low_open=True)
-        _check_number("alpha", alpha, low=0.0, high=1.0)
-        _check_number("lr", lr, low=0.0, low_open=True)
-        _check_number("weight_decay", weight_decay, low=0.0)
+        check_amount("temperature", temperature, minimum=0, strict=True)
+        check_amount("alpha", alpha, minimum=0, maximum=1)
+        check_amount("lr", lr, minimum=0, strict=True)
+        check_amount("weight_decay", weight_decay, minimum=0)
         if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or (max_epochs < 1 and max_epochs != -1):
             raise ValueError(f"max_epochs must be an int >= 1 (or -1 with max_steps), got {max_epochs!r}")
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or (max_steps < 1 and max_steps != -1):
@@ -182,11 +183,8 @@ class Distill(StopStrategy):
                 raise ValueError(f"{arg} must be a callable or None, got {fn!r}")
         if metric_mode not in ("max", "min"):
             raise ValueError(f"metric_mode must be one of ('max', 'min'), got {metric_mode!r}")
-        if isinstance(latency_batches, bool) or not isinstance(latency_batches, int) or latency_batches < 0:
-            raise ValueError(f"latency_batches must be an int >= 0, got {latency_batches!r}")
-        if latency_threads is not None and (isinstance(latency_threads, bool) or not isinstance(latency_threads, int)
-                                            or latency_threads < 1):
-            raise ValueError(f"latency_threads must be None or an int >= 1, got {latency_threads!r}")
+        check_count("latency_batches", latency_batches)
+        check_count("latency_threads", latency_threads, minimum=1, allow_none=True)
         if trainer_kwargs is not None and not isinstance(trainer_kwargs, dict):
             raise ValueError(f"trainer_kwargs must be a dict of Trainer arguments, got {trainer_kwargs!r}")
         followers = [] if then is None else list(then) if isinstance(then, (list, tuple)) else [then]
@@ -606,15 +604,3 @@ class _kept_rng:
         torch.random.set_rng_state(self._torch)
         random.setstate(self._python)
 
-
-def _check_number(name: str, value: Any, low: Optional[float] = None, high: Optional[float] = None,
-                  low_open: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value <= high
-    if not ok:
-        bounds = (f"> {low:g}" if low_open else f">= {low:g}") if low is not None else ""
-        bounds += (" and " if bounds else "") + (f"<= {high:g}" if high is not None else "")
-        raise ValueError(f"{name} must be a finite number {bounds}, got {value!r}")

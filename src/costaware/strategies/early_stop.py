@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info
 
+from costaware.prices import check_count
 from costaware.strategies.base import ModelRow, StopContext, StopStrategy, restore_training_modes, training_modes
 
 _MODES = ("max", "min")
@@ -75,7 +76,7 @@ class EarlyStop(StopStrategy):
                 raise ValueError(f"{arg} must be True or False, got {value!r}")
         self.restore_best = restore_best
         self.copy_frozen = copy_frozen
-        self.latency_batches = _check_batches("latency_batches", latency_batches)
+        self.latency_batches = check_count("latency_batches", latency_batches)
         self.best_value: Optional[float] = None
         self.best_step: Optional[int] = None
         self.last_value: Optional[float] = None  # the latest finite validation value
@@ -359,8 +360,3 @@ def _device_of(model: torch.nn.Module) -> torch.device:
         return tensor.device
     return torch.device("cpu")
 
-
-def _check_batches(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    return value

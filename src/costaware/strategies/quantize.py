@@ -27,6 +27,7 @@ from lightning_utilities.core.rank_zero import rank_zero_info
 from torch import nn
 
 from costaware import _lightning
+from costaware.prices import check_amount, check_count
 from costaware.strategies.base import (
     ModelRow,
     StopContext,
@@ -164,22 +165,17 @@ class Quantize(StopStrategy):
     ) -> None:
         if isinstance(bits, bool) or bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
-        if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not math.isfinite(max_drop) \
-                or max_drop < 0:
-            raise ValueError(f"max_drop must be a number >= 0 (in units of the monitored metric), got {max_drop!r}")
+        check_amount("max_drop", max_drop, why=" (in units of the monitored metric)")
         if quant_type not in QUANT_TYPES_4BIT:
             raise ValueError(f"quant_type must be one of {QUANT_TYPES_4BIT}, got {quant_type!r}")
         if blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
             raise ValueError(f"blocksize must be one of 64, 128, 256, 512, 1024, 2048, 4096, got {blocksize!r}")
-        if isinstance(int8_threshold, bool) or not isinstance(int8_threshold, (int, float)) or int8_threshold < 0:
-            raise ValueError(f"int8_threshold must be a number >= 0, got {int8_threshold!r}")
+        check_amount("int8_threshold", int8_threshold)
         if isinstance(skip_modules, str) or not all(isinstance(s, str) for s in skip_modules):
             raise ValueError(f"skip_modules must be a list of module names, got {skip_modules!r}")
-        for arg, value in (("latency_batches", latency_batches), ("latency_repeats", latency_repeats),
-                           ("latency_threads", 1 if latency_threads is None else latency_threads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{arg} must be an int >= 1{' or None' if arg == 'latency_threads' else ''}, "
-                                 f"got {value!r}")
+        check_count("latency_batches", latency_batches, minimum=1)
+        check_count("latency_repeats", latency_repeats, minimum=1)
+        check_count("latency_threads", latency_threads, minimum=1, allow_none=True)
         for arg, fn in (("metric_fn", metric_fn), ("forward_fn", forward_fn)):
             if fn is not None and not callable(fn):
                 raise ValueError(f"{arg} must be a callable (model, ...) or None, got {fn!r}")
