@@ -91,7 +91,7 @@ def test_meter_keeps_energy_read_before_the_gpu_was_lost(clock, install_nvml):
         meter.sample(clock())
 
 
-def test_counter_fault_goes_on_integrating_power_from_the_energy_counted(clock, install_nvml):
+def test_transient_counter_fault_is_retried_and_the_counter_covers_the_gap(clock, install_nvml):
     nvml = install_nvml()
     gpu = nvml.gpus[0]
     meter = open_gpu(None, clock(), nvml_index=0)
@@ -99,15 +99,47 @@ def test_counter_fault_goes_on_integrating_power_from_the_energy_counted(clock, 
     assert meter.sample(clock()).energy_j == pytest.approx(2800.0)  # from the counter
     gpu.failures["energy"] = 1  # one transient error
     clock.advance(2.0)
-    with pytest.warns(RuntimeWarning, match="GPU meter degraded"):
+    with pytest.warns(RuntimeWarning, match="retrying with backoff"):
         sample = meter.sample(clock())
-    assert sample.energy_j == pytest.approx(2800.0 + 700.0 * 2)  # the faulty interval integrated from power
-    assert meter.energy_source == "nvml energy counter, then integrated nvml power samples after a fault"
-    energy_queries = gpu.queries.count("energy")
-    gpu.power_w = 350.0
+    assert sample.energy_j == pytest.approx(2800.0 + 700.0 * 2)  # bridged from power samples
+    assert not meter.degraded and meter.status == "ok" and meter.transient_errors == 1
+    gpu.counter_offset_mj += 1_000_000  # 1 kJ drawn between power samples, which the counter saw
     clock.advance(2.0)
-    assert meter.sample(clock()).energy_j == pytest.approx(4200.0 + 0.5 * (700.0 + 350.0) * 2)
-    assert gpu.queries.count("energy") == energy_queries  # power from now on
+    # Retried after the first backoff: the counter is back, and exact over the gap.
+    assert meter.sample(clock()).energy_j == pytest.approx(700.0 * 8 + 1000.0)
+    assert meter.energy_source == "nvml energy counter"
+
+
+def test_counter_that_keeps_failing_is_given_up_for_power(clock, install_nvml):
+    nvml = install_nvml()
+    gpu = nvml.gpus[0]
+    meter = open_gpu(None, clock(), nvml_index=0)
+    clock.advance(4.0)
+    meter.sample(clock())
+    gpu.failures["energy"] = 1000
+    with pytest.warns(RuntimeWarning, match="GPU meter degraded: NVML energy query failed"):
+        for _ in range(40):  # 1 + 2 + 4 + 8 + 16 s of backoff, then given up
+            clock.advance(1.0)
+            meter.sample(clock())
+    assert meter.degraded and "energy" in meter.disabled_fields
+    assert meter.energy_source == "nvml energy counter, then integrated nvml power samples after a fault"
+    assert meter.latest.energy_j == pytest.approx(700.0 * 44.0)  # nothing lost: the gaps came from power
+    assert gpu.queries.count("energy") == 3 + 1 + len(GPUMeter.RETRY_BACKOFF_S)  # 3 read, 1 failed, 5 retried
+
+
+def test_query_that_turns_unsupported_mid_run_is_a_fault(clock, install_nvml):
+    gpu = FakeGPU(name="Tesla T4", power_w=70.0, unsupported=("energy",))
+    install_nvml([gpu])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # unsupported from the start: expected, silent
+        meter = open_gpu(None, clock(), nvml_index=0)
+    clock.advance(2.0)
+    meter.sample(clock())
+    gpu.unsupported = ("energy", "power")  # a vGPU migration, a driver change
+    clock.advance(2.0)
+    with pytest.warns(RuntimeWarning, match="power query became unsupported mid-run"):
+        meter.sample(clock())
+    assert meter.degraded and meter.status.startswith("degraded") and meter.latest.energy_j == pytest.approx(140.0)
 
 
 def test_counter_going_backwards_keeps_the_energy_counted(clock, install_nvml):
@@ -122,17 +154,28 @@ def test_counter_going_backwards_keeps_the_energy_counted(clock, install_nvml):
     assert meter.sample(clock() - 1.0).energy_j == pytest.approx(4200.0)  # an older reading changes nothing
 
 
-@pytest.mark.parametrize("fault", ["transient", "lost"])
-def test_power_fault_keeps_the_integrated_energy(clock, install_nvml, fault):
+def test_transient_power_fault_is_bridged_when_power_is_back(clock, install_nvml):
     gpu = FakeGPU(name="Tesla T4", power_w=70.0, unsupported=("energy",))
     install_nvml([gpu])
     meter = open_gpu(None, clock(), nvml_index=0)
     clock.advance(4.0)
     assert meter.sample(clock()).energy_j == pytest.approx(280.0)
-    if fault == "transient":
-        gpu.failures["power"] = 1
-    else:
-        gpu.lost_after_s = clock()
+    gpu.failures["power"] = 1
+    clock.advance(2.0)
+    with pytest.warns(RuntimeWarning, match="retrying with backoff"):
+        assert meter.sample(clock()).energy_j == pytest.approx(280.0)  # kept while power is out
+    clock.advance(2.0)
+    assert meter.sample(clock()).energy_j == pytest.approx(70.0 * 8.0)  # the gap integrated once back
+    assert not meter.degraded and meter.energy_source == "integrated nvml power samples"
+
+
+def test_lost_power_keeps_the_integrated_energy(clock, install_nvml):
+    gpu = FakeGPU(name="Tesla T4", power_w=70.0, unsupported=("energy",))
+    install_nvml([gpu])
+    meter = open_gpu(None, clock(), nvml_index=0)
+    clock.advance(4.0)
+    assert meter.sample(clock()).energy_j == pytest.approx(280.0)
+    gpu.lost_after_s = clock()
     clock.advance(2.0)
     with pytest.warns(RuntimeWarning, match="GPU meter degraded"):
         sample = meter.sample(clock())
@@ -159,6 +202,34 @@ def test_gpu_lost_mid_fit_keeps_its_kwh(ns, tmp_path, clock, install_nvml, sourc
     assert monitor.totals.gpu_energy_j == pytest.approx(2800.0)
     assert monitor.totals.kwh >= 2800.0 / 3.6e6
     assert read_ledger(monitor.ledger.path).end["totals"]["gpu_energy_j"] == pytest.approx(2800.0)
+
+
+@pytest.mark.parametrize("fault", ["transient", "unsupported"])
+def test_power_fault_mid_fit(ns, tmp_path, clock, install_nvml, fault):
+    # No energy counter (a T4): energy is integrated from power, which fails once at step 3.
+    gpu = FakeGPU(name="Tesla T4", power_w=70.0, unsupported=("energy",))
+    install_nvml([gpu])
+
+    class FaultAtStep3(ns.pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 3:
+                if fault == "transient":
+                    gpu.failures["power"] = 1
+                else:
+                    gpu.unsupported = ("energy", "power")
+
+    match = "retrying with backoff" if fault == "transient" else "became unsupported mid-run"
+    with pytest.warns(RuntimeWarning, match=match):
+        monitor, trainer = _fit(ns, tmp_path, clock, steps=10, extra_callbacks=[FaultAtStep3()],
+                                sample_interval_s=0.001)
+    contents = read_ledger(monitor.ledger.path)
+    if fault == "transient":  # retried, and the gap bridged: 10 s at 70 W, nothing lost
+        assert monitor.totals.gpu_energy_j == pytest.approx(700.0)
+        assert contents.end["meters"]["gpu"]["status"] == "ok"
+    else:  # said, in a warning, the ledger and the meter status; energy measured so far kept
+        assert 0 < monitor.totals.gpu_energy_j <= 70.0 * 4
+        assert "meter_degraded" in [e["name"] for e in contents.events]
+        assert contents.end["meters"]["gpu"]["status"].startswith("degraded")
 
 
 def test_degraded_is_never_seen_with_status_ok(clock, monkeypatch):

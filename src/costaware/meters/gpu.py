@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import warnings
@@ -59,15 +60,18 @@ class GPUMeter:
 
     Energy comes from the driver's cumulative counter (``nvmlDeviceGetTotalEnergyConsumption``,
     Volta and newer) where the device has it, else from integrating power samples. A query the
-    device does not support (MIG slice, vGPU, old GPU) disables that field alone; any other NVML
-    error marks the meter degraded, warns once, and keeps the last readings so that no recorded
-    energy is lost: if the energy counter fails, energy goes on from what it had counted by
-    integrating power; if power fails too, energy stays at the total measured so far (never
-    None once anything was measured).
+    device does not support from the start (MIG slice, vGPU, old GPU) disables that field alone,
+    silently. A query that fails mid-run is retried with backoff (``RETRY_BACKOFF_S``): while
+    it is out, energy goes on from power samples and the counter, once back, covers the gap
+    exactly. A field that keeps failing, a lost GPU, or a field that turns "not supported" after
+    it worked marks the meter degraded (one warning, an event in the ledger) and keeps the last
+    readings, so no recorded energy is lost: energy goes on from power, or stays at the total
+    measured so far (never None once anything was measured).
     """
 
     present = True
     close_timeout_s = 1.0  # how long ``close`` waits for a sample still inside NVML
+    RETRY_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0)  # waits before each retry of a failing query; then given up
 
     def __init__(self, nvml: Any, handle: Any, start_s: float, label: str) -> None:
         self._nvml = nvml
@@ -78,14 +82,21 @@ class GPUMeter:
         self.status = "ok"
         self.degraded = False
         self.disabled_fields: tuple = ()
-        self.name = _as_str(self._query(lambda: nvml.nvmlDeviceGetName(handle), "name")) or "unknown GPU"
+        self.transient_errors = 0  # failed queries that were retried
+        self._worked: set = set()  # fields that answered at least once
+        self._failures: dict = {}  # field -> consecutive failures
+        self._retry_at_s: dict = {}  # field -> sampler time before which it is not asked again
+        self._warned_transient = False
+        self.name = _as_str(self._query(lambda: nvml.nvmlDeviceGetName(handle), "name", start_s)) or "unknown GPU"
         self._counter_start_mj: Optional[float] = None
-        self._counter_failed = False  # the counter worked, then failed: energy goes on from power
+        self._counter_energy_j = 0.0  # the counter's last reading since start
+        self._counter_failed = False  # the counter worked, then was given up: energy goes on from power
         self._energy_j = 0.0
         self._energy_measured = False  # once True, ``energy_j`` is always reported, fault or not
         self._last_power_w: Optional[float] = None
+        self._last_power_s = start_s
         self._last_time_s = start_s
-        start_mj = self._query(lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle), "energy")
+        start_mj = self._query(lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle), "energy", start_s)
         if start_mj is not None:
             self._counter_start_mj = float(start_mj)
             self._energy_measured = True
@@ -108,33 +119,14 @@ class GPUMeter:
             if self._closed or now_s < self._last_time_s:
                 return self.latest  # NVML shut down, or a reading older than the last one
             nvml, handle = self._nvml, self._handle
-            power_mw = self._query(lambda: nvml.nvmlDeviceGetPowerUsage(handle), "power")
+            power_mw = self._query(lambda: nvml.nvmlDeviceGetPowerUsage(handle), "power", now_s)
             power_w = None if power_mw is None else float(power_mw) / 1000.0
-            counted = False
-            if self._counter_start_mj is not None:
-                total_mj = self._query(lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle), "energy")
-                energy_j = None if total_mj is None else (float(total_mj) - self._counter_start_mj) / 1000.0
-                if energy_j is not None and energy_j < self._energy_j:
-                    # The counter went back (driver or GPU reset): trust it no more.
-                    self._degrade("NVML energy counter went backwards; energy continues from integrated power")
-                    self.disabled_fields = (*self.disabled_fields, "energy")
-                    energy_j = None
-                if energy_j is not None:
-                    self._energy_j = energy_j
-                    counted = True
-                else:
-                    # The counter failed: keep what it counted and integrate power from here on.
-                    self._counter_start_mj = None
-                    self._counter_failed = True
-            if not counted and power_w is not None:
-                self._energy_measured = True
-                # Trapezoid between samples; the first sample has no predecessor to pair with.
-                if self._last_power_w is not None:
-                    self._energy_j += 0.5 * (power_w + self._last_power_w) * (now_s - self._last_time_s)
-            util = self._query(lambda: nvml.nvmlDeviceGetUtilizationRates(handle), "utilization")
-            mem = self._query(lambda: nvml.nvmlDeviceGetMemoryInfo(handle), "memory")
+            if not self._read_counter(now_s):
+                self._integrate_power(power_w, now_s)
+            util = self._query(lambda: nvml.nvmlDeviceGetUtilizationRates(handle), "utilization", now_s)
+            mem = self._query(lambda: nvml.nvmlDeviceGetMemoryInfo(handle), "memory", now_s)
             if power_w is not None:
-                self._last_power_w = power_w
+                self._last_power_w, self._last_power_s = power_w, now_s
             self._last_time_s = now_s
             self.latest = GPUSample(
                 time_s=now_s,
@@ -144,6 +136,34 @@ class GPUMeter:
                 memory_used_bytes=float(mem.used) if mem is not None else self.latest.memory_used_bytes,
             )
             return self.latest
+
+    def _read_counter(self, now_s: float) -> bool:
+        """Energy from the driver's counter; False when it gave no reading this time."""
+        if self._counter_start_mj is None:
+            return False
+        nvml, handle = self._nvml, self._handle
+        total_mj = self._query(lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle), "energy", now_s)
+        if total_mj is not None:
+            energy_j = (float(total_mj) - self._counter_start_mj) / 1000.0
+            if energy_j >= self._counter_energy_j:
+                self._counter_energy_j = energy_j
+                self._energy_j = max(self._energy_j, energy_j)  # never backwards after a bridged gap
+                return True
+            # The counter went back (driver or GPU reset): trust it no more.
+            self._degrade("NVML energy counter went backwards; energy continues from integrated power")
+            self.disabled_fields = (*self.disabled_fields, "energy")
+        if "energy" in self.disabled_fields:  # given up: keep what it counted, integrate power from here
+            self._counter_start_mj = None
+            self._counter_failed = True
+        return False
+
+    def _integrate_power(self, power_w: Optional[float], now_s: float) -> None:
+        """Trapezoid from the last power reading (a retried gap included) to this one."""
+        if power_w is None:
+            return
+        self._energy_measured = True
+        if self._last_power_w is not None:
+            self._energy_j += 0.5 * (power_w + self._last_power_w) * (now_s - self._last_power_s)
 
     def close(self) -> None:
         """Shut NVML down once; later samples return the last readings.
@@ -165,16 +185,38 @@ class GPUMeter:
         finally:
             self._lock.release()
 
-    def _query(self, read, field: str):
-        if field in self.disabled_fields:
+    def _query(self, read, field: str, now_s: float):
+        if field in self.disabled_fields or now_s < self._retry_at_s.get(field, -math.inf):
             return None
         try:
-            return read()
+            value = read()
         except Exception as err:  # noqa: BLE001 - any NVML failure must not reach training
-            if not _is_not_supported(self._nvml, err):
-                self._degrade(f"NVML {field} query failed mid-run ({err})")
-            self.disabled_fields = (*self.disabled_fields, field)
+            self._query_failed(field, err, now_s)
             return None
+        self._worked.add(field)
+        self._failures.pop(field, None)
+        self._retry_at_s.pop(field, None)
+        return value
+
+    def _query_failed(self, field: str, err: Exception, now_s: float) -> None:
+        """Disable, or retry later: a device that never had the field is not a fault."""
+        if _is_not_supported(self._nvml, err):
+            if field in self._worked:
+                self._degrade(f"NVML {field} query became unsupported mid-run ({err})")
+            self.disabled_fields = (*self.disabled_fields, field)
+            return
+        failures = self._failures.get(field, 0) + 1
+        self._failures[field] = failures
+        if _is_gpu_lost(self._nvml, err) or failures > len(self.RETRY_BACKOFF_S):
+            self._degrade(f"NVML {field} query failed mid-run ({err})")
+            self.disabled_fields = (*self.disabled_fields, field)
+            return
+        self.transient_errors += 1
+        self._retry_at_s[field] = now_s + self.RETRY_BACKOFF_S[failures - 1]
+        if not self._warned_transient:
+            self._warned_transient = True
+            warnings.warn(f"costaware: NVML {field} query failed ({err}); retrying with backoff, energy meanwhile "
+                          "from power samples", RuntimeWarning, stacklevel=4)
 
     def _degrade(self, reason: str) -> None:
         if self.degraded:
@@ -256,6 +298,10 @@ def _is_not_supported(nvml: Any, err: Exception) -> bool:
     if not_supported is not None and isinstance(err, not_supported):
         return True
     return getattr(err, "value", None) == getattr(nvml, "NVML_ERROR_NOT_SUPPORTED", 3)
+
+
+def _is_gpu_lost(nvml: Any, err: Exception) -> bool:
+    return getattr(err, "value", None) == getattr(nvml, "NVML_ERROR_GPU_IS_LOST", 15)
 
 
 def _as_str(value) -> Optional[str]:
