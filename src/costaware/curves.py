@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from scipy.special import ndtr
 
-from costaware.prices import check_amount, check_count
+from costaware.validation import check_amount, check_count
 
 __all__ = [
     "DEFAULT_USD_PER_POINT",

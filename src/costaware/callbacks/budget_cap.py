@@ -27,7 +27,7 @@ from costaware.forecast import (
     validations_between,
     zero,
 )
-from costaware.prices import check_count
+from costaware.validation import check_count, check_flag, check_path
 
 ON_CAP = ("stop", "raise")
 STOP_CHECKPOINT = "budget_stop.ckpt"
@@ -172,11 +172,9 @@ class BudgetCap:
         self.limits = check_caps(explicit, caps)
         if on_cap not in ON_CAP:
             raise ValueError(f"on_cap must be one of {ON_CAP}, got {on_cap!r}")
-        if not isinstance(predictive, bool):
-            raise ValueError(f"predictive must be True or False, got {predictive!r}")
+        check_flag("predictive", predictive)
         check_count("warmup_steps", warmup_steps)
-        if ckpt_path is not None and not isinstance(ckpt_path, (str, Path)):
-            raise ValueError(f"ckpt_path must be a path, got {ckpt_path!r}")
+        check_path("ckpt_path", ckpt_path)
         self.on_cap = on_cap
         self.predictive = predictive
         self.warmup_steps = warmup_steps

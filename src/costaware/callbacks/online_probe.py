@@ -9,8 +9,9 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
 
+from costaware._torch import device_of
 from costaware.callbacks.cost_monitor import CostMonitor
-from costaware.prices import check_amount, check_count
+from costaware.validation import check_amount, check_count, check_flag
 
 PROBES = ("knn", "linear")
 
@@ -111,6 +112,7 @@ class OnlineProbe:
         ridge = check_amount("ridge", ridge, minimum=0)
         if not isinstance(log_name, str) or not log_name:
             raise ValueError(f"log_name must be a metric name such as 'probe/acc', got {log_name!r}")
+        check_flag("prog_bar", prog_bar)
         if embed_fn is not None and not callable(embed_fn):
             raise ValueError(f"embed_fn must be a callable (pl_module, inputs) -> Tensor, got {embed_fn!r}")
         self.train_inputs, train_labels = _labeled("train", train)
@@ -232,7 +234,7 @@ class OnlineProbe:
 
     def _embed(self, model: Any, inputs: torch.Tensor) -> torch.Tensor:
         """Embeddings of ``inputs`` as a float32 CPU matrix, computed without gradients in eval mode."""
-        device = _device_of(model)
+        device = device_of(model)
         modes = {m: m.training for m in model.modules()}
         model.eval()
         chunks = []
@@ -349,9 +351,3 @@ def _labeled(arg: str, data: LabeledData) -> tuple[torch.Tensor, torch.Tensor]:
         if not torch.equal(labels, labels.round()):
             raise ValueError(f"{arg}'s labels must be class indices (integers), got {labels.dtype} values")
     return inputs.detach().cpu(), labels.detach().cpu().long()
-
-
-def _device_of(model: Any) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")

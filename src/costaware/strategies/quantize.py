@@ -27,7 +27,7 @@ from lightning_utilities.core.rank_zero import rank_zero_info
 from torch import nn
 
 from costaware import _lightning
-from costaware.prices import check_amount, check_count
+from costaware.validation import check_amount, check_count
 from costaware.strategies.base import (
     ModelRow,
     StopContext,
