@@ -263,7 +263,7 @@ def run_all(runs: int, seed: int = 0) -> list:
     rng = np.random.default_rng(seed)
     results = []
     for kind in KINDS:
-        for i in range(runs):
+        for _ in range(runs):
             spec = RunSpec(kind=kind, seed=int(rng.integers(2**31)), cap_fraction=float(rng.uniform(0.10, 0.95)))
             for mode in MODES:
                 results.append(simulate(spec, mode))

@@ -336,8 +336,8 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
         + ", ".join(f"${p:g}: {lost:.2f}+-{se:.2f}pt/{saved:.0%}" for p, lost, saved, se in sweep))
     say(f"operating price (chosen on tune: the lowest whose mean loss + 1 standard error <= {TARGET_LOSS_POINTS} "
         f"points): ${op_price:g}/point")
-    result["sweep_tune"] = [{"usd_per_point": p, "points_lost_mean": l, "cost_saved_mean": s, "points_lost_se": se}
-                            for p, l, s, se in sweep]
+    result["sweep_tune"] = [{"usd_per_point": p, "points_lost_mean": lost, "cost_saved_mean": s, "points_lost_se": se}
+                            for p, lost, s, se in sweep]
     result["operating_usd_per_point"] = op_price
 
     # 2. Loss / savings table on both halves.

@@ -61,7 +61,7 @@ def test_scripts_exit_with_one_line_on_missing_data_and_read_three_splits(tmp_pa
 
 
 def test_default_data_dir_is_next_to_the_checkout():
-    assert data.DEFAULT_SST2_DIR == EXAMPLES.parent.parent / "shared" / "data" / "sst2"
+    assert EXAMPLES.parent.parent / "shared" / "data" / "sst2" == data.DEFAULT_SST2_DIR
 
 
 def test_read_sst2_subsets_are_repeatable(tmp_path):

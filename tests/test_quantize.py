@@ -13,8 +13,8 @@ from costaware.ledger import read_ledger
 from costaware.strategies.base import ModelRow, StopContext
 from costaware.strategies.quantize import (
     LightningMetric,
-    Quantize,
     QuantizationUnavailableError,
+    Quantize,
     load_quantized,
     quantize_linear_layers,
 )

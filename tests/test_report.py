@@ -319,7 +319,7 @@ def test_degraded_meter_is_partly_measured(tmp_path):
 
 def test_decisions_forecasts_caps_and_strategies(tmp_path):
     curve = {"usd": [0.5, 1.0, 2.0, 4.0], "value": [0.6, 0.7, 0.8, 0.85]}
-    records, t = make_records(max_steps=1000, events=[
+    records, _ = make_records(max_steps=1000, events=[
         {"name": "marginal_gain_decision", "monitor": "val_acc", "stop": False, "reason": "worth it",
          "predicted_final": 0.93, "usd_to_predicted_final": 2.0},
         {"name": "marginal_gain_decision", "monitor": "val_acc", "stop": True, "reason": "not worth it: next $0.5 "

@@ -111,7 +111,7 @@ def _report(args: argparse.Namespace) -> int:
     elif args.show == "summary":
         for label, text in T.summary_rows(report):
             print(f"{label}: {text}")
-        for key, path in paths.items():
+        for path in paths.values():
             print(f"wrote {path}")
     if not report["ledger"]["trusted"]:
         return _fail(f"{report['ledger']['path']} could only be read best-effort ({report['problems'][0]}); "

@@ -59,7 +59,7 @@ class Totals:
     def kwh(self) -> float:
         return self.energy_j / 3.6e6
 
-    def __add__(self, other: "Totals") -> "Totals":
+    def __add__(self, other: Totals) -> Totals:
         return Totals(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(Totals)))
 
     def to_dict(self) -> dict:
@@ -68,7 +68,7 @@ class Totals:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Totals":
+    def from_dict(cls, data: dict) -> Totals:
         return cls(**{f.name: float(data.get(f.name, 0.0)) for f in fields(cls)})
 
 

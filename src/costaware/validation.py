@@ -10,9 +10,15 @@ from __future__ import annotations
 import math
 import os
 from numbers import Real
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union, overload
 
 
+@overload
+def check_amount(name: str, value: Any, minimum: float = ..., allow_none: Literal[False] = ..., strict: bool = ...,
+                 why: str = ..., maximum: Optional[float] = ..., strict_maximum: bool = ...) -> float: ...
+@overload
+def check_amount(name: str, value: Any, minimum: float = ..., allow_none: bool = ..., strict: bool = ...,
+                 why: str = ..., maximum: Optional[float] = ..., strict_maximum: bool = ...) -> Optional[float]: ...
 def check_amount(name: str, value: Any, minimum: float = 0.0, allow_none: bool = False, strict: bool = False,
                  why: str = "", maximum: Optional[float] = None, strict_maximum: bool = False) -> Optional[float]:
     """A finite real number >= ``minimum`` (> with ``strict``), or a ValueError that names the argument.
@@ -35,6 +41,10 @@ def check_amount(name: str, value: Any, minimum: float = 0.0, allow_none: bool =
     return float(value)
 
 
+@overload
+def check_count(name: str, value: Any, minimum: int = ..., allow_none: Literal[False] = ...) -> int: ...
+@overload
+def check_count(name: str, value: Any, minimum: int = ..., allow_none: bool = ...) -> Optional[int]: ...
 def check_count(name: str, value: Any, minimum: int = 0, allow_none: bool = False) -> Optional[int]:
     """An int >= ``minimum`` (not a bool), or a ValueError that names the argument: counts, steps, batches."""
     if value is None and allow_none:

@@ -570,7 +570,7 @@ class _Schedule:
     step_savers: tuple  # (every_n_train_steps, saves) of each ModelCheckpoint saving by steps
 
     @classmethod
-    def read(cls, trainer: Any) -> "_Schedule":
+    def read(cls, trainer: Any) -> _Schedule:
         checkpoints = trainer.checkpoint_callbacks
         saves = [1 + (1 if getattr(cb, "save_last", False) else 0) for cb in checkpoints]
         # At an epoch's end (no validation), a ModelCheckpoint saving by steps only (every_n_epochs=0,

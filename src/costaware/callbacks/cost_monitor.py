@@ -13,7 +13,8 @@ from lightning_utilities.core.rank_zero import rank_zero_info
 
 from costaware.ledger import LEDGER_FILENAME, Ledger, LedgerError, Totals, header_run_id, read_ledger
 from costaware.meters import FlopsCounter, Sampler, open_gpu, open_host, peak_flops_per_s
-from costaware.prices import check_amount, make_prices
+from costaware.prices import make_prices
+from costaware.validation import check_amount, check_count, check_path
 
 # Per-rank figures summed across ranks at log intervals, in this order.
 _SUMMED = ("gpu_hours", "host_hours", "gpu_energy_j", "cpu_energy_j", "ram_energy_j", "flops", "usd", "co2_kg",
@@ -98,13 +99,11 @@ class CostMonitor:
         self.flush_interval_s = check_amount("flush_interval_s", flush_interval_s)
         check_amount("cpu_tdp_w", cpu_tdp_w, allow_none=True)
         check_amount("ram_power_w", ram_power_w, allow_none=True)
-        if not isinstance(flops_measure_batches, int) or flops_measure_batches < 1:
-            raise ValueError(f"flops_measure_batches must be an int >= 1, got {flops_measure_batches!r}")
-        self.flops_measure_batches = flops_measure_batches
+        self.flops_measure_batches = check_count("flops_measure_batches", flops_measure_batches, minimum=1)
         self.cpu_tdp_w = cpu_tdp_w
         self.ram_power_w = ram_power_w
-        self.nvml_index = nvml_index
-        self.ledger_dir = ledger_dir
+        self.nvml_index = check_count("nvml_index", nvml_index, allow_none=True)
+        self.ledger_dir = check_path("ledger_dir", ledger_dir)
         self.ledger: Optional[Ledger] = None
         self.totals = Totals()
         self._base = Totals()

@@ -347,7 +347,6 @@ def _labeled(arg: str, data: LabeledData) -> tuple[torch.Tensor, torch.Tensor]:
     if len(inputs) != len(labels) or len(labels) == 0:
         raise ValueError(f"{arg} must hold as many labels as inputs, at least one: got {len(inputs)} inputs and "
                          f"{len(labels)} labels")
-    if labels.is_floating_point() or labels.is_complex():
-        if not torch.equal(labels, labels.round()):
-            raise ValueError(f"{arg}'s labels must be class indices (integers), got {labels.dtype} values")
+    if (labels.is_floating_point() or labels.is_complex()) and not torch.equal(labels, labels.round()):
+        raise ValueError(f"{arg}'s labels must be class indices (integers), got {labels.dtype} values")
     return inputs.detach().cpu(), labels.detach().cpu().long()

@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import math
 import time
@@ -429,7 +430,7 @@ def _weighted_mean(xs: list, ys: list) -> Optional[float]:
     """
     if not ys:
         return None
-    weights = [None] + [b - a if b > a else None for a, b in zip(xs, xs[1:])]
+    weights = [None] + [b - a if b > a else None for a, b in itertools.pairwise(xs)]
     known = [w for w in weights if w is not None]
     fill = sum(known) / len(known) if known else 1.0
     total = weighted = 0.0

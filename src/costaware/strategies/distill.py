@@ -17,7 +17,6 @@ from torch import nn
 
 from costaware import _lightning
 from costaware._torch import device_of
-from costaware.validation import check_amount, check_count
 from costaware.strategies.base import (
     ModelRow,
     StopContext,
@@ -40,6 +39,7 @@ from costaware.strategies.early_stop import (
     train_loader,
     val_loader,
 )
+from costaware.validation import check_amount, check_count
 
 STUDENT_FILENAME = "student.pt"
 

@@ -23,8 +23,8 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_info
 
 from costaware._torch import device_of
-from costaware.validation import check_count
 from costaware.strategies.base import ModelRow, StopContext, StopStrategy, restore_training_modes, training_modes
+from costaware.validation import check_count
 
 _MODES = ("max", "min")
 
