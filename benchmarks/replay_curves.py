@@ -371,7 +371,8 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
     # 3. Regret against the oracle at each price, policy priced at that price.
     say()
     say(f"excess regret vs per-run oracle, $ per run (regret = usd_per_point * points_lost + usd_spent; "
-        f"difference: policy minus best patience, run by run); mean run cost: tune ${np.mean([r.costs_usd[-1] for r in learners['tune']]):.3f}, "
+        f"difference: policy minus best patience, run by run); mean run cost: "
+        f"tune ${np.mean([r.costs_usd[-1] for r in learners['tune']]):.3f}, "
         f"test ${np.mean([r.costs_usd[-1] for r in learners['test']]):.3f}")
     say(f"{'half':5} {'$/point':>8} {'policy':>9} {'best patience':>14} {'p':>3} {'difference +- SE':>17} "
         f"{'policy lost':>12} {'saved':>7} {'better?':>8}")

@@ -11,8 +11,8 @@ def device_of(module: torch.nn.Module) -> torch.device:
     Used where a batch or a copy must follow the model; a model split across devices is moved
     by the caller, not here.
     """
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
+    for parameter in module.parameters():
+        return parameter.device
+    for buffer in module.buffers():
+        return buffer.device
     return torch.device("cpu")

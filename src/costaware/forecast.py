@@ -279,6 +279,9 @@ class RecentCosts:
     def __init__(self, window: int) -> None:
         check_count("window", window, minimum=1)
         self.window = window
+        self._clear()
+
+    def _clear(self) -> None:
         self._added = 0  # costs ever added: the index of the next one
         self._values: deque = deque()
         self._sums = zero()
@@ -321,7 +324,7 @@ class RecentCosts:
         return {"values": list(self._values)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.__init__(self.window)
+        self._clear()
         for value in list(state.get("values", []))[-self.window:]:
             self.add(value)
 
@@ -492,7 +495,7 @@ class BudgetPlanner:
                 measured = {unit: max(measured[unit], floor[unit] if unit != "flops" else 0.0) for unit in UNITS}
             return measured
         if self.sanity_batch is not None:
-            per_batch = self.sanity_batch if conservative else self.sanity_batch_mean
+            per_batch = self.sanity_batch if conservative else (self.sanity_batch_mean or self.sanity_batch)
             prior = add(self.sanity_startup, scale(per_batch, n)) if n else zero()
         else:
             batch = self.next_batch() if conservative else (self.mean_batch() or self.next_batch())
@@ -576,6 +579,7 @@ class BudgetPlanner:
                             self.predictive)
             if best is None or breach.predicted / limit > best.predicted / best.limit:
                 best = breach
+        assert best is not None, "a planner has at least one cap (check_caps)"
         return best
 
     def headroom_batches(self, spent: Mapping[str, float], plan: StopPlan, batches_per_validation: float,

@@ -103,7 +103,8 @@ class Prices:
         }
 
 
-def gpu_price(gpu: Optional[str], usd_per_gpu_hour: Optional[float], mode: str = "cloud") -> tuple[Optional[str], float, str]:
+def gpu_price(gpu: Optional[str], usd_per_gpu_hour: Optional[float],
+              mode: str = "cloud") -> tuple[Optional[str], float, str]:
     """Resolve a GPU's $/GPU-hour: the user's figure, else the default table, else an error.
 
     Returns ``(model, usd_per_gpu_hour, source)``. In ``on_prem`` mode the GPU-hour figure is
@@ -147,11 +148,13 @@ def carbon_intensity(
         if region is not None:
             return _region_intensity(iso3, region)
         mix = _json("private_infra/global_energy_mix.json")[iso3]
-        return CarbonIntensity(float(mix["carbon_intensity"]), f"codecarbon global_energy_mix, {mix['country_name']} ({mix.get('year', 'n/a')})")
+        return CarbonIntensity(float(mix["carbon_intensity"]),
+                               f"codecarbon global_energy_mix, {mix['country_name']} ({mix.get('year', 'n/a')})")
     if region is not None:
         raise ValueError(f"region={region!r} needs a country (e.g. country='USA', region='CA')")
     world = _json("private_infra/carbon_intensity_per_source.json")
-    return CarbonIntensity(float(world["world_average"]), "world average (IEA 2019, codecarbon); give country= for your grid")
+    return CarbonIntensity(float(world["world_average"]),
+                           "world average (IEA 2019, codecarbon); give country= for your grid")
 
 
 def _check_one_carbon_source(country: Optional[str], region: Optional[str], cloud_provider: Optional[str],
@@ -203,7 +206,8 @@ def _iso3(country: str) -> str:
 
 def _region_intensity(iso3: str, region: str) -> CarbonIntensity:
     if iso3 != "USA":
-        raise ValueError(f"region={region!r}: regions are known for country='USA' (US states) only; use g_co2_per_kwh=... otherwise")
+        raise ValueError(f"region={region!r}: regions are known for country='USA' (US states) only; "
+                         "use g_co2_per_kwh=... otherwise")
     table = _json("private_infra/2023/usa_emissions.json")
     key = str(region).strip().lower()
     for name, row in table.items():
@@ -217,7 +221,7 @@ def _region_intensity(iso3: str, region: str) -> CarbonIntensity:
 
 def cloud_regions() -> list[dict]:
     """Codecarbon's cloud-region table: provider, region, impact (gCO2/kWh), source."""
-    with resources.files("codecarbon").joinpath("data", "cloud", "impact.csv").open(encoding="utf-8-sig") as f:
+    with (resources.files("codecarbon") / "data" / "cloud" / "impact.csv").open(encoding="utf-8-sig") as f:
         return list(csv.DictReader(f))
 
 

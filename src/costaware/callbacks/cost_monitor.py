@@ -91,9 +91,10 @@ class CostMonitor:
         nvml_index: Optional[int] = None,
         ledger_dir: Optional[str] = None,
     ) -> None:
-        self._price_args = dict(gpu=gpu, usd_per_gpu_hour=usd_per_gpu_hour, usd_per_host_hour=usd_per_host_hour,
-                                usd_per_kwh=usd_per_kwh, pue=pue, mode=mode, country=country, region=region,
-                                cloud_provider=cloud_provider, cloud_region=cloud_region, g_co2_per_kwh=g_co2_per_kwh)
+        self._price_args: dict[str, Any] = dict(
+            gpu=gpu, usd_per_gpu_hour=usd_per_gpu_hour, usd_per_host_hour=usd_per_host_hour, usd_per_kwh=usd_per_kwh,
+            pue=pue, mode=mode, country=country, region=region, cloud_provider=cloud_provider,
+            cloud_region=cloud_region, g_co2_per_kwh=g_co2_per_kwh)
         self.prices = make_prices(**self._price_args)
         self.sample_interval_s = check_amount("sample_interval_s", sample_interval_s, minimum=1e-3)
         self.flush_interval_s = check_amount("flush_interval_s", flush_interval_s)
@@ -154,7 +155,8 @@ class CostMonitor:
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
         path = None
         if trainer.is_global_zero:
-            folder = Path(self.ledger_dir) if self.ledger_dir else Path(log_dir or trainer.default_root_dir) / "costaware"
+            default = Path(log_dir or trainer.default_root_dir) / "costaware"
+            folder = Path(self.ledger_dir) if self.ledger_dir else default
             path = folder / LEDGER_FILENAME
         self.ledger = Ledger(path, flush_interval_s=self.flush_interval_s, clock=self.clock)
 
@@ -372,7 +374,8 @@ class CostMonitor:
                           logger=bool(trainer.loggers), batch_size=1, sync_dist=False)
         self.readings.update({**monitored, **readings})
         log_at_lightning_step(trainer, readings)
-        self.ledger.record_sample(t, **{k.replace("/", "_"): v for k, v in readings.items() if not k.startswith("cost/")})
+        uncounted = {k.replace("/", "_"): v for k, v in readings.items() if not k.startswith("cost/")}
+        self.ledger.record_sample(t, **uncounted)
 
     def _meter_status(self) -> dict:
         return {

@@ -148,7 +148,8 @@ class OnlineProbe:
     @property
     def state_key(self) -> str:
         # Several probes (a k-NN and a linear one) can share a Trainer and a checkpoint.
-        return self._generate_state_key(log_name=self.log_name)
+        # As Lightning's Callback._generate_state_key(log_name=...) builds it (checkpoints keep their keys).
+        return f"{type(self).__qualname__}{({'log_name': self.log_name})!r}"
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         # Not in setup: BudgetCap or MarginalGainStopping may add their monitor later in that walk.
@@ -318,7 +319,7 @@ def ridge_predict(train: torch.Tensor, train_labels: torch.Tensor, query: torch.
 # ---------------------------------------------------------------------------------------------
 
 
-def _labeled(arg: str, data: LabeledData) -> tuple[torch.Tensor, torch.Tensor]:
+def _labeled(arg: str, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs, labels)`` tensors on CPU, labels as int64."""
     if isinstance(data, (str, os.PathLike)):
         if not os.path.isfile(data):

@@ -312,7 +312,8 @@ def _energy(totals: dict, meters: dict) -> dict:
             gpu_status = _status_text(gpu.get("status"), f"measured ({gpu.get('energy_source')})")
         elif gpu.get("present"):
             disabled = ", ".join(map(str, gpu.get("disabled_fields") or [])) or "energy, power"
-            gpu_status = f"not measured: {gpu.get('name') or 'the GPU'} reports no energy or power (disabled: {disabled})"
+            gpu_status = (f"not measured: {gpu.get('name') or 'the GPU'} reports no energy or power "
+                          f"(disabled: {disabled})")
         else:
             gpu_status = f"not measured: {gpu.get('status') or 'no GPU meter'}"
         host_ok = bool(host.get("present"))
@@ -505,7 +506,8 @@ def describe_event(name: str, fields: dict) -> str:
             text = (f"Budget cap {f.get('cap', '?')}={_fmt(f.get('limit'))}: stopped at {_fmt(f.get('value'))}, "
                     f"as the next step would reach {_fmt(f['predicted_next'])}")
         else:
-            text = f"Budget cap {f.get('cap', '?')} hit: {_fmt(f.get('value'))} reached the limit {_fmt(f.get('limit'))}"
+            text = (f"Budget cap {f.get('cap', '?')} hit: {_fmt(f.get('value'))} "
+                    f"reached the limit {_fmt(f.get('limit'))}")
         extras = [f"{key}: {f[key]}" for key in ("reason", "action", "on_cap", "checkpoint") if f.get(key)]
         return text + "".join(f"; {e}" for e in extras)
     if name == "budget_caps":
@@ -534,8 +536,9 @@ def describe_event(name: str, fields: dict) -> str:
         verdict = "kept" if f.get("kept") else "not kept"
         if finite_number(f.get("teacher_metric")) is None:
             return f"Quantize ({f.get('quant_type', '?')}): {verdict}" + (f": {f['note']}" if f.get("note") else "")
-        return (f"Quantize ({f.get('quant_type', '?')}): {f.get('metric', 'metric')} {_fmt(f.get('teacher_metric'))} -> "
-                f"{_fmt(f.get('quantized_metric'))}, {verdict}" + (f"; {f['note']}" if f.get("note") else ""))
+        return (f"Quantize ({f.get('quant_type', '?')}): {f.get('metric', 'metric')} "
+                f"{_fmt(f.get('teacher_metric'))} -> {_fmt(f.get('quantized_metric'))}, {verdict}"
+                + (f"; {f['note']}" if f.get("note") else ""))
     if name == "marginal_gain_decision":
         verdict = "Stop" if f.get("stop") else "Continue"
         parts = [f"{verdict}" + (f" ({f['monitor']})" if f.get("monitor") else "")]
