@@ -37,7 +37,8 @@ Figures: the share of runs that end over the cap, the overshoot in units of one 
 spend / cap). Targets: predictive never over the cap, with >= 95% of the cap used on steady runs
 (on average: a cap that falls just past a scheduled validation leaves unused what one more batch
 and another validation would cost, up to ~10% of the smallest caps here); reactive at most one
-batch's cost over (that of the last batch run, the one that crossed). Forecast: BudgetCap's forecast of the whole planned run's cost
+batch's cost over (that of the last batch run, the one that crossed). Forecast: BudgetCap's
+forecast of the whole planned run's cost
 at 10% of the run (before the first validation has run: its cost comes from the sanity check),
 against the run's true cost; target <= 5% error on steady runs. For reference, a
 carbontracker-style linear forecast (first epoch's cost x epochs), available only after the
@@ -263,7 +264,7 @@ def run_all(runs: int, seed: int = 0) -> list:
     rng = np.random.default_rng(seed)
     results = []
     for kind in KINDS:
-        for i in range(runs):
+        for _ in range(runs):
             spec = RunSpec(kind=kind, seed=int(rng.integers(2**31)), cap_fraction=float(rng.uniform(0.10, 0.95)))
             for mode in MODES:
                 results.append(simulate(spec, mode))

@@ -81,12 +81,11 @@ _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO / "src") not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(_REPO / "src"))
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
 import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
 from pytorch_lightning.callbacks import DeviceStatsMonitor, ThroughputMonitor  # noqa: E402
 from pytorch_lightning.loggers import CSVLogger  # noqa: E402
+from torch import nn  # noqa: E402
 
 import costaware  # noqa: E402
 
@@ -106,7 +105,7 @@ class NetworkGuard:
         self.attempts: list[str] = []
         self._saved: dict[str, Any] = {}
 
-    def __enter__(self) -> "NetworkGuard":
+    def __enter__(self) -> NetworkGuard:
         guard = self
         for name in ("connect", "connect_ex"):
             original = getattr(socket.socket, name)
@@ -228,14 +227,14 @@ def cpu_workload(step_ms: float, batch: Optional[int], say: Callable[[str], None
     # a quiet machine the two agree. 1) raw compute, outside Lightning, scales with the batch.
     b = 64
     raw_ms = _raw_step_ms(MLPModule(width, depth), torch.randn(b, width))
-    b = max(8, int(round(b * step_ms / raw_ms / 8)) * 8)
+    b = max(8, round(b * step_ms / raw_ms / 8) * 8)
     # 2) corrections with a short plain Lightning run, which adds its own per-step cost.
     for _ in range(2):
         raw_ms = _raw_step_ms(MLPModule(width, depth), torch.randn(b, width))
         work = make(b)
         step_ms_now = run_once(work, VARIANTS[0], steps=100, warmup=20).cpu_step_s * 1e3
         lightning_ms = step_ms_now - raw_ms
-        new_b = max(8, int(round(b * max(step_ms - lightning_ms, 0.2 * step_ms) / raw_ms / 8)) * 8)
+        new_b = max(8, round(b * max(step_ms - lightning_ms, 0.2 * step_ms) / raw_ms / 8) * 8)
         say(f"calibration (CPU time): batch {b}: raw step {raw_ms:.2f} ms, plain Lightning step {step_ms_now:.2f} ms"
             f" -> batch {new_b}")
         if new_b == b:
@@ -319,7 +318,7 @@ class CodecarbonAround:
         self.tracker: Any = None
         self.energy_kwh: Optional[float] = None
 
-    def __enter__(self) -> "CodecarbonAround":
+    def __enter__(self) -> CodecarbonAround:
         from codecarbon import OfflineEmissionsTracker
 
         self.tracker = OfflineEmissionsTracker(country_iso_code="USA", save_to_file=False, log_level="error",

@@ -336,8 +336,8 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
         + ", ".join(f"${p:g}: {lost:.2f}+-{se:.2f}pt/{saved:.0%}" for p, lost, saved, se in sweep))
     say(f"operating price (chosen on tune: the lowest whose mean loss + 1 standard error <= {TARGET_LOSS_POINTS} "
         f"points): ${op_price:g}/point")
-    result["sweep_tune"] = [{"usd_per_point": p, "points_lost_mean": l, "cost_saved_mean": s, "points_lost_se": se}
-                            for p, l, s, se in sweep]
+    result["sweep_tune"] = [{"usd_per_point": p, "points_lost_mean": lost, "cost_saved_mean": s, "points_lost_se": se}
+                            for p, lost, s, se in sweep]
     result["operating_usd_per_point"] = op_price
 
     # 2. Loss / savings table on both halves.
@@ -371,7 +371,8 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
     # 3. Regret against the oracle at each price, policy priced at that price.
     say()
     say(f"excess regret vs per-run oracle, $ per run (regret = usd_per_point * points_lost + usd_spent; "
-        f"difference: policy minus best patience, run by run); mean run cost: tune ${np.mean([r.costs_usd[-1] for r in learners['tune']]):.3f}, "
+        f"difference: policy minus best patience, run by run); mean run cost: "
+        f"tune ${np.mean([r.costs_usd[-1] for r in learners['tune']]):.3f}, "
         f"test ${np.mean([r.costs_usd[-1] for r in learners['test']]):.3f}")
     say(f"{'half':5} {'$/point':>8} {'policy':>9} {'best patience':>14} {'p':>3} {'difference +- SE':>17} "
         f"{'policy lost':>12} {'saved':>7} {'better?':>8}")

@@ -160,7 +160,8 @@ class LengthGroupedBatchSampler(Sampler):
         self.pool_size = batch_size * pool_batches
 
     def __len__(self) -> int:
-        pools = [min(self.pool_size, len(self.lengths) - start) for start in range(0, len(self.lengths), self.pool_size)]
+        starts = range(0, len(self.lengths), self.pool_size)
+        pools = [min(self.pool_size, len(self.lengths) - start) for start in starts]
         return sum(-(-n // self.batch_size) for n in pools)
 
     def __iter__(self) -> Iterator[list[int]]:

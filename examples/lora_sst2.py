@@ -177,7 +177,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", default=None,
-                      help="folder with SST-2 train.tsv, dev.tsv, test.tsv (default: ../shared/data/sst2 next to the checkout)")
+                      help="folder with SST-2 train.tsv, dev.tsv, test.tsv "
+                           "(default: ../shared/data/sst2 next to the checkout)")
     data.add_argument("--train-samples", type=int, default=3000, help="random training phrases from train.tsv")
     data.add_argument("--val-samples", type=int, default=500, help="random validation phrases from dev.tsv")
     data.add_argument("--test-samples", type=int, default=None, help="test sentences from test.tsv (default: all 872)")

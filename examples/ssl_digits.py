@@ -180,7 +180,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--labeled", type=int, default=500, help="labeled training digits the probe is fitted on")
     p.add_argument("--held-out", type=int, default=300, help="held-out digits the probe is evaluated on")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--max-epochs", type=int, default=200, help="the most pretraining epochs (the policy may stop earlier)")
+    p.add_argument("--max-epochs", type=int, default=200,
+                   help="the most pretraining epochs (the policy may stop earlier)")
     p.add_argument("--val-every", type=int, default=4, help="validate (and probe) every this many epochs")
     p.add_argument("--k", type=int, default=20, help="neighbours of the k-NN probe")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -197,7 +198,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     cost.add_argument("--min-points", type=int, default=8,
                       help="validations before the policy may stop (the probe often dips while training starts)")
     cost.add_argument("--bits", type=int, default=8, choices=(8, 4), help="quantize to int8 or NF4")
-    cost.add_argument("--max-drop", type=float, default=0.02, help="largest probe-accuracy drop the quantized model may show")
+    cost.add_argument("--max-drop", type=float, default=0.02,
+                      help="largest probe-accuracy drop the quantized model may show")
     args = p.parse_args(argv)
     for name in ("labeled", "held_out", "batch_size", "max_epochs", "val_every", "k", "threads", "min_points"):
         if getattr(args, name) < 1:

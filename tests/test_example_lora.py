@@ -27,8 +27,10 @@ def _load_example_module(name: str):
 
 data = _load_example_module("data")
 
-POSITIVE = ["a wonderful , moving film", "sharp and funny", "the best thing this year", "a delight from start to finish"]
-NEGATIVE = ["a dull , lifeless mess", "painfully slow and boring", "the worst script in years", "i wanted my money back"]
+POSITIVE = ["a wonderful , moving film", "sharp and funny", "the best thing this year",
+            "a delight from start to finish"]
+NEGATIVE = ["a dull , lifeless mess", "painfully slow and boring", "the worst script in years",
+            "i wanted my money back"]
 
 
 def write_sst2(folder: Path, rows: int = 64) -> Path:
@@ -61,7 +63,7 @@ def test_scripts_exit_with_one_line_on_missing_data_and_read_three_splits(tmp_pa
 
 
 def test_default_data_dir_is_next_to_the_checkout():
-    assert data.DEFAULT_SST2_DIR == EXAMPLES.parent.parent / "shared" / "data" / "sst2"
+    assert EXAMPLES.parent.parent / "shared" / "data" / "sst2" == data.DEFAULT_SST2_DIR
 
 
 def test_read_sst2_subsets_are_repeatable(tmp_path):
@@ -98,7 +100,8 @@ def test_length_grouped_batches_cover_every_item_once_with_little_padding():
 
 
 def test_pad_collate_pads_to_the_longest_and_masks():
-    batch = data.PadCollate(pad_token_id=0)([(torch.tensor([5, 6, 7]), torch.tensor(1)), (torch.tensor([8]), torch.tensor(0))])
+    pairs = [(torch.tensor([5, 6, 7]), torch.tensor(1)), (torch.tensor([8]), torch.tensor(0))]
+    batch = data.PadCollate(pad_token_id=0)(pairs)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [1, 0]
@@ -113,7 +116,8 @@ def test_lora_sst2_runs_end_to_end_and_writes_a_ledger(tmp_path):
     out_dir = tmp_path / "runs"
     command = [sys.executable, str(EXAMPLES / "lora_sst2.py"), "--data-dir", str(write_sst2(tmp_path / "sst2")),
                "--train-samples", "64", "--val-samples", "32", "--test-samples", "32", "--max-steps", "4",
-               "--val-check-interval", "1.0", "--out-dir", str(out_dir), "--no-progress-bar", "--threads", "1", "--max-usd", "1.0"]
+               "--val-check-interval", "1.0", "--out-dir", str(out_dir), "--no-progress-bar", "--threads", "1",
+               "--max-usd", "1.0"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 

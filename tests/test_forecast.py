@@ -154,7 +154,10 @@ def test_recent_costs_rejects_a_bad_window():
 # ---------------------------------------------------------------------------------------------
 
 
-def _run(planner: BudgetPlanner, costs, plan=StopPlan(validation_on_stop=False, saves_on_stop=0)):
+_NOTHING_ON_STOP = StopPlan(validation_on_stop=False, saves_on_stop=0)
+
+
+def _run(planner: BudgetPlanner, costs, plan=_NOTHING_ON_STOP):
     """Feed batch costs until a stop; returns (batches run, spent usd)."""
     spent = zero()
     for i, usd in enumerate(costs, start=1):
@@ -177,7 +180,7 @@ def test_predictive_stop_never_crosses_and_reactive_crosses_by_under_one_batch()
 def test_variable_costs_use_the_largest_recent_batch_not_the_mean():
     pattern = [1.0, 1.0, 1.0, 4.0] * 20  # a long-sequence bucket every fourth batch
     for cap in [x + 0.5 for x in range(20, 40)]:
-        steps, spent = _run(BudgetPlanner({"max_usd": cap}, warmup_batches=0), pattern)
+        _, spent = _run(BudgetPlanner({"max_usd": cap}, warmup_batches=0), pattern)
         assert spent <= cap
         assert cap - spent < 4.0 + 1.0  # leaves at most about one large batch unused
 
@@ -331,7 +334,7 @@ def test_benchmark_replays_the_same_decision_code():
         predictive = bench.simulate(spec, mode="predictive")
         assert predictive.final_usd <= predictive.cap_usd and predictive.used > 0.95
         assert bench.simulate(spec, mode="EarlyStopping").final_usd > predictive.cap_usd  # the baseline overshoots
-    ours, linear = bench.forecast_errors(bench.RunSpec(kind="steady", seed=1, cap_fraction=0.3))
+    ours, _ = bench.forecast_errors(bench.RunSpec(kind="steady", seed=1, cap_fraction=0.3))
     assert ours < 0.05
 
 

@@ -42,3 +42,15 @@ def test_bad_flag_fails_before_fit(ns, tmp_path, capsys):
         _cli(ns, ["fit", f"--trainer.callbacks+={_class_path(ns)}", "--trainer.callbacks.usd_per_host_hour=-1",
                   f"--trainer.default_root_dir={tmp_path}"])
     assert "usd_per_host_hour must be >= 0" in str(error.value) + capsys.readouterr().err
+
+
+def test_preset_country_gives_way_to_another_carbon_source_only_when_unset(ns, tmp_path, capsys):
+    preset = preset_for(ns, PRESET.read_text(), tmp_path)
+    common = [f"--config={preset}", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+              f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+    with pytest.raises((SystemExit, ValueError)) as error:
+        _cli(ns, ["fit", *common, "--trainer.callbacks.g_co2_per_kwh=50"])
+    assert "g_co2_per_kwh and country/region are given together" in str(error.value) + capsys.readouterr().err
+    cli = _cli(ns, ["fit", *common, "--trainer.callbacks.country=null", "--trainer.callbacks.g_co2_per_kwh=50"])
+    monitor = next(c for c in cli.trainer.callbacks if type(c).__name__ == "CostMonitor")
+    assert monitor.prices.carbon.g_co2_per_kwh == 50.0 and monitor.prices.carbon.source == "given by the user"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from costaware.prices import GPU_PRICES, carbon_intensity, check_amount, check_count, make_prices
+from costaware.prices import GPU_PRICES, carbon_intensity, make_prices
 
 
 def test_every_default_price_has_a_source_and_date():
@@ -46,14 +46,3 @@ def test_regions_need_a_country_and_providers_are_checked():
     with pytest.raises(ValueError, match="unknown US region 'atlantis'"):
         carbon_intensity(country="USA", region="atlantis")
 
-
-def test_one_check_for_amounts_and_counts():
-    assert check_amount("alpha", 1, maximum=1) == 1.0 and check_amount("x", None, allow_none=True) is None
-    with pytest.raises(ValueError, match=r"confidence must be > 0.0 and < 1, got 1"):
-        check_amount("confidence", 1, strict=True, maximum=1, strict_maximum=True)
-    with pytest.raises(ValueError, match=r"alpha must be a finite number >= 0.0 and <= 1, got inf"):
-        check_amount("alpha", float("inf"), maximum=1)
-    assert check_count("k", 3, minimum=1) == 3 and check_count("every", None, minimum=1, allow_none=True) is None
-    for bad in (0, True, 2.0, "3"):
-        with pytest.raises(ValueError, match=r"k must be an int >= 1, got "):
-            check_count("k", bad, minimum=1)

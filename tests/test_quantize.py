@@ -13,8 +13,8 @@ from costaware.ledger import read_ledger
 from costaware.strategies.base import ModelRow, StopContext
 from costaware.strategies.quantize import (
     LightningMetric,
-    Quantize,
     QuantizationUnavailableError,
+    Quantize,
     load_quantized,
     quantize_linear_layers,
 )
@@ -261,8 +261,8 @@ def test_after_fit_never_raises_on_monitor_or_ledger_errors(tmp_path, rank_zero)
 
     monitor = SimpleNamespace(totals=None, ledger=BrokenLedger())
     with pytest.warns(RuntimeWarning, match="could not record its ledger event"):
-        rows = strategy.after_fit(StopContext(trainer=trainer, pl_module=nn.Sequential(nn.Linear(8, 2)), monitor=monitor,
-                                              metric_name="val_acc"))
+        rows = strategy.after_fit(StopContext(trainer=trainer, pl_module=nn.Sequential(nn.Linear(8, 2)),
+                                              monitor=monitor, metric_name="val_acc"))
     assert [r.role for r in rows] == ["teacher", "quantized"] and strategy.kept, rows[1].note
 
 

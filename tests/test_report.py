@@ -28,18 +28,20 @@ GPU_METERS = {"gpu": {"present": True, "name": "NVIDIA H100 80GB HBM3", "status"
               "flops": {"source": "FlopCounterMode on real batches", "status": "ok"}}
 CPU_METERS = {"gpu": {"present": False, "name": None, "status": "no GPU on this rank", "energy_source": "unavailable",
                       "disabled_fields": ["energy", "power", "utilization", "memory"]},
-              "host": {"present": False, "status": "host counted by local rank 0", "method": "not metered on this rank"},
+              "host": {"present": False, "status": "host counted by local rank 0",
+                       "method": "not metered on this rank"},
               "flops": {"source": "FlopCounterMode on real batches", "status": "ok"}}
-PRICES = {"mode": "cloud", "gpu_model": "H100-SXM", "usd_per_gpu_hour": 3.0, "usd_per_gpu_hour_source": "given by the user",
-          "usd_per_host_hour": 0.5, "usd_per_kwh": 0.0, "pue": 1.1, "g_co2_per_kwh": 400.0,
-          "carbon_source": "given by the user"}
+PRICES = {"mode": "cloud", "gpu_model": "H100-SXM", "usd_per_gpu_hour": 3.0,
+          "usd_per_gpu_hour_source": "given by the user", "usd_per_host_hour": 0.5, "usd_per_kwh": 0.0, "pue": 1.1,
+          "g_co2_per_kwh": 400.0, "carbon_source": "given by the user"}
 
 
 def totals_at(elapsed_s, batches_per_s=0.1, gpus=1):
     """Totals of a run priced at $3/GPU-h + $0.5/host-h, 500 W GPU, 100 W CPU, 10 W RAM, after ``elapsed_s``."""
     hours = elapsed_s / 3600.0
-    t = {"elapsed_s": elapsed_s, "gpu_hours": hours * gpus, "host_hours": hours, "gpu_energy_j": 500.0 * elapsed_s * gpus,
-         "cpu_energy_j": 100.0 * elapsed_s, "ram_energy_j": 10.0 * elapsed_s, "flops": 1e12 * elapsed_s,
+    t = {"elapsed_s": elapsed_s, "gpu_hours": hours * gpus, "host_hours": hours,
+         "gpu_energy_j": 500.0 * elapsed_s * gpus, "cpu_energy_j": 100.0 * elapsed_s, "ram_energy_j": 10.0 * elapsed_s,
+         "flops": 1e12 * elapsed_s,
          "usd": 3.0 * hours * gpus + 0.5 * hours, "train_batches": batches_per_s * elapsed_s}
     t["kwh"] = (t["gpu_energy_j"] + t["cpu_energy_j"] + t["ram_energy_j"]) / 3.6e6
     t["co2_kg"] = t["kwh"] * 1.1 * 0.4
@@ -319,7 +321,7 @@ def test_degraded_meter_is_partly_measured(tmp_path):
 
 def test_decisions_forecasts_caps_and_strategies(tmp_path):
     curve = {"usd": [0.5, 1.0, 2.0, 4.0], "value": [0.6, 0.7, 0.8, 0.85]}
-    records, t = make_records(max_steps=1000, events=[
+    records, _ = make_records(max_steps=1000, events=[
         {"name": "marginal_gain_decision", "monitor": "val_acc", "stop": False, "reason": "worth it",
          "predicted_final": 0.93, "usd_to_predicted_final": 2.0},
         {"name": "marginal_gain_decision", "monitor": "val_acc", "stop": True, "reason": "not worth it: next $0.5 "
@@ -335,7 +337,8 @@ def test_decisions_forecasts_caps_and_strategies(tmp_path):
     write_ledger(tmp_path, records)
     report = build_report(tmp_path)
     summaries = [e["summary"] for e in report["events"]]
-    assert summaries[1].startswith("Stop (val_acc): not worth it: next $0.5 buys 0.01 points; predicted final 0.92 for $1.5 more")
+    assert summaries[1].startswith("Stop (val_acc): not worth it: next $0.5 buys 0.01 points; "
+                                   "predicted final 0.92 for $1.5 more")
     assert summaries[2] == "Budget cap max_usd hit: 3.5 reached the limit 3.4"
     assert report["planned"]["usd"] == 12.0 and report["planned"]["basis"] == "forecast event (policy plan)"
     assert len(report["planned"]["estimates"]) == 3  # forecast, max_steps, marginal-gain
@@ -502,7 +505,8 @@ def test_long_run_is_downsampled_for_plots_never_for_totals(tmp_path):
     power = report["series"]["readings"]["gpu_power_w"]
     assert power["points_in_ledger"] == 12_000 and len(power["value"]) <= 600
     assert 99_999.0 in power["value"]  # the outlier survives downsampling
-    assert len(report["series"]["cost"]["usd"]) <= 600 and report["series"]["cost"]["usd"][-1] == pytest.approx(end_totals["usd"])
+    usd = report["series"]["cost"]["usd"]
+    assert len(usd) <= 600 and usd[-1] == pytest.approx(end_totals["usd"])
     paths = write_report(tmp_path)
     assert paths["html"].stat().st_size < 500_000
 

@@ -100,7 +100,7 @@ def test_distill_trains_a_student_in_a_nested_fit(ns, tmp_path, clock):
     distilled = [e for e in ledger.events if e["name"] == "distill"]
     assert len(distilled) == 1 and distilled[0]["trained"] and distilled[0]["steps"] == 48
     assert distilled[0]["last_loss"] < distilled[0]["first_loss"]
-    result = [e for e in ledger.events if e["name"] == "strategy_result"][0]
+    result = next(e for e in ledger.events if e["name"] == "strategy_result")
     assert result["strategy"] == "distill" and [r["role"] for r in result["rows"]] == ["teacher", "student"]
     student_ledger = read_ledger(distilled[0]["student_ledger"])
     assert student_ledger.end["how"] == "completed"
@@ -112,7 +112,7 @@ def test_distill_trains_a_student_in_a_nested_fit(ns, tmp_path, clock):
 def test_mismatched_student_fails_before_the_teacher_trains(ns, tmp_path, clock):
     distill = Distill(nn.Linear(FEATURES, 3))
     with pytest.raises(StudentShapeError, match=r"\(32, 3\).*\(32, 2\)|\(64, 3\).*\(64, 2\)") as error:
-        trainer, _, _ = _fit(ns, tmp_path, clock, distill)
+        _fit(ns, tmp_path, clock, distill)
     assert isinstance(error.value, ValueError)
     assert distill.student_trainer is None
 

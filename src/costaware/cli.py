@@ -111,7 +111,7 @@ def _report(args: argparse.Namespace) -> int:
     elif args.show == "summary":
         for label, text in T.summary_rows(report):
             print(f"{label}: {text}")
-        for key, path in paths.items():
+        for path in paths.values():
             print(f"wrote {path}")
     if not report["ledger"]["trusted"]:
         return _fail(f"{report['ledger']['path']} could only be read best-effort ({report['problems'][0]}); "
@@ -132,7 +132,8 @@ def _compare(args: argparse.Namespace) -> int:
         slim = {**result, "runs": [{k: v for k, v in r.items() if not k.startswith("curve_")} for r in result["runs"]]}
         print(json.dumps(slim, indent=1, default=str))
     else:
-        print(f"{len(result['runs'])} runs ranked by {result['score_name']} (best {result['metric']}: {result['mode']})")
+        print(f"{len(result['runs'])} runs ranked by {result['score_name']} "
+              f"(best {result['metric']}: {result['mode']})")
         print(render_compare_text(result))
     if args.out:
         try:
@@ -161,8 +162,9 @@ def _prices(args: argparse.Namespace) -> int:
                        for model, p in sorted(P.GPU_PRICES.items())]
     if every or args.countries:
         mix = P._json("private_infra/global_energy_mix.json")
-        out["countries"] = [{"iso3": code, "country": row.get("country_name"), "g_co2_per_kwh": row.get("carbon_intensity"),
-                             "year": row.get("year")} for code, row in sorted(mix.items())
+        out["countries"] = [{"iso3": code, "country": row.get("country_name"),
+                             "g_co2_per_kwh": row.get("carbon_intensity"), "year": row.get("year")}
+                            for code, row in sorted(mix.items())
                             if isinstance(row, dict) and row.get("carbon_intensity") is not None]
     if every or args.cloud:
         out["cloud_regions"] = [{"provider": r.get("provider"), "region": r.get("region"),

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from scipy.special import ndtr
 
-from costaware.prices import check_amount, check_count
+from costaware.validation import check_amount, check_count
 
 __all__ = [
     "DEFAULT_USD_PER_POINT",
@@ -272,7 +272,8 @@ class MarginalGainPolicy:
         self.points_per_unit = check_amount("points_per_unit", points_per_unit, minimum=0, strict=True)
         self.increment_fraction = float(increment_fraction)
         self.fit_fraction = float(fit_fraction)
-        self.planned_cost_usd = check_amount("planned_cost_usd", planned_cost_usd, minimum=0, strict=True, allow_none=True)
+        self.planned_cost_usd = check_amount("planned_cost_usd", planned_cost_usd, minimum=0, strict=True,
+                                             allow_none=True)
         self.collapse_points = check_amount("collapse_points", collapse_points, minimum=0, strict=True, allow_none=True)
         self.start_fraction = check_amount("start_fraction", start_fraction, minimum=0, strict=True, allow_none=True)
         self.baseline = None if baseline is None else float(baseline)
@@ -591,7 +592,8 @@ class _EnsembleFit:
             mass[fam] += float(w)
         top = int(np.argmax(self.weights))
         param = (
-            f"alpha={_POWER_ALPHAS[top]:g}" if top < len(_POWER_ALPHAS) else f"k={_EXP_RATES[top - len(_POWER_ALPHAS)]:g}"
+            f"alpha={_POWER_ALPHAS[top]:g}" if top < len(_POWER_ALPHAS)
+            else f"k={_EXP_RATES[top - len(_POWER_ALPHAS)]:g}"
         )
         parts = ", ".join(f"{f} {m:.2f}" for f, m in mass.items())
         return f"ensemble({parts}; top {_FAMILIES[top]} {param})"

@@ -40,7 +40,7 @@ from datetime import timedelta
 from numbers import Real
 from typing import Any, Mapping, Optional
 
-from costaware.prices import check_amount, check_count
+from costaware.validation import check_amount, check_count
 
 __all__ = [
     "CAP_UNITS",
@@ -142,13 +142,19 @@ def scale(cost: Mapping[str, float], factor: float) -> dict:
 
 def parse_duration_s(value: Any, name: str = "max_time") -> float:
     """Seconds from a ``timedelta``, a number of seconds, ``"DD:HH:MM:SS"`` (like Lightning's
-    ``Timer``) or a dict of ``timedelta`` arguments (``{"hours": 2}``).
+    ``Timer``, with hours 00-23 and minutes and seconds 00-59) or a dict of ``timedelta``
+    arguments (``{"hours": 2}``).
 
     Raises:
         ValueError: the value does not parse; the message names ``name`` and the accepted forms.
     """
     forms = ("a datetime.timedelta, a number of seconds, a 'DD:HH:MM:SS' string (e.g. '00:12:00:00') "
              "or a dict of timedelta arguments (e.g. {'hours': 12})")
+    text = value.strip() if isinstance(value, str) else ""
+    match = re.fullmatch(r"(\d+):(\d\d):(\d\d):(\d\d)", text)
+    if match and (int(match.group(2)) >= 24 or int(match.group(3)) >= 60 or int(match.group(4)) >= 60):
+        raise ValueError(f"{name}={value!r} is not a 'DD:HH:MM:SS' duration: hours must be 00-23 and minutes "
+                         f"and seconds 00-59 (e.g. '01:12:30:00' for a day, 12 hours and 30 minutes)")
     try:
         if isinstance(value, timedelta):
             seconds = value.total_seconds()
@@ -156,14 +162,11 @@ def parse_duration_s(value: Any, name: str = "max_time") -> float:
             raise ValueError
         elif isinstance(value, Real):
             seconds = float(value)
+        elif match:
+            days, hours, minutes, secs = (int(g) for g in match.groups())
+            seconds = timedelta(days=days, hours=hours, minutes=minutes, seconds=secs).total_seconds()
         elif isinstance(value, str):
-            text = value.strip()
-            match = re.fullmatch(r"(\d+):(\d\d):(\d\d):(\d\d)", text)
-            if match:
-                days, hours, minutes, secs = (int(g) for g in match.groups())
-                seconds = timedelta(days=days, hours=hours, minutes=minutes, seconds=secs).total_seconds()
-            else:
-                seconds = float(text)  # "3600" from a command line
+            seconds = float(text)  # "3600" from a command line
         elif isinstance(value, Mapping):
             seconds = timedelta(**dict(value)).total_seconds()
         else:
@@ -276,6 +279,9 @@ class RecentCosts:
     def __init__(self, window: int) -> None:
         check_count("window", window, minimum=1)
         self.window = window
+        self._clear()
+
+    def _clear(self) -> None:
         self._added = 0  # costs ever added: the index of the next one
         self._values: deque = deque()
         self._sums = zero()
@@ -318,7 +324,7 @@ class RecentCosts:
         return {"values": list(self._values)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.__init__(self.window)
+        self._clear()
         for value in list(state.get("values", []))[-self.window:]:
             self.add(value)
 
@@ -489,7 +495,7 @@ class BudgetPlanner:
                 measured = {unit: max(measured[unit], floor[unit] if unit != "flops" else 0.0) for unit in UNITS}
             return measured
         if self.sanity_batch is not None:
-            per_batch = self.sanity_batch if conservative else self.sanity_batch_mean
+            per_batch = self.sanity_batch if conservative else (self.sanity_batch_mean or self.sanity_batch)
             prior = add(self.sanity_startup, scale(per_batch, n)) if n else zero()
         else:
             batch = self.next_batch() if conservative else (self.mean_batch() or self.next_batch())
@@ -573,6 +579,7 @@ class BudgetPlanner:
                             self.predictive)
             if best is None or breach.predicted / limit > best.predicted / best.limit:
                 best = breach
+        assert best is not None, "a planner has at least one cap (check_caps)"
         return best
 
     def headroom_batches(self, spent: Mapping[str, float], plan: StopPlan, batches_per_validation: float,

@@ -59,7 +59,7 @@ class Totals:
     def kwh(self) -> float:
         return self.energy_j / 3.6e6
 
-    def __add__(self, other: "Totals") -> "Totals":
+    def __add__(self, other: Totals) -> Totals:
         return Totals(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(Totals)))
 
     def to_dict(self) -> dict:
@@ -68,7 +68,7 @@ class Totals:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Totals":
+    def from_dict(cls, data: dict) -> Totals:
         return cls(**{f.name: float(data.get(f.name, 0.0)) for f in fields(cls)})
 
 
@@ -98,7 +98,8 @@ class Ledger:
         self._write_failed = False
 
     def write_header(self, **info: Any) -> None:
-        self._append({"kind": "header", "schema": SCHEMA_VERSION, "run_id": self.run_id, "wall_time": time.time(), **info})
+        self._append({"kind": "header", "schema": SCHEMA_VERSION, "run_id": self.run_id, "wall_time": time.time(),
+                      **info})
         self.flush()
 
     def record_sample(self, totals: Totals, **readings: Any) -> None:
@@ -232,7 +233,8 @@ def read_ledger(path, lenient: bool = False) -> LedgerContents:
             if not contents.header:
                 contents.header = record
             else:
-                contents.events.append({"kind": "event", "name": "resumed", **{k: v for k, v in record.items() if k != "kind"}})
+                fields_ = {k: v for k, v in record.items() if k != "kind"}
+                contents.events.append({"kind": "event", "name": "resumed", **fields_})
         elif kind == "sample":
             contents.samples.append(record)
         elif kind == "metric":

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from dataclasses import dataclass
 from importlib import resources
-from numbers import Real
 from typing import Optional
 
 from costaware.gpus import KNOWN_MODELS, gpu_model
+from costaware.validation import check_amount, check_text
 
 
 @dataclass(frozen=True)
@@ -104,43 +103,14 @@ class Prices:
         }
 
 
-def check_amount(name: str, value, minimum: float = 0.0, allow_none: bool = False, strict: bool = False,
-                 why: str = "", maximum: Optional[float] = None, strict_maximum: bool = False) -> Optional[float]:
-    """A finite real number >= ``minimum`` (> with ``strict``), or a ValueError that names the argument.
-
-    One check for every numeric argument, so each says the same thing when it is wrong; ``why``
-    is appended to the bound's message where the bound needs explaining. ``maximum`` adds an
-    upper bound (<=, or < with ``strict_maximum``).
-    """
-    if value is None and allow_none:
-        return None
-    bound = f"{'>' if strict else '>='} {minimum}"
-    if maximum is not None:
-        bound += f" and {'<' if strict_maximum else '<='} {maximum}"
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be a finite number {bound}{' or None' if allow_none else ''}, got {value!r}")
-    if float(value) < minimum or (strict and float(value) == minimum):
-        raise ValueError(f"{name} must be {bound}{why}, got {value!r}")
-    if maximum is not None and (float(value) > maximum or (strict_maximum and float(value) == maximum)):
-        raise ValueError(f"{name} must be {bound}{why}, got {value!r}")
-    return float(value)
-
-
-def check_count(name: str, value, minimum: int = 0, allow_none: bool = False) -> Optional[int]:
-    """An int >= ``minimum`` (not a bool), or a ValueError that names the argument: counts, steps, batches."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}{' or None' if allow_none else ''}, got {value!r}")
-    return value
-
-
-def gpu_price(gpu: Optional[str], usd_per_gpu_hour: Optional[float], mode: str = "cloud") -> tuple[Optional[str], float, str]:
+def gpu_price(gpu: Optional[str], usd_per_gpu_hour: Optional[float],
+              mode: str = "cloud") -> tuple[Optional[str], float, str]:
     """Resolve a GPU's $/GPU-hour: the user's figure, else the default table, else an error.
 
     Returns ``(model, usd_per_gpu_hour, source)``. In ``on_prem`` mode the GPU-hour figure is
     amortised hardware and defaults to 0.
     """
+    check_text("gpu", gpu, f"a GPU model name (a str such as 'H100'; known: {', '.join(KNOWN_MODELS)})")
     model = gpu_model(gpu)
     if usd_per_gpu_hour is not None:
         return model, check_amount("usd_per_gpu_hour", usd_per_gpu_hour), "given by the user"
@@ -164,7 +134,11 @@ def carbon_intensity(
     cloud_region: Optional[str] = None,
     g_co2_per_kwh: Optional[float] = None,
 ) -> CarbonIntensity:
-    """Grid intensity from the user, a cloud region, a US state, a country, or the world average."""
+    """Grid intensity from the user, a cloud region, a US state, a country, or the world average.
+
+    These are alternatives: two of them together is an error rather than one silently winning.
+    """
+    _check_one_carbon_source(country, region, cloud_provider, cloud_region, g_co2_per_kwh)
     if g_co2_per_kwh is not None:
         return CarbonIntensity(check_amount("g_co2_per_kwh", g_co2_per_kwh), "given by the user")
     if cloud_provider is not None or cloud_region is not None:
@@ -174,11 +148,35 @@ def carbon_intensity(
         if region is not None:
             return _region_intensity(iso3, region)
         mix = _json("private_infra/global_energy_mix.json")[iso3]
-        return CarbonIntensity(float(mix["carbon_intensity"]), f"codecarbon global_energy_mix, {mix['country_name']} ({mix.get('year', 'n/a')})")
+        return CarbonIntensity(float(mix["carbon_intensity"]),
+                               f"codecarbon global_energy_mix, {mix['country_name']} ({mix.get('year', 'n/a')})")
     if region is not None:
         raise ValueError(f"region={region!r} needs a country (e.g. country='USA', region='CA')")
     world = _json("private_infra/carbon_intensity_per_source.json")
-    return CarbonIntensity(float(world["world_average"]), "world average (IEA 2019, codecarbon); give country= for your grid")
+    return CarbonIntensity(float(world["world_average"]),
+                           "world average (IEA 2019, codecarbon); give country= for your grid")
+
+
+def _check_one_carbon_source(country: Optional[str], region: Optional[str], cloud_provider: Optional[str],
+                             cloud_region: Optional[str], g_co2_per_kwh: Optional[float]) -> None:
+    """The carbon arguments are names (text), and at most one source of the intensity is given."""
+    for name, value in (("country", country), ("region", region), ("cloud_provider", cloud_provider),
+                        ("cloud_region", cloud_region)):
+        check_text(name, value, f"{_CARBON_ACCEPTED[name]} (a str)")
+    sources = {"g_co2_per_kwh": g_co2_per_kwh is not None,
+               "country/region": country is not None or region is not None,
+               "cloud_provider/cloud_region": cloud_provider is not None or cloud_region is not None}
+    given = [name for name, present in sources.items() if present]
+    if len(given) > 1:
+        raise ValueError(
+            f"{' and '.join(given)} are given together, but the grid's carbon intensity comes from one of them: "
+            "g_co2_per_kwh (your own figure), country (with region for a US state), or cloud_provider with "
+            "cloud_region. Give only one.")
+
+
+_CARBON_ACCEPTED = {"country": "an ISO 3166 code such as 'USA' or 'FR'", "region": "a US state such as 'CA'",
+                    "cloud_provider": "a provider such as 'gcp', 'aws' or 'azure'",
+                    "cloud_region": "a cloud region such as 'us-central1'"}
 
 
 def _json(relative: str) -> dict:
@@ -208,7 +206,8 @@ def _iso3(country: str) -> str:
 
 def _region_intensity(iso3: str, region: str) -> CarbonIntensity:
     if iso3 != "USA":
-        raise ValueError(f"region={region!r}: regions are known for country='USA' (US states) only; use g_co2_per_kwh=... otherwise")
+        raise ValueError(f"region={region!r}: regions are known for country='USA' (US states) only; "
+                         "use g_co2_per_kwh=... otherwise")
     table = _json("private_infra/2023/usa_emissions.json")
     key = str(region).strip().lower()
     for name, row in table.items():
@@ -222,7 +221,7 @@ def _region_intensity(iso3: str, region: str) -> CarbonIntensity:
 
 def cloud_regions() -> list[dict]:
     """Codecarbon's cloud-region table: provider, region, impact (gCO2/kWh), source."""
-    with resources.files("codecarbon").joinpath("data", "cloud", "impact.csv").open(encoding="utf-8-sig") as f:
+    with (resources.files("codecarbon") / "data" / "cloud" / "impact.csv").open(encoding="utf-8-sig") as f:
         return list(csv.DictReader(f))
 
 
@@ -255,7 +254,7 @@ def make_prices(
     g_co2_per_kwh: Optional[float] = None,
 ) -> Prices:
     """Validate every price argument and resolve the tables, failing before any compute."""
-    if mode not in MODES:
+    if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     check_amount("usd_per_host_hour", usd_per_host_hour)
     check_amount("pue", pue, minimum=1.0)

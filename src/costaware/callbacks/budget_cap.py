@@ -27,7 +27,7 @@ from costaware.forecast import (
     validations_between,
     zero,
 )
-from costaware.prices import check_count
+from costaware.validation import check_count, check_flag, check_path
 
 ON_CAP = ("stop", "raise")
 STOP_CHECKPOINT = "budget_stop.ckpt"
@@ -172,11 +172,9 @@ class BudgetCap:
         self.limits = check_caps(explicit, caps)
         if on_cap not in ON_CAP:
             raise ValueError(f"on_cap must be one of {ON_CAP}, got {on_cap!r}")
-        if not isinstance(predictive, bool):
-            raise ValueError(f"predictive must be True or False, got {predictive!r}")
+        check_flag("predictive", predictive)
         check_count("warmup_steps", warmup_steps)
-        if ckpt_path is not None and not isinstance(ckpt_path, (str, Path)):
-            raise ValueError(f"ckpt_path must be a path, got {ckpt_path!r}")
+        check_path("ckpt_path", ckpt_path)
         self.on_cap = on_cap
         self.predictive = predictive
         self.warmup_steps = warmup_steps
@@ -227,8 +225,8 @@ class BudgetCap:
         self.stopped = None
         fit_loop = trainer.fit_loop
         self._saved_minimums = (fit_loop.min_epochs, fit_loop.epoch_loop.min_steps)
-        self.monitor.ledger.record_event("budget_caps", caps=dict(self.limits), on_cap=self.on_cap, predictive=self.predictive,
-                                         previous_stop=self._previous_stop)
+        self.monitor.ledger.record_event("budget_caps", caps=dict(self.limits), on_cap=self.on_cap,
+                                         predictive=self.predictive, previous_stop=self._previous_stop)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._reset_session()
@@ -572,7 +570,7 @@ class _Schedule:
     step_savers: tuple  # (every_n_train_steps, saves) of each ModelCheckpoint saving by steps
 
     @classmethod
-    def read(cls, trainer: Any) -> "_Schedule":
+    def read(cls, trainer: Any) -> _Schedule:
         checkpoints = trainer.checkpoint_callbacks
         saves = [1 + (1 if getattr(cb, "save_last", False) else 0) for cb in checkpoints]
         # At an epoch's end (no validation), a ModelCheckpoint saving by steps only (every_n_epochs=0,

@@ -13,7 +13,8 @@ from lightning_utilities.core.rank_zero import rank_zero_info
 
 from costaware.ledger import LEDGER_FILENAME, Ledger, LedgerError, Totals, header_run_id, read_ledger
 from costaware.meters import FlopsCounter, Sampler, open_gpu, open_host, peak_flops_per_s
-from costaware.prices import check_amount, make_prices
+from costaware.prices import make_prices
+from costaware.validation import check_amount, check_count, check_path
 
 # Per-rank figures summed across ranks at log intervals, in this order.
 _SUMMED = ("gpu_hours", "host_hours", "gpu_energy_j", "cpu_energy_j", "ram_energy_j", "flops", "usd", "co2_kg",
@@ -90,21 +91,20 @@ class CostMonitor:
         nvml_index: Optional[int] = None,
         ledger_dir: Optional[str] = None,
     ) -> None:
-        self._price_args = dict(gpu=gpu, usd_per_gpu_hour=usd_per_gpu_hour, usd_per_host_hour=usd_per_host_hour,
-                                usd_per_kwh=usd_per_kwh, pue=pue, mode=mode, country=country, region=region,
-                                cloud_provider=cloud_provider, cloud_region=cloud_region, g_co2_per_kwh=g_co2_per_kwh)
+        self._price_args: dict[str, Any] = dict(
+            gpu=gpu, usd_per_gpu_hour=usd_per_gpu_hour, usd_per_host_hour=usd_per_host_hour, usd_per_kwh=usd_per_kwh,
+            pue=pue, mode=mode, country=country, region=region, cloud_provider=cloud_provider,
+            cloud_region=cloud_region, g_co2_per_kwh=g_co2_per_kwh)
         self.prices = make_prices(**self._price_args)
         self.sample_interval_s = check_amount("sample_interval_s", sample_interval_s, minimum=1e-3)
         self.flush_interval_s = check_amount("flush_interval_s", flush_interval_s)
         check_amount("cpu_tdp_w", cpu_tdp_w, allow_none=True)
         check_amount("ram_power_w", ram_power_w, allow_none=True)
-        if not isinstance(flops_measure_batches, int) or flops_measure_batches < 1:
-            raise ValueError(f"flops_measure_batches must be an int >= 1, got {flops_measure_batches!r}")
-        self.flops_measure_batches = flops_measure_batches
+        self.flops_measure_batches = check_count("flops_measure_batches", flops_measure_batches, minimum=1)
         self.cpu_tdp_w = cpu_tdp_w
         self.ram_power_w = ram_power_w
-        self.nvml_index = nvml_index
-        self.ledger_dir = ledger_dir
+        self.nvml_index = check_count("nvml_index", nvml_index, allow_none=True)
+        self.ledger_dir = check_path("ledger_dir", ledger_dir)
         self.ledger: Optional[Ledger] = None
         self.totals = Totals()
         self._base = Totals()
@@ -155,7 +155,8 @@ class CostMonitor:
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
         path = None
         if trainer.is_global_zero:
-            folder = Path(self.ledger_dir) if self.ledger_dir else Path(log_dir or trainer.default_root_dir) / "costaware"
+            default = Path(log_dir or trainer.default_root_dir) / "costaware"
+            folder = Path(self.ledger_dir) if self.ledger_dir else default
             path = folder / LEDGER_FILENAME
         self.ledger = Ledger(path, flush_interval_s=self.flush_interval_s, clock=self.clock)
 
@@ -373,7 +374,8 @@ class CostMonitor:
                           logger=bool(trainer.loggers), batch_size=1, sync_dist=False)
         self.readings.update({**monitored, **readings})
         log_at_lightning_step(trainer, readings)
-        self.ledger.record_sample(t, **{k.replace("/", "_"): v for k, v in readings.items() if not k.startswith("cost/")})
+        uncounted = {k.replace("/", "_"): v for k, v in readings.items() if not k.startswith("cost/")}
+        self.ledger.record_sample(t, **uncounted)
 
     def _meter_status(self) -> dict:
         return {

@@ -15,6 +15,7 @@ from costaware.callbacks.cost_monitor import log_at_lightning_step
 from costaware.curves import Decision, MarginalGainPolicy
 from costaware.strategies.base import ModelRow, StopContext, StopStrategy
 from costaware.strategies.early_stop import EarlyStop
+from costaware.validation import check_flag
 
 #: Keys written to the loggers at each decision (``{monitor}`` is the monitored metric's name).
 GAIN_PER_USD_KEY = "cost/marginal_gain_per_usd"
@@ -162,8 +163,7 @@ class MarginalGainStopping:
                              f"min_gain_per_usd={min_gain_per_usd!r})")
         if policy_kwargs is not None and not isinstance(policy_kwargs, dict):
             raise ValueError(f"policy_kwargs must be a dict of MarginalGainPolicy arguments, got {policy_kwargs!r}")
-        if not isinstance(verbose, bool):
-            raise ValueError(f"verbose must be True or False, got {verbose!r}")
+        check_flag("verbose", verbose)
         self.policy_kwargs = dict(policy_kwargs or {})
         self._user_plan = self.policy_kwargs.get("planned_cost_usd") is not None
         self._user_anneals = "anneals" in self.policy_kwargs
@@ -182,7 +182,7 @@ class MarginalGainStopping:
         self.monitor = monitor
         self.mode = mode
         self.strategies = _strategies(then)
-        self.monitor_kwargs = check_monitor_kwargs({}, monitor_kwargs) if monitor_kwargs else {}
+        self.monitor_kwargs = check_monitor_kwargs({}, monitor_kwargs) if monitor_kwargs is not None else {}
         self.verbose = verbose
         self.cost_monitor: Optional[Any] = None
         self.decisions: list[Decision] = []  # this session's decisions, in order
@@ -400,6 +400,9 @@ def _strategies(then: Any) -> list:
     if not items:
         raise ValueError("then must be a strategy or a non-empty list of them (default: EarlyStop())")
     for item in items:
+        if isinstance(item, type):
+            raise ValueError(f"then must hold strategy objects, got the class {item.__name__}: write "
+                             f"then={item.__name__}(...) (EarlyStop(), Distill(student=...), Quantize())")
         if not (callable(getattr(item, "on_stop", None)) and callable(getattr(item, "after_fit", None))):
             raise ValueError(f"then must hold costaware.strategies.StopStrategy objects (EarlyStop, Distill, "
                              f"Quantize), got {item!r}")

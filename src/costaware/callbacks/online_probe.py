@@ -9,8 +9,9 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
 
+from costaware._torch import device_of
 from costaware.callbacks.cost_monitor import CostMonitor
-from costaware.prices import check_amount, check_count
+from costaware.validation import check_amount, check_count, check_flag
 
 PROBES = ("knn", "linear")
 
@@ -111,6 +112,7 @@ class OnlineProbe:
         ridge = check_amount("ridge", ridge, minimum=0)
         if not isinstance(log_name, str) or not log_name:
             raise ValueError(f"log_name must be a metric name such as 'probe/acc', got {log_name!r}")
+        check_flag("prog_bar", prog_bar)
         if embed_fn is not None and not callable(embed_fn):
             raise ValueError(f"embed_fn must be a callable (pl_module, inputs) -> Tensor, got {embed_fn!r}")
         self.train_inputs, train_labels = _labeled("train", train)
@@ -146,7 +148,8 @@ class OnlineProbe:
     @property
     def state_key(self) -> str:
         # Several probes (a k-NN and a linear one) can share a Trainer and a checkpoint.
-        return self._generate_state_key(log_name=self.log_name)
+        # As Lightning's Callback._generate_state_key(log_name=...) builds it (checkpoints keep their keys).
+        return f"{type(self).__qualname__}{({'log_name': self.log_name})!r}"
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         # Not in setup: BudgetCap or MarginalGainStopping may add their monitor later in that walk.
@@ -232,7 +235,7 @@ class OnlineProbe:
 
     def _embed(self, model: Any, inputs: torch.Tensor) -> torch.Tensor:
         """Embeddings of ``inputs`` as a float32 CPU matrix, computed without gradients in eval mode."""
-        device = _device_of(model)
+        device = device_of(model)
         modes = {m: m.training for m in model.modules()}
         model.eval()
         chunks = []
@@ -316,7 +319,7 @@ def ridge_predict(train: torch.Tensor, train_labels: torch.Tensor, query: torch.
 # ---------------------------------------------------------------------------------------------
 
 
-def _labeled(arg: str, data: LabeledData) -> tuple[torch.Tensor, torch.Tensor]:
+def _labeled(arg: str, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs, labels)`` tensors on CPU, labels as int64."""
     if isinstance(data, (str, os.PathLike)):
         if not os.path.isfile(data):
@@ -345,13 +348,6 @@ def _labeled(arg: str, data: LabeledData) -> tuple[torch.Tensor, torch.Tensor]:
     if len(inputs) != len(labels) or len(labels) == 0:
         raise ValueError(f"{arg} must hold as many labels as inputs, at least one: got {len(inputs)} inputs and "
                          f"{len(labels)} labels")
-    if labels.is_floating_point() or labels.is_complex():
-        if not torch.equal(labels, labels.round()):
-            raise ValueError(f"{arg}'s labels must be class indices (integers), got {labels.dtype} values")
+    if (labels.is_floating_point() or labels.is_complex()) and not torch.equal(labels, labels.round()):
+        raise ValueError(f"{arg}'s labels must be class indices (integers), got {labels.dtype} values")
     return inputs.detach().cpu(), labels.detach().cpu().long()
-
-
-def _device_of(model: Any) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")

@@ -11,6 +11,7 @@ from costaware.meters.host import EmptyHost, HostMeter, HostSample, open_host
 from costaware.meters.sampler import Sampler
 
 __all__ = [
+    "PEAK_FLOPS_PER_S",
     "EmptyGPU",
     "EmptyHost",
     "FlopsCounter",
@@ -18,7 +19,6 @@ __all__ = [
     "GPUSample",
     "HostMeter",
     "HostSample",
-    "PEAK_FLOPS_PER_S",
     "Sampler",
     "open_gpu",
     "open_host",

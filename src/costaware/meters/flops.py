@@ -19,11 +19,15 @@ from costaware.gpus import gpu_model
 # r4; L4, L40, L40S: their product briefs / datasheets (2023); T4: T4 datasheet; A10G: AWS G5
 # documentation (the A10G runs tensor math at about half the A10's rate).
 PEAK_FLOPS_PER_S: dict[str, dict[str, float]] = {
-    "H100-SXM": {"fp64": 33.5e12, "fp32": 66.9e12, "tf32": 494.7e12, "bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1978.9e12},
-    "H100-PCIE": {"fp64": 25.6e12, "fp32": 51.2e12, "tf32": 378.0e12, "bf16": 756.0e12, "fp16": 756.0e12, "fp8": 1513.0e12},
-    "H100-NVL": {"fp64": 30.0e12, "fp32": 60.0e12, "tf32": 417.5e12, "bf16": 835.5e12, "fp16": 835.5e12, "fp8": 1670.5e12},
+    "H100-SXM": {"fp64": 33.5e12, "fp32": 66.9e12, "tf32": 494.7e12,
+                 "bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1978.9e12},
+    "H100-PCIE": {"fp64": 25.6e12, "fp32": 51.2e12, "tf32": 378.0e12,
+                  "bf16": 756.0e12, "fp16": 756.0e12, "fp8": 1513.0e12},
+    "H100-NVL": {"fp64": 30.0e12, "fp32": 60.0e12, "tf32": 417.5e12,
+                 "bf16": 835.5e12, "fp16": 835.5e12, "fp8": 1670.5e12},
     "H200": {"fp64": 34.0e12, "fp32": 67.0e12, "tf32": 494.7e12, "bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1978.9e12},
-    "H200-NVL": {"fp64": 30.0e12, "fp32": 60.0e12, "tf32": 417.5e12, "bf16": 835.5e12, "fp16": 835.5e12, "fp8": 1670.5e12},
+    "H200-NVL": {"fp64": 30.0e12, "fp32": 60.0e12, "tf32": 417.5e12,
+                 "bf16": 835.5e12, "fp16": 835.5e12, "fp8": 1670.5e12},
     "A100": {"fp64": 9.7e12, "fp32": 19.5e12, "tf32": 156.0e12, "bf16": 312.0e12, "fp16": 312.0e12},
     "L4": {"fp32": 30.3e12, "tf32": 60.0e12, "bf16": 121.0e12, "fp16": 121.0e12, "fp8": 242.0e12},
     "L40": {"fp32": 90.5e12, "tf32": 90.5e12, "bf16": 181.0e12, "fp16": 181.0e12, "fp8": 362.0e12},
@@ -47,7 +51,8 @@ def compute_format(precision: str, float32_matmul_precision: str = "highest") ->
     return "fp32" if float32_matmul_precision == "highest" else "tf32"
 
 
-def peak_flops_per_s(gpu_name: Optional[str], precision: str = "32-true", float32_matmul_precision: str = "highest") -> Optional[float]:
+def peak_flops_per_s(gpu_name: Optional[str], precision: str = "32-true",
+                     float32_matmul_precision: str = "highest") -> Optional[float]:
     """Dense peak FLOP/s of one GPU at a precision, or None when unknown (MFU is then not logged)."""
     model = gpu_model(gpu_name)
     if model is None:

@@ -250,6 +250,7 @@ def open_gpu(cuda_index: Optional[int], start_s: float, nvml_index: Optional[int
         if nvml_index is not None:
             handle, label = nvml.nvmlDeviceGetHandleByIndex(nvml_index), f"nvml:{nvml_index}"
         else:
+            assert cuda_index is not None  # (neither index: EmptyGPU above)
             handle, label = _handle_for_cuda_index(nvml, cuda_index)
         return GPUMeter(nvml, handle, start_s, label)
     except Exception as err:  # noqa: BLE001

@@ -12,7 +12,7 @@ import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,8 @@ class HostMeter:
         self._lock = threading.Lock()
         self._cpu_tdp_w = cpu_tdp_w
         self._ram_power_w = ram_power_w
-        self._cpu = self._ram = None
+        self._cpu: Any = None  # codecarbon's CPU and RAM, imported when the first sample is taken
+        self._ram: Any = None
         self._closed = False
         self.status = "ok"
         self.degraded = False
@@ -93,10 +94,10 @@ class HostMeter:
                 model, tdp_w = tdp.model, tdp.tdp
             else:
                 model = "user-given TDP"
-            cpu = CPU.from_utils(out_dir, MODE_CPU_LOAD, model, tdp_w)
+            cpu = CPU.from_utils(out_dir, MODE_CPU_LOAD, model, tdp_w)  # type: ignore[arg-type]  # watts: a float
             self.method = f"codecarbon TDP x load model ({model}, {tdp_w} W TDP)"
         cpu.start()
-        self._ram = RAM(tracking_mode="machine", force_ram_power=self._ram_power_w)
+        self._ram = RAM(tracking_mode="machine", force_ram_power=self._ram_power_w)  # type: ignore[arg-type]
         self._cpu = cpu
 
     def sample(self, now_s: float) -> HostSample:
@@ -139,7 +140,8 @@ class HostMeter:
             self._lock.release()
 
 
-def open_host(start_s: float, counts_host: bool, cpu_tdp_w: Optional[float] = None, ram_power_w: Optional[float] = None):
+def open_host(start_s: float, counts_host: bool, cpu_tdp_w: Optional[float] = None,
+              ram_power_w: Optional[float] = None):
     """A ``HostMeter`` for the rank that counts this node's host, else an ``EmptyHost``."""
     if not counts_host:
         return EmptyHost()

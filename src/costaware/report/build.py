@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import math
 import time
@@ -311,7 +312,8 @@ def _energy(totals: dict, meters: dict) -> dict:
             gpu_status = _status_text(gpu.get("status"), f"measured ({gpu.get('energy_source')})")
         elif gpu.get("present"):
             disabled = ", ".join(map(str, gpu.get("disabled_fields") or [])) or "energy, power"
-            gpu_status = f"not measured: {gpu.get('name') or 'the GPU'} reports no energy or power (disabled: {disabled})"
+            gpu_status = (f"not measured: {gpu.get('name') or 'the GPU'} reports no energy or power "
+                          f"(disabled: {disabled})")
         else:
             gpu_status = f"not measured: {gpu.get('status') or 'no GPU meter'}"
         host_ok = bool(host.get("present"))
@@ -429,7 +431,7 @@ def _weighted_mean(xs: list, ys: list) -> Optional[float]:
     """
     if not ys:
         return None
-    weights = [None] + [b - a if b > a else None for a, b in zip(xs, xs[1:])]
+    weights = [None] + [b - a if b > a else None for a, b in itertools.pairwise(xs)]
     known = [w for w in weights if w is not None]
     fill = sum(known) / len(known) if known else 1.0
     total = weighted = 0.0
@@ -504,7 +506,8 @@ def describe_event(name: str, fields: dict) -> str:
             text = (f"Budget cap {f.get('cap', '?')}={_fmt(f.get('limit'))}: stopped at {_fmt(f.get('value'))}, "
                     f"as the next step would reach {_fmt(f['predicted_next'])}")
         else:
-            text = f"Budget cap {f.get('cap', '?')} hit: {_fmt(f.get('value'))} reached the limit {_fmt(f.get('limit'))}"
+            text = (f"Budget cap {f.get('cap', '?')} hit: {_fmt(f.get('value'))} "
+                    f"reached the limit {_fmt(f.get('limit'))}")
         extras = [f"{key}: {f[key]}" for key in ("reason", "action", "on_cap", "checkpoint") if f.get(key)]
         return text + "".join(f"; {e}" for e in extras)
     if name == "budget_caps":
@@ -533,8 +536,9 @@ def describe_event(name: str, fields: dict) -> str:
         verdict = "kept" if f.get("kept") else "not kept"
         if finite_number(f.get("teacher_metric")) is None:
             return f"Quantize ({f.get('quant_type', '?')}): {verdict}" + (f": {f['note']}" if f.get("note") else "")
-        return (f"Quantize ({f.get('quant_type', '?')}): {f.get('metric', 'metric')} {_fmt(f.get('teacher_metric'))} -> "
-                f"{_fmt(f.get('quantized_metric'))}, {verdict}" + (f"; {f['note']}" if f.get("note") else ""))
+        return (f"Quantize ({f.get('quant_type', '?')}): {f.get('metric', 'metric')} "
+                f"{_fmt(f.get('teacher_metric'))} -> {_fmt(f.get('quantized_metric'))}, {verdict}"
+                + (f"; {f['note']}" if f.get("note") else ""))
     if name == "marginal_gain_decision":
         verdict = "Stop" if f.get("stop") else "Continue"
         parts = [f"{verdict}" + (f" ({f['monitor']})" if f.get("monitor") else "")]

@@ -151,7 +151,8 @@ def _metric_charts(report: dict) -> list[str]:
                                   css_class="curve"))
             if f["usd_at_predicted_final"] is not None:
                 markers.append(Marker(f["usd_at_predicted_final"], f["predicted_final"],
-                                      f"predicted final {f['predicted_final']:.4g} at {T.usd(f['usd_at_predicted_final'])}",
+                                      f"predicted final {f['predicted_final']:.4g} at "
+                                      f"{T.usd(f['usd_at_predicted_final'])}",
                                       "#ff7f0e", hollow=True, css_class="forecast"))
                 if points["usd"] and f["usd"] is not None:
                     start = f["value"] if f["value"] is not None else _value_at(points, f["usd"])

@@ -72,7 +72,8 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next((m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw), 10 * magnitude)
     start = math.ceil(lo / step - 1e-9) * step
-    ticks, value = [], start
+    ticks: list[float] = []
+    value = start
     while value <= hi + step * 1e-9 and len(ticks) < 50:
         ticks.append(0.0 if abs(value) < step * 1e-9 else value)
         value += step
@@ -159,7 +160,8 @@ def line_chart(
     for tick in nice_ticks(y0, y1):
         y = py(tick)
         parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" stroke="#eee"/>'
-                     f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{escape(y_fmt(tick))}</text>')
+                     f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">'
+                     f'{escape(y_fmt(tick))}</text>')
     for tick in nice_ticks(x0, x1, 6):
         x = px(tick)
         parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="#f3f3f3"/>'
@@ -180,7 +182,8 @@ def line_chart(
             x = px(rule.value)
             parts.append(f'<g class="{escape(rule.css_class)}"><title>{escape(rule.label)}</title>'
                          f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="{rule.color}" '
-                         f'stroke-dasharray="4 3" stroke-width="1.5"/>{_label(x, top + 12, rule.label, rule.color, right)}'
+                         f'stroke-dasharray="4 3" stroke-width="1.5"/>'
+                         f'{_label(x, top + 12, rule.label, rule.color, right)}'
                          f'</g>')
     for i, (line, pts) in enumerate(series):
         color = line.color or PALETTE[i % len(PALETTE)]
@@ -239,7 +242,8 @@ def bar_chart(bars: Sequence[Bar], *, title: str, value_fmt: Callable[[float], s
         color = bar.color or PALETTE[i % len(PALETTE)]
         parts.append(f'<g class="bar"><title>{escape(bar.label)}: '
                      f'{escape(value_fmt(bar.value) if bar.value is not None else bar.note)}</title>'
-                     f'<text x="{label_w - 8}" y="{y + 18}" text-anchor="end" class="axis">{escape(_clip(bar.label, 24))}'
+                     f'<text x="{label_w - 8}" y="{y + 18}" text-anchor="end" class="axis">'
+                     f'{escape(_clip(bar.label, 24))}'
                      f'</text>')
         if bar.value is None:
             parts.append(f'<text x="{label_w}" y="{y + 18}" class="missing">{escape(_clip(bar.note, 90))}</text>')
@@ -282,7 +286,8 @@ def _legend(items: list[tuple[str, str, bool]], left: int, width: int) -> tuple[
 def _label(x: float, y: float, text: str, color: str, right: float) -> str:
     """A note beside a point, on its left when the point is near the right edge."""
     if x > right:
-        return f'<text x="{x - 6:.1f}" y="{y:.1f}" text-anchor="end" class="note" fill="{color}">{escape(_clip(text))}</text>'
+        return (f'<text x="{x - 6:.1f}" y="{y:.1f}" text-anchor="end" class="note" fill="{color}">'
+                f'{escape(_clip(text))}</text>')
     return f'<text x="{x + 6:.1f}" y="{y:.1f}" class="note" fill="{color}">{escape(_clip(text))}</text>'
 
 

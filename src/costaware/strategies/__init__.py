@@ -24,7 +24,7 @@ from costaware.strategies.early_stop import EarlyStop
 __all__ = ["Distill", "EarlyStop", "ModelRow", "StopContext", "StopStrategy", "StudentShapeError"]
 
 try:  # bitsandbytes is an optional extra; Quantize says how to get it when it is missing
-    from costaware.strategies.quantize import Quantize
+    from costaware.strategies.quantize import Quantize  # noqa: F401 - exported through __all__ below
 except ImportError:  # pragma: no cover - the module or bitsandbytes is not there
     pass
 else:

@@ -16,7 +16,7 @@ from lightning_utilities.core.rank_zero import rank_zero_info
 from torch import nn
 
 from costaware import _lightning
-from costaware.prices import check_amount, check_count
+from costaware._torch import device_of
 from costaware.strategies.base import (
     ModelRow,
     StopContext,
@@ -39,6 +39,7 @@ from costaware.strategies.early_stop import (
     train_loader,
     val_loader,
 )
+from costaware.validation import check_amount, check_count
 
 STUDENT_FILENAME = "student.pt"
 
@@ -376,7 +377,7 @@ class Distill(StopStrategy):
         """Call teacher and student on one batch (on ``device``) and compare their logits' shapes."""
         inputs, _ = split_batch(teacher, batch, self.inputs_fn)
         models = (teacher, self.student)
-        places = [next((p.device for p in m.parameters()), torch.device("cpu")) for m in models]
+        places = [device_of(m) for m in models]
         modes = [training_modes(m) for m in models]
         try:
             for m in models:
@@ -539,7 +540,7 @@ class _AccuracyMetric:
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, dataloader: Iterable) -> float:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        device = device_of(model)
         modes = training_modes(model)
         model.eval()
         try:
@@ -561,7 +562,7 @@ def _safe_metric(metric_fn: MetricFn, model: nn.Module, loader: Optional[Iterabl
     """``metric_fn`` on the Trainer's device (faster than the CPU on a GPU run), then back."""
     if loader is None:
         return None
-    original = next((p.device for p in model.parameters()), torch.device("cpu"))
+    original = device_of(model)
     model.to(device)
     try:
         value = metric_fn(model, loader)

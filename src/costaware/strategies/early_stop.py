@@ -22,8 +22,9 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info
 
-from costaware.prices import check_count
+from costaware._torch import device_of
 from costaware.strategies.base import ModelRow, StopContext, StopStrategy, restore_training_modes, training_modes
+from costaware.validation import check_count
 
 _MODES = ("max", "min")
 
@@ -291,7 +292,7 @@ def latency_ms_per_example(model: torch.nn.Module, loader: Iterable, split: Call
     if forward is None:
         def forward(m: torch.nn.Module, batch: Any) -> Any:
             return call_model(m, split(batch)[0])
-    device = _device_of(model)
+    device = device_of(model)
     modes = training_modes(model)
     if device != cpu:  # (a quantized model is on the CPU already, and bitsandbytes re-packs on a move)
         model.to(cpu)
@@ -351,12 +352,3 @@ def describe_model(model: torch.nn.Module, role: str, loader: Optional[Iterable]
     if split is not None:
         row.latency_ms_per_example, row.note = timed_latency(model, loader, split, latency_batches)
     return row
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-

@@ -27,7 +27,6 @@ from lightning_utilities.core.rank_zero import rank_zero_info
 from torch import nn
 
 from costaware import _lightning
-from costaware.prices import check_amount, check_count
 from costaware.strategies.base import (
     ModelRow,
     StopContext,
@@ -44,6 +43,7 @@ from costaware.strategies.early_stop import (
     to_device,
     val_loader,
 )
+from costaware.validation import check_amount, check_count
 
 BITS = (4, 8)
 QUANT_TYPES_4BIT = ("nf4", "fp4")
