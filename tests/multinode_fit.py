@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fake_nvml import FakeGPU, FakeNVML  # noqa: E402
+from fake_nvml import FakeGPU, FakeNVML
 
 sys.modules["pynvml"] = FakeNVML([FakeGPU(power_w=300.0, uuid="GPU-0"), FakeGPU(power_w=500.0, uuid="GPU-1")],
                                  time.monotonic)

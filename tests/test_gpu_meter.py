@@ -220,7 +220,7 @@ def test_power_fault_mid_fit(ns, tmp_path, clock, install_nvml, fault):
 
     match = "retrying with backoff" if fault == "transient" else "became unsupported mid-run"
     with pytest.warns(RuntimeWarning, match=match):
-        monitor, trainer = _fit(ns, tmp_path, clock, steps=10, extra_callbacks=[FaultAtStep3()],
+        monitor, _trainer = _fit(ns, tmp_path, clock, steps=10, extra_callbacks=[FaultAtStep3()],
                                 sample_interval_s=0.001)
     contents = read_ledger(monitor.ledger.path)
     if fault == "transient":  # retried, and the gap bridged: 10 s at 70 W, nothing lost

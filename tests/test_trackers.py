@@ -1,6 +1,7 @@
 """The report handed to real experiment trackers: a local MLflow file store and W&B offline (no server)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -19,8 +20,8 @@ def _fit(ns, tmp_path, logger):
 
 def test_mlflow_file_store_gets_the_report_as_artifacts(pl_ns, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
-    from pytorch_lightning.loggers import MLFlowLogger
     from mlflow.tracking import MlflowClient
+    from pytorch_lightning.loggers import MLFlowLogger
 
     logger = MLFlowLogger(experiment_name="costaware-test", tracking_uri=f"file:{tmp_path}/mlruns")
     monitor = _fit(pl_ns, tmp_path, logger)
@@ -28,7 +29,7 @@ def test_mlflow_file_store_gets_the_report_as_artifacts(pl_ns, tmp_path, monkeyp
     listed = sorted(a.path for a in client.list_artifacts(logger.run_id, "costaware"))
     assert listed == ["costaware/report.html", "costaware/report.json", "costaware/report.md"]
     local = client.download_artifacts(logger.run_id, "costaware/report.json", str(tmp_path / "dl"))
-    report = json.loads(open(local).read())
+    report = json.loads(Path(local).read_text())
     assert report["totals"]["usd"] == pytest.approx(monitor.totals.usd)
     # The monitored cost keys are in MLflow's metric history like any metric.
     assert client.get_metric_history(logger.run_id, "cost/usd")

@@ -41,7 +41,7 @@ def test_a_trainer_built_with_the_environment_gets_the_callbacks(ns, monkeypatch
     assert not any(type(cb).__name__ == "CostMonitor" for cb in ns.Trainer(logger=False).callbacks)
     monkeypatch.setenv("COSTAWARE", "1")
     monkeypatch.setenv("COSTAWARE_USD_PER_HOST_HOUR", "0.3")
-    (monitor,) = [cb for cb in ns.Trainer(logger=False).callbacks if isinstance(cb, ns.costaware.CostMonitor)]
+    assert [cb for cb in ns.Trainer(logger=False).callbacks if isinstance(cb, ns.costaware.CostMonitor)]
     monkeypatch.setenv("COSTAWARE_MAX_USD", "2")
     (cap,) = [cb for cb in ns.Trainer(logger=False).callbacks if isinstance(cb, ns.costaware.BudgetCap)]
     assert cap.limits == {"max_usd": 2.0}
