@@ -44,7 +44,7 @@ def test_fit_logs_cost_everywhere(ns, tmp_path, clock):
     assert "throughput/mfu_pct" not in monitor.readings  # no peak known for a CPU
     ledger = read_ledger(monitor.ledger.path)
     assert monitor.ledger.path.parent.parent == tmp_path / "lightning_logs" / "version_0"
-    assert ledger.header["schema"] == 1 and ledger.header["prices"]["usd_per_host_hour"] == 3.6
+    assert ledger.header.schema == 2 and ledger.header.prices["usd_per_host_hour"] == 3.6
     assert ledger.header["accumulate_grad_batches"] == 1  # the report's plan counts batches per step
     assert ledger.end["how"] == "completed" and ledger.end["totals"]["usd"] == pytest.approx(0.02)
     assert len(ledger.samples) >= 5

@@ -72,12 +72,11 @@ def compare_runs(sources: Sequence[PathLike], metric: Optional[str] = None, mode
             errors.append(f"{source}: {err}")
             continue
         report = report_from_contents(path, contents, trusted, CURVE_POINTS)
-        records = [m for m in contents.metrics if isinstance(m, dict) and isinstance(m.get("name"), str)
-                   and not m["name"].startswith(_COST_PREFIXES)]
+        records = [m for m in contents.metrics if isinstance(m.name, str) and not m.name.startswith(_COST_PREFIXES)]
         loaded.append({"source": str(source), "report": report, "records": records})
     if not loaded:
         raise CompareError("no run could be read: " + "; ".join(errors))
-    names = [list(dict.fromkeys(r["name"] for r in run["records"])) for run in loaded]
+    names = [list(dict.fromkeys(r.name for r in run["records"])) for run in loaded]
     if metric is None:
         common = [n for n in names[0] if all(n in other for other in names[1:])]
         if not common:
@@ -95,14 +94,14 @@ def compare_runs(sources: Sequence[PathLike], metric: Optional[str] = None, mode
         report = run["report"]
         # A point counts only with a finite value and a finite cost: a NaN (diverged) value or a
         # missing / non-numeric dollar figure says nothing about metric per dollar.
-        points = [(value, usd, r.get("step")) for r in run["records"] if r["name"] == metric
-                  for value, usd in [(finite_number(r.get("value")), finite_number(r.get("usd")))]
+        points = [(value, usd, r.step) for r in run["records"] if r.name == metric
+                  for value, usd in [(finite_number(r.value), finite_number(r.usd))]
                   if value is not None and usd is not None]
         entry = {"name": name, "source": run["source"], "run_id": report["run"]["run_id"],
                  "usd": report["totals"]["usd"], "complete": report["ledger"]["complete"],
                  "trusted": report["ledger"]["trusted"], "problems": report["problems"]}
         if not points:
-            recorded = any(r["name"] == metric for r in run["records"])
+            recorded = any(r.name == metric for r in run["records"])
             unranked.append({**entry, "reason": f"no finite {metric} with its cost recorded" if recorded
                              else f"no {metric} recorded"})
             continue
