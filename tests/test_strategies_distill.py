@@ -96,7 +96,7 @@ def test_distill_trains_a_student_in_a_nested_fit(ns, tmp_path, clock):
     assert torch.equal(saved["weight"], student.weight.detach())
 
     ledger = read_ledger(stopping.cost_monitor.ledger.path)
-    assert ledger.end["how"] == "completed"
+    assert ledger.end.how == "marginal_gain"  # the policy stopped the teacher
     distilled = [e for e in ledger.events if e["name"] == "distill"]
     assert len(distilled) == 1 and distilled[0]["trained"] and distilled[0]["steps"] == 48
     assert distilled[0]["last_loss"] < distilled[0]["first_loss"]

@@ -100,6 +100,7 @@ class Ledger:
         self.totals = Totals()
         #: How the run ends if it ends without an exception: set by the event that stops it.
         self.stopped_as: Optional[str] = None
+        self._stop_raises = False
         self._clock = clock
         self._buffer: list[str] = []
         self._unwritten = b""  # the tail of a chunk a failed write left (its head is on disk)
@@ -123,7 +124,7 @@ class Ledger:
             if record.totals is None:
                 record.totals = R.RecordedTotals.of(self.totals)
             if record.stops_run() and self.stopped_as is None:
-                self.stopped_as = record.STOPS_AS
+                self.stopped_as, self._stop_raises = record.STOPS_AS, record.stops_by_raising()
         elif isinstance(record, R.End):
             record.how = self.end_how(record.how)
         self._append(R.to_dict(record))
@@ -135,8 +136,9 @@ class Ledger:
             self.closed = True
 
     def end_how(self, how: Optional[str]) -> str:
-        """The end record's ``how``: a fit that completed after a cap or policy stop ended by that stop."""
-        if how == "completed" and self.stopped_as is not None:
+        """The end record's ``how``: a fit that completed after a cap or policy stop (or raised the error
+        a cap was asked to raise) ended by that stop."""
+        if self.stopped_as is not None and (how == "completed" or (how == "crashed" and self._stop_raises)):
             return self.stopped_as
         if how not in R.END_HOWS:
             raise ValueError(f"how must be one of {R.END_HOWS}, got {how!r}")

@@ -241,6 +241,10 @@ class Event(Record):
         """Whether this event ends the run (read by the ledger to say ``how`` in the end record)."""
         return self.STOPS_AS is not None
 
+    def stops_by_raising(self) -> bool:
+        """Whether the stop is an exception the user asked for (so a "crashed" fit ended by this stop)."""
+        return False
+
 
 EVENTS: dict[str, type] = {}
 
@@ -315,6 +319,9 @@ class BudgetCapHitEvent(Event):
     on_cap: Optional[str] = None
     decided_by: Optional[str] = None
     checkpoint: Optional[str] = None
+
+    def stops_by_raising(self) -> bool:
+        return self.on_cap == "raise"
 
 
 @event_kind
