@@ -183,3 +183,32 @@ def test_the_end_record_says_how_the_run_ended(tmp_path):
     with pytest.raises(ValueError, match="how must be one of"):
         Ledger(None).record(R.End(how="exception"))
     assert SCHEMA_VERSION == 2 and {f.name for f in fields(R.End)} >= {"how", "totals", "meters"}
+
+
+def test_an_interrupted_fit_ends_its_ledger_as_interrupted(tmp_path):
+    """Ctrl+C in a real fit (in a subprocess: Lightning then ignores SIGINT and exits)."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(SRC)!r})
+        from pytorch_lightning import Trainer
+        from pytorch_lightning.demos.boring_classes import BoringModel
+        from costaware import CostMonitor
+
+        class Interrupted(BoringModel):
+            def training_step(self, batch, batch_idx):
+                if batch_idx == 3:
+                    raise KeyboardInterrupt
+                return super().training_step(batch, batch_idx)
+
+        trainer = Trainer(max_steps=10, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                          enable_checkpointing=False, default_root_dir={str(tmp_path)!r},
+                          callbacks=[CostMonitor(usd_per_host_hour=1.0, ledger_dir={str(tmp_path / "ledger")!r})])
+        trainer.fit(Interrupted())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    contents = read_ledger(tmp_path / "ledger")
+    assert contents.end.how == "interrupted" and contents.events[-1].interrupted
+    report = build_report(tmp_path / "ledger")
+    assert report["outcome"]["how"] == "interrupted" and report["events"][-1]["summary"].startswith(
+        "The run was interrupted: KeyboardInterrupt")
