@@ -212,3 +212,17 @@ def test_an_interrupted_fit_ends_its_ledger_as_interrupted(tmp_path):
     report = build_report(tmp_path / "ledger")
     assert report["outcome"]["how"] == "interrupted" and report["events"][-1]["summary"].startswith(
         "The run was interrupted: KeyboardInterrupt")
+
+
+def test_every_event_kind_has_its_own_summary_in_the_report(tmp_path):
+    """The report reads each known event through its typed fields: none falls back to listing them."""
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    ledger.record(R.Header())
+    for cls in R.EVENTS.values():
+        if cls is not R.ResumedEvent:  # made by the reader from a second header
+            ledger.record(_filled(cls))
+    ledger.record(R.Header())
+    report = build_report(tmp_path / "ledger.jsonl")
+    assert len(report["events"]) == len(R.EVENTS)
+    for event in report["events"]:
+        assert not event["summary"].startswith(event["name"]), event["summary"]

@@ -229,8 +229,8 @@ class BudgetCap:
         self.stopped = None
         fit_loop = trainer.fit_loop
         self._saved_minimums = (fit_loop.min_epochs, fit_loop.epoch_loop.min_steps)
-        self.monitor.ledger.record(BudgetCapsEvent(caps=dict(self.limits), on_cap=self.on_cap, predictive=self.predictive,
-                                              previous_stop=self._previous_stop))
+        self.monitor.ledger.record(BudgetCapsEvent(caps=dict(self.limits), on_cap=self.on_cap,
+                                                   predictive=self.predictive, previous_stop=self._previous_stop))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._reset_session()

@@ -204,8 +204,9 @@ class CostMonitor:
         self.refresh(trainer, pl_module)
         for name, value in trainer.callback_metrics.items():
             if not name.startswith(("cost/", "throughput/", "gpu/", "host/")) and _is_scalar(value):
-                self.ledger.record(Metric(name=name, value=float(value), step=trainer.global_step,
-                                                     usd=self.ledger.totals.usd, elapsed_s=self.ledger.totals.elapsed_s))
+                spent = self.ledger.totals
+                self.ledger.record(Metric(name=name, value=float(value), step=trainer.global_step, usd=spent.usd,
+                                          elapsed_s=spent.elapsed_s))
         self.ledger.flush()
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
@@ -232,7 +233,8 @@ class CostMonitor:
             self.totals = local
         interrupted = isinstance(exception, KeyboardInterrupt)
         self.ledger.record(ExceptionEvent(error=f"{type(exception).__name__}: {exception}", interrupted=interrupted))
-        self._finish("interrupted" if interrupted else "crashed", trainer)  # Lightning calls no teardown after an exception
+        # Lightning calls no teardown after an exception.
+        self._finish("interrupted" if interrupted else "crashed", trainer)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._stop_meters()

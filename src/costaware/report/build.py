@@ -24,7 +24,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Optional, Union
 
 from costaware.ledger import LEDGER_FILENAME, LedgerContents, LedgerError, read_ledger
 from costaware.records import (

@@ -187,7 +187,8 @@ def _axes(f: _Frame, height: int, x_label: str, y_label: str, x_fmt: Callable, y
     for tick in nice_ticks(*f.y_range):
         y = f.py(tick)
         parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" stroke="#eee"/>'
-                     f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{escape(y_fmt(tick))}</text>')
+                     f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">'
+                     f'{escape(y_fmt(tick))}</text>')
     for tick in nice_ticks(*f.x_range, 6):
         x = f.px(tick)
         parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="#f3f3f3"/>'
