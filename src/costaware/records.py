@@ -69,9 +69,10 @@ class RecordedTotals:
     @classmethod
     def read(cls, raw: Any) -> "RecordedTotals":
         """From a line's ``totals`` object: numbers kept (NaN too, for the report to flag), others None."""
-        if not isinstance(raw, dict):
+        if type(raw) is not dict:
             raise RecordError(f"totals must be an object, got {type(raw).__name__}")
-        return cls(**{key: _number_or_none(raw.get(key)) for key in TOTAL_KEYS})
+        get = raw.get
+        return cls(*[float(v) if type(v) is float or type(v) is int else None for v in map(get, TOTAL_KEYS)])
 
     def to_totals(self) -> Any:
         """As a :class:`costaware.ledger.Totals` (missing figures as 0), to continue a run from."""
@@ -83,8 +84,8 @@ class RecordedTotals:
 
 def totals_problems(raw: Any) -> list[str]:
     """What is impossible in a line's ``totals``: negative, NaN, null or non-numeric figures."""
-    if not isinstance(raw, dict):
-        return []
+    if type(raw) is not dict or all((type(v) is float or type(v) is int) and 0.0 <= v < _INF for v in raw.values()):
+        return []  # (the common case, checked fast: a long ledger has a million of these)
     out = []
     for key in TOTAL_KEYS:
         if key not in raw:
@@ -101,10 +102,7 @@ def totals_problems(raw: Any) -> list[str]:
     return out
 
 
-def _number_or_none(value: Any) -> Optional[float]:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
+_INF = float("inf")
 
 
 # ------------------------------------------------------------------------------------------------
