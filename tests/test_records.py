@@ -42,7 +42,7 @@ def test_every_record_kind_reads_back_as_written(cls):
 
 def test_schema_1_ledgers_written_before_typed_records_are_read():
     contents = read_ledger(DATA / "ledger_v1_marginal_gain.jsonl")
-    assert not contents.problems and contents.header.schema == 1 and contents.end.how == "completed"
+    assert not contents.problems and contents.header.schema == 1 and contents.end.how == "marginal_gain"
     assert all(s.wall_time_s and "throughput_batches_per_s" in s.readings for s in contents.samples)
     decisions = [e for e in contents.events if isinstance(e, R.MarginalGainDecisionEvent)]
     assert decisions[-1].stop and decisions[-1].totals.usd > 0 and decisions[-1].curve_points["usd"]
@@ -53,6 +53,7 @@ def test_schema_1_ledgers_written_before_typed_records_are_read():
     assert report["strategy_results"][0]["role"] == "teacher" and not report["problems"]
 
     capped = read_ledger(DATA / "ledger_v1_budget_cap.jsonl")
+    assert capped.end.how == "budget_cap"  # schema 1 wrote "completed"
     hit = [e for e in capped.events if isinstance(e, R.BudgetCapHitEvent)][0]
     assert hit.cap == "max_usd" and hit.value > hit.limit == 0.5 and hit.on_cap == "stop"
     assert len([e for e in capped.events if isinstance(e, R.BudgetWarningEvent)]) == 3

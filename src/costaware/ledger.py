@@ -272,7 +272,21 @@ def read_ledger(path, lenient: bool = False) -> LedgerContents:
     contents.problems += [f"{path.name}:{first}: impossible totals in {count} {kind} record{'s' * (count > 1)}: {what}"
                           for (kind, what), (count, first) in impossible.items()]
     _check_header(contents, path, lenient)
+    _upgrade_v1_end(contents)
     return contents
+
+
+def _upgrade_v1_end(contents: LedgerContents) -> None:
+    """Schema 1 wrote ``how="completed"`` for a fit a cap or the policy stopped: say which, as schema 2 does."""
+    end = contents.end
+    if contents.header is None or contents.header.schema != 1 or end is None or end.how != "completed":
+        return
+    for event in contents.events[::-1]:
+        if isinstance(event, R.ResumedEvent):
+            return
+        if isinstance(event, R.Event) and event.stops_run():
+            end.how = event.STOPS_AS
+            return
 
 
 def _note_impossible_totals(raw: dict, number: int, impossible: dict) -> None:
