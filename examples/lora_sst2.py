@@ -280,7 +280,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         try:
             contents = read_ledger(ledger_path)
             totals = contents.totals
-            how = (contents.end or {}).get("how", "no end record")
+            how = contents.end.how if contents.end is not None else "no end record"
         except LedgerError as err:
             how = f"unreadable ledger ({err})"
     report = ledger_path.parent / "report.md" if ledger_path is not None else "not written"

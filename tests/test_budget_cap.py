@@ -272,7 +272,7 @@ def test_raise_writes_checkpoint_and_event_then_fails_loudly(pl_ns, tmp_path, sc
     assert Path(error.checkpoint).is_file()
     ledger = read_ledger(monitor.ledger.path)
     assert [e["cap"] for e in ledger.events if e["name"] == "budget_cap_hit"] == ["max_usd"]
-    assert ledger.end["how"] == "exception" and "BudgetExceededError" in ledger.events[-1]["error"]
+    assert ledger.end.how == "budget_cap" and "BudgetExceededError" in ledger.events[-1].error
     assert ledger.end["totals"]["usd"] <= 0.0055
 
 
@@ -372,7 +372,7 @@ def test_alone_it_inserts_a_monitor_whose_hooks_run(pl_ns, tmp_path, sclock, mon
     assert budget.monitor is monitor and trainer.callbacks.index(monitor) < trainer.callbacks.index(budget)
     # Its hooks ran: setup (meters), on_fit_start (header), batch hooks (logs), on_fit_end (end).
     ledger = read_ledger(monitor.ledger.path)
-    assert ledger.header["prices"]["usd_per_host_hour"] == 3.6 and ledger.end["how"] == "completed"
+    assert ledger.header.prices["usd_per_host_hour"] == 3.6 and ledger.end.how == "budget_cap"  # max_flops
     assert ledger.samples and ledger.end["totals"]["usd"] == pytest.approx(0.01)
     assert "cost/usd" in trainer.callback_metrics
     assert monitor.totals.train_batches == 10

@@ -89,7 +89,7 @@ def test_report_of_bad_ledgers(capsys, tmp_path):
     code, out, err = _run(capsys, "report", str(tmp_path / "corrupt"), "--print", "none")
     assert (code, out) == (0, "") and "ledger.jsonl:4: corrupt line, skipped" in err
 
-    write_ledger(tmp_path / "newer", make_records(schema=2)[0])
+    write_ledger(tmp_path / "newer", make_records(schema=3)[0])
     code, out, err = _run(capsys, "report", str(tmp_path / "newer"), "--print", "none")
     assert code == 1 and "newer than this costaware reads" in err and "the report was written anyway" in err
     assert (tmp_path / "newer" / "costaware" / "report.html").is_file()
@@ -150,7 +150,7 @@ def test_compare_errors(capsys, tmp_path):
 
 def test_compare_exits_1_when_a_ledger_is_read_best_effort(capsys, tmp_path):
     runs = _runs(tmp_path)
-    write_ledger(tmp_path / "newer", make_records(schema=2, metrics=("val_acc",))[0])
+    write_ledger(tmp_path / "newer", make_records(schema=3, metrics=("val_acc",))[0])
     code, out, err = _run(capsys, "compare", *runs, str(tmp_path / "newer"), "--metric", "val_acc")
     assert code == 1 and "4 runs ranked" in out and "ledger not trusted" in out  # still ranked and shown
     assert f"{tmp_path / 'newer'} could only be read best-effort" in err and "newer than this costaware reads" in err

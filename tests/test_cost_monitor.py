@@ -44,7 +44,7 @@ def test_fit_logs_cost_everywhere(ns, tmp_path, clock):
     assert "throughput/mfu_pct" not in monitor.readings  # no peak known for a CPU
     ledger = read_ledger(monitor.ledger.path)
     assert monitor.ledger.path.parent.parent == tmp_path / "lightning_logs" / "version_0"
-    assert ledger.header["schema"] == 1 and ledger.header["prices"]["usd_per_host_hour"] == 3.6
+    assert ledger.header.schema == 2 and ledger.header.prices["usd_per_host_hour"] == 3.6
     assert ledger.header["accumulate_grad_batches"] == 1  # the report's plan counts batches per step
     assert ledger.end["how"] == "completed" and ledger.end["totals"]["usd"] == pytest.approx(0.02)
     assert len(ledger.samples) >= 5
@@ -175,7 +175,7 @@ def test_ledger_is_readable_after_a_crash(pl_ns, tmp_path, clock):
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(make_crashing_model(pl_ns.BoringModel, clock))
     ledger = read_ledger(monitor.ledger.path)
-    assert ledger.end["how"] == "exception"
+    assert ledger.end.how == "crashed"
     assert ledger.end["totals"]["elapsed_s"] == pytest.approx(7.0)
     assert any(e["name"] == "exception" and "boom" in e["error"] for e in ledger.events)
 
@@ -245,18 +245,19 @@ def test_a_second_fit_continues_the_run(pl_ns, tmp_path, clock):
 
 def test_ledger_write_failure_keeps_the_records(tmp_path):
     from costaware.ledger import Ledger, Totals
+    from costaware.records import End, ForecastEvent, Header, RecordedTotals
 
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     ledger = Ledger(blocker / "ledger.jsonl")
     with pytest.warns(RuntimeWarning, match="could not write the ledger"):
-        ledger.write_header(note="first")
-    ledger.record_event("spent", usd=1.0)  # warned once only
+        ledger.record(Header(precision="first"))
+    ledger.record(ForecastEvent(forecast_usd=1.0))  # warned once only
     ledger.path = tmp_path / "ok" / "ledger.jsonl"
-    ledger.close(Totals(usd=2.0), how="completed")
+    ledger.record(End(totals=RecordedTotals.of(Totals(usd=2.0)), how="completed"))
     contents = read_ledger(ledger.path)
-    assert contents.header["note"] == "first" and contents.events[0]["usd"] == 1.0
-    assert contents.end["totals"]["usd"] == 2.0
+    assert contents.header.precision == "first" and contents.events[0].forecast_usd == 1.0
+    assert contents.end.totals.usd == 2.0 and ledger.closed
 
 
 def test_ddp_estimate_between_syncs_scales_gpu_by_ranks_and_host_by_nodes(pl_ns):

@@ -71,7 +71,7 @@ def test_cost_recorded_with_cost_monitor(ns, tmp_path):
     assert 0.0 <= probe.last_acc <= 1.0
     events = [e for e in read_ledger(monitor.ledger.path).events if e["name"] == "online_probe"]
     assert len(events) == 2
-    assert all(e["seconds"] > 0 and e["cost_usd"] > 0 and e["metric"] == "probe/acc" for e in events)
+    assert all(e.duration_s > 0 and e["cost_usd"] > 0 and e["metric"] == "probe/acc" for e in events)
     assert events[-1]["acc"] == pytest.approx(probe.last_acc)
     assert float(trainer.callback_metrics["probe/cost_usd"]) == pytest.approx(sum(e["cost_usd"] for e in events),
                                                                               rel=1e-5)

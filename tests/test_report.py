@@ -144,7 +144,7 @@ def test_report_of_a_crashed_fit(pl_ns, tmp_path, clock):
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(make_crashing_model(pl_ns.BoringModel, clock))
     report = json.loads(write_report(trainer.log_dir)["json"].read_text())
-    assert report["outcome"] == {"how": "exception", "why": "stopped by an exception: RuntimeError: boom"}
+    assert report["outcome"] == {"how": "crashed", "why": "stopped by an exception: RuntimeError: boom"}
     assert report["totals"]["train_batches"] == 6 and report["planned"]["fraction_done"] == pytest.approx(0.3)
     assert report["planned"]["usd"] == pytest.approx(report["totals"]["usd"] / 0.3)
 
@@ -410,7 +410,7 @@ def test_outcome_is_decided_by_the_last_session_only(tmp_path, first_session_end
     crashed = records[:-1] + [{"kind": "event", "name": "exception", "error": "ValueError: late", "totals": t},
                               {**records[-1], "how": "exception"}]
     write_ledger(tmp_path, crashed)
-    assert build_report(tmp_path)["outcome"] == {"how": "exception", "why": "stopped by an exception: ValueError: late"}
+    assert build_report(tmp_path)["outcome"] == {"how": "crashed", "why": "stopped by an exception: ValueError: late"}
 
 
 def test_planned_run_counts_accumulated_batches(tmp_path):

@@ -8,6 +8,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from costaware.ledger import read_ledger
+from costaware.records import QuantizeEvent
+from costaware.report import build_report
 from costaware.strategies import Distill, StudentShapeError
 from costaware.strategies.distill import distillation_loss
 
@@ -96,7 +98,7 @@ def test_distill_trains_a_student_in_a_nested_fit(ns, tmp_path, clock):
     assert torch.equal(saved["weight"], student.weight.detach())
 
     ledger = read_ledger(stopping.cost_monitor.ledger.path)
-    assert ledger.end["how"] == "completed"
+    assert ledger.end.how == "marginal_gain"  # the policy stopped the teacher
     distilled = [e for e in ledger.events if e["name"] == "distill"]
     assert len(distilled) == 1 and distilled[0]["trained"] and distilled[0]["steps"] == 48
     assert distilled[0]["last_loss"] < distilled[0]["first_loss"]
@@ -178,6 +180,12 @@ def test_then_quantizes_the_student(pl_ns, tmp_path, clock):
     quantized = stopping.results[2]
     assert quantized.metric is not None and quantized.latency_ms_per_example is not None
     assert quantized.note.startswith("kept") and quantized.size_bytes < stopping.results[1].size_bytes * 2
+    # One quantize record whoever ran it, with its verdict: the report says "kept", as the row does.
+    event = [e for e in read_ledger(stopping.cost_monitor.ledger.path).events if isinstance(e, QuantizeEvent)][-1]
+    assert (event.of, event.kept, event.quantized_metric) == ("student", True, quantized.metric)
+    summary = [e["summary"] for e in build_report(stopping.cost_monitor.ledger.path)["events"]
+               if e["name"] == "quantize"][-1]
+    assert ", kept;" in summary and "not kept" not in summary
 
 
 def test_distillation_loss():

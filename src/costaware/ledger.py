@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-SCHEMA_VERSION = 1
+from costaware import records as R
+
+SCHEMA_VERSION = 2
 LEDGER_FILENAME = "ledger.jsonl"
 
 
@@ -79,6 +81,11 @@ class LedgerError(ValueError):
 class Ledger:
     """Buffers records and appends them to the ledger file; rank zero is the only writer.
 
+    Records are the typed dataclasses of :mod:`costaware.records`, given to :meth:`record`.
+    Each lands exactly once, on a line of its own: a write that fails part-way (disk full)
+    keeps the bytes not yet written and continues from there, and a writer that finds the file
+    ending mid-line (a killed run's torn line) starts on a fresh line.
+
     Args:
         path: the JSONL file, or None on ranks that do not write.
         run_id: identifies the run across restarts (kept in checkpoints).
@@ -91,38 +98,51 @@ class Ledger:
         self.run_id = run_id or uuid.uuid4().hex
         self.flush_interval_s = flush_interval_s
         self.totals = Totals()
+        #: How the run ends if it ends without an exception: set by the event that stops it.
+        self.stopped_as: Optional[str] = None
+        self._stop_raises = False
         self._clock = clock
         self._buffer: list[str] = []
+        self._unwritten = b""  # the tail of a chunk a failed write left (its head is on disk)
+        self._size_after_write: Optional[int] = None
         self._last_flush_s = clock()
         self.closed = False
         self._write_failed = False
 
-    def write_header(self, **info: Any) -> None:
-        self._append({"kind": "header", "schema": SCHEMA_VERSION, "run_id": self.run_id, "wall_time": time.time(),
-                      **info})
-        self.flush()
+    def record(self, record: R.Record) -> None:
+        """Append a typed record; headers, events and the end are flushed at once.
 
-    def record_sample(self, totals: Totals, **readings: Any) -> None:
-        """A point of the time series: the run's totals and the current readings."""
-        self.totals = totals
-        self._append({"kind": "sample", "wall_time": time.time(), "totals": totals.to_dict(), **readings})
-        self.maybe_flush()
+        Fills in ``wall_time_s``, an event's ``totals`` (the latest the ledger knows) and a
+        header's schema and run id; an ``End`` record closes the ledger, its ``how`` taking
+        the stop a cap or the policy recorded when the fit otherwise completed.
+        """
+        if record.wall_time_s is None:
+            record.wall_time_s = time.time()
+        if isinstance(record, R.Header):
+            record.schema, record.run_id = SCHEMA_VERSION, self.run_id
+        elif isinstance(record, R.Event):
+            if record.totals is None:
+                record.totals = R.RecordedTotals.of(self.totals)
+            if record.stops_run() and self.stopped_as is None:
+                self.stopped_as, self._stop_raises = record.STOPS_AS, record.stops_by_raising()
+        elif isinstance(record, R.End):
+            record.how = self.end_how(record.how)
+        self._append(R.to_dict(record))
+        if isinstance(record, R.Sample):
+            self.maybe_flush()
+        elif not isinstance(record, R.Metric):
+            self.flush()
+        if isinstance(record, R.End):
+            self.closed = True
 
-    def record_metric(self, name: str, value: float, step: int) -> None:
-        """A monitored metric at the run's cost so far, so it can be plotted against dollars."""
-        self._append({"kind": "metric", "name": name, "value": value, "step": step,
-                      "usd": self.totals.usd, "elapsed_s": self.totals.elapsed_s, "wall_time": time.time()})
-
-    def record_event(self, name: str, **info: Any) -> None:
-        """A decision or incident (cap hit, stop, meter fault, resume), flushed at once."""
-        self._append({"kind": "event", "name": name, "wall_time": time.time(), "totals": self.totals.to_dict(), **info})
-        self.flush()
-
-    def close(self, totals: Totals, **info: Any) -> None:
-        self.totals = totals
-        self._append({"kind": "end", "wall_time": time.time(), "totals": totals.to_dict(), **info})
-        self.flush()
-        self.closed = True
+    def end_how(self, how: Optional[str]) -> str:
+        """The end record's ``how``: a fit that completed after a cap or policy stop (or raised the error
+        a cap was asked to raise) ended by that stop."""
+        if self.stopped_as is not None and (how == "completed" or (how == "crashed" and self._stop_raises)):
+            return self.stopped_as
+        if how not in R.END_HOWS:
+            raise ValueError(f"how must be one of {R.END_HOWS}, got {how!r}")
+        return how
 
     def maybe_flush(self) -> None:
         if self._clock() - self._last_flush_s >= self.flush_interval_s:
@@ -130,24 +150,41 @@ class Ledger:
 
     def flush(self) -> None:
         self._last_flush_s = self._clock()
-        if self.path is None or not self._buffer:
+        if self.path is None or not (self._buffer or self._unwritten):
             self._buffer.clear()
             return
         lines, self._buffer = self._buffer, []
+        self._unwritten += "".join(lines).encode("utf-8")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write("".join(lines))
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as err:  # disk full, permissions: keep the records, training goes on
-            self._buffer = lines + self._buffer
+            self._write()
+        except OSError as err:  # disk full, permissions: keep what is not written, training goes on
             if not self._write_failed:
                 self._write_failed = True
                 warnings.warn(f"costaware: could not write the ledger {self.path} ({err}); its records are kept "
                               "in memory and written at the next flush that succeeds", RuntimeWarning, stacklevel=2)
             return
         self._write_failed = False
+
+    def _write(self) -> None:
+        """Append ``self._unwritten``, dropping each byte from it once written (never written twice)."""
+        assert self.path is not None  # flush returns early on ranks that do not write
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            continuing = self._size_after_write is not None and size == self._size_after_write
+            if size and not continuing and os.pread(fd, 1, size - 1) != b"\n":
+                # A torn last line (a killed run), or a partial line someone else left: start afresh.
+                self._unwritten = b"\n" + self._unwritten
+            try:
+                while self._unwritten:
+                    written = os.write(fd, self._unwritten)
+                    self._unwritten = self._unwritten[written:]
+            finally:
+                self._size_after_write = os.fstat(fd).st_size
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _append(self, record: dict) -> None:
         if self.path is not None:
@@ -156,21 +193,21 @@ class Ledger:
 
 @dataclass
 class LedgerContents:
-    """What a ledger file holds, plus what was wrong with it."""
+    """What a ledger file holds, as typed records, plus what was wrong with it."""
 
-    header: dict
+    header: Optional[R.Header]
     samples: list
     metrics: list
     events: list
-    end: Optional[dict]
+    end: Optional[R.End]
     problems: list
 
     @property
     def totals(self) -> Totals:
         """The latest totals the file records (its end record, else its last sample or event)."""
         for record in ([self.end] if self.end else []) + self.samples[::-1][:1] + self.events[::-1][:1]:
-            if record and "totals" in record:
-                return Totals.from_dict(record["totals"])
+            if record is not None and record.totals is not None:
+                return record.totals.to_totals()
         return Totals()
 
     @property
@@ -178,8 +215,9 @@ class LedgerContents:
         """The largest spend recorded anywhere in the file (the run may have died after it)."""
         best = Totals()
         for record in self.samples + self.events + ([self.end] if self.end else []):
-            if "totals" in record and record["totals"].get("usd", 0.0) >= best.usd:
-                best = Totals.from_dict(record["totals"])
+            totals = record.totals
+            if totals is not None and totals.usd is not None and totals.usd >= best.usd:
+                best = totals.to_totals()
         return best
 
 
@@ -187,14 +225,19 @@ def header_run_id(path: Path) -> Optional[str]:
     """The run id in a ledger file's first line, or None when it has no readable header."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            record = json.loads(f.readline())
-        return record.get("run_id") if isinstance(record, dict) and record.get("kind") == "header" else None
-    except (OSError, json.JSONDecodeError):
+            record = R.from_dict(json.loads(f.readline()))
+        return record.run_id if isinstance(record, R.Header) else None
+    except (OSError, ValueError, RecursionError):
         return None
 
 
 def read_ledger(path, lenient: bool = False) -> LedgerContents:
-    """Read a ledger, tolerating a truncated last line and reporting corrupt ones.
+    """Read a ledger into typed records, tolerating a truncated last line and reporting corrupt ones.
+
+    A line that is not a record (not JSON, JSON too deep or with too long a number, not an
+    object, a field of the wrong type) is skipped and listed in ``problems``; so is an event
+    kind from a newer costaware, kept as an :class:`~costaware.records.UnknownEvent`. Impossible
+    totals (negative, NaN, null) are listed too.
 
     Args:
         path: the ledger file, or the folder that holds ``ledger.jsonl``.
@@ -211,47 +254,83 @@ def read_ledger(path, lenient: bool = False) -> LedgerContents:
     if not path.is_file():
         raise LedgerError(f"no ledger at {path}")
     lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
-    contents = LedgerContents(header={}, samples=[], metrics=[], events=[], end=None, problems=[])
+    contents = LedgerContents(header=None, samples=[], metrics=[], events=[], end=None, problems=[])
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    impossible: dict = {}
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-            kind = record["kind"]
-        except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+            raw = json.loads(line)
+            record = R.from_dict(raw)
+        except (ValueError, RecursionError, TypeError, KeyError, IndexError) as err:
             where = "truncated last line (the run was probably killed)" if number - 1 == last else "corrupt line"
-            contents.problems.append(f"{path.name}:{number}: {where}, skipped")
+            detail = f" ({err})" if isinstance(err, R.RecordError) else ""
+            contents.problems.append(f"{path.name}:{number}: {where}{detail}, skipped")
             continue
-        if kind == "header":
-            schema = record.get("schema", 0)
-            if not lenient and not isinstance(schema, int):
-                raise LedgerError(f"{path}: header schema must be an integer, got {schema!r}")
-            if not lenient and schema > SCHEMA_VERSION:
-                raise LedgerError(f"{path} has schema {schema}, newer than this costaware reads "
-                                  f"({SCHEMA_VERSION}); upgrade costaware")
-            if not contents.header:
-                contents.header = record
-            else:
-                fields_ = {k: v for k, v in record.items() if k != "kind"}
-                contents.events.append({"kind": "event", "name": "resumed", **fields_})
-        elif kind == "sample":
-            contents.samples.append(record)
-        elif kind == "metric":
-            contents.metrics.append(record)
-        elif kind == "event":
-            contents.events.append(record)
-        elif kind == "end":
-            contents.end = record
-        else:
-            contents.problems.append(f"{path.name}:{number}: unknown record kind {kind!r}, skipped")
-    if not contents.header:
-        if not lenient:
-            raise LedgerError(f"{path} has no header record: not a costaware ledger")
-        if not (contents.samples or contents.metrics or contents.events or contents.end):
-            raise LedgerError(f"{path} holds no costaware record: not a costaware ledger")
-        contents.problems.append("no header record: prices, meters and the run's plan are unknown")
+        _note_impossible_totals(raw, number, impossible)
+        _file(contents, record, path, number, lenient)
+    contents.problems += [f"{path.name}:{first}: impossible totals in {count} {kind} record{'s' * (count > 1)}: {what}"
+                          for (kind, what), (count, first) in impossible.items()]
+    _check_header(contents, path, lenient)
+    _upgrade_v1_end(contents)
     return contents
+
+
+def _upgrade_v1_end(contents: LedgerContents) -> None:
+    """Schema 1 wrote ``how="completed"`` for a fit a cap or the policy stopped: say which, as schema 2 does."""
+    end = contents.end
+    if contents.header is None or contents.header.schema != 1 or end is None or end.how != "completed":
+        return
+    for event in contents.events[::-1]:
+        if isinstance(event, R.ResumedEvent):
+            return
+        if isinstance(event, R.Event) and event.stops_run():
+            end.how = event.STOPS_AS
+            return
+
+
+def _note_impossible_totals(raw: dict, number: int, impossible: dict) -> None:
+    for what in R.totals_problems(raw.get("totals")):
+        kind = raw.get("name") if raw.get("kind") == "event" else raw.get("kind")
+        count, first = impossible.get((kind, what), (0, number))
+        impossible[(kind, what)] = (count + 1, first)
+
+
+def _file(contents: LedgerContents, record: R.Record, path: Path, number: int, lenient: bool) -> None:
+    """Put one record where it belongs; a second header is the event of a resume."""
+    if isinstance(record, R.Header):
+        schema = record.schema if record.schema is not None else 0
+        if not lenient and (not isinstance(schema, int) or isinstance(schema, bool)):
+            raise LedgerError(f"{path}: header schema must be an integer, got {schema!r}")
+        if not lenient and schema > SCHEMA_VERSION:
+            raise LedgerError(f"{path} has schema {schema}, newer than this costaware reads "
+                              f"({SCHEMA_VERSION}); upgrade costaware")
+        if contents.header is None:
+            contents.header = record
+        else:
+            contents.events.append(R.ResumedEvent(wall_time_s=record.wall_time_s, header=record))
+    elif isinstance(record, R.Sample):
+        contents.samples.append(record)
+    elif isinstance(record, R.Metric):
+        contents.metrics.append(record)
+    elif isinstance(record, R.End):
+        contents.end = record
+    else:
+        if isinstance(record, R.UnknownEvent):
+            contents.problems.append(f"{path.name}:{number}: unknown event {record.name!r} (from a newer "
+                                     "costaware?), kept with its fields as they are")
+        contents.events.append(record)
+
+
+def _check_header(contents: LedgerContents, path: Path, lenient: bool) -> None:
+    if contents.header is not None:
+        return
+    if not lenient:
+        raise LedgerError(f"{path} has no header record: not a costaware ledger")
+    if not (contents.samples or contents.metrics or contents.events or contents.end):
+        raise LedgerError(f"{path} holds no costaware record: not a costaware ledger")
+    contents.problems.append("no header record: prices, meters and the run's plan are unknown")
 
 
 def finite_json(value: Any):

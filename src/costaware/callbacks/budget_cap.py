@@ -27,6 +27,7 @@ from costaware.forecast import (
     validations_between,
     zero,
 )
+from costaware.records import BudgetCapHitEvent, BudgetCapsEvent, BudgetWarningEvent, ForecastEvent, RecordedTotals
 from costaware.validation import check_count, check_flag, check_path
 
 ON_CAP = ("stop", "raise")
@@ -225,8 +226,8 @@ class BudgetCap:
         self.stopped = None
         fit_loop = trainer.fit_loop
         self._saved_minimums = (fit_loop.min_epochs, fit_loop.epoch_loop.min_steps)
-        self.monitor.ledger.record_event("budget_caps", caps=dict(self.limits), on_cap=self.on_cap,
-                                         predictive=self.predictive, previous_stop=self._previous_stop)
+        self.monitor.ledger.record(BudgetCapsEvent(caps=dict(self.limits), on_cap=self.on_cap,
+                                                   predictive=self.predictive, previous_stop=self._previous_stop))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._reset_session()
@@ -431,12 +432,12 @@ class BudgetCap:
         self._override_minimums(trainer)
         path = self._stop_checkpoint_path(trainer)
         totals = self.monitor.current_totals()
-        self.monitor.ledger.record_event(
-            "budget_cap_hit", cap=breach.cap, unit=breach.unit, limit=breach.limit, value=breach.value,
+        self.monitor.ledger.record(BudgetCapHitEvent(
+            cap=breach.cap, unit=breach.unit, limit=breach.limit, value=breach.value,
             predicted_next=breach.predicted, next_batch=breach.next_batch, reserve=breach.reserve,
             predictive=breach.predictive, step=trainer.global_step, epoch=trainer.current_epoch,
             on_cap=self.on_cap, decided_by="this rank" if decided_here else "another rank",
-            checkpoint=str(path), totals=totals.to_dict())
+            checkpoint=str(path), totals=RecordedTotals.of(totals)))
         self._save_stop_checkpoint(trainer, path)
         message = (f"costaware: BudgetCap stopped the run at step {trainer.global_step}: {breach.cap}="
                    f"{describe(breach.cap, breach.limit)}, spent {describe(breach.cap, breach.value)}"
@@ -492,8 +493,8 @@ class BudgetCap:
             limit, value = self.limits[cap], spent[CAP_UNITS[cap]]
             rank_zero_warn(f"costaware: {fraction:.0%} of {cap}={describe(cap, limit)} spent "
                            f"({describe(cap, value)}) at step {trainer.global_step}", category=BudgetWarning)
-            self.monitor.ledger.record_event("budget_warning", cap=cap, fraction=fraction, limit=limit, value=value,
-                                             step=trainer.global_step)
+            self.monitor.ledger.record(BudgetWarningEvent(cap=cap, fraction=fraction, limit=limit, value=value,
+                                                     step=trainer.global_step))
 
     def _update_forecast(self, trainer: Any, pl_module: Any, spent: dict, plan: StopPlan, log: bool) -> None:
         planned = self._planned_batches
@@ -526,11 +527,11 @@ class BudgetCap:
             # or an epoch if it moved (an event is flushed at once: not at every log interval).
             self._recorded_forecast = forecast
             self._record_forecast = False
-            self.monitor.ledger.record_event(
-                "forecast", forecast_usd=forecast["usd"], forecast=forecast, planned_batches=planned,
+            self.monitor.ledger.record(ForecastEvent(
+                forecast_usd=forecast["usd"], forecast=forecast, planned_batches=planned,
                 batches_done=done, over=sorted(over), step=trainer.global_step,
                 basis=f"BudgetCap: {done} of {planned:g} planned batches done; the rest at the mean cost per batch, "
-                      f"plus {validations:g} validation runs and {saves:g} checkpoint saves at their measured cost")
+                      f"plus {validations:g} validation runs and {saves:g} checkpoint saves at their measured cost"))
         if self._forecast_checked:
             return
         self._forecast_checked = True

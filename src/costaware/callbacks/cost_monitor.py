@@ -14,6 +14,7 @@ from lightning_utilities.core.rank_zero import rank_zero_info
 from costaware.ledger import LEDGER_FILENAME, Ledger, LedgerError, Totals, header_run_id, read_ledger
 from costaware.meters import FlopsCounter, Sampler, open_gpu, open_host, peak_flops_per_s
 from costaware.prices import make_prices
+from costaware.records import End, ExceptionEvent, Header, MeterDegradedEvent, Metric, RecordedTotals, Sample
 from costaware.validation import check_amount, check_count, check_path
 
 # Per-rank figures summed across ranks at log intervals, in this order.
@@ -172,7 +173,7 @@ class CostMonitor:
         self.totals = self._base
         self._mine_at_refresh = self._base  # the checkpoint's totals are loaded after setup
         self.ledger.totals = self._base
-        self.ledger.write_header(
+        self.ledger.record(Header(
             prices=self.prices.to_dict(),
             meters=self._meter_status(),
             world_size=trainer.world_size,
@@ -183,7 +184,7 @@ class CostMonitor:
             max_epochs=trainer.max_epochs,
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             resumed_from=self._resumed_from,
-        )
+        ))
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._flops.batch_start(pl_module, self._batches)
@@ -204,7 +205,9 @@ class CostMonitor:
         self.refresh(trainer, pl_module)
         for name, value in trainer.callback_metrics.items():
             if not name.startswith(("cost/", "throughput/", "gpu/", "host/")) and _is_scalar(value):
-                self.ledger.record_metric(name, float(value), trainer.global_step)
+                spent = self.ledger.totals
+                self.ledger.record(Metric(name=name, value=float(value), step=trainer.global_step, usd=spent.usd,
+                                          elapsed_s=spent.elapsed_s))
         self.ledger.flush()
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
@@ -229,8 +232,10 @@ class CostMonitor:
         local = self._session_totals(self._read_session())
         if local.usd > self.totals.usd:
             self.totals = local
-        self.ledger.record_event("exception", error=f"{type(exception).__name__}: {exception}")
-        self._finish("exception", trainer)  # Lightning calls no teardown after an exception
+        interrupted = isinstance(exception, KeyboardInterrupt)
+        self.ledger.record(ExceptionEvent(error=f"{type(exception).__name__}: {exception}", interrupted=interrupted))
+        # Lightning calls no teardown after an exception.
+        self._finish("interrupted" if interrupted else "crashed", trainer)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._stop_meters()
@@ -255,7 +260,8 @@ class CostMonitor:
                 contents = read_ledger(old)
             except LedgerError:
                 return
-            if contents.header.get("run_id") == self._run_id and contents.last_totals.usd > self._base.usd:
+            same_run = contents.header is not None and contents.header.run_id == self._run_id
+            if same_run and contents.last_totals.usd > self._base.usd:
                 # The run went on (and paid) after this checkpoint before it stopped.
                 self._base = contents.last_totals
                 self._resumed_from["ledger_usd"] = self._base.usd
@@ -374,8 +380,9 @@ class CostMonitor:
                           logger=bool(trainer.loggers), batch_size=1, sync_dist=False)
         self.readings.update({**monitored, **readings})
         log_at_lightning_step(trainer, readings)
-        uncounted = {k.replace("/", "_"): v for k, v in readings.items() if not k.startswith("cost/")}
-        self.ledger.record_sample(t, **uncounted)
+        self.ledger.totals = t
+        self.ledger.record(Sample(totals=RecordedTotals.of(t), readings={
+            k.replace("/", "_"): v for k, v in readings.items() if not k.startswith("cost/")}))
 
     def _meter_status(self) -> dict:
         return {
@@ -390,7 +397,7 @@ class CostMonitor:
         for name, meter in (("gpu", self._gpu), ("host", self._host)):
             if meter.degraded and name not in self._meter_faults_seen:
                 self._meter_faults_seen.add(name)
-                self.ledger.record_event("meter_degraded", meter=name, status=meter.status)
+                self.ledger.record(MeterDegradedEvent(meter=name, status=meter.status))
 
     def _stop_meters(self) -> None:
         """Take a last reading, stop the sampler thread and close the meters (idempotent)."""
@@ -401,7 +408,8 @@ class CostMonitor:
     def _finish(self, how: str, trainer: Any) -> None:
         """Close the ledger and build the run's report from it (rank zero)."""
         self._note_meter_faults()
-        self.ledger.close(self.totals, how=how, meters=self._meter_status())
+        self.ledger.totals = self.totals
+        self.ledger.record(End(totals=RecordedTotals.of(self.totals), how=how, meters=self._meter_status()))
         # A later fit with this monitor continues the same run, from what it has spent.
         self._run_id, self._base = self.ledger.run_id, self.totals
         self._resumed_from = {"run_id": self._run_id, "previous_fit_usd": self.totals.usd}

@@ -13,6 +13,13 @@ from costaware.callbacks.attach import MonitorAttachment, check_monitor_kwargs
 from costaware.callbacks.budget_cap import BudgetCap
 from costaware.callbacks.cost_monitor import log_at_lightning_step
 from costaware.curves import Decision, MarginalGainPolicy
+from costaware.records import (
+    MarginalGainDecisionEvent,
+    MarginalGainPolicyEvent,
+    RecordedTotals,
+    StrategyFailedEvent,
+    StrategyResultEvent,
+)
 from costaware.strategies.base import ModelRow, StopContext, StopStrategy
 from costaware.strategies.early_stop import EarlyStop
 from costaware.validation import check_flag
@@ -236,11 +243,11 @@ class MarginalGainStopping:
         self._attachment.release()
         self.decisions = []
         self.results = []
-        self.cost_monitor.ledger.record_event(
-            "marginal_gain_policy", monitor=self.monitor, mode=self.mode, usd_per_point=self.usd_per_point,
+        self.cost_monitor.ledger.record(MarginalGainPolicyEvent(
+            monitor=self.monitor, mode=self.mode, usd_per_point=self.usd_per_point,
             min_gain_per_usd=self.min_gain_per_usd, confidence=self.confidence, min_points=self.min_points,
             points_per_unit=self.points_per_unit, strategies=[_name(s) for s in self.strategies],
-            resumed_points=self.policy.num_points, anneals=self._anneals(trainer), baseline=self.policy.baseline)
+            resumed_points=self.policy.num_points, anneals=self._anneals(trainer), baseline=self.policy.baseline))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         context = self._context(trainer, pl_module)
@@ -334,12 +341,12 @@ class MarginalGainStopping:
             except Exception as err:  # noqa: BLE001 - the teacher is trained and measured: keep it, say why
                 rank_zero_warn(f"costaware: {_name(strategy)} failed after the fit ({type(err).__name__}: {err}); "
                                "the teacher's training and its ledger are kept")
-                ledger.record_event("strategy_failed", strategy=_name(strategy), reason=context.reason,
-                                    error=f"{type(err).__name__}: {err}")
+                ledger.record(StrategyFailedEvent(strategy=_name(strategy), reason=context.reason,
+                                                  error=f"{type(err).__name__}: {err}"))
                 continue
             self.results.extend(rows)
-            ledger.record_event("strategy_result", strategy=_name(strategy), reason=context.reason,
-                                rows=[asdict(row) for row in rows])
+            ledger.record(StrategyResultEvent(strategy=_name(strategy), reason=context.reason,
+                                              rows=[asdict(row) for row in rows]))
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._attachment.release()
@@ -378,10 +385,10 @@ class MarginalGainStopping:
             figures.update({k: getattr(est, k) for k in figures})
             figures["curve_points"] = {"usd": list(est.curve_usd), "value": list(est.curve_metric)}  # for the report
         ledger = self.cost_monitor.ledger
-        ledger.totals = totals  # the event's totals: those the decision used, not the last sample's
-        ledger.record_event("marginal_gain_decision", stop=stop, reason=reason, monitor=self.monitor,
-                            value=value, usd=totals.usd, step=trainer.global_step,
-                            points=self.policy.num_points, usd_per_point=self.usd_per_point, **figures)
+        ledger.record(MarginalGainDecisionEvent(  # its totals: those the decision used, not the last sample's
+            stop=stop, reason=reason, monitor=self.monitor, value=value, usd=totals.usd, step=trainer.global_step,
+            points=self.policy.num_points, usd_per_point=self.usd_per_point, totals=RecordedTotals.of(totals),
+            **figures))
         if est is None:
             return
         logged = {GAIN_PER_USD_KEY: est.gain_per_usd,

@@ -11,6 +11,7 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 
 from costaware._torch import device_of
 from costaware.callbacks.cost_monitor import CostMonitor
+from costaware.records import OnlineProbeEvent
 from costaware.validation import check_amount, check_count, check_flag
 
 PROBES = ("knn", "linear")
@@ -221,9 +222,9 @@ class OnlineProbe:
             pl_module.log(self.cost_name, self.total_usd, **log)
         ledger = getattr(self.monitor, "ledger", None)
         if ledger is not None and not ledger.closed:
-            ledger.record_event("online_probe", metric=self.log_name, acc=acc, seconds=seconds, cost_usd=usd,
-                                probe=self.probe, step=trainer.global_step, train_examples=len(self.train_labels),
-                                val_examples=len(self.val_labels))
+            ledger.record(OnlineProbeEvent(metric=self.log_name, acc=acc, duration_s=seconds, cost_usd=usd,
+                                           probe=self.probe, step=trainer.global_step,
+                                           train_examples=len(self.train_labels), val_examples=len(self.val_labels)))
 
     def _usd_now(self) -> Optional[float]:
         if self.monitor is None:

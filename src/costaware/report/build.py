@@ -25,9 +25,31 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Optional, Union
 
 from costaware.ledger import LEDGER_FILENAME, LedgerContents, LedgerError, read_ledger
+from costaware.records import (
+    TOTAL_KEYS,
+    BudgetCapHitEvent,
+    BudgetCapsEvent,
+    BudgetWarningEvent,
+    DistillEvent,
+    End,
+    Event,
+    ExceptionEvent,
+    ForecastEvent,
+    Header,
+    MarginalGainDecisionEvent,
+    MarginalGainPolicyEvent,
+    MeterDegradedEvent,
+    OnlineProbeEvent,
+    QuantizeEvent,
+    RecordedTotals,
+    ResumedEvent,
+    StrategyFailedEvent,
+    StrategyResultEvent,
+    to_dict,
+)
 
 #: Version of the layout of ``report.json``; bumped when a key changes meaning or goes away.
 REPORT_SCHEMA_VERSION = 1
@@ -35,8 +57,6 @@ REPORT_SCHEMA_VERSION = 1
 #: Most points kept per plotted series (the totals are never downsampled).
 DEFAULT_MAX_POINTS = 600
 
-TOTAL_KEYS = ("elapsed_s", "gpu_hours", "host_hours", "gpu_energy_j", "cpu_energy_j", "ram_energy_j", "flops",
-              "usd", "co2_kg", "train_batches", "kwh")
 
 #: Sample readings plotted over time, with their labels and units.
 READINGS = {
@@ -169,26 +189,14 @@ def _gc_paused():
 
 
 def _build(path: Path, contents: LedgerContents, trusted: bool, max_points: int) -> dict:
-    header = contents.header if isinstance(contents.header, dict) else {}
-    end = contents.end if isinstance(contents.end, dict) else None
-    samples = [s for s in contents.samples if isinstance(s, dict)]
-    events = [e for e in contents.events if isinstance(e, dict)]
-    metrics = [m for m in contents.metrics if isinstance(m, dict)]
+    header = contents.header or Header()
+    end, samples, events, metrics = contents.end, contents.samples, contents.events, contents.metrics
     problems = list(contents.problems)
-    notes: list[str] = []
-
     totals, totals_source = _final_totals(end, samples, events)
     columns = _sample_columns(samples)
     meters = _meters(end, header)
-    raw_prices = header.get("prices") if isinstance(header.get("prices"), dict) else None
-    prices = _clean_prices(raw_prices, problems)
-    schema = header.get("schema")
-    resumes = [e for e in events if e.get("name") == "resumed"]
-    for resumed in resumes:
-        if raw_prices is not None and isinstance(resumed.get("prices"), dict) and resumed["prices"] != raw_prices:
-            notes.append("prices changed on resume: the totals use each session's own prices; "
-                         f"later prices: {_short(resumed['prices'])}")
-
+    prices = _clean_prices(header.prices, problems)
+    resumes = [e for e in events if isinstance(e, ResumedEvent)]
     report = {
         "schema": REPORT_SCHEMA_VERSION,
         "kind": "costaware-report",
@@ -196,25 +204,13 @@ def _build(path: Path, contents: LedgerContents, trusted: bool, max_points: int)
         "costaware_version": _version(),
         "ledger": {
             "path": str(path),
-            "schema": schema,
+            "schema": header.schema,
             "trusted": trusted,
             "complete": end is not None,
             "records": {"samples": len(samples), "metrics": len(metrics), "events": len(events),
                         "end": 1 if end else 0},
         },
-        "run": {
-            "run_id": header.get("run_id"),
-            "started": _iso(header.get("wall_time")),
-            "ended": _iso(_last_wall_time(end, samples, events, metrics)),
-            "world_size": header.get("world_size"),
-            "num_nodes": header.get("num_nodes"),
-            "precision": header.get("precision"),
-            "max_steps": header.get("max_steps"),
-            "max_epochs": header.get("max_epochs"),
-            "peak_flops_per_s": header.get("peak_flops_per_s"),
-            "resumed_from": header.get("resumed_from"),
-            "resumes": len(resumes),
-        },
+        "run": _run(header, end, samples, events, metrics, len(resumes)),
         "totals": totals,
         "totals_source": totals_source,
         "energy": _energy(totals, meters),
@@ -230,17 +226,43 @@ def _build(path: Path, contents: LedgerContents, trusted: bool, max_points: int)
         "planned": None,
         "series": {
             "cost": _cost_series(samples, events, end, max_points,
-                                 started_at_zero=bool(header) and not header.get("resumed_from")),
+                                 started_at_zero=contents.header is not None and not header.resumed_from),
             "readings": _reading_series(columns, max_points),
             "metrics": _metric_series(metrics, max_points),
             "forecasts": _forecasts(events, metrics),
         },
-        "notes": notes,
+        "notes": _price_change_notes(header, resumes),
         "problems": problems,
     }
     report["planned"] = _planned(header, totals, events)
     report["outcome"] = _outcome(end, events, report["planned"])
     return report
+
+
+def _run(header: Header, end: Optional[End], samples: list, events: list, metrics: list, resumes: int) -> dict:
+    return {
+        "run_id": header.run_id,
+        "started": _iso(header.wall_time_s),
+        "ended": _iso(_last_wall_time(end, samples, events, metrics)),
+        "world_size": header.world_size,
+        "num_nodes": header.num_nodes,
+        "precision": header.precision,
+        "max_steps": header.max_steps,
+        "max_epochs": header.max_epochs,
+        "peak_flops_per_s": header.peak_flops_per_s,
+        "resumed_from": header.resumed_from,
+        "resumes": resumes,
+    }
+
+
+def _price_change_notes(header: Header, resumes: list) -> list[str]:
+    notes = []
+    for resumed in resumes:
+        later = resumed.header.prices if resumed.header is not None else None
+        if header.prices is not None and later is not None and later != header.prices:
+            notes.append("prices changed on resume: the totals use each session's own prices; "
+                         f"later prices: {_short(later)}")
+    return notes
 
 
 #: The figures of a header's ``prices`` that must be numbers.
@@ -260,38 +282,37 @@ def _clean_prices(prices: Optional[dict], problems: list) -> Optional[dict]:
     return out
 
 
-def _final_totals(end: Optional[dict], samples: list, events: list) -> tuple[dict, str]:
+def _final_totals(end: Optional[End], samples: list, events: list) -> tuple[dict, str]:
     """The run's totals exactly as the ledger records them, and which record they come from."""
-    if end is not None and isinstance(end.get("totals"), dict):
-        return _totals_dict(end["totals"]), "end record"
+    if end is not None and end.totals is not None:
+        return _totals_dict(end.totals), "end record"
     best, best_key = None, None
     for record in samples + events:
-        raw = record.get("totals")
-        if not isinstance(raw, dict):
+        if record.totals is None:
             continue
-        key = (finite_number(raw.get("elapsed_s")) or 0.0, finite_number(raw.get("usd")) or 0.0)
+        key = (finite_number(record.totals.elapsed_s) or 0.0, finite_number(record.totals.usd) or 0.0)
         if best_key is None or key >= best_key:
-            best, best_key = raw, key
+            best, best_key = record.totals, key
     if best is not None:
         return _totals_dict(best), "latest record with totals (no end record: the run did not finish cleanly)"
-    return _totals_dict({}), "none: the ledger records no totals"
+    return _totals_dict(RecordedTotals()), "none: the ledger records no totals"
 
 
-def _totals_dict(raw: dict) -> dict:
+def _totals_dict(recorded: RecordedTotals) -> dict:
     """Each total as a finite float, or None where the record lacks it (never a made-up zero).
 
     A missing ``kwh`` is the sum of the energies that are recorded (None if none is).
     """
-    out = {key: finite_number(raw.get(key)) for key in TOTAL_KEYS}
+    out = {key: finite_number(getattr(recorded, key)) for key in TOTAL_KEYS}
     if out["kwh"] is None:
         parts = [out[k] for k in _ENERGY_KEYS.values() if out[k] is not None]
         out["kwh"] = sum(parts) / 3.6e6 if parts else None
     return out
 
 
-def _meters(end: Optional[dict], header: dict) -> dict:
+def _meters(end: Optional[End], header: Header) -> dict:
     """The meters' status at the end of the run (else at its start), with a known shape."""
-    for source in ((end or {}).get("meters"), header.get("meters")):
+    for source in (end.meters if end is not None else None, header.meters):
         if isinstance(source, dict):
             return {name: source.get(name) if isinstance(source.get(name), dict) else {}
                     for name in ("gpu", "host", "flops")} | {"known": True}
@@ -389,7 +410,7 @@ def _cost_breakdown(totals: dict, prices: Optional[dict]) -> list[dict]:
     return rows
 
 
-def _averages(totals: dict, header: dict, meters: dict, columns: dict) -> dict:
+def _averages(totals: dict, header: Header, meters: dict, columns: dict) -> dict:
     out: dict = {}
     for key in READINGS:
         xs, ys = columns.get(key, ((), ()))
@@ -399,7 +420,7 @@ def _averages(totals: dict, header: dict, meters: dict, columns: dict) -> dict:
         "not measured: NVML gave no utilization for this GPU"
     out["gpu_utilization_note"] = "measured (NVML, time-weighted mean of samples)" if out["gpu_utilization_pct"] \
         is not None else no_gpu_reason
-    peak = finite_number(header.get("peak_flops_per_s"))
+    peak = finite_number(header.peak_flops_per_s)
     gpu_s = (totals["gpu_hours"] or 0.0) * 3600.0
     flops = totals["flops"] or 0.0
     out["mfu_pct_overall"] = 100.0 * flops / (peak * gpu_s) if peak and gpu_s > 0 and flops > 0 else None
@@ -414,11 +435,10 @@ def _averages(totals: dict, header: dict, meters: dict, columns: dict) -> dict:
 
 def _sample_columns(samples: list) -> dict:
     """One pass per reading: ``{reading: (elapsed_s list, value list)}`` for finite values."""
-    xs_all = [_finite_or_none((s.get("totals") or {}).get("elapsed_s") if type(s.get("totals")) is dict else None)
-              for s in samples]
+    xs_all = [_finite_or_none(s.totals.elapsed_s) if s.totals is not None else None for s in samples]
     columns = {}
     for key in READINGS:
-        pairs = [(x, v) for x, v in zip(xs_all, [s.get(key) for s in samples])
+        pairs = [(x, v) for x, v in zip(xs_all, [s.readings.get(key) for s in samples])
                  if x is not None and type(v) in _NUMBER_TYPES and -_INF < v < _INF]
         columns[key] = ([p[0] for p in pairs], [p[1] for p in pairs])
     return columns
@@ -448,24 +468,22 @@ def _metric_summaries(metrics: list, events: list) -> list[dict]:
     "Best" follows the mode a marginal-gain policy declared for its metric, else the name
     (``min`` for losses and errors, ``max`` otherwise).
     """
-    declared = {e.get("monitor"): e.get("mode") for e in events
-                if e.get("name") == "marginal_gain_policy" and e.get("mode") in ("max", "min")}
+    declared = {e.monitor: e.mode for e in events
+                if isinstance(e, MarginalGainPolicyEvent) and e.mode in ("max", "min")}
     by_name: dict[str, list] = {}
     for record in metrics:
-        name, value = record.get("name"), finite_number(record.get("value"))
-        if not isinstance(name, str) or value is None:
-            continue
-        by_name.setdefault(name, []).append(record)
+        if isinstance(record.name, str) and finite_number(record.value) is not None:
+            by_name.setdefault(record.name, []).append(record)
     out = []
     for name, records in by_name.items():
         mode = declared.get(name) or guess_mode(name)
-        values = [finite_number(r["value"]) for r in records]
+        values = [finite_number(r.value) for r in records]
         best_i = (max if mode == "max" else min)(range(len(values)), key=values.__getitem__)
         out.append({
             "name": name, "count": len(records), "mode": mode,
             "first": values[0], "last": values[-1], "best": values[best_i],
-            "usd_at_best": finite_number(records[best_i].get("usd")), "step_at_best": records[best_i].get("step"),
-            "usd_at_last": finite_number(records[-1].get("usd")),
+            "usd_at_best": finite_number(records[best_i].usd), "step_at_best": records[best_i].step,
+            "usd_at_last": finite_number(records[-1].usd),
         })
     return out
 
@@ -480,142 +498,158 @@ def guess_mode(name: str) -> str:
 # Events, decisions and the plan
 # ------------------------------------------------------------------------------------------------
 
-_EVENT_SKIP = ("kind", "name", "wall_time", "totals")
+_EVENT_SKIP = ("kind", "name", "wall_time_s", "totals")
 
 
-def _event(record: dict) -> dict:
-    totals = record.get("totals") if isinstance(record.get("totals"), dict) else {}
-    fields = {k: v for k, v in record.items() if k not in _EVENT_SKIP}
-    name = str(record.get("name", "event"))
+def _event(record: Event) -> dict:
+    totals = record.totals or RecordedTotals()
     return {
-        "name": name,
-        "time": _iso(record.get("wall_time")),
-        "wall_time": finite_number(record.get("wall_time")),
-        "elapsed_s": finite_number(totals.get("elapsed_s")),
-        "usd": finite_number(totals.get("usd")),
-        "summary": describe_event(name, fields),
-        "fields": fields,
+        "name": record.name,
+        "time": _iso(record.wall_time_s),
+        "wall_time": finite_number(record.wall_time_s),
+        "elapsed_s": finite_number(totals.elapsed_s),
+        "usd": finite_number(totals.usd),
+        "summary": describe_event(record),
+        "fields": event_fields(record),
     }
 
 
-def describe_event(name: str, fields: dict) -> str:
-    """One readable sentence for a ledger event; unknown events list their fields."""
-    f = fields
-    if name == "budget_cap_hit":
-        if f.get("predictive") and finite_number(f.get("predicted_next")) is not None:
-            text = (f"Budget cap {f.get('cap', '?')}={_fmt(f.get('limit'))}: stopped at {_fmt(f.get('value'))}, "
-                    f"as the next step would reach {_fmt(f['predicted_next'])}")
-        else:
-            text = (f"Budget cap {f.get('cap', '?')} hit: {_fmt(f.get('value'))} "
-                    f"reached the limit {_fmt(f.get('limit'))}")
-        extras = [f"{key}: {f[key]}" for key in ("reason", "action", "on_cap", "checkpoint") if f.get(key)]
-        return text + "".join(f"; {e}" for e in extras)
-    if name == "budget_caps":
-        caps = f.get("caps") if isinstance(f.get("caps"), dict) else {}
-        listed = ", ".join(f"{k}={_fmt(v)}" for k, v in caps.items()) or "none"
-        return f"Budget caps set: {listed}" + (f" (on cap: {f['on_cap']})" if f.get("on_cap") else "")
-    if name == "budget_warning":
-        fraction = finite_number(f.get("fraction"))
-        share = f"{fraction:.0%}" if fraction is not None else "part"
-        return f"{share} of {f.get('cap', '?')}={_fmt(f.get('limit'))} spent ({_fmt(f.get('value'))})"
-    if name == "marginal_gain_policy":
-        then = ", ".join(map(str, f.get("strategies") or [])) or "stop"
-        extras = ("; waits for learning-rate annealing" if f.get("anneals") else "") + (
-            f"; baseline {_fmt(f['baseline'])}" if finite_number(f.get("baseline")) is not None else "")
-        return (f"Marginal-gain policy on {f.get('monitor', '?')} ({f.get('mode', '?')}): "
-                f"${_fmt(f.get('usd_per_point'))} per point{extras}; then {then}")
-    if name == "online_probe":
-        return f"Online probe: {f.get('metric', 'probe')} = {_fmt(f.get('acc'))}" + (
-            f" (probe cost ${_fmt(f['cost_usd'])})" if finite_number(f.get("cost_usd")) is not None else "")
-    if name == "distill":
-        if not f.get("trained", True):
-            return f"Distill: no student trained: {f.get('note', 'no reason recorded')}"
-        return (f"Distilled a student in {f.get('steps', '?')} steps for ${_fmt(f.get('student_usd'))}"
-                + (" (stopped by the budget)" if f.get("stopped_by_budget") else ""))
-    if name == "quantize":
-        verdict = "kept" if f.get("kept") else "not kept"
-        if finite_number(f.get("teacher_metric")) is None:
-            return f"Quantize ({f.get('quant_type', '?')}): {verdict}" + (f": {f['note']}" if f.get("note") else "")
-        return (f"Quantize ({f.get('quant_type', '?')}): {f.get('metric', 'metric')} "
-                f"{_fmt(f.get('teacher_metric'))} -> {_fmt(f.get('quantized_metric'))}, {verdict}"
-                + (f"; {f['note']}" if f.get("note") else ""))
-    if name == "marginal_gain_decision":
-        verdict = "Stop" if f.get("stop") else "Continue"
-        parts = [f"{verdict}" + (f" ({f['monitor']})" if f.get("monitor") else "")]
-        if f.get("reason"):
-            parts.append(str(f["reason"]))
-        if finite_number(f.get("predicted_final")) is not None:
-            more = finite_number(f.get("usd_to_predicted_final"))
-            parts.append(f"predicted final {_fmt(f['predicted_final'])}"
-                         + (f" for ${_fmt(more)} more" if more is not None else " (at the fitted asymptote)"))
-        if f.get("curve"):
-            parts.append(f"curve: {_short(f['curve'])}")
-        return ": ".join(parts[:2]) + ("; " + "; ".join(parts[2:]) if len(parts) > 2 else "")
-    if name == "exception":
-        return f"The run raised {f.get('error', 'an exception')}"
-    if name == "meter_degraded":
-        return f"The {f.get('meter', '?')} meter degraded: {f.get('status', 'no reason recorded')}"
-    if name == "resumed":
-        origin = f.get("resumed_from") if isinstance(f.get("resumed_from"), dict) else {}
-        carried = finite_number(origin.get("ledger_usd", origin.get("checkpoint_usd")))
-        return ("Resumed from a checkpoint" + (f" of run {origin['run_id']}" if origin.get("run_id") else "")
-                + (f", carrying ${_fmt(carried)} already spent" if carried is not None else ""))
-    if name == "strategy_result":
-        rows = f.get("rows") if isinstance(f.get("rows"), list) else []
-        return f"Strategy results recorded ({len(rows)} rows)" + (f": {f['reason']}" if f.get("reason") else "")
-    if name == "forecast":
-        return f"Forecast: the planned run would cost ${_fmt(f.get('forecast_usd'))}" + (
-            f" ({f['basis']})" if f.get("basis") else "")
-    shown = "; ".join(f"{k}={_short(v)}" for k, v in f.items())
-    return f"{name}" + (f": {shown}" if shown else "")
+def event_fields(record: Event) -> dict:
+    """An event's own fields as written (those it left empty dropped), for ``report.json``."""
+    written = to_dict(record)
+    own = {k: v for k, v in written.items() if k not in _EVENT_SKIP and (v is not None or k in record.extra)}
+    if isinstance(record, ResumedEvent) and record.header is not None:
+        own = {k: v for k, v in to_dict(record.header).items() if k not in ("kind", "wall_time_s") and v is not None}
+    return own
+
+
+def describe_event(record: Event) -> str:
+    """One readable sentence for a ledger event; an unknown one lists its fields."""
+    describe = _DESCRIBERS.get(type(record))
+    if describe is not None:
+        return describe(record)
+    fields = event_fields(record)
+    shown = "; ".join(f"{k}={_short(v)}" for k, v in fields.items())
+    return f"{record.name}" + (f": {shown}" if shown else "")
+
+
+def _cap_hit(e: BudgetCapHitEvent) -> str:
+    if e.predictive and finite_number(e.predicted_next) is not None:
+        text = (f"Budget cap {e.cap or '?'}={_fmt(e.limit)}: stopped at {_fmt(e.value)}, "
+                f"as the next step would reach {_fmt(e.predicted_next)}")
+    else:
+        text = f"Budget cap {e.cap or '?'} hit: {_fmt(e.value)} reached the limit {_fmt(e.limit)}"
+    extras = [f"on cap: {e.on_cap}" if e.on_cap else "", f"checkpoint: {e.checkpoint}" if e.checkpoint else ""]
+    return text + "".join(f"; {x}" for x in extras if x)
+
+
+def _caps(e: BudgetCapsEvent) -> str:
+    listed = ", ".join(f"{k}={_fmt(v)}" for k, v in (e.caps or {}).items()) or "none"
+    return f"Budget caps set: {listed}" + (f" (on cap: {e.on_cap})" if e.on_cap else "")
+
+
+def _warning(e: BudgetWarningEvent) -> str:
+    fraction = finite_number(e.fraction)
+    share = f"{fraction:.0%}" if fraction is not None else "part"
+    return f"{share} of {e.cap or '?'}={_fmt(e.limit)} spent ({_fmt(e.value)})"
+
+
+def _policy(e: MarginalGainPolicyEvent) -> str:
+    then = ", ".join(map(str, e.strategies or [])) or "stop"
+    extras = ("; waits for learning-rate annealing" if e.anneals else "") + (
+        f"; baseline {_fmt(e.baseline)}" if finite_number(e.baseline) is not None else "")
+    return (f"Marginal-gain policy on {e.monitor or '?'} ({e.mode or '?'}): "
+            f"${_fmt(e.usd_per_point)} per point{extras}; then {then}")
+
+
+def _probe(e: OnlineProbeEvent) -> str:
+    return f"Online probe: {e.metric or 'probe'} = {_fmt(e.acc)}" + (
+        f" (probe cost ${_fmt(e.cost_usd)})" if finite_number(e.cost_usd) is not None else "")
+
+
+def _distill(e: DistillEvent) -> str:
+    if e.trained is False:
+        return f"Distill: no student trained: {e.note or 'no reason recorded'}"
+    return (f"Distilled a student in {e.steps if e.steps is not None else '?'} steps for ${_fmt(e.student_usd)}"
+            + (" (stopped by the budget)" if e.stopped_by_budget else ""))
+
+
+def _quantize(e: QuantizeEvent) -> str:
+    verdict = {True: "kept", False: "not kept"}.get(e.kept, "kept or not: not recorded")
+    what = f"Quantize ({e.quant_type or '?'}" + (f", the {e.of}" if e.of else "") + ")"
+    note = f"; {e.note}" if e.note else ""
+    if finite_number(e.float_metric) is None:
+        return f"{what}: {verdict}" + (f": {e.note}" if e.note else "")
+    return f"{what}: {e.metric or 'metric'} {_fmt(e.float_metric)} -> {_fmt(e.quantized_metric)}, {verdict}{note}"
+
+
+def _decision(e: MarginalGainDecisionEvent) -> str:
+    parts = [("Stop" if e.stop else "Continue") + (f" ({e.monitor})" if e.monitor else "")]
+    if e.reason:
+        parts.append(str(e.reason))
+    if finite_number(e.predicted_final) is not None:
+        more = finite_number(e.usd_to_predicted_final)
+        parts.append(f"predicted final {_fmt(e.predicted_final)}"
+                     + (f" for ${_fmt(more)} more" if more is not None else " (at the fitted asymptote)"))
+    if e.curve:
+        parts.append(f"curve: {_short(e.curve)}")
+    return ": ".join(parts[:2]) + ("; " + "; ".join(parts[2:]) if len(parts) > 2 else "")
+
+
+def _resumed(e: ResumedEvent) -> str:
+    origin = e.header.resumed_from if e.header is not None and isinstance(e.header.resumed_from, dict) else {}
+    carried = finite_number(origin.get("ledger_usd", origin.get("checkpoint_usd")))
+    return ("Resumed from a checkpoint" + (f" of run {origin['run_id']}" if origin.get("run_id") else "")
+            + (f", carrying ${_fmt(carried)} already spent" if carried is not None else ""))
+
+
+def _strategy_result(e: StrategyResultEvent) -> str:
+    rows = e.rows or []
+    return (f"Strategy results recorded ({len(rows)} rows)" + (f" by {e.strategy}" if e.strategy else "")
+            + (f": {e.reason}" if e.reason else ""))
+
+
+def _strategy_failed(e: StrategyFailedEvent) -> str:
+    return (f"Strategy {e.strategy or '?'} failed after the fit ({e.error or 'no error recorded'}); the teacher "
+            "is kept" + (f"; the run had stopped: {e.reason}" if e.reason else ""))
+
+
+def _forecast(e: ForecastEvent) -> str:
+    return f"Forecast: the planned run would cost ${_fmt(e.forecast_usd)}" + (f" ({e.basis})" if e.basis else "")
+
+
+def _exception(e: ExceptionEvent) -> str:
+    return ("The run was interrupted: " if e.interrupted else "The run raised ") + (e.error or "an exception")
+
+
+def _degraded(e: MeterDegradedEvent) -> str:
+    return f"The {e.meter or '?'} meter degraded: {e.status or 'no reason recorded'}"
+
+
+#: One sentence per known event type.
+_DESCRIBERS: dict = {
+    BudgetCapHitEvent: _cap_hit, BudgetCapsEvent: _caps, BudgetWarningEvent: _warning,
+    MarginalGainPolicyEvent: _policy, OnlineProbeEvent: _probe, DistillEvent: _distill, QuantizeEvent: _quantize,
+    MarginalGainDecisionEvent: _decision, ExceptionEvent: _exception, MeterDegradedEvent: _degraded,
+    ResumedEvent: _resumed, StrategyResultEvent: _strategy_result, StrategyFailedEvent: _strategy_failed,
+    ForecastEvent: _forecast,
+}
 
 
 def _strategy_rows(events: list) -> list[dict]:
     rows = []
     for event in events:
-        if event.get("name") == "strategy_result" and isinstance(event.get("rows"), list):
-            strategy = event.get("strategy")
+        if isinstance(event, StrategyResultEvent) and isinstance(event.rows, list):
+            strategy = event.strategy
             rows.extend(({"strategy": strategy, **row} if strategy and "strategy" not in row else row)
-                        for row in event["rows"] if isinstance(row, dict))
+                        for row in event.rows if isinstance(row, dict))
     return rows
 
 
-def _planned(header: dict, totals: dict, events: list) -> dict:
+def _planned(header: Header, totals: dict, events: list) -> dict:
     """What the run as planned would have cost, from every basis the ledger offers."""
-    estimates = []
-    for event in events[::-1]:
-        if event.get("name") == "forecast" and finite_number(event.get("forecast_usd")) is not None:
-            estimates.append({"usd": finite_number(event["forecast_usd"]),
-                              "basis": "forecast event" + (f" ({event['basis']})" if event.get("basis") else "")})
-            break
-    max_steps, world = finite_number(header.get("max_steps")), finite_number(header.get("world_size") or 1)
-    accumulate = finite_number(header.get("accumulate_grad_batches"))  # absent from ledgers written so far
-    accumulate = accumulate if accumulate is not None and accumulate >= 1 else None
-    done = totals["train_batches"]
-    fraction = None
-    if max_steps is not None and max_steps > 0 and done is not None and done > 0 and world is not None and world > 0:
-        planned_batches = max_steps * world * (accumulate or 1.0)
-        fraction = done / planned_batches
-        if fraction <= 1.0 + 1e-9:
-            if totals["usd"] is not None:
-                per_step = (f"{accumulate:g} batches per optimizer step (accumulate_grad_batches)" if accumulate
-                            else "assumes one batch per optimizer step (the ledger does not record "
-                                 "accumulate_grad_batches)")
-                factors = f"max_steps={max_steps:g} x {world:g} ranks" + (f" x {accumulate:g}" if accumulate else "")
-                estimates.append({"usd": totals["usd"] / fraction,
-                                  "basis": f"{done:g} of {planned_batches:g} planned batches ({factors}) at the cost "
-                                           f"per batch so far; {per_step}"})
-        else:
-            fraction = None  # gradient accumulation the ledger does not record: steps are not batches
-    for event in events[::-1]:
-        if (event.get("name") == "marginal_gain_decision"
-                and finite_number(event.get("usd_to_predicted_final")) is not None):
-            totals_then = event.get("totals") if isinstance(event.get("totals"), dict) else {}
-            at = finite_number(totals_then.get("usd")) or 0.0
-            estimates.append({"usd": at + finite_number(event["usd_to_predicted_final"]),
-                              "basis": "marginal-gain policy: dollars spent at its last decision plus its dollars to "
-                                       "the planned end"})
-            break
+    by_steps, fraction = _steps_estimate(header, totals)
+    estimates = [e for e in (_forecast_estimate(events), by_steps, _policy_estimate(events)) if e]
     out = {"usd": estimates[0]["usd"] if estimates else None, "basis": estimates[0]["basis"] if estimates else None,
            "fraction_done": fraction, "estimates": estimates, "usd_not_spent": None, "note": None}
     if fraction is not None and fraction >= 1.0 - 1e-9:
@@ -623,7 +657,7 @@ def _planned(header: dict, totals: dict, events: list) -> dict:
         out["usd_not_spent"] = 0.0
     elif out["usd"] is not None and totals["usd"] is not None:
         out["usd_not_spent"] = max(0.0, out["usd"] - totals["usd"])
-    elif isinstance(header.get("max_epochs"), (int, float)) and header.get("max_epochs", -1) > 0:
+    elif isinstance(header.max_epochs, (int, float)) and header.max_epochs > 0:
         out["note"] = ("unknown: the plan is max_epochs, and the ledger does not record batches per epoch "
                        "(record a 'forecast' event with forecast_usd to show one)")
     else:
@@ -631,26 +665,66 @@ def _planned(header: dict, totals: dict, events: list) -> dict:
     return out
 
 
-def _outcome(end: Optional[dict], events: list, planned: dict) -> dict:
-    """How the run ended and, as far as the ledger tells, why."""
+def _forecast_estimate(events: list) -> Optional[dict]:
+    for event in events[::-1]:
+        if isinstance(event, ForecastEvent) and finite_number(event.forecast_usd) is not None:
+            return {"usd": finite_number(event.forecast_usd),
+                    "basis": "forecast event" + (f" ({event.basis})" if event.basis else "")}
+    return None
+
+
+def _steps_estimate(header: Header, totals: dict) -> tuple[Optional[dict], Optional[float]]:
+    """The cost of ``max_steps`` at the cost per batch so far, and the fraction done."""
+    max_steps, world = finite_number(header.max_steps), finite_number(header.world_size or 1)
+    accumulate = finite_number(header.accumulate_grad_batches)  # absent from the first ledgers
+    accumulate = accumulate if accumulate is not None and accumulate >= 1 else None
+    done = totals["train_batches"]
+    if not (max_steps is not None and max_steps > 0 and done is not None and done > 0 and world is not None
+            and world > 0):
+        return None, None
+    planned_batches = max_steps * world * (accumulate or 1.0)
+    fraction = done / planned_batches
+    if fraction > 1.0 + 1e-9:
+        return None, None  # gradient accumulation the ledger does not record: steps are not batches
+    if totals["usd"] is None:
+        return None, fraction
+    per_step = (f"{accumulate:g} batches per optimizer step (accumulate_grad_batches)" if accumulate
+                else "assumes one batch per optimizer step (the ledger does not record accumulate_grad_batches)")
+    factors = f"max_steps={max_steps:g} x {world:g} ranks" + (f" x {accumulate:g}" if accumulate else "")
+    return {"usd": totals["usd"] / fraction,
+            "basis": f"{done:g} of {planned_batches:g} planned batches ({factors}) at the cost "
+                     f"per batch so far; {per_step}"}, fraction
+
+
+def _policy_estimate(events: list) -> Optional[dict]:
+    for event in events[::-1]:
+        if isinstance(event, MarginalGainDecisionEvent) and finite_number(event.usd_to_predicted_final) is not None:
+            at = finite_number(event.totals.usd if event.totals is not None else None) or 0.0
+            return {"usd": at + finite_number(event.usd_to_predicted_final),
+                    "basis": "marginal-gain policy: dollars spent at its last decision plus its dollars to "
+                             "the planned end"}
+    return None
+
+
+def _outcome(end: Optional[End], events: list, planned: dict) -> dict:
+    """How the run ended (the end record says it) and, as far as the ledger tells, why."""
     if end is None:
         how, why = "unknown", "no end record: the run was killed, or is still running"
     else:
-        how = str(end.get("how", "unknown"))
+        how = str(end.how or "unknown")
         why = f"ended: {how}"
     # Only the last session decides why the run ended: an exception or a cap hit before a
-    # ``resumed`` event ended an earlier session, not the run.
+    # resume ended an earlier session, not the run.
     for event in events[::-1]:
-        name = event.get("name")
-        if name == "resumed":
+        if isinstance(event, ResumedEvent):
             break
-        if name == "exception":
-            return {"how": how, "why": f"stopped by an exception: {event.get('error', '?')}"}
-        if name == "budget_cap_hit":
-            return {"how": how, "why": "stopped by a budget cap: " + describe_event(name, event)}
-        if name == "marginal_gain_decision" and event.get("stop"):
+        if isinstance(event, ExceptionEvent):
+            return {"how": how, "why": f"stopped by an exception: {event.error or '?'}"}
+        if isinstance(event, BudgetCapHitEvent):
+            return {"how": how, "why": "stopped by a budget cap: " + describe_event(event)}
+        if isinstance(event, MarginalGainDecisionEvent) and event.stop:
             return {"how": how, "why": "stopped by the marginal-gain policy"
-                    + (f": {event['reason']}" if event.get("reason") else "")}
+                    + (f": {event.reason}" if event.reason else "")}
     if end is not None and str(planned.get("note") or "").startswith("the run finished"):
         why = "completed: max_steps reached"
     return {"how": how, "why": why}
@@ -661,20 +735,18 @@ def _outcome(end: Optional[dict], events: list, planned: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def _cost_series(samples: list, events: list, end: Optional[dict], max_points: int, started_at_zero: bool) -> dict:
-    raws = [r.get("totals") for r in samples + events + ([end] if end else [])]
-    raws = [raw for raw in raws if type(raw) is dict]
-    points = [(x, usd, raw) for x, usd, raw in zip([raw.get("elapsed_s") for raw in raws],
-                                                    [raw.get("usd") for raw in raws], raws)
-              if type(x) in _NUMBER_TYPES and type(usd) in _NUMBER_TYPES and -_INF < x < _INF and -_INF < usd < _INF]
+def _cost_series(samples: list, events: list, end: Optional[End], max_points: int, started_at_zero: bool) -> dict:
+    recorded = [r.totals for r in samples + events + ([end] if end else []) if r.totals is not None]
+    points = [(t.elapsed_s, t.usd, t) for t in recorded
+              if t.elapsed_s is not None and t.usd is not None and -_INF < t.elapsed_s < _INF and -_INF < t.usd < _INF]
     points.sort(key=lambda p: p[0])
     if points and points[0][0] > 0 and started_at_zero:
-        points.insert(0, (0.0, 0.0, {"kwh": 0.0, "co2_kg": 0.0}))  # a fresh run starts at $0
+        points.insert(0, (0.0, 0.0, RecordedTotals(kwh=0.0, co2_kg=0.0)))  # a fresh run starts at $0
     keep = downsample_indices(points, [p[1] for p in points], max_points)
     kept = [points[i] for i in keep]
     return {"elapsed_s": [_round(p[0]) for p in kept], "usd": [_round(p[1]) for p in kept],
-            "kwh": [_round(finite_number(p[2].get("kwh"))) for p in kept],
-            "co2_kg": [_round(finite_number(p[2].get("co2_kg"))) for p in kept],
+            "kwh": [_round(finite_number(p[2].kwh)) for p in kept],
+            "co2_kg": [_round(finite_number(p[2].co2_kg)) for p in kept],
             "points_in_ledger": len(points)}
 
 
@@ -693,10 +765,9 @@ def _reading_series(columns: dict, max_points: int) -> dict:
 def _metric_series(metrics: list, max_points: int) -> dict:
     by_name: dict[str, list] = {}
     for record in metrics:
-        name, value, usd = record.get("name"), finite_number(record.get("value")), finite_number(record.get("usd"))
-        if isinstance(name, str) and value is not None and usd is not None:
-            by_name.setdefault(name, []).append(
-                (usd, value, record.get("step"), finite_number(record.get("elapsed_s"))))
+        value, usd = finite_number(record.value), finite_number(record.usd)
+        if isinstance(record.name, str) and value is not None and usd is not None:
+            by_name.setdefault(record.name, []).append((usd, value, record.step, finite_number(record.elapsed_s)))
     out = {}
     for name, points in by_name.items():
         keep = downsample_indices([p[0] for p in points], [p[1] for p in points], max_points)
@@ -708,30 +779,16 @@ def _metric_series(metrics: list, max_points: int) -> dict:
 
 def _forecasts(events: list, metrics: list) -> list[dict]:
     """Marginal-gain decisions and cap hits, in the shape the plots draw (all fields optional)."""
-    names = list(dict.fromkeys(m.get("name") for m in metrics if isinstance(m.get("name"), str)))
+    names = list(dict.fromkeys(m.name for m in metrics if isinstance(m.name, str)))
     out = []
     for event in events:
-        name = event.get("name")
-        at = event.get("totals") if isinstance(event.get("totals"), dict) else {}
-        usd, elapsed_s = finite_number(at.get("usd", event.get("usd"))), finite_number(at.get("elapsed_s"))
-        if name == "marginal_gain_decision":
-            monitor = event.get("monitor") if isinstance(event.get("monitor"), str) else (names[0] if names else None)
-            more = finite_number(event.get("usd_to_predicted_final"))
-            curve = event.get("curve_points")
-            curve_usd, curve_value = [], []
-            if isinstance(curve, dict) and isinstance(curve.get("usd"), list) and isinstance(curve.get("value"), list):
-                pairs = [(finite_number(u), finite_number(v)) for u, v in zip(curve["usd"], curve["value"])]
-                pairs = [p for p in pairs if p[0] is not None and p[1] is not None][:2000]
-                curve_usd, curve_value = [p[0] for p in pairs], [p[1] for p in pairs]
-            out.append({"kind": "marginal_gain", "monitor": monitor, "usd": usd, "elapsed_s": elapsed_s,
-                        "value": finite_number(event.get("value")),
-                        "stop": bool(event.get("stop")), "predicted_final": finite_number(event.get("predicted_final")),
-                        "usd_at_predicted_final": usd + more if usd is not None and more is not None else None,
-                        "curve_usd": curve_usd, "curve_value": curve_value})
-        elif name == "budget_cap_hit":
-            out.append({"kind": "budget_cap", "cap": str(event.get("cap", "")), "unit": str(event.get("unit") or ""),
-                        "limit": finite_number(event.get("limit")),
-                        "value": finite_number(event.get("value")), "usd": usd, "elapsed_s": elapsed_s})
+        if isinstance(event, MarginalGainDecisionEvent):
+            out.append(_decision_point(event, names[0] if names else None))
+        elif isinstance(event, BudgetCapHitEvent):
+            usd, elapsed_s = _at(event)
+            out.append({"kind": "budget_cap", "cap": str(event.cap or ""), "unit": str(event.unit or ""),
+                        "limit": finite_number(event.limit), "value": finite_number(event.value), "usd": usd,
+                        "elapsed_s": elapsed_s})
     # Keep the plots light: the stop decisions, the last decision, and at most 50 others.
     decisions = [f for f in out if f["kind"] == "marginal_gain"]
     if len(decisions) > 52:
@@ -740,6 +797,28 @@ def _forecasts(events: list, metrics: list) -> list[dict]:
         keep |= {id(f) for f in decisions[::step]}
         out = [f for f in out if f["kind"] != "marginal_gain" or id(f) in keep]
     return out
+
+
+def _at(event: Event, usd: Any = None) -> tuple[Optional[float], Optional[float]]:
+    """Dollars and seconds an event happened at (its totals; else ``usd``)."""
+    totals = event.totals or RecordedTotals()
+    return finite_number(totals.usd if totals.usd is not None else usd), finite_number(totals.elapsed_s)
+
+
+def _decision_point(event: MarginalGainDecisionEvent, default_monitor: Optional[str]) -> dict:
+    usd, elapsed_s = _at(event, event.usd)
+    more = finite_number(event.usd_to_predicted_final)
+    curve = event.curve_points
+    curve_usd, curve_value = [], []
+    if isinstance(curve, dict) and isinstance(curve.get("usd"), list) and isinstance(curve.get("value"), list):
+        pairs = [(finite_number(u), finite_number(v)) for u, v in zip(curve["usd"], curve["value"])]
+        pairs = [p for p in pairs if p[0] is not None and p[1] is not None][:2000]
+        curve_usd, curve_value = [p[0] for p in pairs], [p[1] for p in pairs]
+    return {"kind": "marginal_gain", "monitor": event.monitor if isinstance(event.monitor, str) else default_monitor,
+            "usd": usd, "elapsed_s": elapsed_s, "value": finite_number(event.value), "stop": bool(event.stop),
+            "predicted_final": finite_number(event.predicted_final),
+            "usd_at_predicted_final": usd + more if usd is not None and more is not None else None,
+            "curve_usd": curve_usd, "curve_value": curve_value}
 
 
 def downsample_indices(xs: list, ys: list, max_points: int) -> list[int]:
@@ -809,10 +888,10 @@ def _iso(wall_time: Any) -> Optional[str]:
         return None
 
 
-def _last_wall_time(end: Optional[dict], *groups: Iterable[dict]) -> Optional[float]:
-    if end is not None and finite_number(end.get("wall_time")) is not None:
-        return finite_number(end["wall_time"])
-    times = [finite_number(r.get("wall_time")) for group in groups for r in group[-1:]]
+def _last_wall_time(end: Optional[End], *groups: list) -> Optional[float]:
+    if end is not None and finite_number(end.wall_time_s) is not None:
+        return finite_number(end.wall_time_s)
+    times = [finite_number(r.wall_time_s) for group in groups for r in group[-1:]]
     times = [t for t in times if t is not None]
     return max(times) if times else None
 

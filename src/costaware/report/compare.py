@@ -64,30 +64,8 @@ def compare_runs(sources: Sequence[PathLike], metric: Optional[str] = None, mode
     """
     if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    loaded, errors = [], []
-    for source in sources:
-        try:
-            path, contents, trusted = load_ledger(source)
-        except (LedgerError, OSError) as err:
-            errors.append(f"{source}: {err}")
-            continue
-        report = report_from_contents(path, contents, trusted, CURVE_POINTS)
-        records = [m for m in contents.metrics if isinstance(m, dict) and isinstance(m.get("name"), str)
-                   and not m["name"].startswith(_COST_PREFIXES)]
-        loaded.append({"source": str(source), "report": report, "records": records})
-    if not loaded:
-        raise CompareError("no run could be read: " + "; ".join(errors))
-    names = [list(dict.fromkeys(r["name"] for r in run["records"])) for run in loaded]
-    if metric is None:
-        common = [n for n in names[0] if all(n in other for other in names[1:])]
-        if not common:
-            listed = "; ".join(f"{run['source']}: {', '.join(n) or 'none'}" for run, n in zip(loaded, names))
-            raise CompareError(f"no metric is recorded by every run (give --metric NAME). Metrics per run: {listed}")
-        metric = common[0]
-    elif not any(metric in n for n in names):
-        available = sorted({x for n in names for x in n})
-        raise MetricNotFound(f"metric {metric!r} is recorded by none of the runs; recorded: "
-                             f"{', '.join(available) or 'none'}")
+    loaded, errors = _load_runs(sources)
+    metric = _pick_metric(loaded, metric)
     mode = mode or guess_mode(metric)
     display = _display_names([run["source"] for run in loaded], [run["report"]["run"]["run_id"] for run in loaded])
     runs, unranked = [], []
@@ -95,14 +73,14 @@ def compare_runs(sources: Sequence[PathLike], metric: Optional[str] = None, mode
         report = run["report"]
         # A point counts only with a finite value and a finite cost: a NaN (diverged) value or a
         # missing / non-numeric dollar figure says nothing about metric per dollar.
-        points = [(value, usd, r.get("step")) for r in run["records"] if r["name"] == metric
-                  for value, usd in [(finite_number(r.get("value")), finite_number(r.get("usd")))]
+        points = [(value, usd, r.step) for r in run["records"] if r.name == metric
+                  for value, usd in [(finite_number(r.value), finite_number(r.usd))]
                   if value is not None and usd is not None]
         entry = {"name": name, "source": run["source"], "run_id": report["run"]["run_id"],
                  "usd": report["totals"]["usd"], "complete": report["ledger"]["complete"],
                  "trusted": report["ledger"]["trusted"], "problems": report["problems"]}
         if not points:
-            recorded = any(r["name"] == metric for r in run["records"])
+            recorded = any(r.name == metric for r in run["records"])
             unranked.append({**entry, "reason": f"no finite {metric} with its cost recorded" if recorded
                              else f"no {metric} recorded"})
             continue
@@ -121,6 +99,39 @@ def compare_runs(sources: Sequence[PathLike], metric: Optional[str] = None, mode
     return {"metric": metric, "mode": mode,
             "score_name": f"{metric} per $" if mode == "max" else f"1 / ({metric} x $)",
             "runs": runs, "unranked": unranked, "errors": errors}
+
+
+def _load_runs(sources: Sequence[PathLike]) -> tuple[list[dict], list[str]]:
+    """Each readable run's report and metric records; an error line for each unreadable one."""
+    loaded, errors = [], []
+    for source in sources:
+        try:
+            path, contents, trusted = load_ledger(source)
+        except (LedgerError, OSError) as err:
+            errors.append(f"{source}: {err}")
+            continue
+        report = report_from_contents(path, contents, trusted, CURVE_POINTS)
+        records = [m for m in contents.metrics if isinstance(m.name, str) and not m.name.startswith(_COST_PREFIXES)]
+        loaded.append({"source": str(source), "report": report, "records": records})
+    if not loaded:
+        raise CompareError("no run could be read: " + "; ".join(errors))
+    return loaded, errors
+
+
+def _pick_metric(loaded: list[dict], metric: Optional[str]) -> str:
+    """The metric asked for (recorded by at least one run), else the first every run records."""
+    names = [list(dict.fromkeys(r.name for r in run["records"])) for run in loaded]
+    if metric is None:
+        common = [n for n in names[0] if all(n in other for other in names[1:])]
+        if not common:
+            listed = "; ".join(f"{run['source']}: {', '.join(n) or 'none'}" for run, n in zip(loaded, names))
+            raise CompareError(f"no metric is recorded by every run (give --metric NAME). Metrics per run: {listed}")
+        return common[0]
+    if not any(metric in n for n in names):
+        available = sorted({x for n in names for x in n})
+        raise MetricNotFound(f"metric {metric!r} is recorded by none of the runs; recorded: "
+                             f"{', '.join(available) or 'none'}")
+    return metric
 
 
 def _score(best: float, usd: Optional[float], mode: str) -> Optional[float]:

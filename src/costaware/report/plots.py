@@ -139,31 +139,59 @@ def line_chart(
         return ""
     xs = [x for _, pts in series for x, _ in pts] + [m.x for m in markers] + [r.value for r in rules if r.axis == "x"]
     ys = [y for _, pts in series for _, y in pts] + [m.y for m in markers] + [r.value for r in rules if r.axis == "y"]
-    x0, x1 = _extent(xs, pad_zero=True)
-    y0, y1 = _extent(ys, pad_zero=y_from_zero)
     legend, legend_rows = _legend([(line.label, line.color or PALETTE[i % len(PALETTE)], line.dashed)
                                    for i, (line, _) in enumerate(series) if line.legend], _MARGIN_LEFT, width)
     extra = 14 * max(0, legend_rows - 1)  # a long legend pushes the plot down, never over it
-    left, top = _MARGIN_LEFT, _MARGIN_TOP + extra
     plot_w, plot_h = width - _MARGIN_LEFT - _MARGIN_RIGHT, height - _MARGIN_TOP - _MARGIN_BOTTOM
+    frame = _Frame(_MARGIN_LEFT, _MARGIN_TOP + extra, plot_w, plot_h, _extent(xs, pad_zero=True),
+                   _extent(ys, pad_zero=y_from_zero))
     height += extra
+    parts = [_open(width, height, title, css_id), *_axes(frame, height, x_label, y_label, x_fmt, y_fmt)]
+    parts += [_rule(frame, rule) for rule in rules]
+    parts += [_series(frame, line, pts, line.color or PALETTE[i % len(PALETTE)], x_fmt, y_fmt)
+              for i, (line, pts) in enumerate(series)]
+    parts += [_marker(frame, marker) for marker in markers]
+    parts.append(legend)
+    parts.append("</svg>")
+    return "".join(parts)
 
-    def px(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * plot_w
 
-    def py(y: float) -> float:
-        return top + plot_h - (y - y0) / (y1 - y0) * plot_h
+@dataclass
+class _Frame:
+    """Where a chart's plot area lies (pixels) and what it shows (data extents): maps data to pixels."""
 
-    right = left + 0.7 * plot_w  # labels of points right of this go to their left
-    parts = [_open(width, height, title, css_id)]
-    parts.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fff" stroke="#ccc"/>')
-    for tick in nice_ticks(y0, y1):
-        y = py(tick)
+    left: float
+    top: float
+    plot_w: float
+    plot_h: float
+    x_range: tuple[float, float]
+    y_range: tuple[float, float]
+
+    def px(self, x: float) -> float:
+        x0, x1 = self.x_range
+        return self.left + (x - x0) / (x1 - x0) * self.plot_w
+
+    def py(self, y: float) -> float:
+        y0, y1 = self.y_range
+        return self.top + self.plot_h - (y - y0) / (y1 - y0) * self.plot_h
+
+    @property
+    def right(self) -> float:
+        """Labels of points right of this go to their left."""
+        return self.left + 0.7 * self.plot_w
+
+
+def _axes(f: _Frame, height: int, x_label: str, y_label: str, x_fmt: Callable, y_fmt: Callable) -> list[str]:
+    """The plot area, its grid, tick labels and axis titles."""
+    left, top, plot_w, plot_h = f.left, f.top, f.plot_w, f.plot_h
+    parts = [f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fff" stroke="#ccc"/>']
+    for tick in nice_ticks(*f.y_range):
+        y = f.py(tick)
         parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" stroke="#eee"/>'
                      f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">'
                      f'{escape(y_fmt(tick))}</text>')
-    for tick in nice_ticks(x0, x1, 6):
-        x = px(tick)
+    for tick in nice_ticks(*f.x_range, 6):
+        x = f.px(tick)
         parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="#f3f3f3"/>'
                      f'<text x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle" class="tick">'
                      f'{escape(x_fmt(tick))}</text>')
@@ -171,50 +199,53 @@ def line_chart(
                  f'{escape(x_label)}</text>')
     parts.append(f'<text transform="translate(14,{top + plot_h / 2:.1f}) rotate(-90)" text-anchor="middle" '
                  f'class="axis">{escape(y_label)}</text>')
-    for rule in rules:
-        if rule.axis == "y":
-            y = py(rule.value)
-            parts.append(f'<g class="{escape(rule.css_class)}"><title>{escape(rule.label)}</title>'
-                         f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" stroke="{rule.color}" '
-                         f'stroke-dasharray="6 4" stroke-width="1.5"/><text x="{left + 4}" y="{y - 4:.1f}" '
-                         f'class="note" fill="{rule.color}">{escape(_clip(rule.label))}</text></g>')
-        else:
-            x = px(rule.value)
-            parts.append(f'<g class="{escape(rule.css_class)}"><title>{escape(rule.label)}</title>'
-                         f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="{rule.color}" '
-                         f'stroke-dasharray="4 3" stroke-width="1.5"/>'
-                         f'{_label(x, top + 12, rule.label, rule.color, right)}'
-                         f'</g>')
-    for i, (line, pts) in enumerate(series):
-        color = line.color or PALETTE[i % len(PALETTE)]
-        parts.append(f'<g class="{escape(line.css_class)}"><title>{escape(line.label)}</title>')
-        if line.style in ("line", "step") and len(pts) > 1:
-            coords = []
-            for j, (x, y) in enumerate(pts):
-                if line.style == "step" and j:
-                    coords.append(f"{px(x):.1f},{py(pts[j - 1][1]):.1f}")
-                coords.append(f"{px(x):.1f},{py(y):.1f}")
-            dash = ' stroke-dasharray="6 4"' if line.dashed else ""
-            parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2"{dash} '
-                         f'points="{" ".join(coords)}"/>')
-        if line.style == "points" or len(pts) == 1 or (line.style == "line" and len(pts) <= 40):
-            radius = 4 if line.style == "points" else 2.5
-            for j, (x, y) in enumerate(pts):
-                tip = line.point_labels[j] if j < len(line.point_labels) else f"{line.label}: {y_fmt(y)} at {x_fmt(x)}"
-                parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="{radius}" fill="{color}">'
-                             f'<title>{escape(tip)}</title></circle>')
-                if line.style == "points" and j < len(line.point_labels):
-                    parts.append(_label(px(x), py(y) - 8, _clip(line.point_labels[j], 36), "#222", right))
-        parts.append("</g>")
-    for marker in markers:
-        fill = "#fff" if marker.hollow else marker.color
-        parts.append(f'<g class="{escape(marker.css_class)}"><title>{escape(marker.label)}</title>'
-                     f'<circle cx="{px(marker.x):.1f}" cy="{py(marker.y):.1f}" r="5.5" fill="{fill}" '
-                     f'stroke="{marker.color}" stroke-width="2"/>'
-                     f'{_label(px(marker.x), py(marker.y) + 16, marker.label, marker.color, right)}</g>')
-    parts.append(legend)
-    parts.append("</svg>")
+    return parts
+
+
+def _rule(f: _Frame, rule: Rule) -> str:
+    """A dashed reference line across the plot (a cap, a forecast), labelled."""
+    head = f'<g class="{escape(rule.css_class)}"><title>{escape(rule.label)}</title>'
+    if rule.axis == "y":
+        y = f.py(rule.value)
+        return (head + f'<line x1="{f.left}" y1="{y:.1f}" x2="{f.left + f.plot_w}" y2="{y:.1f}" stroke="{rule.color}" '
+                f'stroke-dasharray="6 4" stroke-width="1.5"/><text x="{f.left + 4}" y="{y - 4:.1f}" '
+                f'class="note" fill="{rule.color}">{escape(_clip(rule.label))}</text></g>')
+    x = f.px(rule.value)
+    return (head + f'<line x1="{x:.1f}" y1="{f.top}" x2="{x:.1f}" y2="{f.top + f.plot_h}" stroke="{rule.color}" '
+            f'stroke-dasharray="4 3" stroke-width="1.5"/>{_label(x, f.top + 12, rule.label, rule.color, f.right)}'
+            f'</g>')
+
+
+def _series(f: _Frame, line: Line, pts: list, color: str, x_fmt: Callable, y_fmt: Callable) -> str:
+    """One series: a polyline (or steps), and its points where there are few enough to show."""
+    parts = [f'<g class="{escape(line.css_class)}"><title>{escape(line.label)}</title>']
+    if line.style in ("line", "step") and len(pts) > 1:
+        coords = []
+        for j, (x, y) in enumerate(pts):
+            if line.style == "step" and j:
+                coords.append(f"{f.px(x):.1f},{f.py(pts[j - 1][1]):.1f}")
+            coords.append(f"{f.px(x):.1f},{f.py(y):.1f}")
+        dash = ' stroke-dasharray="6 4"' if line.dashed else ""
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2"{dash} '
+                     f'points="{" ".join(coords)}"/>')
+    if line.style == "points" or len(pts) == 1 or (line.style == "line" and len(pts) <= 40):
+        radius = 4 if line.style == "points" else 2.5
+        for j, (x, y) in enumerate(pts):
+            tip = line.point_labels[j] if j < len(line.point_labels) else f"{line.label}: {y_fmt(y)} at {x_fmt(x)}"
+            parts.append(f'<circle cx="{f.px(x):.1f}" cy="{f.py(y):.1f}" r="{radius}" fill="{color}">'
+                         f'<title>{escape(tip)}</title></circle>')
+            if line.style == "points" and j < len(line.point_labels):
+                parts.append(_label(f.px(x), f.py(y) - 8, _clip(line.point_labels[j], 36), "#222", f.right))
+    parts.append("</g>")
     return "".join(parts)
+
+
+def _marker(f: _Frame, marker: Marker) -> str:
+    fill = "#fff" if marker.hollow else marker.color
+    x, y = f.px(marker.x), f.py(marker.y)
+    return (f'<g class="{escape(marker.css_class)}"><title>{escape(marker.label)}</title>'
+            f'<circle cx="{x:.1f}" cy="{y:.1f}" r="5.5" fill="{fill}" stroke="{marker.color}" stroke-width="2"/>'
+            f'{_label(x, y + 16, marker.label, marker.color, f.right)}</g>')
 
 
 @dataclass

@@ -17,6 +17,7 @@ from torch import nn
 
 from costaware import _lightning
 from costaware._torch import device_of
+from costaware.records import DistillEvent, Event, QuantizeEvent, StrategyResultEvent
 from costaware.strategies.base import (
     ModelRow,
     StopContext,
@@ -319,7 +320,7 @@ class Distill(StopStrategy):
         if budget_left_usd is not None and budget_left_usd <= 1e-12:  # (not a rounding error's worth)
             note = f"not trained: no budget left (${budget_left_usd:.4g} under the teacher's BudgetCap)"
             if ledger is not None:
-                ledger.record_event("distill", trained=False, note=note)
+                ledger.record(DistillEvent(trained=False, note=note))
             rank_zero_info(f"costaware: Distill: {note}")
             with cpu_threads(self.latency_threads):
                 row = describe_model(self.student, "student", val_data, split, self.latency_batches, train_usd=0.0)
@@ -348,13 +349,13 @@ class Distill(StopStrategy):
             f"distilled for {steps} steps (T={self.temperature:g}, alpha={self.alpha:g})",
             "stopped by the budget cap" if stopped_by_budget else "", row.note) if x)
         if ledger is not None:
-            ledger.record_event(
-                "distill", trained=True, student_usd=float(student_totals.usd), student_totals=student_totals.to_dict(),
+            ledger.record(DistillEvent(
+                trained=True, student_usd=float(student_totals.usd), student_totals=student_totals.to_dict(),
                 steps=steps, first_loss=self.losses[0] if self.losses else None,
                 last_loss=self.losses[-1] if self.losses else None, temperature=self.temperature, alpha=self.alpha,
-                budget_left_usd=budget_left_usd, stopped_by_budget=stopped_by_budget, seconds=seconds,
+                budget_left_usd=budget_left_usd, stopped_by_budget=stopped_by_budget, duration_s=seconds,
                 student_ledger=str(self.student_monitor.ledger.path) if self.student_monitor.ledger else None,
-                path=str(path))
+                path=str(path)))
         rank_zero_info(f"costaware: Distill trained the student for {steps} steps, ${student_totals.usd:.4g}: "
                        f"{self._metric_name()} {_fmt(row.metric)} (teacher {_fmt(teacher_row.metric)}); "
                        f"saved to {path}")
@@ -448,11 +449,12 @@ class Distill(StopStrategy):
                       train_usd=student_row.train_usd, metric_name=self._metric_name())
         if _accepts(follower.apply, "forward_fn"):  # the student is called by the batch protocol
             kwargs["forward_fn"] = lambda model, batch: call_model(model, split(batch)[0])
+        started_s = time.perf_counter()
         _, rows = follower.apply(self.student, val_data, metric_fn, **kwargs)
         ledger = getattr(context.monitor, "ledger", None)
         if ledger is not None:
-            ledger.record_event(getattr(follower, "name", type(follower).__name__), of="student",
-                                rows=[{k: v for k, v in vars(r).items()} for r in rows])
+            ledger.record(_follower_event(follower, rows, of="student", metric=self._metric_name(),
+                                         mode=self.metric_mode, duration_s=time.perf_counter() - started_s))
         return [r for r in rows if r.role != "student"]
 
 
@@ -570,6 +572,17 @@ def _safe_metric(metric_fn: MetricFn, model: nn.Module, loader: Optional[Iterabl
         model.to(original)
     value = float(value.item() if isinstance(value, torch.Tensor) else value)
     return value if math.isfinite(value) else None
+
+
+def _follower_event(follower: Any, rows: list, **settings: Any) -> Event:
+    """A follower's result as one record: a ``Quantize`` as the quantize event (with its verdict), others as rows."""
+    if hasattr(follower, "bits") and hasattr(follower, "kept"):
+        path = getattr(follower, "path", None)
+        return QuantizeEvent.from_rows(rows, bits=follower.bits, quant_type=getattr(follower, "label", None),
+                                       kept=follower.kept, max_drop=getattr(follower, "max_drop", None),
+                                       path=str(path) if path else None, **settings)
+    return StrategyResultEvent(strategy=getattr(follower, "name", type(follower).__name__),
+                               rows=[dict(vars(r)) for r in rows])
 
 
 def _fmt(value: Optional[float]) -> str:

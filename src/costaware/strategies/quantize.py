@@ -27,6 +27,7 @@ from lightning_utilities.core.rank_zero import rank_zero_info
 from torch import nn
 
 from costaware import _lightning
+from costaware.records import QuantizeEvent
 from costaware.strategies.base import (
     ModelRow,
     StopContext,
@@ -239,18 +240,14 @@ class Quantize(StopStrategy):
             warnings.warn(f"costaware: Quantize failed ({type(err).__name__}: {err})", RuntimeWarning, stacklevel=2)
             return self._skip(context, f"{type(err).__name__}: {err}")
         seconds = time.perf_counter() - started_s
-        teacher, quantized = rows
+        quantized = rows[-1]
         try:
             ledger = getattr(monitor, "ledger", None)
             if ledger is not None:
-                ledger.record_event(
-                    "quantize", bits=self.bits, quant_type=self.label, kept=self.kept, metric=context.metric_name,
-                    mode=context.mode, max_drop=self.max_drop, teacher_metric=teacher.metric,
-                    quantized_metric=quantized.metric, teacher_size_bytes=teacher.size_bytes,
-                    quantized_size_bytes=quantized.size_bytes,
-                    teacher_latency_ms_per_example=teacher.latency_ms_per_example,
-                    quantized_latency_ms_per_example=quantized.latency_ms_per_example,
-                    path=str(self.path) if self.path else None, seconds=seconds, note=quantized.note)
+                ledger.record(QuantizeEvent.from_rows(
+                    rows, of="teacher", bits=self.bits, quant_type=self.label, kept=self.kept,
+                    metric=context.metric_name, mode=context.mode, max_drop=self.max_drop,
+                    path=str(self.path) if self.path else None, duration_s=seconds))
         except Exception as err:  # noqa: BLE001 - the model is quantized (or not) as the rows say: keep them
             warnings.warn(f"costaware: Quantize could not record its ledger event ({type(err).__name__}: {err})",
                           RuntimeWarning, stacklevel=2)
@@ -266,8 +263,8 @@ class Quantize(StopStrategy):
         ledger = getattr(context.monitor, "ledger", None)
         if ledger is not None:
             try:
-                ledger.record_event("quantize", bits=self.bits, quant_type=self.label, kept=False,
-                                    note=self.rows[0].note)
+                ledger.record(QuantizeEvent(of="teacher", bits=self.bits, quant_type=self.label, kept=False,
+                                            note=self.rows[0].note))
             except Exception as err:  # noqa: BLE001 - as in after_fit: never an exception at the end of a fit
                 warnings.warn(f"costaware: Quantize could not record its ledger event ({type(err).__name__}: "
                               f"{err})", RuntimeWarning, stacklevel=2)
