@@ -12,7 +12,7 @@ def _monitor(ns, clock=None, **kwargs):
     kwargs = {"usd_per_host_hour": 3.6, "cpu_tdp_w": 10, "ram_power_w": 3, "country": "FRA", **kwargs}
     monitor = ns.costaware.CostMonitor(**kwargs)
     if clock is not None:
-        monitor.clock = clock
+        monitor.meter.clock = clock
     return monitor
 
 

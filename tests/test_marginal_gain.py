@@ -47,7 +47,7 @@ def _saturating(step):
 
 def _monitor(ns, clock):
     monitor = ns.costaware.CostMonitor(usd_per_host_hour=3.6, cpu_tdp_w=10, ram_power_w=3, country="FRA")
-    monitor.clock = clock
+    monitor.meter.clock = clock
     return monitor
 
 
@@ -70,7 +70,7 @@ def test_stops_near_break_even_and_records_why(ns, tmp_path, clock):
     assert knee <= stopping.stopped_step <= 1.5 * knee, stopping.stop_reason
     assert stopping.stop_reason.startswith("not worth it")
 
-    ledger = read_ledger(stopping.cost_monitor.ledger.path)
+    ledger = read_ledger(stopping.meter.ledger.path)
     decisions = [e for e in ledger.events if e["name"] == "marginal_gain_decision"]
     assert len(decisions) == trainer.global_step // 5  # one per validation, not the sanity check
     curve = decisions[-1]["curve_points"]  # the fitted curve against dollars, which the report draws
@@ -78,7 +78,7 @@ def test_stops_near_break_even_and_records_why(ns, tmp_path, clock):
     assert curve["usd"][0] < decisions[-1]["usd"] < curve["usd"][-1]
     now = min(range(len(curve["usd"])), key=lambda i: abs(curve["usd"][i] - decisions[-1]["usd"]))
     assert abs(curve["value"][now] - _saturating(trainer.global_step)) < 0.02
-    html = stopping.cost_monitor.report_paths["html"].read_text()
+    html = stopping.meter.report_paths["html"].read_text()
     assert "fitted curve" in html and "stopped at" in html
     assert [d["stop"] for d in decisions] == [False] * (len(decisions) - 1) + [True]
     last = decisions[-1]
@@ -141,7 +141,7 @@ def test_the_annealing_wait_follows_the_lr_scheduler(pl_ns, tmp_path, clock):
         trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, clock), stopping], logger=False)
         trainer.fit(model)
         assert stopping.policy.anneals is scheduled
-        policy_event = next(e for e in read_ledger(stopping.cost_monitor.ledger.path).events
+        policy_event = next(e for e in read_ledger(stopping.meter.ledger.path).events
                             if e["name"] == "marginal_gain_policy")
         assert policy_event["anneals"] is scheduled and policy_event["baseline"] is None
         stops[scheduled] = stopping.stopped_step
@@ -174,9 +174,9 @@ def test_works_alone_with_its_own_monitor(ns, tmp_path, clock, monkeypatch):
     trainer = _trainer(ns, tmp_path, [stopping], logger=False)
     trainer.fit(_curve_model(ns.BoringModel, clock, _saturating))
     monitors = [i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, ns.costaware.CostMonitor)]
-    assert len(monitors) == 1 and trainer.callbacks[monitors[0]] is stopping.cost_monitor
+    assert len(monitors) == 1 and trainer.callbacks[monitors[0]] is stopping.meter
     assert monitors[0] < trainer.callbacks.index(stopping)  # its hooks run first
-    assert stopping.stopped_step is not None and stopping.cost_monitor.totals.usd > 0
+    assert stopping.stopped_step is not None and stopping.meter.totals.usd > 0
 
 
 def test_monitor_placed_after_is_moved_before(pl_ns, tmp_path, clock):
@@ -185,7 +185,7 @@ def test_monitor_placed_after_is_moved_before(pl_ns, tmp_path, clock):
     trainer = _trainer(pl_ns, tmp_path, [stopping, monitor], max_steps=20, logger=False)
     trainer.fit(_curve_model(pl_ns.BoringModel, clock, _saturating))
     assert trainer.callbacks.index(monitor) < trainer.callbacks.index(stopping)
-    assert stopping.cost_monitor is monitor and len(stopping.decisions) == 4
+    assert stopping.meter is monitor and len(stopping.decisions) == 4
 
 
 def test_a_fit_that_fails_in_setup_lets_the_next_fit_attach(pl_ns, tmp_path, clock, monkeypatch):
@@ -204,7 +204,7 @@ def test_a_fit_that_fails_in_setup_lets_the_next_fit_attach(pl_ns, tmp_path, clo
         trainer.fit(FailsInSetup())
     assert stopping._attachment._trainer is None and cap._attachment._trainer is None
     trainer.fit(_curve_model(pl_ns.BoringModel, clock, _saturating))
-    assert cap.monitor is stopping.cost_monitor and len(stopping.decisions) == 4
+    assert cap.meter is stopping.meter and len(stopping.decisions) == 4
 
 def test_missing_monitor_key_fails_at_first_validation_naming_logged_keys(ns, tmp_path, clock):
     stopping = ns.costaware.MarginalGainStopping(monitor="val_accuracy", usd_per_point=1.0)
@@ -240,7 +240,7 @@ def test_a_failing_strategy_keeps_the_finished_fit(pl_ns, tmp_path, clock):
     trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, clock), stopping], max_steps=20)
     with pytest.warns(UserWarning, match="_Broken failed after the fit.*out of memory"):
         trainer.fit(_curve_model(pl_ns.BoringModel, clock, _saturating))
-    ledger = read_ledger(stopping.cost_monitor.ledger.path)
+    ledger = read_ledger(stopping.meter.ledger.path)
     assert ledger.end["how"] == "completed"
     assert [e["error"] for e in ledger.events if e["name"] == "strategy_failed"] == ["RuntimeError: out of memory"]
 
@@ -345,7 +345,7 @@ def test_preset_config(ns, tmp_path):
     assert isinstance(stopping, ns.costaware.MarginalGainStopping)
     assert stopping.monitor == "val_acc" and stopping.usd_per_point == 5.0
     assert isinstance(stopping.strategies[0], EarlyStop) and stopping.strategies[0].restore_best
-    assert isinstance(stopping.cost_monitor, ns.costaware.CostMonitor)  # created from monitor_kwargs
+    assert isinstance(stopping.meter, ns.costaware.CostMonitor)  # created from monitor_kwargs
     assert cli.trainer.global_step == 2
 
 

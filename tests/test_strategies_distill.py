@@ -61,7 +61,7 @@ def _teacher(ns, clock=None):
 
 def _fit(ns, tmp_path, clock, distill, max_steps=60, extra=()):
     monitor = ns.costaware.CostMonitor(usd_per_host_hour=3.6, cpu_tdp_w=10, ram_power_w=3)
-    monitor.clock = clock
+    monitor.meter.clock = clock
     stopping = ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=0.01, then=distill)
     trainer = ns.Trainer(max_steps=max_steps, val_check_interval=4, limit_val_batches=2, log_every_n_steps=4,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
@@ -90,12 +90,12 @@ def test_distill_trains_a_student_in_a_nested_fit(ns, tmp_path, clock):
     assert 0 < student_row.size_bytes < teacher_row.size_bytes
     assert student_row.metric > 0.75 and teacher_row.metric > 0.75  # accuracy on the validation set
     assert student_row.latency_ms_per_example > 0 and teacher_row.latency_ms_per_example > 0
-    assert teacher_row.train_usd == pytest.approx(stopping.cost_monitor.totals.usd)
+    assert teacher_row.train_usd == pytest.approx(stopping.meter.totals.usd)
     assert student_row.train_usd >= 0 and student_row.path.endswith("student.pt")
     saved = torch.load(student_row.path, weights_only=True)
     assert torch.equal(saved["weight"], student.weight.detach())
 
-    ledger = read_ledger(stopping.cost_monitor.ledger.path)
+    ledger = read_ledger(stopping.meter.ledger.path)
     assert ledger.end["how"] == "completed"
     distilled = [e for e in ledger.events if e["name"] == "distill"]
     assert len(distilled) == 1 and distilled[0]["trained"] and distilled[0]["steps"] == 48
@@ -156,7 +156,7 @@ def test_the_student_gets_what_is_left_of_the_budget(ns, tmp_path, clock, max_us
     # $0.001 a step: a $0.02 cap stops the teacher at step 20 with nothing left.
     trainer, stopping, _ = _fit(ns, tmp_path, clock, distill, extra=[budget_cap(max_usd=max_usd)])
     student_row = stopping.results[1]
-    spent = stopping.cost_monitor.totals.usd
+    spent = stopping.meter.totals.usd
     if max_usd == 0.02:
         assert trainer.global_step == 20 and distill.student_trainer is None
         assert "no budget left" in student_row.note and student_row.train_usd == 0.0
