@@ -194,14 +194,19 @@ def test_truncated_ledger_line_is_tolerated(pl_ns, tmp_path, clock):
     assert "corrupt line" in read_ledger(path).problems[0]
 
 
-def test_namespaces_are_separate_hierarchies(ns):
-    other = "lightning.pytorch" if ns.name == "pytorch_lightning" else "pytorch_lightning"
-    from costaware import _lightning
+def test_each_callback_is_one_class_for_both_namespaces():
+    """One class per callback, a Callback of each installed namespace, found where LightningCLI looks."""
+    import lightning.pytorch as L
+    import pytorch_lightning as pl
 
-    assert isinstance(ns.costaware.CostMonitor(), ns.pl.Callback)
-    assert not isinstance(ns.costaware.CostMonitor(), _lightning.load(other).Callback)
-    expected = {"pytorch_lightning": "costaware", "lightning.pytorch": "costaware.lightning"}[ns.name]
-    assert ns.costaware.CostMonitor().__class__.__module__ == expected  # where LightningCLI's class_path finds it
+    import costaware
+    import costaware.lightning
+
+    for name in ("CostMonitor", "BudgetCap", "MarginalGainStopping", "OnlineProbe"):
+        cls = getattr(costaware, name)
+        assert issubclass(cls, pl.Callback) and issubclass(cls, L.Callback)
+        assert getattr(costaware.lightning, name) is cls is getattr(costaware.callbacks, name)
+    assert costaware.CostMonitor(usd_per_host_hour=1).state_key == "CostMonitor"
 
 
 def test_metric_points_are_priced_at_the_moment_of_validation(pl_ns, tmp_path, clock):
@@ -266,10 +271,11 @@ def test_ddp_estimate_between_syncs_scales_gpu_by_ranks_and_host_by_nodes(pl_ns)
     monitor = _monitor(pl_ns, usd_per_gpu_hour=3.6, gpu="A100")  # $0.001/GPU-s, $0.001/host-s
     session = {"elapsed_s": 0.0, "gpu_hours": 0.0, "host_hours": 0.0, "gpu_energy_j": 0.0, "cpu_energy_j": 0.0,
                "ram_energy_j": 0.0, "flops": 0.0, "usd": 0.0, "co2_kg": 0.0, "train_batches": 0.0}
+    monitor = monitor.meter
     monitor._read_session = lambda: dict(session)
     monitor._world_size, monitor._num_nodes, monitor._counts_host = 2, 1, 1
     monitor._base = Totals(elapsed_s=100.0, usd=7.0, train_batches=50.0)  # from the checkpoint
-    monitor.totals = monitor._mine_at_refresh = monitor._base  # as on_fit_start leaves them
+    monitor._totals = monitor._mine_at_refresh = monitor._base  # as open_ledger leaves them
     assert monitor.current_totals().usd == pytest.approx(7.0)  # not 7 x (1 + 2)
     # This rank (local rank 0: it holds the host) runs 10 s on its GPU.
     session.update(elapsed_s=10.0, gpu_hours=10 / 3600, host_hours=10 / 3600, train_batches=5.0)
