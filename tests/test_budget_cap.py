@@ -391,6 +391,20 @@ def test_a_monitor_listed_after_the_cap_meters_each_batch_before_the_checks(pl_n
     assert read_ledger(monitor.ledger.path).header  # one header, though the cap recorded first
 
 
+def test_a_dollar_cap_with_nothing_priced_fails_before_compute_naming_the_price(pl_ns, tmp_path, sclock):
+    monitor = _monitor(pl_ns, sclock, usd_per_host_hour=0.0)
+    trainer = _trainer(pl_ns, tmp_path, [monitor, pl_ns.costaware.BudgetCap(max_usd=5)])
+    with pytest.raises(ValueError, match=r"BudgetCap\(max_usd=...\).*usd_per_host_hour.*usd_per_gpu_hour.*"
+                                         r"--trainer.callbacks.init_args.usd_per_host_hour"):
+        trainer.fit(_model(pl_ns, sclock))
+    assert trainer.global_step == 0
+    # Caps in other units need no price.
+    trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, sclock, usd_per_host_hour=0.0),
+                                         pl_ns.costaware.BudgetCap(max_flops=550)])
+    trainer.fit(_model(pl_ns, sclock))
+    assert trainer.global_step > 0
+
+
 def test_price_arguments_are_ignored_with_a_warning_when_a_monitor_exists(pl_ns, tmp_path, sclock):
     monitor = _monitor(pl_ns, sclock)
     trainer = _trainer(pl_ns, tmp_path, [monitor, pl_ns.costaware.BudgetCap(max_flops=550, usd_per_host_hour=99)])

@@ -286,3 +286,23 @@ def test_ddp_estimate_between_syncs_scales_gpu_by_ranks_and_host_by_nodes(pl_ns)
     monitor._counts_host = 0
     session.update(host_hours=0.0)
     assert monitor.current_totals().host_hours == pytest.approx(10 / 3600)
+
+
+def test_a_monitor_without_any_price_says_once_that_dollars_are_not_priced(pl_ns, tmp_path, clock):
+    monitor = _monitor(pl_ns, clock, usd_per_host_hour=0.0)
+    trainer = _trainer(pl_ns, tmp_path, [monitor], max_steps=2, limit_val_batches=0)
+    with pytest.warns(RuntimeWarning, match=r"no price applies.*usd_per_host_hour.*"
+                                            r"--trainer.callbacks.init_args.usd_per_host_hour") as record:
+        trainer.fit(make_clocked_model(pl_ns.BoringModel, clock))
+        trainer.fit_loop.epoch_loop.max_steps = 4
+        trainer.fit(make_clocked_model(pl_ns.BoringModel, clock))  # a second fit: no second warning
+    assert sum("no price applies" in str(w.message) for w in record) == 1
+    assert monitor.totals.kwh > 0 and monitor.totals.usd == 0.0  # energy is still measured
+
+
+def test_the_progress_bar_shows_small_dollar_amounts_readably():
+    """TQDM (Lightning's default bar) formats floats to 3 significant digits: $0.00123 is not 0.000."""
+    from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
+
+    assert Tqdm.format_num(0.0012345) == "0.00123"
+    assert Tqdm.format_num(1.234e-5) == "1.23e-5"
