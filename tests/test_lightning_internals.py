@@ -31,11 +31,12 @@ def test_logging_batches_and_step(ns, tmp_path):
 
 def test_minimums_read_written_and_met(ns, tmp_path):
     probe = _probe(ns)
-    trainer = ns.Trainer(max_steps=8, min_steps=5, limit_val_batches=0, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[probe])
-    assert internals.read_minimums(trainer) == (None, 5)
+    trainer = ns.Trainer(max_epochs=4, min_epochs=2, limit_train_batches=2, limit_val_batches=0,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[probe])
+    assert internals.read_minimums(trainer) == (2, None)
     trainer.fit(ns.BoringModel())
-    assert probe.met[0] is False and probe.met[-1] is True and probe.met == sorted(probe.met)  # met from 5 steps on
+    assert probe.met == [False] * 4 + [True] * 4  # met once two epochs are done
     internals.write_minimums(trainer, (None, None))
     assert internals.read_minimums(trainer) == (None, None) and internals.minimums_met(trainer)
     internals.write_minimums(trainer, (2, 7))
