@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from costaware.ledger import read_ledger
+from costaware.meter import CostMeter
 from costaware.strategies import Distill, StudentShapeError
 from costaware.strategies.distill import distillation_loss
 
@@ -61,13 +62,14 @@ def _teacher(ns, clock=None):
 
 def _fit(ns, tmp_path, clock, distill, max_steps=60, extra=()):
     monitor = ns.costaware.CostMonitor(usd_per_host_hour=3.6, cpu_tdp_w=10, ram_power_w=3)
-    monitor.meter.clock = clock
     stopping = ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=0.01, then=distill)
     trainer = ns.Trainer(max_steps=max_steps, val_check_interval=4, limit_val_batches=2, log_every_n_steps=4,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                          callbacks=[monitor, stopping, *extra])
     teacher = _teacher(ns, clock)
-    trainer.fit(teacher, *_loaders())
+    with pytest.MonkeyPatch.context() as patch:  # the student's meter (Distill's nested fit) too
+        patch.setattr(CostMeter, "clock", staticmethod(clock))
+        trainer.fit(teacher, *_loaders())
     return trainer, stopping, teacher
 
 
