@@ -1,4 +1,3 @@
-import re
 import socket
 import sys
 import types
@@ -109,9 +108,7 @@ def make_crashing_model(base, clock, at_batch: int = 6):
 
 
 def preset_for(ns, text: str, tmp_path) -> Path:
-    """Writes a preset's YAML for ``ns``: under lightning.pytorch its classes come from costaware.lightning."""
-    if ns.name == "lightning.pytorch":  # the callbacks' class paths; strategies are not Lightning classes
-        text = re.sub(r"class_path: costaware\.(?!strategies\.|lightning\.)", "class_path: costaware.lightning.", text)
+    """Writes a preset's YAML, unchanged: its ``costaware.X`` class paths are valid under either namespace."""
     preset = Path(tmp_path) / "preset.yaml"
     preset.write_text(text)
     return preset

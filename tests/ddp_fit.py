@@ -24,7 +24,7 @@ class Record(pl.Callback):
         self.monitor, self.out = monitor, Path(out)
 
     def on_fit_end(self, trainer, pl_module):
-        mine = self.monitor._mine_at_refresh.to_dict()
+        mine = self.monitor.meter._mine_at_refresh.to_dict()
         data = {"rank": trainer.global_rank, "mine": mine, "totals": self.monitor.totals.to_dict(),
                 "ledger": str(self.monitor.ledger.path) if self.monitor.ledger.path else None}
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(data))

@@ -30,7 +30,7 @@ def test_cost_monitor(ns, kwargs, message):
 
 
 def test_a_path_object_is_a_ledger_dir(ns, tmp_path):
-    assert ns.costaware.CostMonitor(ledger_dir=tmp_path).ledger_dir == tmp_path
+    assert ns.costaware.CostMonitor(ledger_dir=tmp_path).meter.ledger_dir == tmp_path
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from costaware.callbacks.budget_cap import BudgetExceededError, BudgetWarning
-from costaware.callbacks.cost_monitor import CostMonitor as MonitorLogic
 from costaware.ledger import read_ledger
+from costaware.meter import CostMeter
 from fake_nvml import FakeClock, FakeGPU, FakeNVML
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ class SampledClock(FakeClock):
 
     def advance(self, seconds: float) -> None:
         super().advance(seconds)
-        sampler = getattr(self.monitor, "_sampler", None)
+        sampler = getattr(getattr(self.monitor, "meter", self.monitor), "_sampler", None)
         if sampler is not None:
             sampler.sample_now()
 
@@ -48,7 +48,7 @@ def _monitor(ns, clock, **kwargs):
     kwargs = {"usd_per_host_hour": 3.6, "cpu_tdp_w": 0, "ram_power_w": 3600, "g_co2_per_kwh": 1000,
               "sample_interval_s": 1000, **kwargs}
     monitor = ns.costaware.CostMonitor(**kwargs)
-    monitor.clock = clock
+    monitor.meter.clock = clock
     clock.monitor = monitor
     return monitor
 
@@ -355,40 +355,55 @@ def test_forecast_counts_planned_validations(pl_ns, tmp_path, sclock):
 
 
 # ---------------------------------------------------------------------------------------------
-# Alone: BudgetCap brings its own CostMonitor
+# Alone: BudgetCap meters the run itself
 # ---------------------------------------------------------------------------------------------
 
 
-def test_alone_it_inserts_a_monitor_whose_hooks_run(pl_ns, tmp_path, sclock, monkeypatch):
-    monkeypatch.setattr(MonitorLogic, "clock", staticmethod(sclock))
+def test_alone_it_meters_logs_and_reports_without_touching_the_callbacks(pl_ns, tmp_path, sclock, monkeypatch):
+    monkeypatch.setattr(CostMeter, "clock", staticmethod(sclock))
     budget = pl_ns.costaware.BudgetCap(max_flops=1050, usd_per_host_hour=3.6,
                                        monitor_kwargs={"cpu_tdp_w": 0, "ram_power_w": 3600})
+    sclock.monitor = budget.own_meter
     trainer = _trainer(pl_ns, tmp_path, [budget])
+    callbacks_before = list(trainer.callbacks)
     trainer.fit(_model(pl_ns, sclock))
     assert trainer.global_step == 10
-    monitors = [cb for cb in trainer.callbacks if isinstance(cb, MonitorLogic)]
-    assert len(monitors) == 1 and isinstance(monitors[0], pl_ns.pl.Callback)
-    monitor = monitors[0]
-    assert budget.monitor is monitor and trainer.callbacks.index(monitor) < trainer.callbacks.index(budget)
-    # Its hooks ran: setup (meters), on_fit_start (header), batch hooks (logs), on_fit_end (end).
-    ledger = read_ledger(monitor.ledger.path)
+    assert list(trainer.callbacks) == callbacks_before  # nothing inserted
+    assert budget.meter is budget.own_meter
+    # It drove its meter: started (meters), header, logs at the log interval, end and report.
+    ledger = read_ledger(budget.meter.ledger.path)
     assert ledger.header.prices["usd_per_host_hour"] == 3.6 and ledger.end.how == "budget_cap"  # max_flops
     assert ledger.samples and ledger.end["totals"]["usd"] == pytest.approx(0.01)
-    assert "cost/usd" in trainer.callback_metrics
-    assert monitor.totals.train_batches == 10
-    callbacks_state = torch.load(_events(monitor, "budget_cap_hit")[0]["checkpoint"], weights_only=False)["callbacks"]
-    assert {"CostMonitor", "BudgetCap"} <= set(callbacks_state)
+    assert "cost/usd" in trainer.callback_metrics  # through pl_module.log
+    assert budget.meter.totals.train_batches == 10
+    checkpoint = _events(budget.meter, "budget_cap_hit")[0]["checkpoint"]
+    callbacks_state = torch.load(checkpoint, weights_only=False)["callbacks"]
+    assert callbacks_state["BudgetCap"]["meter"]["totals"]["flops"] == pytest.approx(1000.0)  # resumable spend
 
 
-def test_a_monitor_listed_after_the_cap_is_moved_before_it(pl_ns, tmp_path, sclock):
+def test_a_monitor_listed_after_the_cap_meters_each_batch_before_the_checks(pl_ns, tmp_path, sclock):
     monitor = _monitor(pl_ns, sclock)
     budget = pl_ns.costaware.BudgetCap(max_flops=1050)
     trainer = _trainer(pl_ns, tmp_path, [budget, monitor])
     trainer.fit(_model(pl_ns, sclock))
-    assert trainer.callbacks.index(monitor) < trainer.callbacks.index(budget)
+    assert trainer.callbacks.index(monitor) > trainer.callbacks.index(budget)  # left where the user put it
+    assert budget.meter is monitor.meter
     assert trainer.global_step == 10 and monitor.totals.flops == pytest.approx(1000.0)
-    assert read_ledger(monitor.ledger.path).header  # its setup and on_fit_start ran once
-    assert sum(isinstance(cb, MonitorLogic) for cb in trainer.callbacks) == 1
+    assert read_ledger(monitor.ledger.path).header  # one header, though the cap recorded first
+
+
+def test_a_dollar_cap_with_nothing_priced_fails_before_compute_naming_the_price(pl_ns, tmp_path, sclock):
+    monitor = _monitor(pl_ns, sclock, usd_per_host_hour=0.0)
+    trainer = _trainer(pl_ns, tmp_path, [monitor, pl_ns.costaware.BudgetCap(max_usd=5)])
+    with pytest.raises(ValueError, match=r"BudgetCap\(max_usd=...\).*usd_per_host_hour.*usd_per_gpu_hour.*"
+                                         r"--trainer.callbacks.init_args.usd_per_host_hour"):
+        trainer.fit(_model(pl_ns, sclock))
+    assert trainer.global_step == 0
+    # Caps in other units need no price.
+    trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, sclock, usd_per_host_hour=0.0),
+                                         pl_ns.costaware.BudgetCap(max_flops=550)])
+    trainer.fit(_model(pl_ns, sclock))
+    assert trainer.global_step > 0
 
 
 def test_price_arguments_are_ignored_with_a_warning_when_a_monitor_exists(pl_ns, tmp_path, sclock):
@@ -417,7 +432,7 @@ def test_lightning_cli_flags_and_preset(tmp_path):
         "--trainer.callbacks.max_time=00:01:00:00", "--trainer.callbacks.usd_per_host_hour=0.5"])
     caps = [cb for cb in cli.trainer.callbacks if isinstance(cb, costaware.BudgetCap)]
     assert len(caps) == 1 and caps[0].limits == {"max_usd": 5.0, "max_time": 3600.0}
-    assert caps[0].monitor_kwargs == {"usd_per_host_hour": 0.5}
+    assert caps[0].own_meter.settings()["usd_per_host_hour"] == 0.5
 
     # fit, for real: BoringModel's measured 256 FLOPs a step (after a first uncounted one) reach
     # 7 x 256 = 1792 at step 7, and 2048 > 2000 after one more: stop at step 7.
@@ -429,7 +444,8 @@ def test_lightning_cli_flags_and_preset(tmp_path):
     # The preset, with one cap added from the command line.
     preset = REPO / "callbacks" / "budget.yaml"
     cli = LightningCLI(BoringModel, save_config_kwargs={"overwrite": True},
-                       args=["fit", "--config", str(preset), *common, "--trainer.callbacks.max_flops=2000", meters])
+                       args=["fit", "--config", str(preset), *common, "--trainer.callbacks.max_flops=2000", meters,
+                             "--trainer.callbacks.init_args.usd_per_host_hour=0.5"])
     caps = [cb for cb in cli.trainer.callbacks if isinstance(cb, costaware.BudgetCap)]
     assert len(caps) == 1 and caps[0].limits == {"max_usd": 40.0, "max_flops": 2000.0, "max_time": 43200.0}
     assert cli.trainer.global_step == 7 and caps[0].stopped.cap == "max_flops"
@@ -457,8 +473,8 @@ DDP_SCRIPT = textwrap.dedent('''
         def on_fit_end(self, trainer, pl_module):
             data = {"rank": trainer.global_rank, "step": trainer.global_step,
                     "stopped": self.budget.stopped.cap if self.budget.stopped else None,
-                    "flops": self.budget.monitor.totals.flops,
-                    "ledger": str(self.budget.monitor.ledger.path) if self.budget.monitor.ledger.path else None}
+                    "flops": self.budget.meter.totals.flops,
+                    "ledger": str(self.budget.meter.ledger.path) if self.budget.meter.ledger.path else None}
             (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(data))
 
     if __name__ == "__main__":

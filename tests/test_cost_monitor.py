@@ -12,7 +12,7 @@ def _monitor(ns, clock=None, **kwargs):
     kwargs = {"usd_per_host_hour": 3.6, "cpu_tdp_w": 10, "ram_power_w": 3, "country": "FRA", **kwargs}
     monitor = ns.costaware.CostMonitor(**kwargs)
     if clock is not None:
-        monitor.clock = clock
+        monitor.meter.clock = clock
     return monitor
 
 
@@ -194,14 +194,19 @@ def test_truncated_ledger_line_is_tolerated(pl_ns, tmp_path, clock):
     assert "corrupt line" in read_ledger(path).problems[0]
 
 
-def test_namespaces_are_separate_hierarchies(ns):
-    other = "lightning.pytorch" if ns.name == "pytorch_lightning" else "pytorch_lightning"
-    from costaware import _lightning
+def test_each_callback_is_one_class_for_both_namespaces():
+    """One class per callback, a Callback of each installed namespace, found where LightningCLI looks."""
+    import lightning.pytorch as L
+    import pytorch_lightning as pl
 
-    assert isinstance(ns.costaware.CostMonitor(), ns.pl.Callback)
-    assert not isinstance(ns.costaware.CostMonitor(), _lightning.load(other).Callback)
-    expected = {"pytorch_lightning": "costaware", "lightning.pytorch": "costaware.lightning"}[ns.name]
-    assert ns.costaware.CostMonitor().__class__.__module__ == expected  # where LightningCLI's class_path finds it
+    import costaware
+    import costaware.lightning
+
+    for name in ("CostMonitor", "BudgetCap", "MarginalGainStopping", "OnlineProbe"):
+        cls = getattr(costaware, name)
+        assert issubclass(cls, pl.Callback) and issubclass(cls, L.Callback)
+        assert getattr(costaware.lightning, name) is cls is getattr(costaware.callbacks, name)
+    assert costaware.CostMonitor(usd_per_host_hour=1).state_key == "CostMonitor"
 
 
 def test_metric_points_are_priced_at_the_moment_of_validation(pl_ns, tmp_path, clock):
@@ -267,10 +272,11 @@ def test_ddp_estimate_between_syncs_scales_gpu_by_ranks_and_host_by_nodes(pl_ns)
     monitor = _monitor(pl_ns, usd_per_gpu_hour=3.6, gpu="A100")  # $0.001/GPU-s, $0.001/host-s
     session = {"elapsed_s": 0.0, "gpu_hours": 0.0, "host_hours": 0.0, "gpu_energy_j": 0.0, "cpu_energy_j": 0.0,
                "ram_energy_j": 0.0, "flops": 0.0, "usd": 0.0, "co2_kg": 0.0, "train_batches": 0.0}
+    monitor = monitor.meter
     monitor._read_session = lambda: dict(session)
     monitor._world_size, monitor._num_nodes, monitor._counts_host = 2, 1, 1
     monitor._base = Totals(elapsed_s=100.0, usd=7.0, train_batches=50.0)  # from the checkpoint
-    monitor.totals = monitor._mine_at_refresh = monitor._base  # as on_fit_start leaves them
+    monitor._totals = monitor._mine_at_refresh = monitor._base  # as open_ledger leaves them
     assert monitor.current_totals().usd == pytest.approx(7.0)  # not 7 x (1 + 2)
     # This rank (local rank 0: it holds the host) runs 10 s on its GPU.
     session.update(elapsed_s=10.0, gpu_hours=10 / 3600, host_hours=10 / 3600, train_batches=5.0)
@@ -281,3 +287,23 @@ def test_ddp_estimate_between_syncs_scales_gpu_by_ranks_and_host_by_nodes(pl_ns)
     monitor._counts_host = 0
     session.update(host_hours=0.0)
     assert monitor.current_totals().host_hours == pytest.approx(10 / 3600)
+
+
+def test_a_monitor_without_any_price_says_once_that_dollars_are_not_priced(pl_ns, tmp_path, clock):
+    monitor = _monitor(pl_ns, clock, usd_per_host_hour=0.0)
+    trainer = _trainer(pl_ns, tmp_path, [monitor], max_steps=2, limit_val_batches=0)
+    with pytest.warns(RuntimeWarning, match=r"no price applies.*usd_per_host_hour.*"
+                                            r"--trainer.callbacks.init_args.usd_per_host_hour") as record:
+        trainer.fit(make_clocked_model(pl_ns.BoringModel, clock))
+        trainer.fit_loop.epoch_loop.max_steps = 4
+        trainer.fit(make_clocked_model(pl_ns.BoringModel, clock))  # a second fit: no second warning
+    assert sum("no price applies" in str(w.message) for w in record) == 1
+    assert monitor.totals.kwh > 0 and monitor.totals.usd == 0.0  # energy is still measured
+
+
+def test_the_progress_bar_shows_small_dollar_amounts_readably():
+    """TQDM (Lightning's default bar) formats floats to 3 significant digits: $0.00123 is not 0.000."""
+    from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
+
+    assert Tqdm.format_num(0.0012345) == "0.00123"
+    assert Tqdm.format_num(1.234e-5) == "1.23e-5"

@@ -15,7 +15,7 @@ from fake_nvml import FakeGPU, FakeNVML
 
 def _fit(ns, tmp_path, clock, steps=10, extra_callbacks=(), **monitor_kwargs):
     monitor = ns.costaware.CostMonitor(nvml_index=0, cpu_tdp_w=10, ram_power_w=3, **monitor_kwargs)
-    monitor.clock = clock
+    monitor.meter.clock = clock
     trainer = ns.Trainer(default_root_dir=tmp_path, max_steps=steps, log_every_n_steps=2,
                          callbacks=[monitor, *extra_callbacks],
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
@@ -193,7 +193,7 @@ def test_gpu_lost_mid_fit_keeps_its_kwh(ns, tmp_path, clock, install_nvml, sourc
     class SampleEveryStep(ns.pl.Callback):  # deterministic readings on the fake clock
         def on_train_batch_end(self, trainer, *args):
             monitor = next(c for c in trainer.callbacks if isinstance(c, ns.costaware.CostMonitor))
-            monitor._sampler.sample_now()
+            monitor.meter._sampler.sample_now()
 
     with pytest.warns(RuntimeWarning, match="GPU meter degraded"):
         monitor, trainer = _fit(ns, tmp_path, clock, steps=8, extra_callbacks=[SampleEveryStep()])

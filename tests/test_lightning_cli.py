@@ -1,13 +1,19 @@
 """CostMonitor from LightningCLI flags and from the preset in callbacks/, in both namespaces."""
 
+import os
+import subprocess
+import sys
+import textwrap
 from importlib import import_module
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import preset_for
 
-PRESET = Path(__file__).resolve().parents[1] / "callbacks" / "cost_monitor.yaml"
+REPO = Path(__file__).resolve().parents[1]
+PRESET = REPO / "callbacks" / "cost_monitor.yaml"
 
 
 def _cli(ns, args):
@@ -16,7 +22,7 @@ def _cli(ns, args):
 
 
 def _class_path(ns):
-    return "costaware.lightning.CostMonitor" if ns.name == "lightning.pytorch" else "costaware.CostMonitor"
+    return "costaware.CostMonitor"  # the same class path under both namespaces
 
 
 def test_flags_add_cost_monitor(ns, tmp_path):
@@ -54,3 +60,49 @@ def test_preset_country_gives_way_to_another_carbon_source_only_when_unset(ns, t
     cli = _cli(ns, ["fit", *common, "--trainer.callbacks.country=null", "--trainer.callbacks.g_co2_per_kwh=50"])
     monitor = next(c for c in cli.trainer.callbacks if type(c).__name__ == "CostMonitor")
     assert monitor.prices.carbon.g_co2_per_kwh == 50.0 and monitor.prices.carbon.source == "given by the user"
+
+
+TRAIN_PY = textwrap.dedent("""
+    import torch
+    from {namespace}.cli import LightningCLI
+    from {namespace}.demos.boring_classes import BoringModel
+
+    class Model(BoringModel):
+        def validation_step(self, batch, batch_idx):
+            out = super().validation_step(batch, batch_idx)
+            self.log("val_acc", torch.rand(()))
+            return out
+
+    if __name__ == "__main__":
+        LightningCLI(Model)
+""")
+
+
+@pytest.mark.slow  # ten subprocesses (~2 min); the in-process tests above cover both CLIs by default
+@pytest.mark.parametrize("namespace", ["pytorch_lightning", "lightning.pytorch"])
+def test_readme_flag_and_every_preset_work_from_a_shell(namespace, tmp_path):
+    """``python train.py fit --trainer.callbacks+=costaware.CostMonitor`` and each preset in
+    callbacks/, with either package's LightningCLI, as a user runs them."""
+    train = tmp_path / "train.py"
+    train.write_text(TRAIN_PY.format(namespace=namespace))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    common = ["--trainer.max_steps=3", "--trainer.val_check_interval=1", "--trainer.limit_val_batches=1",
+              "--trainer.enable_progress_bar=false", "--trainer.logger=false",
+              "--trainer.enable_checkpointing=false"]
+    price = "--trainer.callbacks.init_args.usd_per_host_hour=0.5"
+    runs = {"flag": ["--trainer.callbacks+=costaware.CostMonitor", price]}
+    for preset in sorted((REPO / "callbacks").glob("*.yaml")):
+        runs[preset.stem] = [f"--config={preset}"] + ([price] if preset.stem == "budget" else [])
+        if preset.stem == "marginal_gain":
+            runs[preset.stem].append("--trainer.callbacks.monitor_kwargs={country: USA, usd_per_host_hour: 0.5}")
+        if preset.stem == "online_probe":  # its labeled sets, where the preset names them; a monitor added
+            (tmp_path / "data").mkdir()
+            for split in ("train", "val"):
+                torch.save((torch.randn(40, 32), torch.arange(40) % 2), tmp_path / "data" / f"probe_{split}.pt")
+            runs[preset.stem] += ["--trainer.callbacks+=costaware.CostMonitor", price]
+    for name, args in runs.items():
+        root = tmp_path / name
+        done = subprocess.run([sys.executable, str(train), "fit", *args, *common, f"--trainer.default_root_dir={root}"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, f"{name}: {done.stderr[-3000:]}"
+        assert list(root.rglob("ledger.jsonl")), name

@@ -10,6 +10,7 @@ import torch
 from conftest import make_clocked_model, preset_for
 from costaware.callbacks.marginal_gain import MetricNotLoggedError
 from costaware.ledger import read_ledger
+from costaware.meter import CostMeter
 from costaware.strategies import EarlyStop
 
 # Every training step takes 1 s on the fake clock and the host costs $3.6/h: $0.001 a step.
@@ -47,7 +48,7 @@ def _saturating(step):
 
 def _monitor(ns, clock):
     monitor = ns.costaware.CostMonitor(usd_per_host_hour=3.6, cpu_tdp_w=10, ram_power_w=3, country="FRA")
-    monitor.clock = clock
+    monitor.meter.clock = clock
     return monitor
 
 
@@ -70,7 +71,7 @@ def test_stops_near_break_even_and_records_why(ns, tmp_path, clock):
     assert knee <= stopping.stopped_step <= 1.5 * knee, stopping.stop_reason
     assert stopping.stop_reason.startswith("not worth it")
 
-    ledger = read_ledger(stopping.cost_monitor.ledger.path)
+    ledger = read_ledger(stopping.meter.ledger.path)
     decisions = [e for e in ledger.events if e["name"] == "marginal_gain_decision"]
     assert len(decisions) == trainer.global_step // 5  # one per validation, not the sanity check
     curve = decisions[-1]["curve_points"]  # the fitted curve against dollars, which the report draws
@@ -78,7 +79,7 @@ def test_stops_near_break_even_and_records_why(ns, tmp_path, clock):
     assert curve["usd"][0] < decisions[-1]["usd"] < curve["usd"][-1]
     now = min(range(len(curve["usd"])), key=lambda i: abs(curve["usd"][i] - decisions[-1]["usd"]))
     assert abs(curve["value"][now] - _saturating(trainer.global_step)) < 0.02
-    html = stopping.cost_monitor.report_paths["html"].read_text()
+    html = stopping.meter.report_paths["html"].read_text()
     assert "fitted curve" in html and "stopped at" in html
     assert [d["stop"] for d in decisions] == [False] * (len(decisions) - 1) + [True]
     last = decisions[-1]
@@ -141,7 +142,7 @@ def test_the_annealing_wait_follows_the_lr_scheduler(pl_ns, tmp_path, clock):
         trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, clock), stopping], logger=False)
         trainer.fit(model)
         assert stopping.policy.anneals is scheduled
-        policy_event = next(e for e in read_ledger(stopping.cost_monitor.ledger.path).events
+        policy_event = next(e for e in read_ledger(stopping.meter.ledger.path).events
                             if e["name"] == "marginal_gain_policy")
         assert policy_event["anneals"] is scheduled and policy_event["baseline"] is None
         stops[scheduled] = stopping.stopped_step
@@ -166,31 +167,33 @@ def test_still_improving_run_is_not_stopped(ns, tmp_path, clock):
     assert all(d.reason.startswith("worth it") for d in stopping.decisions[4:])
 
 
-def test_works_alone_with_its_own_monitor(ns, tmp_path, clock, monkeypatch):
-    monkeypatch.setattr(ns.costaware.CostMonitor, "clock", staticmethod(clock))
+def test_works_alone_with_its_own_meter(ns, tmp_path, clock, monkeypatch):
+    monkeypatch.setattr(CostMeter, "clock", staticmethod(clock))
     stopping = ns.costaware.MarginalGainStopping(
         monitor="val_acc", usd_per_point=0.01,
         monitor_kwargs={"usd_per_host_hour": 3.6, "cpu_tdp_w": 10, "ram_power_w": 3})
     trainer = _trainer(ns, tmp_path, [stopping], logger=False)
     trainer.fit(_curve_model(ns.BoringModel, clock, _saturating))
-    monitors = [i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, ns.costaware.CostMonitor)]
-    assert len(monitors) == 1 and trainer.callbacks[monitors[0]] is stopping.cost_monitor
-    assert monitors[0] < trainer.callbacks.index(stopping)  # its hooks run first
-    assert stopping.stopped_step is not None and stopping.cost_monitor.totals.usd > 0
+    assert not any(isinstance(cb, ns.costaware.CostMonitor) for cb in trainer.callbacks)  # nothing inserted
+    assert stopping.meter is stopping.own_meter
+    assert stopping.stopped_step is not None and stopping.meter.totals.usd > 0
+    assert "cost/usd" in trainer.callback_metrics  # it logs as a CostMonitor would
+    assert read_ledger(stopping.meter.ledger.path).end.how == "marginal_gain"
 
 
-def test_monitor_placed_after_is_moved_before(pl_ns, tmp_path, clock):
+def test_a_monitor_placed_after_is_read_where_it_is(pl_ns, tmp_path, clock):
     stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=0.01)
     monitor = _monitor(pl_ns, clock)
     trainer = _trainer(pl_ns, tmp_path, [stopping, monitor], max_steps=20, logger=False)
     trainer.fit(_curve_model(pl_ns.BoringModel, clock, _saturating))
-    assert trainer.callbacks.index(monitor) < trainer.callbacks.index(stopping)
-    assert stopping.cost_monitor is monitor and len(stopping.decisions) == 4
+    assert trainer.callbacks.index(monitor) > trainer.callbacks.index(stopping)
+    assert stopping.meter is monitor.meter and len(stopping.decisions) == 4
 
 
-def test_a_fit_that_fails_in_setup_lets_the_next_fit_attach(pl_ns, tmp_path, clock, monkeypatch):
-    """Both callbacks release their setup guard on an exception (the mechanism they share)."""
-    monkeypatch.setattr(pl_ns.costaware.CostMonitor, "clock", staticmethod(clock))
+def test_two_callbacks_alone_share_one_meter_across_fits(pl_ns, tmp_path, clock, monkeypatch):
+    """The first that can meter alone drives the run's meter; the other reads it, also after a
+    fit that failed in setup."""
+    monkeypatch.setattr(CostMeter, "clock", staticmethod(clock))
     stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=0.01,
                                                     monitor_kwargs={"usd_per_host_hour": 3.6})
     cap = pl_ns.costaware.BudgetCap(max_usd=1e6)
@@ -202,9 +205,19 @@ def test_a_fit_that_fails_in_setup_lets_the_next_fit_attach(pl_ns, tmp_path, clo
 
     with pytest.raises(RuntimeError, match="no data yet"):
         trainer.fit(FailsInSetup())
-    assert stopping._attachment._trainer is None and cap._attachment._trainer is None
     trainer.fit(_curve_model(pl_ns.BoringModel, clock, _saturating))
-    assert cap.monitor is stopping.cost_monitor and len(stopping.decisions) == 4
+    assert cap.meter is stopping.meter is stopping.own_meter and len(stopping.decisions) == 4
+
+
+def test_nothing_priced_is_an_error_before_compute(pl_ns, tmp_path, clock):
+    stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=0.01)
+    model = _curve_model(pl_ns.BoringModel, clock, _saturating)
+    trainer = _trainer(pl_ns, tmp_path, [stopping], max_steps=20, logger=False)
+    with pytest.raises(ValueError, match=r"usd_per_point.*usd_per_host_hour.*usd_per_gpu_hour.*"
+                                         r"--trainer.callbacks.init_args.usd_per_host_hour"):
+        trainer.fit(model)
+    assert trainer.global_step == 0
+
 
 def test_missing_monitor_key_fails_at_first_validation_naming_logged_keys(ns, tmp_path, clock):
     stopping = ns.costaware.MarginalGainStopping(monitor="val_accuracy", usd_per_point=1.0)
@@ -240,7 +253,7 @@ def test_a_failing_strategy_keeps_the_finished_fit(pl_ns, tmp_path, clock):
     trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, clock), stopping], max_steps=20)
     with pytest.warns(UserWarning, match="_Broken failed after the fit.*out of memory"):
         trainer.fit(_curve_model(pl_ns.BoringModel, clock, _saturating))
-    ledger = read_ledger(stopping.cost_monitor.ledger.path)
+    ledger = read_ledger(stopping.meter.ledger.path)
     assert ledger.end["how"] == "completed"
     assert [e["error"] for e in ledger.events if e["name"] == "strategy_failed"] == ["RuntimeError: out of memory"]
 
@@ -340,12 +353,13 @@ def test_preset_config(ns, tmp_path):
     cli = import_module(f"{ns.name}.cli").LightningCLI(
         ns.BoringModel, save_config_kwargs={"overwrite": True},
         args=["fit", f"--config={preset}", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
-              f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+              f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+              "--trainer.callbacks.monitor_kwargs={country: USA, usd_per_host_hour: 0.1}"])
     stopping = next(c for c in cli.trainer.callbacks if type(c).__name__ == "MarginalGainStopping")
     assert isinstance(stopping, ns.costaware.MarginalGainStopping)
     assert stopping.monitor == "val_acc" and stopping.usd_per_point == 5.0
     assert isinstance(stopping.strategies[0], EarlyStop) and stopping.strategies[0].restore_best
-    assert isinstance(stopping.cost_monitor, ns.costaware.CostMonitor)  # created from monitor_kwargs
+    assert stopping.meter is stopping.own_meter  # built from monitor_kwargs
     assert cli.trainer.global_step == 2
 
 

@@ -80,13 +80,13 @@ def test_cost_recorded_with_cost_monitor(ns, tmp_path):
     assert len(metrics) == 2  # the monitor records it against dollars, as any monitored metric
 
 
-def test_finds_the_monitor_a_budget_cap_adds_after_it(pl_ns, tmp_path):
+def test_reads_the_meter_of_a_budget_cap_listed_after_it(pl_ns, tmp_path):
     x, y = clusters()
     probe = pl_ns.costaware.OnlineProbe(train=(x[:100], y[:100]), val=(x[100:], y[100:]), k=5)
-    cap = pl_ns.costaware.BudgetCap(max_usd=1e6, usd_per_host_hour=3600.0)  # adds its own CostMonitor
+    cap = pl_ns.costaware.BudgetCap(max_usd=1e6, usd_per_host_hour=3600.0)  # meters the run itself
     trainer = trainer_for(pl_ns, tmp_path, [probe, cap])
     trainer.fit(pl_ns.BoringModel())
-    assert probe.monitor is cap.monitor and probe.total_usd > 0
+    assert probe.meter is cap.meter is cap.own_meter and probe.total_usd > 0
     assert "probe/cost_usd" in trainer.callback_metrics
 
 

@@ -101,7 +101,7 @@ def killed_ledger(folder):
 
 def test_report_of_a_real_fit(pl_ns, tmp_path, clock):
     monitor = pl_ns.costaware.CostMonitor(usd_per_host_hour=1.0, cpu_tdp_w=10, ram_power_w=3)
-    monitor.clock = clock
+    monitor.meter.clock = clock
     trainer = pl_ns.Trainer(max_steps=20, callbacks=[monitor], default_root_dir=tmp_path, log_every_n_steps=5,
                             val_check_interval=10, limit_val_batches=2, enable_progress_bar=False,
                             enable_model_summary=False)
@@ -138,7 +138,7 @@ def test_report_of_a_real_fit(pl_ns, tmp_path, clock):
 
 def test_report_of_a_crashed_fit(pl_ns, tmp_path, clock):
     monitor = pl_ns.costaware.CostMonitor(usd_per_host_hour=1.0, cpu_tdp_w=10, ram_power_w=3)
-    monitor.clock = clock
+    monitor.meter.clock = clock
     trainer = pl_ns.Trainer(max_steps=20, callbacks=[monitor], default_root_dir=tmp_path, log_every_n_steps=2,
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     with pytest.raises(RuntimeError, match="boom"):

@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from costaware.ledger import read_ledger
+from costaware.meter import CostMeter
 from costaware.records import QuantizeEvent
 from costaware.report import build_report
 from costaware.strategies import Distill, StudentShapeError
@@ -63,13 +64,14 @@ def _teacher(ns, clock=None):
 
 def _fit(ns, tmp_path, clock, distill, max_steps=60, extra=()):
     monitor = ns.costaware.CostMonitor(usd_per_host_hour=3.6, cpu_tdp_w=10, ram_power_w=3)
-    monitor.clock = clock
     stopping = ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=0.01, then=distill)
     trainer = ns.Trainer(max_steps=max_steps, val_check_interval=4, limit_val_batches=2, log_every_n_steps=4,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                          callbacks=[monitor, stopping, *extra])
     teacher = _teacher(ns, clock)
-    trainer.fit(teacher, *_loaders())
+    with pytest.MonkeyPatch.context() as patch:  # the student's meter (Distill's nested fit) too
+        patch.setattr(CostMeter, "clock", staticmethod(clock))
+        trainer.fit(teacher, *_loaders())
     return trainer, stopping, teacher
 
 
@@ -92,12 +94,12 @@ def test_distill_trains_a_student_in_a_nested_fit(ns, tmp_path, clock):
     assert 0 < student_row.size_bytes < teacher_row.size_bytes
     assert student_row.metric > 0.75 and teacher_row.metric > 0.75  # accuracy on the validation set
     assert student_row.latency_ms_per_example > 0 and teacher_row.latency_ms_per_example > 0
-    assert teacher_row.train_usd == pytest.approx(stopping.cost_monitor.totals.usd)
+    assert teacher_row.train_usd == pytest.approx(stopping.meter.totals.usd)
     assert student_row.train_usd >= 0 and student_row.path.endswith("student.pt")
     saved = torch.load(student_row.path, weights_only=True)
     assert torch.equal(saved["weight"], student.weight.detach())
 
-    ledger = read_ledger(stopping.cost_monitor.ledger.path)
+    ledger = read_ledger(stopping.meter.ledger.path)
     assert ledger.end.how == "marginal_gain"  # the policy stopped the teacher
     distilled = [e for e in ledger.events if e["name"] == "distill"]
     assert len(distilled) == 1 and distilled[0]["trained"] and distilled[0]["steps"] == 48
@@ -158,7 +160,7 @@ def test_the_student_gets_what_is_left_of_the_budget(ns, tmp_path, clock, max_us
     # $0.001 a step: a $0.02 cap stops the teacher at step 20 with nothing left.
     trainer, stopping, _ = _fit(ns, tmp_path, clock, distill, extra=[budget_cap(max_usd=max_usd)])
     student_row = stopping.results[1]
-    spent = stopping.cost_monitor.totals.usd
+    spent = stopping.meter.totals.usd
     if max_usd == 0.02:
         assert trainer.global_step == 20 and distill.student_trainer is None
         assert "no budget left" in student_row.note and student_row.train_usd == 0.0
@@ -181,9 +183,9 @@ def test_then_quantizes_the_student(pl_ns, tmp_path, clock):
     assert quantized.metric is not None and quantized.latency_ms_per_example is not None
     assert quantized.note.startswith("kept") and quantized.size_bytes < stopping.results[1].size_bytes * 2
     # One quantize record whoever ran it, with its verdict: the report says "kept", as the row does.
-    event = [e for e in read_ledger(stopping.cost_monitor.ledger.path).events if isinstance(e, QuantizeEvent)][-1]
+    event = [e for e in read_ledger(stopping.meter.ledger.path).events if isinstance(e, QuantizeEvent)][-1]
     assert (event.of, event.kept, event.quantized_metric) == ("student", True, quantized.metric)
-    summary = [e["summary"] for e in build_report(stopping.cost_monitor.ledger.path)["events"]
+    summary = [e["summary"] for e in build_report(stopping.meter.ledger.path)["events"]
                if e["name"] == "quantize"][-1]
     assert ", kept;" in summary and "not kept" not in summary
 

@@ -1,8 +1,9 @@
 """costaware: cost-aware training for PyTorch Lightning.
 
-``costaware.CostMonitor`` (and every callback here) is a ``pytorch_lightning.Callback``; the
-same callbacks for ``lightning.pytorch`` are in ``costaware.lightning``. The callbacks are bound
-on first use, so ``costaware report`` and friends start without importing Lightning.
+``costaware.CostMonitor`` (and every callback here) is a ``Callback`` of each installed
+Lightning namespace (``pytorch_lightning`` and ``lightning.pytorch``): the same class works in
+either Trainer and either LightningCLI. They are imported on first use, so ``costaware report``
+and friends start without importing Lightning.
 """
 
 from costaware.ledger import Ledger, LedgerError, Totals, read_ledger
@@ -17,12 +18,9 @@ _ERRORS = {"BudgetExceededError": "costaware.callbacks.budget_cap", "BudgetWarni
 
 def __getattr__(name: str):
     if name in _CALLBACK_NAMES:
-        from costaware import _lightning
-        from costaware.callbacks import CALLBACKS
+        from costaware import callbacks
 
-        for logic in CALLBACKS:
-            globals()[logic.__name__] = _lightning.bind(logic, "pytorch_lightning", __name__)
-        return globals()[name]
+        return getattr(callbacks, name)
     if name in _ERRORS:
         from importlib import import_module
 

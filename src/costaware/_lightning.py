@@ -1,20 +1,34 @@
-"""The one place that chooses between ``pytorch_lightning`` and ``lightning.pytorch``.
+"""The one place that knows about the two Lightning namespaces.
 
-The two packages are separate class hierarchies: a ``pytorch_lightning.Trainer`` rejects a
-``lightning.pytorch.Callback`` and LightningCLI rejects a callback of the other one. So each
-callback is written once as a namespace-free class and bound here to each namespace's
-``Callback`` base. ``costaware.X`` is the ``pytorch_lightning`` flavour (the package the product
-names); ``costaware.lightning.X`` is the ``lightning.pytorch`` flavour.
+``pytorch_lightning`` and ``lightning.pytorch`` are separate class hierarchies: a
+``pytorch_lightning.Trainer`` rejects a ``lightning.pytorch.Callback`` and each LightningCLI
+rejects a callback of the other. So every costaware callback is one class whose bases are
+:data:`CALLBACK_BASES`: the ``Callback`` of *each installed* namespace. The same class then
+works in either Trainer, and ``costaware.CostMonitor`` is a valid ``class_path`` for either
+LightningCLI (``costaware.lightning.CostMonitor`` is the same class, kept as an alias).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 from typing import Any, Optional
 
 NAMESPACES = ("pytorch_lightning", "lightning.pytorch")
 DEFAULT_NAMESPACE = "pytorch_lightning"
+
+def installed() -> tuple[str, ...]:
+    """The namespaces importable here (``pytorch_lightning`` is a dependency; ``lightning`` is optional)."""
+    found = []
+    for namespace in NAMESPACES:
+        try:
+            spec = importlib.util.find_spec(namespace)
+        except ModuleNotFoundError:  # ``lightning`` itself missing, for ``lightning.pytorch``
+            spec = None
+        if spec is not None:
+            found.append(namespace)
+    return tuple(found)
 
 
 def load(namespace: str) -> ModuleType:
@@ -27,7 +41,7 @@ def load(namespace: str) -> ModuleType:
 def namespace_of(obj: Any) -> Optional[str]:
     """The namespace an object (or class) belongs to, found from its bases' modules; None if neither.
 
-    So that a helper built for a fit (a Trainer, a LightningModule) uses the fit's own namespace.
+    So that a helper built for a fit (the student's LightningModule) uses the fit's own namespace.
     """
     cls = obj if isinstance(obj, type) else type(obj)
     for base in cls.__mro__:
@@ -38,15 +52,9 @@ def namespace_of(obj: Any) -> Optional[str]:
     return None
 
 
-def bind(logic: type, namespace: str, module: str) -> type:
-    """Make a concrete ``Callback`` subclass of ``namespace`` from a namespace-free class.
+def _callback_bases() -> tuple[type, ...]:
+    return tuple(load(namespace).Callback for namespace in installed())
 
-    ``module`` is where the class is exposed, so that LightningCLI's ``class_path`` and pickling
-    find it by name.
-    """
-    callback_base = load(namespace).Callback
-    return type(
-        logic.__name__,
-        (logic, callback_base),
-        {"__module__": module, "__qualname__": logic.__name__, "__doc__": logic.__doc__},
-    )
+
+#: The ``Callback`` classes every costaware callback derives from, one per installed namespace.
+CALLBACK_BASES: tuple[type, ...] = _callback_bases()

@@ -1,4 +1,9 @@
-"""The costaware callbacks for the ``lightning.pytorch`` namespace (``import lightning as L``).
+"""The costaware callbacks, for ``import lightning as L`` users (an alias of ``costaware``).
+
+Every costaware callback is a ``Callback`` of each installed Lightning namespace, so
+``costaware.CostMonitor`` and ``costaware.lightning.CostMonitor`` are the same class, accepted by
+``lightning.pytorch.Trainer`` and ``pytorch_lightning.Trainer`` alike. This module stays for the
+code and configs that name it.
 
 Example::
 
@@ -8,10 +13,6 @@ Example::
     trainer = L.Trainer(callbacks=[CostMonitor(usd_per_host_hour=0.2)])
 """
 
-from costaware import _lightning
-from costaware.callbacks import CALLBACKS
+from costaware.callbacks import BudgetCap, CostMonitor, MarginalGainStopping, OnlineProbe
 
-for _logic in CALLBACKS:
-    globals()[_logic.__name__] = _lightning.bind(_logic, "lightning.pytorch", __name__)
-
-__all__ = [c.__name__ for c in CALLBACKS]
+__all__ = ["BudgetCap", "CostMonitor", "MarginalGainStopping", "OnlineProbe"]

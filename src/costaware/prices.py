@@ -7,12 +7,10 @@ state, or cloud region) or from the user. Nothing here touches the network.
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass
-from importlib import resources
 from typing import Optional
 
+from costaware import _codecarbon
 from costaware.gpus import KNOWN_MODELS, gpu_model
 from costaware.validation import check_amount, check_text
 
@@ -180,8 +178,7 @@ _CARBON_ACCEPTED = {"country": "an ISO 3166 code such as 'USA' or 'FR'", "region
 
 
 def _json(relative: str) -> dict:
-    with resources.files("codecarbon").joinpath("data", *relative.split("/")).open(encoding="utf-8") as f:
-        return json.load(f)
+    return _codecarbon.data_json(relative)
 
 
 def _iso3(country: str) -> str:
@@ -221,8 +218,7 @@ def _region_intensity(iso3: str, region: str) -> CarbonIntensity:
 
 def cloud_regions() -> list[dict]:
     """Codecarbon's cloud-region table: provider, region, impact (gCO2/kWh), source."""
-    with (resources.files("codecarbon") / "data" / "cloud" / "impact.csv").open(encoding="utf-8-sig") as f:
-        return list(csv.DictReader(f))
+    return _codecarbon.data_csv("cloud/impact.csv")
 
 
 def _cloud_intensity(provider: Optional[str], region: Optional[str]) -> CarbonIntensity:

@@ -1,4 +1,5 @@
-"""The Lightning callbacks, as namespace-free classes; ``costaware`` binds them to a namespace."""
+"""The Lightning callbacks. Each is one class, a ``Callback`` of every installed Lightning
+namespace (``pytorch_lightning`` and ``lightning.pytorch``), so it works in either Trainer and CLI."""
 
 from costaware.callbacks.budget_cap import BudgetCap
 from costaware.callbacks.cost_monitor import CostMonitor

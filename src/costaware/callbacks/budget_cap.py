@@ -6,12 +6,14 @@ import math
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 
-from costaware.callbacks.attach import MonitorAttachment, check_monitor_kwargs
+from costaware import _lightning_internals as internals
+from costaware._lightning import CALLBACK_BASES
+from costaware.callbacks.metering import check_priced, find_meter, make_own_meter
 from costaware.forecast import (
     CAP_UNITS,
     UNITS,
@@ -27,8 +29,12 @@ from costaware.forecast import (
     validations_between,
     zero,
 )
+from costaware.meter import CostMeter
 from costaware.records import BudgetCapHitEvent, BudgetCapsEvent, BudgetWarningEvent, ForecastEvent, RecordedTotals
 from costaware.validation import check_count, check_flag, check_path
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 ON_CAP = ("stop", "raise")
 STOP_CHECKPOINT = "budget_stop.ckpt"
@@ -60,7 +66,7 @@ class BudgetWarning(UserWarning):
     """A budget milestone: 50/80/95% of a cap spent, or a forecast over a cap."""
 
 
-class BudgetCap:
+class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning namespace
     r"""Stop training before any cap is crossed: dollars, kWh, kg CO2, GPU-hours, FLOPs or time.
 
     Checked after every training batch from the cost monitor's cached totals (no collective, no
@@ -95,10 +101,12 @@ class BudgetCap:
     ``budget_warning`` (cap, fraction), ``budget_cap_hit`` (cap, unit, limit, value,
     predicted_next, next_batch, reserve, step, epoch, checkpoint, totals).
 
-    One BudgetCap per Trainer takes any number of caps. Without a ``CostMonitor`` among the
-    Trainer's callbacks, BudgetCap inserts one before itself at ``setup``, built from the price
-    arguments below (and ``monitor_kwargs``); with one, those arguments are ignored (with a
-    warning) and the monitor is moved before BudgetCap if needed.
+    One BudgetCap per Trainer takes any number of caps. It reads the ``CostMonitor``'s meter
+    when the Trainer has one (its price arguments below are then ignored, with a warning);
+    without one it meters the run itself (:attr:`own_meter`, built from the price arguments and
+    ``monitor_kwargs``), logging ``cost/*`` and writing the ledger and report as CostMonitor does.
+    A ``max_usd`` with no price at all (no GPU price, ``usd_per_host_hour`` 0, no energy price)
+    is an error at fit start, before any compute: the cap could never fire.
 
     Args:
         max_usd: dollars.
@@ -126,7 +134,8 @@ class BudgetCap:
 
     Raises:
         ValueError: at construction, for no cap, a cap <= 0 or not a number, a ``max_time`` that
-            does not parse, an unknown ``caps`` key, ``on_cap``, or bad monitor arguments.
+            does not parse, an unknown ``caps`` key, ``on_cap``, or bad monitor arguments; at fit
+            start, for ``max_usd`` with nothing priced.
 
     Example::
 
@@ -183,11 +192,11 @@ class BudgetCap:
         given = {"gpu": gpu, "usd_per_gpu_hour": usd_per_gpu_hour, "usd_per_host_hour": usd_per_host_hour,
                  "usd_per_kwh": usd_per_kwh, "pue": pue, "mode": mode, "country": country, "region": region,
                  "cloud_provider": cloud_provider, "cloud_region": cloud_region, "g_co2_per_kwh": g_co2_per_kwh}
-        self.monitor_kwargs = check_monitor_kwargs({k: v for k, v in given.items() if v is not None}, monitor_kwargs)
+        self.own_meter = make_own_meter({k: v for k, v in given.items() if v is not None}, monitor_kwargs)
         self.planner = BudgetPlanner(self.limits, predictive=predictive, warmup_batches=warmup_steps)
-        self.monitor: Optional[Any] = None
+        self.meter: Optional[CostMeter] = None  # the run's meter, from setup on
         self.stopped: Optional[Breach] = None  # the cap that stopped this session's run
-        self._attachment = MonitorAttachment()
+        self._drives = False  # the run's meter is own_meter: this callback starts it, logs and reports
         self._saved_minimums: Optional[tuple] = None
         self._previous_stop: Optional[dict] = None
         self._saves_per_validation: Optional[int] = None
@@ -210,24 +219,25 @@ class BudgetCap:
         self.forecast: Optional[dict] = None
 
     # ----------------------------------------------------------------------------------------
-    # Setup: find or create the CostMonitor
-    # ----------------------------------------------------------------------------------------
-
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self.monitor = self._attachment.attach(self, trainer, pl_module, stage, self.monitor_kwargs, self.monitor,
-                                               warning_category=BudgetWarning)
-
-    # ----------------------------------------------------------------------------------------
     # Lightning hooks
     # ----------------------------------------------------------------------------------------
 
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self._attachment.release()
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.meter = find_meter(trainer, self, category=BudgetWarning)
+        self._drives = self.meter is self.own_meter
+        if self._drives:
+            self.meter.start(trainer)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "max_usd" in self.limits:
+            check_priced(self.meter, "BudgetCap", "max_usd")
         self.stopped = None
-        fit_loop = trainer.fit_loop
-        self._saved_minimums = (fit_loop.min_epochs, fit_loop.epoch_loop.min_steps)
-        self.monitor.ledger.record(BudgetCapsEvent(caps=dict(self.limits), on_cap=self.on_cap,
-                                                   predictive=self.predictive, previous_stop=self._previous_stop))
+        self._saved_minimums = internals.read_minimums(trainer)
+        self.meter.open_ledger(trainer)  # (once per fit, whoever asks first)
+        self.meter.ledger.record(BudgetCapsEvent(caps=dict(self.limits), on_cap=self.on_cap,
+                                                 predictive=self.predictive, previous_stop=self._previous_stop))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._reset_session()
@@ -247,9 +257,14 @@ class BudgetCap:
                        decided_here=breach is not None)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._drives:
+            self.meter.begin_batch(pl_module)
         self._close_checkpoint()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.meter.count_batch(trainer, pl_module)  # metering first: the checks read this batch's cost
+        if self._drives and internals.should_log(trainer):
+            self.meter.log(trainer, pl_module, on_step=True)
         self._close_checkpoint()
         if self.stopped is not None or self._mark is None:
             return
@@ -262,7 +277,7 @@ class BudgetCap:
             # Batches run before this epoch, counted here (on a mid-epoch resume, too).
             self._planned_batches = _planned_batches(trainer, trainer.fit_loop.total_batch_idx - batch_idx)
         plan = self._stop_plan(trainer, batch_idx)
-        log_now = trainer._logger_connector.should_update_logs  # as CostMonitor and Lightning's monitors do
+        log_now = internals.should_log(trainer)  # as CostMonitor and Lightning's monitors do
         if log_now or not self._forecast_checked:
             self._update_forecast(trainer, pl_module, spent, plan, log=log_now)
         if _last_batch_of_run(trainer):
@@ -280,10 +295,13 @@ class BudgetCap:
             self._replan = True  # ... and the planned run with them
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._drives:
+            self.meter.end_epoch()
+            self.meter.log(trainer, pl_module, on_step=False)
         self._record_forecast = True
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.monitor is None or (self._mark is None and not trainer.sanity_checking):
+        if self.meter is None or (self._mark is None and not trainer.sanity_checking):
             return
         self._close_checkpoint()
         self._validation_start = self._now()
@@ -298,6 +316,8 @@ class BudgetCap:
             self._sanity_mark = now
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._drives:
+            self.meter.record_validation(trainer, pl_module)
         if self._validation_start is None:
             return
         cost = subtract(self._now(), self._validation_start)
@@ -312,7 +332,7 @@ class BudgetCap:
         self._record_forecast = True
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict) -> None:
-        if self._saving_stop_checkpoint or self.monitor is None or self._mark is None:
+        if self._saving_stop_checkpoint or self.meter is None or self._mark is None:
             return
         self._close_checkpoint_timing()  # (not the count: this save is one of those that follow a validation)
         self._checkpoint_start = self._now()
@@ -323,37 +343,49 @@ class BudgetCap:
         self._close_checkpoint()
         self._mark = None
 
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._drives:
+            self.meter.end_fit(trainer, pl_module)
+
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._attachment.release()
         self._restore_minimums(trainer)
+        if self._drives:
+            self.meter.fail(trainer, exception)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        self._attachment.release()
         self._checkpoint_start = None
         self._restore_minimums(trainer)
+        if self._drives:
+            self.meter.teardown(trainer)
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "planner": self.planner.state_dict(),
             "saves_per_validation": self._saves_per_validation,
             "stopped": self.stopped.to_dict() if self.stopped is not None else None,
         }
+        if self._drives:
+            state["meter"] = self.meter.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Continue the measured costs and the warnings already given; spend itself is restored
-        by the CostMonitor, so a resumed run counts what was already spent."""
+        by the run's meter (this callback's own, when it meters alone), so a resumed run counts
+        what was already spent."""
         self.planner.load_state_dict(state_dict.get("planner", {}))
         self._saves_per_validation = state_dict.get("saves_per_validation")
         self._previous_stop = state_dict.get("stopped")
+        if self._drives and "meter" in state_dict:
+            self.meter.load_state_dict(state_dict["meter"])
 
     # ----------------------------------------------------------------------------------------
     # Measuring
     # ----------------------------------------------------------------------------------------
 
     def _now(self) -> dict:
-        return cost_of(self.monitor.current_totals())
+        return cost_of(self.meter.current_totals())
 
     def _close_checkpoint(self) -> None:
         """End the timing of a checkpoint save at the next hook after it (the save itself runs
@@ -431,8 +463,8 @@ class BudgetCap:
         trainer.should_stop = True
         self._override_minimums(trainer)
         path = self._stop_checkpoint_path(trainer)
-        totals = self.monitor.current_totals()
-        self.monitor.ledger.record(BudgetCapHitEvent(
+        totals = self.meter.current_totals()
+        self.meter.ledger.record(BudgetCapHitEvent(
             cap=breach.cap, unit=breach.unit, limit=breach.limit, value=breach.value,
             predicted_next=breach.predicted, next_batch=breach.next_batch, reserve=breach.reserve,
             predictive=breach.predictive, step=trainer.global_step, epoch=trainer.current_epoch,
@@ -451,17 +483,15 @@ class BudgetCap:
     def _override_minimums(self, trainer: Any) -> None:
         """A hard cap wins over ``min_epochs``/``min_steps``, which Lightning's fit loop otherwise
         enforces by ignoring ``should_stop`` (``FitLoop._can_stop_early``)."""
-        fit_loop = trainer.fit_loop
-        min_epochs, min_steps = fit_loop.min_epochs, fit_loop.epoch_loop.min_steps
-        if not getattr(fit_loop, "_can_stop_early", True):
+        min_epochs, min_steps = internals.read_minimums(trainer)
+        if not internals.minimums_met(trainer):
             rank_zero_info(f"costaware: the budget cap stops the run before min_epochs={min_epochs}, "
                            f"min_steps={min_steps} are met")
-        fit_loop.min_epochs = None
-        fit_loop.epoch_loop.min_steps = None
+        internals.write_minimums(trainer, (None, None))
 
     def _restore_minimums(self, trainer: Any) -> None:
         if self._saved_minimums is not None:
-            trainer.fit_loop.min_epochs, trainer.fit_loop.epoch_loop.min_steps = self._saved_minimums
+            internals.write_minimums(trainer, self._saved_minimums)
             self._saved_minimums = None
 
     def _stop_checkpoint_path(self, trainer: Any) -> Path:
@@ -493,8 +523,8 @@ class BudgetCap:
             limit, value = self.limits[cap], spent[CAP_UNITS[cap]]
             rank_zero_warn(f"costaware: {fraction:.0%} of {cap}={describe(cap, limit)} spent "
                            f"({describe(cap, value)}) at step {trainer.global_step}", category=BudgetWarning)
-            self.monitor.ledger.record(BudgetWarningEvent(cap=cap, fraction=fraction, limit=limit, value=value,
-                                                     step=trainer.global_step))
+            self.meter.ledger.record(BudgetWarningEvent(cap=cap, fraction=fraction, limit=limit, value=value,
+                                                   step=trainer.global_step))
 
     def _update_forecast(self, trainer: Any, pl_module: Any, spent: dict, plan: StopPlan, log: bool) -> None:
         planned = self._planned_batches
@@ -527,7 +557,7 @@ class BudgetCap:
             # or an epoch if it moved (an event is flushed at once: not at every log interval).
             self._recorded_forecast = forecast
             self._record_forecast = False
-            self.monitor.ledger.record(ForecastEvent(
+            self.meter.ledger.record(ForecastEvent(
                 forecast_usd=forecast["usd"], forecast=forecast, planned_batches=planned,
                 batches_done=done, over=sorted(over), step=trainer.global_step,
                 basis=f"BudgetCap: {done} of {planned:g} planned batches done; the rest at the mean cost per batch, "
@@ -576,11 +606,11 @@ class _Schedule:
         saves = [1 + (1 if getattr(cb, "save_last", False) else 0) for cb in checkpoints]
         # At an epoch's end (no validation), a ModelCheckpoint saving by steps only (every_n_epochs=0,
         # Lightning's default with every_n_train_steps) does not save: for forecasts, not the reserve.
-        by_epochs = [n for cb, n in zip(checkpoints, saves) if (getattr(cb, "_every_n_epochs", 1) or 0) >= 1]
-        step_savers = tuple((int(getattr(cb, "_every_n_train_steps", 0) or 0), n) for cb, n in zip(checkpoints, saves)
-                            if (getattr(cb, "_every_n_train_steps", 0) or 0) >= 1)
+        by_epochs = [n for cb, n in zip(checkpoints, saves) if internals.checkpoint_every_n_epochs(cb) >= 1]
+        step_savers = tuple((internals.checkpoint_every_n_train_steps(cb), n) for cb, n in zip(checkpoints, saves)
+                            if internals.checkpoint_every_n_train_steps(cb) >= 1)
         return cls(validation=bool(trainer.enable_validation),
-                   time_based=getattr(trainer, "_val_check_time_interval", None) is not None,
+                   time_based=internals.validation_is_time_based(trainer),
                    batches_per_epoch=trainer.num_training_batches, val_check_batch=trainer.val_check_batch,
                    check_val_every_n_epoch=trainer.check_val_every_n_epoch,
                    default_saves=sum(saves), epoch_saves=sum(by_epochs), step_savers=step_savers)

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 
-from costaware.callbacks.attach import MonitorAttachment, check_monitor_kwargs
+from costaware import _lightning_internals as internals
+from costaware._lightning import CALLBACK_BASES
 from costaware.callbacks.budget_cap import BudgetCap
-from costaware.callbacks.cost_monitor import log_at_lightning_step
+from costaware.callbacks.metering import check_priced, find_meter, make_own_meter
 from costaware.curves import Decision, MarginalGainPolicy
+from costaware.meter import CostMeter, log_at_lightning_step
 from costaware.records import (
     MarginalGainDecisionEvent,
     MarginalGainPolicyEvent,
@@ -23,6 +25,9 @@ from costaware.records import (
 from costaware.strategies.base import ModelRow, StopContext, StopStrategy
 from costaware.strategies.early_stop import EarlyStop
 from costaware.validation import check_flag
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 #: Keys written to the loggers at each decision (``{monitor}`` is the monitored metric's name).
 GAIN_PER_USD_KEY = "cost/marginal_gain_per_usd"
@@ -50,7 +55,7 @@ class MetricNotLoggedError(KeyError, ValueError):
         return self.message
 
 
-class MarginalGainStopping:
+class MarginalGainStopping(*CALLBACK_BASES):  # a Callback of each installed namespace
     r"""Stop training when the metric the next dollar buys is worth less than that dollar.
 
     At every validation end of a fit (not the sanity check) the monitored metric and the run's
@@ -75,11 +80,12 @@ class MarginalGainStopping:
     (diverged before its first validation) stops after a short, priced wait instead of sampling
     noise for a lucky best.
 
-    Cost comes from the ``CostMonitor`` among the Trainer's callbacks (moved before this callback
-    if needed); without one, one is inserted at ``setup`` built from ``monitor_kwargs`` (prices;
-    note that on a CPU-only machine the run costs $0 unless ``usd_per_host_hour`` is given, and a
-    run that costs nothing is never stopped: a warning says so). Totals are refreshed at each
-    decision (a collective under DDP; every rank validates, so every rank calls it).
+    Cost comes from the meter of the ``CostMonitor`` among the Trainer's callbacks; without one,
+    this callback meters the run itself (:attr:`own_meter`, built from ``monitor_kwargs``),
+    logging ``cost/*`` and writing the ledger and report as CostMonitor does. Nothing priced (on
+    a CPU-only machine, no ``usd_per_host_hour``) is an error at fit start: a run that costs $0
+    could never be stopped on price. Totals are refreshed at each decision (a collective under
+    DDP; every rank validates, so every rank calls it).
 
     Each decision, with its reason and the policy's figures, is written to the run's ledger as a
     ``marginal_gain_decision`` event (``stop``, ``reason``, ``monitor``, ``value``,
@@ -116,7 +122,7 @@ class MarginalGainStopping:
         policy_kwargs: more ``MarginalGainPolicy`` arguments (``fit_fraction``,
             ``increment_fraction``, ``planned_cost_usd``, ``anneal_fraction``, ``anneals``,
             ``baseline``, ``collapse_points``, ``seed``...).
-        monitor_kwargs: ``CostMonitor`` arguments for the monitor this callback inserts when the
+        monitor_kwargs: ``CostMonitor`` arguments for the meter this callback drives when the
             Trainer has none (``{"usd_per_host_hour": 0.1, "country": "USA"}``); ignored, with a
             warning, when there is one.
         verbose: print each decision on rank zero (stops are always printed).
@@ -189,16 +195,16 @@ class MarginalGainStopping:
         self.monitor = monitor
         self.mode = mode
         self.strategies = _strategies(then)
-        self.monitor_kwargs = check_monitor_kwargs({}, monitor_kwargs) if monitor_kwargs is not None else {}
+        self.own_meter = make_own_meter({}, monitor_kwargs)
         self.verbose = verbose
-        self.cost_monitor: Optional[Any] = None
+        self.meter: Optional[CostMeter] = None  # the run's meter, from setup on
+        self._drives = False  # the run's meter is own_meter: this callback starts it, logs and reports
         self.decisions: list[Decision] = []  # this session's decisions, in order
         self.stopped_step: Optional[int] = None
         self.stop_reason: Optional[str] = None
         self.results: list[ModelRow] = []  # the strategies' rows, after the fit
         self._seen_monitor = False
         self._warned_free = False
-        self._attachment = MonitorAttachment()
 
     # The policy holds the knobs (validated there); these read them, so no copy can drift.
 
@@ -228,26 +234,44 @@ class MarginalGainStopping:
         return generate(monitor=self.monitor, mode=self.mode) if generate else type(self).__qualname__
 
     # ------------------------------------------------------------------------------------------
-    # Setup: find or create the CostMonitor
-    # ------------------------------------------------------------------------------------------
-
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self.cost_monitor = self._attachment.attach(self, trainer, pl_module, stage, self.monitor_kwargs,
-                                                    self.cost_monitor)
-
-    # ------------------------------------------------------------------------------------------
     # Lightning hooks
     # ------------------------------------------------------------------------------------------
 
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self._attachment.release()
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.meter = find_meter(trainer, self)
+        self._drives = self.meter is self.own_meter
+        if self._drives:
+            self.meter.start(trainer)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_priced(self.meter, "MarginalGainStopping", "usd_per_point")
         self.decisions = []
         self.results = []
-        self.cost_monitor.ledger.record(MarginalGainPolicyEvent(
+        self.meter.open_ledger(trainer)  # (once per fit, whoever asks first)
+        self.meter.ledger.record(MarginalGainPolicyEvent(
             monitor=self.monitor, mode=self.mode, usd_per_point=self.usd_per_point,
             min_gain_per_usd=self.min_gain_per_usd, confidence=self.confidence, min_points=self.min_points,
             points_per_unit=self.points_per_unit, strategies=[_name(s) for s in self.strategies],
             resumed_points=self.policy.num_points, anneals=self._anneals(trainer), baseline=self.policy.baseline))
+
+    # When this callback meters alone, it drives its meter as CostMonitor would.
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._drives:
+            self.meter.begin_batch(pl_module)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._drives:
+            self.meter.count_batch(trainer, pl_module)
+            if internals.should_log(trainer):
+                self.meter.log(trainer, pl_module, on_step=True)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._drives:
+            self.meter.end_epoch()
+            self.meter.log(trainer, pl_module, on_step=False)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         context = self._context(trainer, pl_module)
@@ -257,8 +281,10 @@ class MarginalGainStopping:
                 hook(context)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.state.fn != "fit" or self.cost_monitor is None:
+        if trainer.state.fn != "fit" or self.meter is None:
             return
+        if self._drives:
+            self.meter.record_validation(trainer, pl_module)
         metrics = trainer.callback_metrics
         if trainer.sanity_checking:
             # A typo fails here, before training, when the sanity check logged other metrics
@@ -274,7 +300,7 @@ class MarginalGainStopping:
             return  # logged at other validations: nothing to decide on this one
         self._seen_monitor = True
         value = float(metrics[self.monitor])
-        totals = self.cost_monitor.refresh(trainer, pl_module)  # a collective: every rank validates
+        totals = self.meter.refresh(trainer, pl_module)  # a collective: every rank validates
         context = self._context(trainer, pl_module, totals_usd=totals.usd)
         for strategy in self.strategies:
             hook = getattr(strategy, "on_validation", None)
@@ -330,11 +356,13 @@ class MarginalGainStopping:
         return spent_usd * planned_steps / trainer.global_step
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.cost_monitor is None:
+        if self.meter is None:
             return
-        context = self._context(trainer, pl_module, totals_usd=self.cost_monitor.totals.usd)
+        if self._drives:
+            self.meter.end_fit(trainer, pl_module)
+        context = self._context(trainer, pl_module, totals_usd=self.meter.totals.usd)
         context.reason = self.stop_reason or "the fit ended without a marginal-gain stop"
-        ledger = self.cost_monitor.ledger
+        ledger = self.meter.ledger
         for strategy in self.strategies:
             try:
                 rows = strategy.after_fit(context) or []
@@ -349,17 +377,21 @@ class MarginalGainStopping:
                                               rows=[asdict(row) for row in rows]))
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._attachment.release()
+        if self._drives:
+            self.meter.fail(trainer, exception)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == "fit":
-            self._attachment.release()
+        if stage == "fit" and self._drives:
+            self.meter.teardown(trainer)
 
     def state_dict(self) -> dict:
-        return {"policy": self.policy.state_dict(), "seen_monitor": self._seen_monitor,
-                "stopped_step": self.stopped_step, "stop_reason": self.stop_reason,
-                "strategies": [s.state_dict() if callable(getattr(s, "state_dict", None)) else {}
-                               for s in self.strategies]}
+        state = {"policy": self.policy.state_dict(), "seen_monitor": self._seen_monitor,
+                 "stopped_step": self.stopped_step, "stop_reason": self.stop_reason,
+                 "strategies": [s.state_dict() if callable(getattr(s, "state_dict", None)) else {}
+                                for s in self.strategies]}
+        if self._drives:
+            state["meter"] = self.meter.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.policy.load_state_dict(state_dict["policy"])
@@ -369,11 +401,13 @@ class MarginalGainStopping:
         for strategy, state in zip(self.strategies, state_dict.get("strategies", [])):
             if state and callable(getattr(strategy, "load_state_dict", None)):
                 strategy.load_state_dict(state)
+        if self._drives and "meter" in state_dict:
+            self.meter.load_state_dict(state_dict["meter"])
 
     # ------------------------------------------------------------------------------------------
 
     def _context(self, trainer: Any, pl_module: Any, totals_usd: Optional[float] = None) -> StopContext:
-        return StopContext(trainer=trainer, pl_module=pl_module, monitor=self.cost_monitor, metric_name=self.monitor,
+        return StopContext(trainer=trainer, pl_module=pl_module, monitor=self.meter, metric_name=self.monitor,
                            mode=self.mode, budget_left_usd=_budget_left_usd(trainer, totals_usd))
 
     def _record(self, trainer: Any, decision: Decision, stop: bool, reason: str, value: float, totals: Any) -> None:
@@ -384,7 +418,7 @@ class MarginalGainStopping:
         if est is not None:
             figures.update({k: getattr(est, k) for k in figures})
             figures["curve_points"] = {"usd": list(est.curve_usd), "value": list(est.curve_metric)}  # for the report
-        ledger = self.cost_monitor.ledger
+        ledger = self.meter.ledger
         ledger.record(MarginalGainDecisionEvent(  # its totals: those the decision used, not the last sample's
             stop=stop, reason=reason, monitor=self.monitor, value=value, usd=totals.usd, step=trainer.global_step,
             points=self.policy.num_points, usd_per_point=self.usd_per_point, totals=RecordedTotals.of(totals),

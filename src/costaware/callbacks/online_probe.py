@@ -9,8 +9,10 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
 
+from costaware._lightning import CALLBACK_BASES
 from costaware._torch import device_of
-from costaware.callbacks.cost_monitor import CostMonitor
+from costaware.callbacks.metering import run_meter
+from costaware.meter import CostMeter
 from costaware.records import OnlineProbeEvent
 from costaware.validation import check_amount, check_count, check_flag
 
@@ -22,7 +24,7 @@ EmbedFn = Callable[[Any, torch.Tensor], torch.Tensor]
 LabeledData = Union[str, os.PathLike, tuple, Iterable]
 
 
-class OnlineProbe:
+class OnlineProbe(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each installed Lightning namespace
     r"""Fit a k-NN or linear probe on frozen embeddings of a small labeled set, and log its accuracy.
 
     Self-supervised pretraining has no accuracy of its own to watch, so neither
@@ -135,7 +137,7 @@ class OnlineProbe:
         self.embed_fn = embed_fn
         self.batch_size = batch_size
         self.prog_bar = prog_bar
-        self.monitor: Optional[CostMonitor] = None
+        self.meter: Optional[CostMeter] = None  # the run's meter, if any, from fit start on
         self.last_acc: Optional[float] = None
         self.history: list[dict] = []  # one dict per probe: step, acc, seconds, cost_usd
         self.validations = 0
@@ -153,9 +155,7 @@ class OnlineProbe:
         return f"{type(self).__qualname__}{({'log_name': self.log_name})!r}"
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        # Not in setup: BudgetCap or MarginalGainStopping may add their monitor later in that walk.
-        found = [cb for cb in trainer.callbacks if isinstance(cb, CostMonitor)]
-        self.monitor = found[0] if found else None
+        self.meter = run_meter(trainer)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.sanity_checking or self.every_n_val is None:
@@ -218,19 +218,19 @@ class OnlineProbe:
                    sync_dist=trainer.world_size > 1)
         pl_module.log(self.log_name, acc, prog_bar=self.prog_bar, **log)
         pl_module.log(self.seconds_name, self.total_seconds, **log)
-        if self.monitor is not None:
+        if self.meter is not None:
             pl_module.log(self.cost_name, self.total_usd, **log)
-        ledger = getattr(self.monitor, "ledger", None)
+        ledger = self.meter.ledger if self.meter is not None else None
         if ledger is not None and not ledger.closed:
             ledger.record(OnlineProbeEvent(metric=self.log_name, acc=acc, duration_s=seconds, cost_usd=usd,
                                            probe=self.probe, step=trainer.global_step,
                                            train_examples=len(self.train_labels), val_examples=len(self.val_labels)))
 
     def _usd_now(self) -> Optional[float]:
-        if self.monitor is None:
+        if self.meter is None:
             return None
-        try:  # (before the monitor's setup, as in a standalone validate, there are no totals)
-            return float(self.monitor.current_totals().usd)
+        try:  # (before the meter starts, as in a standalone validate, there are no totals)
+            return float(self.meter.current_totals().usd)
         except Exception:  # noqa: BLE001 - measuring the probe must never break training
             return None
 

@@ -7,12 +7,13 @@ host is counted once; GPU energy is never taken from codecarbon (the GPU meter o
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from costaware import _codecarbon
 
 
 @dataclass(frozen=True)
@@ -77,28 +78,8 @@ class HostMeter:
         self.latest = HostSample(time_s=start_s)
 
     def _open(self) -> None:
-        from codecarbon.core import cpu as cc_cpu
-        from codecarbon.core.hardware_cache import get_cached_tdp
-        from codecarbon.external.hardware import CPU, MODE_CPU_LOAD
-        from codecarbon.external.ram import RAM
-
-        logging.getLogger("codecarbon").setLevel(logging.ERROR)
-        out_dir = tempfile.gettempdir()
-        tdp_w = self._cpu_tdp_w
-        if tdp_w is None and cc_cpu.is_rapl_available():
-            cpu = CPU.from_utils(out_dir, mode="intel_rapl")
-            self.method = "RAPL counters (codecarbon)"
-        else:
-            if tdp_w is None:
-                tdp = get_cached_tdp(cc_cpu)  # detected once per process
-                model, tdp_w = tdp.model, tdp.tdp
-            else:
-                model = "user-given TDP"
-            cpu = CPU.from_utils(out_dir, MODE_CPU_LOAD, model, tdp_w)  # type: ignore[arg-type]  # watts: a float
-            self.method = f"codecarbon TDP x load model ({model}, {tdp_w} W TDP)"
-        cpu.start()
-        self._ram = RAM(tracking_mode="machine", force_ram_power=self._ram_power_w)  # type: ignore[arg-type]
-        self._cpu = cpu
+        self._cpu, self.method = _codecarbon.open_cpu(tempfile.gettempdir(), self._cpu_tdp_w)
+        self._ram = _codecarbon.open_ram(self._ram_power_w)
 
     def sample(self, now_s: float) -> HostSample:
         """Add the energy used since the last sample; called from the sampler thread."""
@@ -112,10 +93,9 @@ class HostMeter:
                 if dt_s <= 0.0:
                     return self.latest  # nothing elapsed, or a reading older than the last one
                 self._last_s = now_s
-                power, energy = self._cpu.measure_power_and_energy(last_duration=dt_s)
-                self._cpu_j += float(energy.kWh) * 3.6e6
-                self._ram_j += float(self._ram.total_power().W) * dt_s
-                cpu_power_w = float(power.W)
+                cpu_power_w, cpu_j = _codecarbon.cpu_power_and_energy(self._cpu, dt_s)
+                self._cpu_j += cpu_j
+                self._ram_j += _codecarbon.ram_power_w(self._ram) * dt_s
             except Exception as err:  # noqa: BLE001 - measuring must never break training
                 # status first: a thread that sees ``degraded`` must never read status "ok"
                 self.status = f"degraded: host energy read failed ({err}); totals so far kept"

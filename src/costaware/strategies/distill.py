@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import random
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -47,9 +45,6 @@ STUDENT_FILENAME = "student.pt"
 #: ``metric_fn(model, dataloader) -> float``, as for ``Quantize``.
 MetricFn = Callable[[nn.Module, Any], float]
 
-# CostMonitor settings copied from the teacher's monitor to the student's.
-_MONITOR_SETTINGS = ("sample_interval_s", "flush_interval_s", "flops_measure_batches", "cpu_tdp_w", "ram_power_w",
-                     "nvml_index")
 
 
 class StudentShapeError(ValueError):
@@ -281,10 +276,9 @@ class Distill(StopStrategy):
             StudentShapeError: the student's logits do not have the teacher's shape.
             ValueError: no training data.
         """
-        from costaware.callbacks.cost_monitor import CostMonitor
+        from costaware.callbacks.metering import run_meter
 
-        if monitor is None:
-            monitor = next((cb for cb in trainer.callbacks if isinstance(cb, CostMonitor)), None)
+        monitor = run_meter(trainer) if monitor is None else getattr(monitor, "meter", monitor)  # a CostMonitor's
         context = _context or StopContext(trainer=trainer, pl_module=pl_module, monitor=monitor,
                                           budget_left_usd=budget_left_usd)
         teacher_row = self.teacher_strategy.after_fit(context)[0]  # restores the best weights
@@ -403,18 +397,12 @@ class Distill(StopStrategy):
         namespace = _lightning.namespace_of(trainer)
         if namespace is None:
             raise TypeError(f"{type(trainer).__name__} is neither a pytorch_lightning nor a lightning.pytorch Trainer")
-        costaware_ns = importlib.import_module(
-            "costaware.lightning" if namespace == "lightning.pytorch" else "costaware")
-        student_monitor = costaware_ns.CostMonitor(**_monitor_kwargs(monitor), ledger_dir=str(save_dir))
-        if monitor is not None and "clock" in vars(monitor):
-            student_monitor.clock = monitor.clock  # a test's fake clock
+        from costaware.callbacks import BudgetCap, CostMonitor  # (a Callback of either namespace)
+
+        student_monitor = CostMonitor(**_monitor_kwargs(monitor), ledger_dir=str(save_dir))
         callbacks: list = [student_monitor]
-        budget_cap = getattr(costaware_ns, "BudgetCap", None)
-        if budget_left_usd is not None and budget_cap is not None:
-            callbacks.append(budget_cap(max_usd=budget_left_usd))
-        elif budget_left_usd is not None:
-            warnings.warn("costaware: this costaware has no BudgetCap: the student's fit is not capped",
-                          RuntimeWarning, stacklevel=2)
+        if budget_left_usd is not None:
+            callbacks.append(BudgetCap(max_usd=budget_left_usd))
         device = trainer.strategy.root_device
         kwargs = dict(
             accelerator={"cuda": "gpu"}.get(device.type, device.type),
@@ -590,12 +578,10 @@ def _fmt(value: Optional[float]) -> str:
 
 
 def _monitor_kwargs(monitor: Optional[Any]) -> dict:
-    """The teacher monitor's prices and meter settings, for the student's."""
+    """The teacher meter's prices and meter settings, for the student's."""
     if monitor is None:
         return {}
-    kwargs = dict(getattr(monitor, "_price_args", {}))
-    kwargs.update({name: getattr(monitor, name) for name in _MONITOR_SETTINGS if hasattr(monitor, name)})
-    return kwargs
+    return {k: v for k, v in monitor.settings().items() if k != "ledger_dir"}
 
 
 def _accepts(fn: Callable, keyword: str) -> bool:

@@ -1,0 +1,63 @@
+"""The Lightning internals adapter, against the installed release (scripts/test_versions runs
+it against the oldest and the newest supported ones too)."""
+
+import pytest
+
+from costaware import _lightning_internals as internals
+
+
+def _probe(ns):
+    class Probe(ns.pl.Callback):
+        def __init__(self):
+            self.logs, self.steps, self.met = [], [], []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.logs.append(internals.should_log(trainer))
+            self.steps.append((internals.logging_step(trainer), trainer.global_step))
+            self.met.append(internals.minimums_met(trainer))
+
+    return Probe()
+
+
+def test_logging_batches_and_step(ns, tmp_path):
+    probe = _probe(ns)
+    trainer = ns.Trainer(max_steps=10, log_every_n_steps=2, limit_val_batches=0, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[probe])
+    trainer.fit(ns.BoringModel())
+    assert all(isinstance(x, bool) for x in probe.logs) and sum(probe.logs) == 5  # every second batch
+    # The step Lightning logs a batch's metrics at: the optimizer steps before this one.
+    assert [step for step, _ in probe.steps] == [global_step - 1 for _, global_step in probe.steps]
+
+
+def test_minimums_read_written_and_met(ns, tmp_path):
+    probe = _probe(ns)
+    trainer = ns.Trainer(max_epochs=4, min_epochs=2, limit_train_batches=2, limit_val_batches=0,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[probe])
+    assert internals.read_minimums(trainer) == (2, None)
+    trainer.fit(ns.BoringModel())
+    assert probe.met == [False] * 4 + [True] * 4  # met once two epochs are done
+    internals.write_minimums(trainer, (None, None))
+    assert internals.read_minimums(trainer) == (None, None) and internals.minimums_met(trainer)
+    internals.write_minimums(trainer, (2, 7))
+    assert internals.read_minimums(trainer) == (2, 7)
+
+
+def test_checkpoint_intervals_and_time_based_validation(ns, tmp_path):
+    by_steps = ns.callbacks.ModelCheckpoint(every_n_train_steps=3)
+    default = ns.callbacks.ModelCheckpoint()
+    by_epochs = ns.callbacks.ModelCheckpoint(every_n_epochs=2)
+    assert (internals.checkpoint_every_n_train_steps(by_steps), internals.checkpoint_every_n_epochs(by_steps)) == (3, 0)
+    assert (internals.checkpoint_every_n_train_steps(default), internals.checkpoint_every_n_epochs(default)) == (0, 1)
+    assert internals.checkpoint_every_n_epochs(by_epochs) == 2
+    trainer = ns.Trainer(max_steps=1, limit_val_batches=1, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, logger=False, enable_checkpointing=False)
+    trainer.fit(ns.BoringModel())
+    assert internals.validation_is_time_based(trainer) is False
+
+
+@pytest.mark.parametrize("name", ["should_log", "logging_step", "minimums_met", "read_minimums"])
+def test_each_adapter_reads_what_lightning_has(ns, name):
+    """Each internal the adapter reads exists on a fresh Trainer (a release that moved one fails here)."""
+    trainer = ns.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    getattr(internals, name)(trainer)
