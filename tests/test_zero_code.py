@@ -61,8 +61,7 @@ def test_nothing_happens_without_the_environment(tmp_path, namespace):
 def test_costaware_1_meters_an_unchanged_script(tmp_path, namespace):
     result = _run(tmp_path, namespace, COSTAWARE="1", COSTAWARE_USD_PER_HOST_HOUR="0.2", COSTAWARE_COUNTRY="FRA")
     assert result.returncode == 0, result.stderr[-2000:]
-    module = "costaware.lightning" if namespace == "lightning.pytorch" else "costaware"
-    assert f"{module}.CostMonitor" in result.stdout
+    assert "costaware.callbacks.cost_monitor.CostMonitor" in result.stdout
     (ledger,) = _ledgers(tmp_path)
     contents = read_ledger(ledger)
     assert contents.header["prices"]["usd_per_host_hour"] == 0.2
@@ -73,7 +72,7 @@ def test_costaware_1_meters_an_unchanged_script(tmp_path, namespace):
 def test_a_max_usd_adds_a_cap(tmp_path):
     result = _run(tmp_path, "pytorch_lightning", COSTAWARE_MAX_USD="5", COSTAWARE_USD_PER_HOST_HOUR="0.2")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "costaware.BudgetCap" in result.stdout
+    assert "costaware.callbacks.budget_cap.BudgetCap" in result.stdout
     (ledger,) = _ledgers(tmp_path)
     caps = [e for e in read_ledger(ledger).events if e["name"] == "budget_caps"]
     assert caps and caps[0]["caps"] == {"max_usd": 5.0}
