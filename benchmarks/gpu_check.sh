@@ -22,7 +22,7 @@ BUDGET_S=${GPU_CHECK_BUDGET_S:-420}       # the whole script: 7 minutes, inside 
 GPU_USD_PER_HOUR=${GPU_USD_PER_HOUR:-3.50} # an example H200 on-demand price (not in costaware's table)
 PY=${PYTHON:-python3}
 RUNS=${GPU_CHECK_RUNS:-/tmp/costaware_gpu_check}
-mkdir -p "$OUT" && rm -rf "$RUNS" && mkdir -p "$RUNS"
+mkdir -p "$OUT" && rm -f "$OUT"/gpu_*.txt && rm -rf "$RUNS" && mkdir -p "$RUNS"
 SUMMARY=$OUT/gpu_summary.txt
 : >"$SUMMARY"
 START=$(date +%s)

