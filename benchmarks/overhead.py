@@ -50,6 +50,7 @@ Usage::
     python benchmarks/overhead.py                       # CPU, ~4 min on 2 idle cores
     python benchmarks/overhead.py --repeats 9 --out benchmarks/results/overhead_cpu.txt   # the committed run
     python benchmarks/overhead.py --gpu --out benchmarks/results/overhead_gpu.txt
+    python benchmarks/overhead.py --gpu --repeats 3 --max-seconds 170   # time-boxed (benchmarks/gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -332,10 +333,14 @@ class CodecarbonAround:
         self.energy_kwh = None if data is None else float(data.energy_consumed)
 
 
+# CostMonitor's arguments in every variant; main() adds a GPU price with --gpu, since a GPU with no
+# price in costaware's table (the H200) is refused without one. Prices do not change the overhead.
+COST_MONITOR_KWARGS: dict = {"usd_per_host_hour": 1.0}
+
 VARIANTS = [
     Variant("plain", False),
     Variant("plain (A/A)", False),
-    Variant("CostMonitor", True, lambda: [costaware.CostMonitor(usd_per_host_hour=1.0)]),
+    Variant("CostMonitor", True, lambda: [costaware.CostMonitor(**COST_MONITOR_KWARGS)]),
     Variant("DeviceStatsMonitor", False, lambda: [DeviceStatsMonitor()]),
     Variant("ThroughputMonitor", False, lambda: [ThroughputMonitor(batch_size_fn=batch_size_of)]),
     Variant("codecarbon", True, wrap=lambda: CodecarbonAround()),
@@ -495,7 +500,7 @@ def breakdown(work: Workload, args: argparse.Namespace, step_ms: float) -> list[
     """CostMonitor's cost per training step by component, in microseconds and % of ``step_ms``."""
     at = args.log_every_n_steps * 2 + 1  # after CostMonitor has logged, on a step where it does not
     found: dict[str, dict[str, float]] = {}
-    for name, monitor in (("plain", []), ("CostMonitor", [costaware.CostMonitor(usd_per_host_hour=1.0)])):
+    for name, monitor in (("plain", []), ("CostMonitor", [costaware.CostMonitor(**COST_MONITOR_KWARGS)])):
         probe = PLBreakdownProbe(at, args.log_every_n_steps)
         variant = Variant(name, False, lambda m=monitor, p=probe: [*m, p])
         run_once(work, variant, steps=at + 1, warmup=1, log_every_n_steps=args.log_every_n_steps)
@@ -710,6 +715,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--gpu", action="store_true", help="the LoRA MiniLM step on CUDA GPU 0, plus the energy check")
     parser.add_argument("--precision", default="bf16-mixed", help="--gpu: Trainer precision (default bf16-mixed)")
     parser.add_argument("--out", default=None, help="also write the report to this file")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="run fewer rounds than --repeats (at least 1) if the warm-up round says they would not "
+                             "fit in this many seconds of benchmark time (a time-boxed GPU session)")
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = 620 if args.gpu else 320
@@ -721,9 +729,28 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         parser.error(f"--step-ms must be > 0, got {args.step_ms}")
     if args.log_every_n_steps < 1:
         parser.error(f"--log-every-n-steps must be >= 1, got {args.log_every_n_steps}")
+    if args.max_seconds is not None and not args.max_seconds > 0:
+        parser.error(f"--max-seconds must be > 0, got {args.max_seconds}")
     if args.batch is not None and args.batch < 1:
         parser.error(f"--batch must be >= 1, got {args.batch}")
     return args
+
+
+def rounds_that_fit(args: argparse.Namespace, cold: list[RunResult], spent_s: float,
+                    say: Callable[[str], None]) -> int:
+    """How many of ``--repeats`` rounds fit in ``--max-seconds``, from the warm-up round's runs.
+
+    A run of ``--steps`` is estimated as the warm-up run's fit time plus its per-step time for the
+    extra steps; the component breakdown at the end is counted as two more plain runs.
+    """
+    short = args.warmup + 40
+    run_s = [r.fit_s + max(args.steps - short, 0) * r.step_s for r in cold]
+    round_s = sum(run_s)
+    left_s = args.max_seconds - spent_s - 2 * run_s[0]
+    fit = max(1, min(args.repeats, int(left_s // round_s) if round_s > 0 else args.repeats))
+    say(f"--max-seconds {args.max_seconds:g}: a round is ~{round_s:.0f} s, {max(left_s, 0):.0f} s left: "
+        f"{fit} of {args.repeats} rounds" + ("" if fit == args.repeats else " (fewer rounds: a wider spread)"))
+    return fit
 
 
 def quiet() -> None:
@@ -743,6 +770,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(text, flush=True)
 
     handle = open_nvml_for_cuda0() if args.gpu else None
+    if args.gpu:
+        COST_MONITOR_KWARGS["usd_per_gpu_hour"] = 1.0  # any price: it is not what this measures
     quiet()
     if not args.gpu:
         torch.set_num_threads(1)
@@ -760,12 +789,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             f"{args.log_every_n_steps}; variants interleaved, order rotated each round")
         # One short round of every variant first, discarded: it pays the one-time costs of a process
         # (imports, codecarbon's CPU detection, allocator warm-up), shown here and left out of the table.
-        cold = []
+        cold, cold_results = [], []
         for variant in VARIANTS:
             result = run_once(work, variant, steps=args.warmup + 40, warmup=args.warmup, energy_handle=handle,
                               log_every_n_steps=args.log_every_n_steps)
             cold.append(f"{variant.name} {result.step_s * 1e3:.2f} ms/{result.fit_s:.1f} s")
+            cold_results.append(result)
         say("warm-up round, discarded (step ms / fit s, one-time costs of the process included): " + ", ".join(cold))
+        if args.max_seconds is not None:
+            args.repeats = rounds_that_fit(args, cold_results, time.perf_counter() - started, say)
 
         results: dict[str, list[RunResult]] = {v.name: [] for v in VARIANTS}
         for round_index in range(args.repeats):

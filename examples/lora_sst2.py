@@ -12,11 +12,16 @@ Dollars on a CPU are host-hours times ``--usd-per-host-hour``. Its default, $0.1
 an example price of the order of a small on-demand cloud CPU instance (2 vCPUs), not a quote:
 pass what your machine costs. On a GPU, ``--gpu`` and ``--usd-per-gpu-hour`` price it.
 
+``--usd-per-point`` adds ``costaware.MarginalGainStopping`` on ``val_acc`` (stop once a point of
+accuracy costs more than that; the best weights are kept), and ``--quantize-base 4bit`` loads the
+frozen encoder in bitsandbytes 4-bit NF4 with bf16 compute (QLoRA; needs a CUDA GPU).
+
 Example::
 
     python examples/lora_sst2.py                       # a minute or two on 2 CPU cores
     python examples/lora_sst2.py --train-samples 8000 --epochs 2 --usd-per-host-hour 0.17
     python examples/lora_sst2.py --gpu H100 --usd-per-gpu-hour 2.5 --max-usd 0.05
+    python examples/lora_sst2.py --accelerator gpu --precision bf16-mixed --quantize-base 4bit --usd-per-point 0.01
 """
 
 from __future__ import annotations
@@ -76,12 +81,34 @@ def model_dir() -> Path:
     return folder
 
 
-def lora_encoder(folder: Path, r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.1) -> nn.Module:
-    """The pretrained encoder, frozen, with trainable LoRA adapters on ``query`` and ``value``."""
+QUANTIZE_BASE = ("none", "4bit")
+
+
+def lora_encoder(folder: Path, r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.1,
+                 quantize_base: str = "none", device: Optional[str] = None) -> nn.Module:
+    """The pretrained encoder, frozen, with trainable LoRA adapters on ``query`` and ``value``.
+
+    ``quantize_base="4bit"`` is QLoRA: the frozen linear layers are loaded in bitsandbytes 4-bit
+    NF4 (double quantization, bf16 compute) on ``device`` (default: the current CUDA device),
+    and peft's ``prepare_model_for_kbit_training`` keeps the other weights in fp32.
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel
 
-    encoder = AutoModel.from_pretrained(str(folder))
+    if quantize_base not in QUANTIZE_BASE:
+        raise ValueError(f"quantize_base must be one of {QUANTIZE_BASE}, got {quantize_base!r}")
+    if quantize_base == "4bit":
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        config_4bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                         bnb_4bit_compute_dtype=torch.bfloat16)
+        where = device or f"cuda:{torch.cuda.current_device()}"
+        encoder = AutoModel.from_pretrained(str(folder), quantization_config=config_4bit, device_map={"": where})
+        # MiniLM's activations are small: recomputing them (gradient checkpointing) would only cost time.
+        encoder = prepare_model_for_kbit_training(encoder, use_gradient_checkpointing=False)
+    else:
+        encoder = AutoModel.from_pretrained(str(folder))
     encoder.train()  # from_pretrained returns eval mode, and Lightning keeps each module's mode: dropout on
     config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=["query", "value"], lora_dropout=lora_dropout)
     return get_peft_model(encoder, config)
@@ -123,7 +150,7 @@ class SST2Classifier(pl.LightningModule):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        return self.head(self.dropout(pooled))
+        return self.head(self.dropout(pooled.to(self.head.weight.dtype)))  # a 4-bit base computes in bf16
 
     def _loss_and_acc(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self(batch["input_ids"], batch["attention_mask"])
@@ -164,11 +191,17 @@ class SST2Classifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        quant_states = tuple(f"{name}." for name in frozen)  # a 4-bit weight's absmax, quant_map, ...
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if k not in frozen and not k.startswith(quant_states)}
 
     def parameter_counts(self) -> tuple[int, int]:
-        """``(total, trainable)`` parameters."""
-        total = sum(p.numel() for p in self.parameters())
+        """``(total, trainable)`` parameters; a 4-bit weight counts its unpacked shape."""
+        def numel(p: torch.Tensor) -> int:
+            shape = getattr(getattr(p, "quant_state", None), "shape", None)
+            return int(torch.Size(shape).numel()) if shape is not None else p.numel()
+
+        total = sum(numel(p) for p in self.parameters())
         return total, sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
@@ -194,6 +227,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                        help="peak learning rate of the LoRA adapters (warm-up then linear decay)")
     train.add_argument("--head-lr", type=float, default=1e-2, help="peak learning rate of the classification head")
     train.add_argument("--lora-r", type=int, default=8)
+    train.add_argument("--quantize-base", default="none", choices=QUANTIZE_BASE,
+                       help="'4bit': the frozen encoder in bitsandbytes 4-bit NF4, bf16 compute (QLoRA; CUDA only)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                        help="torch CPU threads (default: every core; fewer can be faster on a busy machine)")
@@ -212,6 +247,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help="GPU rental price (default: costaware's table for --gpu)")
     cost.add_argument("--max-usd", type=float, default=None,
                       help="stop training once the run has spent this many dollars (costaware.BudgetCap)")
+    cost.add_argument("--usd-per-point", type=float, default=None,
+                      help="what one point (0.01) of val_acc is worth: stop once the next one costs more "
+                           "(costaware.MarginalGainStopping; the best weights are kept)")
     args = p.parse_args(argv)
     for name in ("train_samples", "val_samples", "test_samples", "max_length", "batch_size", "epochs", "threads"):
         value = getattr(args, name)
@@ -221,13 +259,37 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--max-steps must be -1 (no limit) or >= 1, got {args.max_steps}")
     if not 0.0 < args.val_check_interval <= 1.0:
         p.error(f"--val-check-interval must be in (0, 1], got {args.val_check_interval}")
+    if args.usd_per_point is not None and not args.usd_per_point > 0:
+        p.error(f"--usd-per-point must be > 0, got {args.usd_per_point}")
+    if args.quantize_base == "4bit":
+        check_4bit(p, args.accelerator)
     return args
 
 
-def cost_callbacks(args: argparse.Namespace) -> list:
-    """The costaware callbacks for this run; one line each."""
+def check_4bit(p: argparse.ArgumentParser, accelerator: str) -> None:
+    """QLoRA needs bitsandbytes and a CUDA GPU: say so before anything is loaded."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        p.error("--quantize-base 4bit needs bitsandbytes: pip install -e .[quant] (or --quantize-base none)")
+    if accelerator == "cpu" or not torch.cuda.is_available():
+        p.error(f"--quantize-base 4bit needs a CUDA GPU (--accelerator {accelerator}, torch.cuda.is_available() is "
+                f"{torch.cuda.is_available()}, torch {torch.__version__}); on a CPU use --quantize-base none")
+
+
+def cost_callbacks(args: argparse.Namespace, val_labels: Sequence[int] = ()) -> list:
+    """The costaware callbacks for this run; one line each.
+
+    ``val_labels`` give ``MarginalGainStopping`` its baseline: the accuracy of always answering
+    the majority class, what a model that learned nothing scores.
+    """
     callbacks: list = [costaware.CostMonitor(usd_per_host_hour=args.usd_per_host_hour, country=args.country,
                                              gpu=args.gpu, usd_per_gpu_hour=args.usd_per_gpu_hour)]
+    if args.usd_per_point is not None:
+        baseline = max(map(list(val_labels).count, set(val_labels))) / len(val_labels) if val_labels else None
+        callbacks.append(costaware.MarginalGainStopping(
+            monitor="val_acc", mode="max", usd_per_point=args.usd_per_point,
+            policy_kwargs={"baseline": baseline} if baseline is not None else None))
     if args.max_usd is not None:
         callbacks.append(costaware.BudgetCap(max_usd=args.max_usd))
     return callbacks
@@ -253,9 +315,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     val_loader = sst2_loader(tokenizer, *val, **loader)
     test_loader = sst2_loader(tokenizer, *test, **loader)
 
-    model = SST2Classifier(lora_encoder(weights, r=args.lora_r, lora_alpha=2 * args.lora_r),
-                           lr=args.lr, head_lr=args.head_lr)
-    callbacks = cost_callbacks(args)
+    encoder = lora_encoder(weights, r=args.lora_r, lora_alpha=2 * args.lora_r, quantize_base=args.quantize_base)
+    model = SST2Classifier(encoder, lr=args.lr, head_lr=args.head_lr)
+    callbacks = cost_callbacks(args, val[1])
     monitor = next(c for c in callbacks if isinstance(c, costaware.CostMonitor))
     trainer = pl.Trainer(
         max_epochs=args.epochs or (1 if args.max_steps == -1 else -1),
@@ -286,11 +348,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     report = ledger_path.parent / "report.md" if ledger_path is not None else "not written"
     wall_s = time.monotonic() - _STARTED_S
     prices = monitor.prices
+    stopping = next((c for c in callbacks if isinstance(c, costaware.MarginalGainStopping)), None)
+    stop_line = "" if stopping is None else "stopping      : " + (
+        f"marginal gain stopped at step {stopping.stopped_step}: {stopping.stop_reason}"
+        if stopping.stopped_step is not None else f"not stopped by marginal gain (${args.usd_per_point:g}/point)") + "\n"
     print(
         "\n== LoRA on SST-2: summary ==\n"
         f"test accuracy : {test_acc:.4f} on {len(test[1])} sentences of test.tsv\n"
         f"parameters    : {total_params:,} total, {trainable_params:,} trainable "
-        f"({100.0 * trainable_params / total_params:.2f}%: LoRA r={args.lora_r} on query/value + head)\n"
+        f"({100.0 * trainable_params / total_params:.2f}%: LoRA r={args.lora_r} on query/value + head"
+        + (", base in 4-bit NF4" if args.quantize_base == "4bit" else "") + ")\n"
         f"cost          : ${totals.usd:.5f}, {totals.kwh:.6f} kWh, {totals.co2_kg:.6f} kg CO2, "
         f"{totals.flops:.3g} FLOPs, {totals.elapsed_s:.1f} s fitting ({how}; the test pass is not metered)\n"
         f"priced at     : ${prices.usd_per_host_hour:.2f}/host-hour"
@@ -298,13 +365,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
            if args.usd_per_host_hour == DEFAULT_USD_PER_HOST_HOUR else "")
         + (f" + ${prices.usd_per_gpu_hour:.2f}/GPU-hour ({prices.gpu_model})" if prices.usd_per_gpu_hour else "")
         + f", {prices.carbon.g_co2_per_kwh:.0f} g CO2/kWh ({args.country})\n"
-        f"ledger        : {ledger_path}\n"
+        + stop_line
+        + f"ledger        : {ledger_path}\n"
         f"budget report : {report}\n"
         f"wall time     : {wall_s:.1f} s for the whole script (model load, training, test)",
         flush=True,
     )
     return {"test_acc": test_acc, "total_params": total_params, "trainable_params": trainable_params,
-            "totals": totals, "ledger_path": ledger_path, "wall_s": wall_s}
+            "totals": totals, "ledger_path": ledger_path, "wall_s": wall_s,
+            "stopped_step": stopping.stopped_step if stopping is not None else None}
 
 
 if __name__ == "__main__":

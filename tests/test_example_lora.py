@@ -107,6 +107,57 @@ def test_pad_collate_pads_to_the_longest_and_masks():
     assert batch["labels"].tolist() == [1, 0]
 
 
+# ---------------------------------------------------------------------------- options
+@pytest.fixture(scope="module")
+def lora_example():
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    return _load_example_module("lora_sst2")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_quantize_base_4bit_is_refused_before_loading_without_cuda(lora_example, capsys):
+    with pytest.raises(SystemExit):
+        lora_example.parse_args(["--quantize-base", "4bit"])
+    assert "--quantize-base 4bit needs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        lora_example.parse_args(["--quantize-base", "8bit"])
+    assert "invalid choice: '8bit'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"quantize_base must be one of \('none', '4bit'\)"):
+        lora_example.lora_encoder(Path("unused"), quantize_base="nf4")
+
+
+def test_usd_per_point_adds_marginal_gain_stopping_with_the_majority_baseline(lora_example):
+    costaware = pytest.importorskip("costaware")
+    args = lora_example.parse_args(["--usd-per-point", "0.01", "--max-usd", "0.5"])
+    callbacks = lora_example.cost_callbacks(args, [1, 1, 1, 0])
+    assert [type(c) for c in callbacks] == [costaware.CostMonitor, costaware.MarginalGainStopping, costaware.BudgetCap]
+    assert callbacks[1].monitor == "val_acc" and callbacks[1].policy_kwargs == {"baseline": 0.75}
+    plain = lora_example.cost_callbacks(lora_example.parse_args([]), [1, 0])
+    assert [type(c) for c in plain] == [costaware.CostMonitor]  # the main job's callbacks are unchanged
+    with pytest.raises(SystemExit):
+        lora_example.parse_args(["--usd-per-point", "0"])
+
+
+def test_checkpoints_drop_frozen_weights_and_their_4bit_quantization_state(lora_example):
+    from transformers import BertConfig, BertModel
+
+    encoder = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32))
+    encoder.requires_grad_(False)
+    model = lora_example.SST2Classifier(encoder)
+    state = model.state_dict()
+    frozen = "encoder.encoder.layer.0.attention.self.query.weight"
+    state[f"{frozen}.absmax"] = torch.ones(2)  # what bitsandbytes adds next to a 4-bit weight
+    checkpoint = {"state_dict": state}
+    model.on_save_checkpoint(checkpoint)
+    kept = set(checkpoint["state_dict"])
+    frozen_names = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert {"head.weight", "head.bias"} <= kept and frozen in frozen_names
+    assert not kept & frozen_names and f"{frozen}.absmax" not in kept
+    assert model.parameter_counts()[1] == 16 * 2 + 2
+
+
 # ---------------------------------------------------------------------------- the script
 @pytest.mark.slow  # the main job in a subprocess (~25 s); CI runs -m slow too
 def test_lora_sst2_runs_end_to_end_and_writes_a_ledger(tmp_path):
