@@ -77,7 +77,8 @@ def check(report: dict, label: str, gpu: bool, expect_decisions: bool, expect_ca
         energy_j = _num(totals.get("gpu_energy_j"))
         util = _num(averages.get("gpu_utilization_pct"))
         line("PASS" if energy_j and energy_j > 0 and util is not None else "FAIL",
-             f"GPU energy {energy_j} J over {gpu_s:.1f} GPU-s (mean {energy_j / gpu_s if energy_j and gpu_s else 0:.0f} W), "
+             f"GPU energy {energy_j} J over {gpu_s:.1f} GPU-s "
+             f"(mean {energy_j / gpu_s if energy_j and gpu_s else 0:.0f} W), "
              f"utilization {_pct(util)}, power {averages.get('gpu_power_w')} W, memory "
              f"{averages.get('gpu_memory_used_gib')} GiB")
     names = [e.get("name") for e in report.get("events") or []]

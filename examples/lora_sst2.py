@@ -351,7 +351,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     stopping = next((c for c in callbacks if isinstance(c, costaware.MarginalGainStopping)), None)
     stop_line = "" if stopping is None else "stopping      : " + (
         f"marginal gain stopped at step {stopping.stopped_step}: {stopping.stop_reason}"
-        if stopping.stopped_step is not None else f"not stopped by marginal gain (${args.usd_per_point:g}/point)") + "\n"
+        if stopping.stopped_step is not None
+        else f"not stopped by marginal gain (${args.usd_per_point:g}/point)") + "\n"
     print(
         "\n== LoRA on SST-2: summary ==\n"
         f"test accuracy : {test_acc:.4f} on {len(test[1])} sentences of test.tsv\n"
