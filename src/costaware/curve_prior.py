@@ -9,7 +9,8 @@ what the rest of the run brought, measured on recorded runs:
 * ``gain``: (best metric of the whole run - best so far) / headroom,
 * ``final``: (metric at the end of the run - best so far) / headroom,
 
-where the headroom is what is left of a bounded metric's range (accuracy: ``1 - best so far``).
+where the headroom is what is left of a bounded metric's range (accuracy: ``1 - best so far``),
+at least ``HEADROOM_FLOOR`` (5%) of the range.
 The stage is a cell of three features a policy knows at every evaluation:
 
 * the fraction of the planned cost spent (``PLAN_EDGES``),
@@ -38,17 +39,18 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["CurvePrior", "PriorRun", "lr_state", "prior_cell", "load_prior", "runs_from_jsonl", "runs_from_ledger"]
+__all__ = ["HEADROOM_FLOOR", "CurvePrior", "PriorRun", "lr_state", "prior_cell", "load_prior", "runs_from_jsonl", "runs_from_ledger"]
 
 PRIOR_VERSION = 1
 PLAN_EDGES = (0.1, 0.25, 0.5, 0.75)
-PROGRESS_EDGES = (0.1, 0.6)
+PROGRESS_EDGES = (0.1, 0.4, 0.7, 0.9)
 LR_STATES = ("constant", "unknown", "high", "annealing")
 LR_HIGH = 0.7
 MIN_RUNS = 12
 QUANTILE_LEVELS = tuple(round(q, 2) for q in np.linspace(0.02, 0.98, 49))
-#: The smallest headroom, as a fraction of the range, a sample may have (a run at its ceiling says nothing).
-_MIN_HEADROOM = 1e-3
+#: The headroom used to scale a stage's outcomes is at least this fraction of the metric's range: near
+#: the ceiling, evaluation noise (not the headroom) sets how far the final value may fall.
+HEADROOM_FLOOR = 0.05
 #: A run that ended before this fraction of its planned cost is left out (stopped early).
 _MIN_DONE = 0.9
 
@@ -125,9 +127,7 @@ def stage_samples(run: PriorRun) -> list[tuple[tuple, float, float]]:
             best = max(best, float(u[i]))
         if not math.isfinite(best) or planned <= 0:
             continue
-        headroom = hi - best
-        if headroom < _MIN_HEADROOM * width:
-            continue
+        headroom = max(hi - best, HEADROOM_FLOOR * width)
         lrs = None if run.lrs is None else [float(v) for v in run.lrs[: i + 1]]
         cell = prior_cell(float(run.costs_usd[i]) / planned, lr_state(lrs, run.anneals),
                           (best - base) / max(hi - base, 1e-12))
@@ -203,7 +203,7 @@ class CurvePrior:
     def to_dict(self) -> dict[str, Any]:
         return {"version": PRIOR_VERSION, "source": self.source, "plan_edges": list(PLAN_EDGES),
                 "progress_edges": list(PROGRESS_EDGES), "lr_states": list(LR_STATES), "lr_high": LR_HIGH,
-                "quantile_levels": list(QUANTILE_LEVELS), "cells": self.cells}
+                "headroom_floor": HEADROOM_FLOOR, "quantile_levels": list(QUANTILE_LEVELS), "cells": self.cells}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CurvePrior":
@@ -215,7 +215,7 @@ class CurvePrior:
         same = (list(data.get("plan_edges", [])) == list(PLAN_EDGES)
                 and list(data.get("progress_edges", [])) == list(PROGRESS_EDGES)
                 and list(data.get("quantile_levels", [])) == list(QUANTILE_LEVELS)
-                and data.get("lr_high") == LR_HIGH)
+                and data.get("lr_high") == LR_HIGH and data.get("headroom_floor") == HEADROOM_FLOOR)
         if not same:
             raise ValueError("curve prior made with other cell edges or quantile levels: refit it with "
                              "`costaware prior fit`")

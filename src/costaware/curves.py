@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from scipy.special import ndtr
 
-from costaware.curve_prior import CurvePrior, load_prior, lr_state, prior_cell
+from costaware.curve_prior import HEADROOM_FLOOR, load_prior, lr_state, prior_cell
 from costaware.prices import check_amount, check_count
 
 __all__ = [
@@ -494,9 +494,9 @@ class MarginalGainPolicy:
         if estimate is None:
             return Decision(False, "cost has not grown enough to fit a curve", None)
         if view is not None:
+            ends = sorted((self._to_metric(view.final_low), self._to_metric(view.final_high)), key=self._key)
             estimate = replace(estimate, predicted_final=self._to_metric(view.final_median),
-                               predicted_final_low=self._to_metric(min(view.final_low, view.final_high, key=self._key)),
-                               predicted_final_high=self._to_metric(max(view.final_low, view.final_high, key=self._key)),
+                               predicted_final_low=ends[0], predicted_final_high=ends[1],
                                interval_from=f"past runs ({view.cell})")
         worth_usd = estimate.gain_points_upper * self.usd_per_point
         pct = f"{self.confidence:.0%}"
@@ -550,9 +550,7 @@ class MarginalGainPolicy:
         cost_now = self._costs_usd[-1]
         if self.prior is None or plan is None or cost_now >= plan or not (math.isfinite(lo) and math.isfinite(hi)):
             return None
-        headroom = hi - best
-        if headroom <= 1e-3 * (hi - lo):
-            return None
+        headroom = max(hi - best, HEADROOM_FLOOR * (hi - lo))
         lrs = None if any(math.isnan(v) for v in self._lrs) else self._lrs
         state = lr_state(lrs, self.anneals)
         base = lo if self.baseline is None else min(max(self._sign * self.points_per_unit * self.baseline, lo), hi)
@@ -561,7 +559,7 @@ class MarginalGainPolicy:
         c = self.confidence
         final = [min(max(best + headroom * self.prior.quantile("final", cell, q), lo), hi)
                  for q in ((1.0 - c) / 2.0, 0.5, (1.0 + c) / 2.0)]
-        gain = max(headroom * self.prior.quantile("gain", cell, c), 0.0)
+        gain = min(max(headroom * self.prior.quantile("gain", cell, c), 0.0), hi - best)
         return _PriorView(f"{cost_now / plan:.0%} of the plan, LR {state}, cell {key}", gain, *final)
 
     def _prior_says_go(self, view: _PriorView | None) -> str | None:
