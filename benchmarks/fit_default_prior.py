@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import replay_curves as rc  # noqa: E402
+import replay_curves as rc
 
-from costaware.curve_prior import CurvePrior, run_from_record  # noqa: E402
+from costaware.curve_prior import CurvePrior, run_from_record
 
 OUT = rc._REPO / "src" / "costaware" / "data" / "curve_prior.json"
 

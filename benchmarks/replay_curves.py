@@ -580,9 +580,11 @@ def main(argv: list[str] | None = None) -> int:
     usd_per_example = USD_PER_GPU_HOUR / 3600.0 / DEBERTA_EXAMPLES_PER_GPU_SECOND
     header = [
         "Replay of recorded learning curves through costaware.curves.MarginalGainPolicy (default settings,",
-        "price per point varied). Points: metric x 100. Halves fixed by crc32(id) % 2; settings and the",
-        "operating price are chosen on 'tune', 'test' is held out. The loss/savings target is the issue's",
-        "(stated for DeBERTa-base); for NAS-Bench-NLP it is shown for reference.",
+        "with the shipped curve prior; price per point varied). Points: metric x 100. Halves fixed by",
+        "crc32(id) % 2; settings, the operating price and the shipped prior (tune halves of DeBERTa and the",
+        "digits corpus) come from 'tune'; 'test' is held out. The loss/savings target is the issue's for",
+        "fine-tuning (DeBERTa); for NAS-Bench-NLP and the digits sets it is shown for reference.",
+        "digits-*: benchmarks/curves/digits.jsonl (make_curves.py), FLOPs at a nominal $1e6/PFLOP.",
         f"DeBERTa cost: examples seen / {DEBERTA_EXAMPLES_PER_GPU_SECOND:g} examples per GPU-second x "
         f"${USD_PER_GPU_HOUR:g}/GPU-hour (= ${usd_per_example * 1e6:.3f} per million examples); "
         f"NAS-Bench-NLP: wall time x ${USD_PER_GPU_HOUR:g}/GPU-hour.",

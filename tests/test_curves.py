@@ -555,7 +555,7 @@ def test_prior_fit_command_on_generic_jsonl(tmp_path, capsys):
     out = tmp_path / "prior.json"
     assert main(["prior", "fit", str(data), "-o", str(out)]) == 0
     assert "prior fitted on 30 of 30 runs" in capsys.readouterr().out
-    assert MarginalGainPolicy(prior=str(out)).prior.cells["*/*/*"]["runs"] == 30
+    assert MarginalGainPolicy(prior=str(out)).prior.cells["*/*/*/*"]["runs"] == 30
     # A file of losses (unbounded) cannot inform it: a clear error, exit code 1.
     loss = tmp_path / "loss.jsonl"
     loss.write_text(json.dumps({"id": "l", "mode": "min", "points": [[0.1, 3.0], [0.2, 2.5]]}) + "\n")
@@ -565,5 +565,5 @@ def test_prior_fit_command_on_generic_jsonl(tmp_path, capsys):
 
 def test_the_shipped_prior_loads():
     policy = MarginalGainPolicy()
-    assert policy.prior is not None and "*/*/*" in policy.prior.cells
+    assert policy.prior is not None and "*/*/*/*" in policy.prior.cells
     assert "tune halves" in policy.prior.source

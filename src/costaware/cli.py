@@ -122,7 +122,7 @@ def _prior_fit(args: argparse.Namespace) -> int:
         prior.save(args.out)
     except (OSError, ValueError) as err:
         return _fail(str(err))
-    used = prior.cells["*/*/*"]["runs"]
+    used = prior.cells["*/*/*/*"]["runs"]
     print(f"prior fitted on {used} of {len(runs)} runs ({len(prior.cells)} cells) -> {args.out}")
     return EXIT_OK
 

@@ -17,11 +17,14 @@ The stage is a cell of three features a policy knows at every evaluation:
 * the learning rate's state: ``constant`` (no scheduler), ``unknown`` (not recorded), ``high``
   (at least ``LR_HIGH`` of its peak so far: warming up, or not annealed yet) or ``annealing``,
 * the progress: how far the best so far has come from the baseline (the metric of a model that
-  learned nothing, else the range's low end) to the range's high end (``PROGRESS_EDGES``).
+  learned nothing, else the range's low end) to the range's high end (``PROGRESS_EDGES``),
+* the momentum: what the best gained over the last half of the cost so far, as a fraction of the
+  headroom (``MOMENTUM_EDGES``): a fine-tuned model and a from-scratch run can be equally far
+  from the ceiling, one flat and one still climbing steeply.
 
 Each run weighs the same (its evaluations share one unit of weight). Cells with fewer than
-``MIN_RUNS`` runs fall back to coarser ones (without the learning-rate state, then the plan
-fraction alone, then all). Stored as a small JSON file; the package ships one fitted on the
+``MIN_RUNS`` runs fall back to coarser ones (without the learning-rate state, then without the
+plan fraction, then the progress alone, then all). Stored as a small JSON file; the package ships one fitted on the
 tune halves of the replay's data sets (``costaware/data/curve_prior.json``), and
 ``costaware prior fit`` fits a team's own from its ledgers or generic JSONL.
 
@@ -31,19 +34,20 @@ No Lightning import: the replay benchmark and the callback share it.
 from __future__ import annotations
 
 import json
-import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["HEADROOM_FLOOR", "CurvePrior", "PriorRun", "lr_state", "prior_cell", "load_prior", "runs_from_jsonl", "runs_from_ledger"]
+__all__ = ["HEADROOM_FLOOR", "CurvePrior", "PriorRun", "load_prior", "lr_state", "prior_cell", "runs_from_jsonl", "runs_from_ledger", "stage"]
 
-PRIOR_VERSION = 1
+PRIOR_VERSION = 2
 PLAN_EDGES = (0.1, 0.25, 0.5, 0.75)
 PROGRESS_EDGES = (0.1, 0.4, 0.7, 0.9)
+MOMENTUM_EDGES = (0.05, 0.3)
 LR_STATES = ("constant", "unknown", "high", "annealing")
 LR_HIGH = 0.7
 MIN_RUNS = 12
@@ -84,15 +88,37 @@ def lr_state(lrs: Sequence[float] | None, anneals: bool) -> str:
     """The learning rate's state at the last of ``lrs`` (see the module's docstring)."""
     if not anneals:
         return "constant"
-    if lrs is None or len(lrs) == 0 or not all(math.isfinite(v) for v in lrs) or max(lrs) <= 0:
+    values = None if lrs is None else np.asarray(lrs, dtype=float)
+    if values is None or values.size == 0 or not np.isfinite(values).all() or values.max() <= 0:
         return "unknown"
-    return "high" if lrs[-1] >= LR_HIGH * max(lrs) else "annealing"
+    return "high" if values[-1] >= LR_HIGH * values.max() else "annealing"
 
 
-def prior_cell(plan_fraction: float, state: str, progress: float) -> tuple[int, str, int]:
-    """The cell of a stage: (plan-fraction bin, LR state, progress bin)."""
+def prior_cell(plan_fraction: float, state: str, progress: float, momentum: float) -> tuple[int, str, int, int]:
+    """The cell of a stage: (plan-fraction bin, LR state, progress bin, momentum bin)."""
     return (int(np.searchsorted(PLAN_EDGES, plan_fraction, side="right")), state,
-            int(np.searchsorted(PROGRESS_EDGES, progress, side="right")))
+            int(np.searchsorted(PROGRESS_EDGES, progress, side="right")),
+            int(np.searchsorted(MOMENTUM_EDGES, momentum, side="right")))
+
+
+def stage(costs_usd: Sequence[float], points: Sequence[float], lo: float, hi: float, base: float,
+          planned_cost_usd: float, lrs: Sequence[float] | None, anneals: bool) -> tuple[tuple, float, float]:
+    """The stage of a run after its last evaluation: (cell, best so far, headroom), in points.
+
+    ``points``: the metric so far, higher is better (NaN where not finite), in the same units as
+    ``lo``/``hi`` (the range) and ``base`` (the baseline, else ``lo``). The momentum is what the
+    best gained over the last half of the cost so far, as a fraction of the headroom.
+    """
+    u = np.asarray(points, dtype=float)
+    c = np.asarray(costs_usd, dtype=float)
+    best = float(np.nanmax(u))
+    headroom = max(hi - best, HEADROOM_FLOOR * (hi - lo))
+    earlier = u[: int(np.searchsorted(c, 0.5 * c[-1], side="right"))]
+    earlier = earlier[np.isfinite(earlier)]
+    before = float(np.max(earlier)) if earlier.size else float(u[np.isfinite(u)][0])
+    cell = prior_cell(float(c[-1]) / planned_cost_usd, lr_state(lrs, anneals),
+                      (best - base) / max(hi - base, 1e-12), (best - before) / headroom)
+    return cell, best, headroom
 
 
 def _bounded(values: np.ndarray, mode: str, metric_range: tuple[float, float] | None) -> tuple[float, float] | None:
@@ -113,7 +139,6 @@ def stage_samples(run: PriorRun) -> list[tuple[tuple, float, float]]:
     sign = 1.0 if run.mode == "max" else -1.0
     lo, hi = (bounds[0], bounds[1]) if sign > 0 else (-bounds[1], -bounds[0])
     u = sign * values
-    width = hi - lo
     base = lo if run.baseline is None else min(max(sign * run.baseline, lo), hi)
     planned = run.planned_cost_usd or float(run.costs_usd[-1])
     if float(run.costs_usd[-1]) < _MIN_DONE * planned:
@@ -121,16 +146,11 @@ def stage_samples(run: PriorRun) -> list[tuple[tuple, float, float]]:
     best_all = float(np.nanmax(u))
     final = u[-1] if np.isfinite(u[-1]) else lo
     out = []
-    best = -math.inf
     for i in range(len(u) - 1):
-        if np.isfinite(u[i]):
-            best = max(best, float(u[i]))
-        if not math.isfinite(best) or planned <= 0:
+        if not np.isfinite(u[: i + 1]).any() or planned <= 0:
             continue
-        headroom = max(hi - best, HEADROOM_FLOOR * width)
         lrs = None if run.lrs is None else [float(v) for v in run.lrs[: i + 1]]
-        cell = prior_cell(float(run.costs_usd[i]) / planned, lr_state(lrs, run.anneals),
-                          (best - base) / max(hi - base, 1e-12))
+        cell, best, headroom = stage(run.costs_usd[: i + 1], u[: i + 1], lo, hi, base, planned, lrs, run.anneals)
         out.append((cell, (best_all - best) / headroom, (final - best) / headroom))
     return out
 
@@ -143,9 +163,10 @@ def _weighted_quantiles(values: np.ndarray, weights: np.ndarray) -> list[float]:
 
 
 def _keys(cell: tuple) -> list[str]:
-    """Lookup keys of a cell, finest first."""
-    plan, state, progress = cell
-    return [f"{plan}/{state}/{progress}", f"{plan}/*/{progress}", f"{plan}/*/*", "*/*/*"]
+    """Lookup keys of a cell, finest first: the LR state, then the plan fraction are dropped first."""
+    plan, state, progress, momentum = cell
+    return [f"{plan}/{state}/{progress}/{momentum}", f"{plan}/*/{progress}/{momentum}", f"*/*/{progress}/{momentum}",
+            f"*/*/{progress}/*", "*/*/*/*"]
 
 
 class CurvePrior:
@@ -163,7 +184,7 @@ class CurvePrior:
         self.source = source
 
     @classmethod
-    def fit(cls, runs: Iterable[PriorRun], source: str = "") -> "CurvePrior":
+    def fit(cls, runs: Iterable[PriorRun], source: str = "") -> CurvePrior:
         """Fits the quantile table on ``runs``; runs without a bounded metric are skipped."""
         groups: dict[str, list] = {}
         n_runs = 0
@@ -182,7 +203,7 @@ class CurvePrior:
         cells = {}
         for key, rows in groups.items():
             runs_in = len({r for r, _, _, _ in rows})
-            if runs_in < MIN_RUNS and key != "*/*/*":
+            if runs_in < MIN_RUNS and key != "*/*/*/*":
                 continue
             arr = np.asarray([(w, g, f) for _, w, g, f in rows], dtype=float)
             cells[key] = {"runs": runs_in, "gain": _weighted_quantiles(arr[:, 1], arr[:, 0]),
@@ -202,11 +223,12 @@ class CurvePrior:
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": PRIOR_VERSION, "source": self.source, "plan_edges": list(PLAN_EDGES),
-                "progress_edges": list(PROGRESS_EDGES), "lr_states": list(LR_STATES), "lr_high": LR_HIGH,
+                "progress_edges": list(PROGRESS_EDGES),
+                "momentum_edges": list(MOMENTUM_EDGES), "lr_states": list(LR_STATES), "lr_high": LR_HIGH,
                 "headroom_floor": HEADROOM_FLOOR, "quantile_levels": list(QUANTILE_LEVELS), "cells": self.cells}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CurvePrior":
+    def from_dict(cls, data: dict[str, Any]) -> CurvePrior:
         if not isinstance(data, dict) or "cells" not in data:
             raise ValueError("a curve prior must be a JSON object with 'cells' (as `costaware prior fit` writes)")
         version = data.get("version")
@@ -214,13 +236,14 @@ class CurvePrior:
             raise ValueError(f"curve prior version {version!r}: this costaware reads version {PRIOR_VERSION}")
         same = (list(data.get("plan_edges", [])) == list(PLAN_EDGES)
                 and list(data.get("progress_edges", [])) == list(PROGRESS_EDGES)
+                and list(data.get("momentum_edges", [])) == list(MOMENTUM_EDGES)
                 and list(data.get("quantile_levels", [])) == list(QUANTILE_LEVELS)
                 and data.get("lr_high") == LR_HIGH and data.get("headroom_floor") == HEADROOM_FLOOR)
         if not same:
             raise ValueError("curve prior made with other cell edges or quantile levels: refit it with "
                              "`costaware prior fit`")
-        if "*/*/*" not in data["cells"]:
-            raise ValueError("curve prior has no '*/*/*' cell (the fallback for every stage)")
+        if "*/*/*/*" not in data["cells"]:
+            raise ValueError("curve prior has no '*/*/*/*' cell (the fallback for every stage)")
         return cls(data["cells"], str(data.get("source", "")))
 
     def save(self, path: str | Path) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from scipy.special import ndtr
 
-from costaware.curve_prior import HEADROOM_FLOOR, load_prior, lr_state, prior_cell
+from costaware.curve_prior import load_prior, stage
 from costaware.prices import check_amount, check_count
 
 __all__ = [
@@ -443,7 +443,7 @@ class MarginalGainPolicy:
         if n < self.min_points:
             return Decision(False, f"{n} of {self.min_points} evaluations needed before deciding", None)
         costs, points = costs[finite], points[finite]
-        view = self._prior_view(best)
+        view = self._prior_view()
         prior_go = self._prior_says_go(view)
         if self.start_fraction is not None:
             reference, what, at_baseline = points[0], "the first evaluation", False
@@ -532,35 +532,37 @@ class MarginalGainPolicy:
         """
         bounds = self.metric_range
         if bounds == "auto":
-            finite = [m for m in self._metrics if math.isfinite(m)]
+            values = np.asarray(self._metrics, dtype=float)
+            finite = values[np.isfinite(values)]
             bounds = None
-            if finite and self.mode == "max" and min(finite) >= 0.0 and max(finite) <= 1.0:
+            if finite.size and self.mode == "max" and finite.min() >= 0.0 and finite.max() <= 1.0:
                 bounds = (0.0, 1.0)
-            elif finite and self.mode == "min" and min(finite) >= 0.0:
+            elif finite.size and self.mode == "min" and finite.min() >= 0.0:
                 bounds = (0.0, math.inf)
         if bounds is None:
             return (-math.inf, math.inf)
         lo, hi = (self.points_per_unit * b for b in bounds)
         return (lo, hi) if self.mode == "max" else (-hi, -lo)
 
-    def _prior_view(self, best: float) -> _PriorView | None:
+    def _prior_view(self) -> _PriorView | None:
         """What past runs at this stage went on to gain, when the prior applies (bounded metric, a plan)."""
         lo, hi = self._range_points()
         plan = self.planned_cost_usd
         cost_now = self._costs_usd[-1]
         if self.prior is None or plan is None or cost_now >= plan or not (math.isfinite(lo) and math.isfinite(hi)):
             return None
-        headroom = max(hi - best, HEADROOM_FLOOR * (hi - lo))
-        lrs = None if any(math.isnan(v) for v in self._lrs) else self._lrs
-        state = lr_state(lrs, self.anneals)
+        lrs = np.asarray(self._lrs, dtype=float)
+        lrs = None if np.isnan(lrs).any() else lrs
         base = lo if self.baseline is None else min(max(self._sign * self.points_per_unit * self.baseline, lo), hi)
-        cell = prior_cell(cost_now / plan, state, (best - base) / max(hi - base, 1e-12))
+        points = self._sign * self.points_per_unit * np.asarray(self._metrics, dtype=float)
+        cell, best, headroom = stage(self._costs_usd, np.where(np.isfinite(points), points, np.nan), lo, hi, base,
+                                     plan, lrs, self.anneals)
         key, _ = self.prior.lookup(cell)
         c = self.confidence
         final = [min(max(best + headroom * self.prior.quantile("final", cell, q), lo), hi)
                  for q in ((1.0 - c) / 2.0, 0.5, (1.0 + c) / 2.0)]
         gain = min(max(headroom * self.prior.quantile("gain", cell, c), 0.0), hi - best)
-        return _PriorView(f"{cost_now / plan:.0%} of the plan, LR {state}, cell {key}", gain, *final)
+        return _PriorView(f"{cost_now / plan:.0%} of the plan, LR {cell[1]}, cell {key}", gain, *final)
 
     def _prior_says_go(self, view: _PriorView | None) -> str | None:
         """Why to go on, when past runs at this stage gained more by their end than the rest of the plan costs."""
