@@ -414,3 +414,21 @@ def test_prior_argument(tmp_path):
         MarginalGainStopping(monitor="val_acc", usd_per_point=1.0, prior=str(tmp_path / "none.json"))
     with pytest.raises(ValueError, match="pass prior= directly"):
         MarginalGainStopping(monitor="val_acc", usd_per_point=1.0, policy_kwargs={"prior": None})
+
+
+def test_a_prior_fitted_on_the_ledger_of_a_real_fit(pl_ns, tmp_path, clock, capsys):
+    from costaware.cli import main
+    from costaware.curve_prior import runs_from_ledger
+
+    stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_acc", min_gain_per_usd=100.0)
+    trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, clock), stopping], max_steps=150, logger=False)
+    trainer.fit(_curve_model(pl_ns.BoringModel, clock, lambda step: 0.002 * step))
+    ledger = stopping.cost_monitor.ledger.path
+    (run,) = runs_from_ledger(ledger)
+    decisions = [e for e in read_ledger(ledger).events if e["name"] == "marginal_gain_decision"]
+    assert list(run.costs_usd) == [d["usd"] for d in decisions] and list(run.lrs) == [d["lr"] for d in decisions]
+    assert run.planned_cost_usd == pytest.approx(150 * USD_PER_STEP, rel=1e-3) and run.anneals is True
+    out = tmp_path / "prior.json"
+    assert main(["prior", "fit", str(ledger.parent), "-o", str(out)]) == 0
+    assert "prior fitted on 1 of 1 runs" in capsys.readouterr().out
+    assert pl_ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=1.0, prior=str(out)).policy.prior
