@@ -6,7 +6,7 @@ to learn a lot; a fine-tuned model at 85% accuracy with its learning rate half a
 point at most. :class:`CurvePrior` holds, for each stage of a run, the empirical distribution of
 what the rest of the run brought, measured on recorded runs:
 
-* ``gain``: (best metric of the whole run - best so far) / headroom,
+* ``gain``: (best metric of the whole run - best so far) / headroom (quantiles and mean),
 * ``final``: (metric at the end of the run - best so far) / headroom,
 
 where the headroom is what is left of a bounded metric's range (accuracy: ``1 - best so far``),
@@ -14,8 +14,9 @@ at least ``HEADROOM_FLOOR`` (5%) of the range.
 The stage is a cell of three features a policy knows at every evaluation:
 
 * the fraction of the planned cost spent (``PLAN_EDGES``),
-* the learning rate's state: ``constant`` (no scheduler), ``unknown`` (not recorded), ``high``
-  (at least ``LR_HIGH`` of its peak so far: warming up, or not annealed yet) or ``annealing``,
+* the learning rate's state: ``constant`` (no scheduler), ``unknown`` (not recorded), ``warming``
+  (higher than at the previous evaluation: the warmup, the peak is still ahead), ``high`` (at
+  least ``LR_HIGH`` of its peak so far: not annealed yet) or ``annealing``,
 * the progress: how far the best so far has come from the baseline (the metric of a model that
   learned nothing, else the range's low end) to the range's high end (``PROGRESS_EDGES``),
 * the momentum: what the best gained over the last half of the cost so far, as a fraction of the
@@ -44,12 +45,13 @@ import numpy as np
 
 __all__ = ["HEADROOM_FLOOR", "CurvePrior", "PriorRun", "load_prior", "lr_state", "prior_cell", "runs_from_jsonl", "runs_from_ledger", "stage"]
 
-PRIOR_VERSION = 2
+PRIOR_VERSION = 4
 PLAN_EDGES = (0.1, 0.25, 0.5, 0.75)
 PROGRESS_EDGES = (0.1, 0.4, 0.7, 0.9)
 MOMENTUM_EDGES = (0.05, 0.3, 1.0)
-LR_STATES = ("constant", "unknown", "high", "annealing")
+LR_STATES = ("constant", "unknown", "warming", "high", "annealing")
 LR_HIGH = 0.7
+LR_RISING = 1.01
 MIN_RUNS = 12
 QUANTILE_LEVELS = tuple(round(q, 2) for q in np.linspace(0.02, 0.98, 49))
 #: The headroom used to scale a stage's outcomes is at least this fraction of the metric's range: near
@@ -91,6 +93,8 @@ def lr_state(lrs: Sequence[float] | None, anneals: bool) -> str:
     values = None if lrs is None else np.asarray(lrs, dtype=float)
     if values is None or values.size == 0 or not np.isfinite(values).all() or values.max() <= 0:
         return "unknown"
+    if values.size > 1 and values[-1] > LR_RISING * values[-2]:
+        return "warming"
     return "high" if values[-1] >= LR_HIGH * values.max() else "annealing"
 
 
@@ -206,7 +210,8 @@ class CurvePrior:
             if runs_in < MIN_RUNS and key != "*/*/*/*":
                 continue
             arr = np.asarray([(w, g, f) for _, w, g, f in rows], dtype=float)
-            cells[key] = {"runs": runs_in, "gain": _weighted_quantiles(arr[:, 1], arr[:, 0]),
+            cells[key] = {"runs": runs_in, "gain_mean": round(float(np.average(arr[:, 1], weights=arr[:, 0])), 5),
+                          "gain": _weighted_quantiles(arr[:, 1], arr[:, 0]),
                           "final": _weighted_quantiles(arr[:, 2], arr[:, 0])}
         return cls(cells, source or f"fitted on {n_runs} runs")
 
@@ -221,10 +226,14 @@ class CurvePrior:
         """The ``level`` quantile of ``what`` (``"gain"`` or ``"final"``) in ``cell``, as a fraction of headroom."""
         return float(np.interp(level, QUANTILE_LEVELS, self.lookup(cell)[1][what]))
 
+    def gain_mean(self, cell: tuple) -> float:
+        """The mean gain by the end in ``cell``, as a fraction of headroom (a rare late start counts in full)."""
+        return float(self.lookup(cell)[1]["gain_mean"])
+
     def to_dict(self) -> dict[str, Any]:
         return {"version": PRIOR_VERSION, "source": self.source, "plan_edges": list(PLAN_EDGES),
                 "progress_edges": list(PROGRESS_EDGES),
-                "momentum_edges": list(MOMENTUM_EDGES), "lr_states": list(LR_STATES), "lr_high": LR_HIGH,
+                "momentum_edges": list(MOMENTUM_EDGES), "lr_states": list(LR_STATES), "lr_high": LR_HIGH, "lr_rising": LR_RISING,
                 "headroom_floor": HEADROOM_FLOOR, "quantile_levels": list(QUANTILE_LEVELS), "cells": self.cells}
 
     @classmethod
@@ -238,7 +247,7 @@ class CurvePrior:
                 and list(data.get("progress_edges", [])) == list(PROGRESS_EDGES)
                 and list(data.get("momentum_edges", [])) == list(MOMENTUM_EDGES)
                 and list(data.get("quantile_levels", [])) == list(QUANTILE_LEVELS)
-                and data.get("lr_high") == LR_HIGH and data.get("headroom_floor") == HEADROOM_FLOOR)
+                and data.get("lr_high") == LR_HIGH and data.get("lr_rising") == LR_RISING and data.get("headroom_floor") == HEADROOM_FLOOR)
         if not same:
             raise ValueError("curve prior made with other cell edges or quantile levels: refit it with "
                              "`costaware prior fit`")

@@ -217,8 +217,8 @@ class MarginalGainPolicy:
     metric and a plan, the policy also asks what past runs at the same stage -- fraction of
     the plan spent, learning rate still near its peak or annealing (from the ``lr`` given to
     :meth:`observe`), how far from the baseline to the ceiling the run has come -- gained by
-    their end: while the ``confidence`` quantile of that gain is worth more than the rest of
-    the plan costs, it does not stop (neither on the fit nor as not learning). The stated
+    their end: while the ``confidence`` quantile of that gain (or its mean, where larger: a
+    rare late start counts) is worth more than the rest of the plan costs, it does not stop (neither on the fit nor as not learning). The stated
     ``confidence`` interval of the final metric then comes from those past runs too.
 
     Args:
@@ -566,7 +566,10 @@ class MarginalGainPolicy:
         c = self.confidence
         final = [min(max(best + headroom * self.prior.quantile("final", cell, q), lo), hi)
                  for q in (_PRIOR_TAIL * (1.0 - c) / 2.0, 0.5, 1.0 - _PRIOR_TAIL * (1.0 - c) / 2.0)]
-        gain = min(max(headroom * self.prior.quantile("gain", cell, c), 0.0), hi - best)
+        # The gain worth waiting for: its `confidence` quantile, or its mean where that is larger
+        # (most runs at chance stay there, but the few that start late gain tens of points).
+        gain_fraction = max(self.prior.quantile("gain", cell, c), self.prior.gain_mean(cell))
+        gain = min(max(headroom * gain_fraction, 0.0), hi - best)
         return _PriorView(f"{cost_now / plan:.0%} of the plan, LR {cell[1]}, cell {key}", gain, *final)
 
     def _prior_says_go(self, view: _PriorView | None) -> str | None:
@@ -578,7 +581,8 @@ class MarginalGainPolicy:
         if worth_usd <= left_usd:
             return None
         return (f"past runs at this stage ({view.cell}) gained up to {view.gain_upper:.3g} points by their end "
-                f"({self.confidence:.0%}), worth ${worth_usd:.4g}, more than the ${left_usd:.4g} left of the plan")
+                f"({self.confidence:.0%} quantile or mean), worth ${worth_usd:.4g}, more than the ${left_usd:.4g} "
+                "left of the plan")
 
     def _anneal_wait_usd(self) -> float:
         """Cost before which the fit alone does not stop a run with a plan (0 without one)."""
