@@ -11,7 +11,7 @@ what the rest of the run brought, measured on recorded runs:
 
 where the headroom is what is left of a bounded metric's range (accuracy: ``1 - best so far``),
 at least ``HEADROOM_FLOOR`` (5%) of the range.
-The stage is a cell of three features a policy knows at every evaluation:
+The stage is a cell of four features a policy knows at every evaluation:
 
 * the fraction of the planned cost spent (``PLAN_EDGES``),
 * the learning rate's state: ``constant`` (no scheduler), ``unknown`` (not recorded), ``warming``
@@ -25,9 +25,9 @@ The stage is a cell of three features a policy knows at every evaluation:
 
 Each run weighs the same (its evaluations share one unit of weight). Cells with fewer than
 ``MIN_RUNS`` runs fall back to coarser ones (without the learning-rate state, then without the
-plan fraction, then the progress alone, then all). Stored as a small JSON file; the package ships one fitted on the
-tune halves of the replay's data sets (``costaware/data/curve_prior.json``), and
-``costaware prior fit`` fits a team's own from its ledgers or generic JSONL.
+plan fraction, then the progress alone, then all). Stored as a small JSON file; the package
+ships one fitted on the tune halves of the replay's data sets (``costaware/data/curve_prior.json``),
+and ``costaware prior fit`` fits a team's own from its ledgers or generic JSONL.
 
 No Lightning import: the replay benchmark and the callback share it.
 """
@@ -43,9 +43,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["HEADROOM_FLOOR", "CurvePrior", "PriorRun", "load_prior", "lr_state", "prior_cell", "runs_from_jsonl", "runs_from_ledger", "stage"]
+__all__ = ["HEADROOM_FLOOR", "CurvePrior", "PriorRun", "load_prior", "lr_state", "prior_cell", "run_from_record",
+           "runs_from_jsonl", "runs_from_ledger", "stage"]
 
-PRIOR_VERSION = 4
+PRIOR_VERSION = 1
 PLAN_EDGES = (0.1, 0.25, 0.5, 0.75)
 PROGRESS_EDGES = (0.1, 0.4, 0.7, 0.9)
 MOMENTUM_EDGES = (0.05, 0.3, 1.0)
@@ -231,10 +232,7 @@ class CurvePrior:
         return float(self.lookup(cell)[1]["gain_mean"])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": PRIOR_VERSION, "source": self.source, "plan_edges": list(PLAN_EDGES),
-                "progress_edges": list(PROGRESS_EDGES),
-                "momentum_edges": list(MOMENTUM_EDGES), "lr_states": list(LR_STATES), "lr_high": LR_HIGH, "lr_rising": LR_RISING,
-                "headroom_floor": HEADROOM_FLOOR, "quantile_levels": list(QUANTILE_LEVELS), "cells": self.cells}
+        return {"version": PRIOR_VERSION, "source": self.source, **_settings(), "cells": self.cells}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CurvePrior:
@@ -243,12 +241,7 @@ class CurvePrior:
         version = data.get("version")
         if version != PRIOR_VERSION:
             raise ValueError(f"curve prior version {version!r}: this costaware reads version {PRIOR_VERSION}")
-        same = (list(data.get("plan_edges", [])) == list(PLAN_EDGES)
-                and list(data.get("progress_edges", [])) == list(PROGRESS_EDGES)
-                and list(data.get("momentum_edges", [])) == list(MOMENTUM_EDGES)
-                and list(data.get("quantile_levels", [])) == list(QUANTILE_LEVELS)
-                and data.get("lr_high") == LR_HIGH and data.get("lr_rising") == LR_RISING and data.get("headroom_floor") == HEADROOM_FLOOR)
-        if not same:
+        if any(data.get(key) != value for key, value in _settings().items()):
             raise ValueError("curve prior made with other cell edges or quantile levels: refit it with "
                              "`costaware prior fit`")
         if "*/*/*/*" not in data["cells"]:
@@ -257,6 +250,13 @@ class CurvePrior:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), separators=(",", ":")) + "\n")
+
+
+def _settings() -> dict[str, Any]:
+    """How cells are cut, as stored in a prior file (a file cut otherwise is refused)."""
+    return {"plan_edges": list(PLAN_EDGES), "progress_edges": list(PROGRESS_EDGES),
+            "momentum_edges": list(MOMENTUM_EDGES), "lr_states": list(LR_STATES), "lr_high": LR_HIGH,
+            "lr_rising": LR_RISING, "headroom_floor": HEADROOM_FLOOR, "quantile_levels": list(QUANTILE_LEVELS)}
 
 
 def load_prior(prior: Any) -> CurvePrior | None:
