@@ -34,6 +34,7 @@ No Lightning import: the replay benchmark and the callback share it.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -259,6 +260,12 @@ def _settings() -> dict[str, Any]:
             "lr_rising": LR_RISING, "headroom_floor": HEADROOM_FLOOR, "quantile_levels": list(QUANTILE_LEVELS)}
 
 
+@functools.lru_cache(maxsize=1)
+def _packaged_prior() -> CurvePrior:
+    """The prior shipped in the package, read once per process (policies only read it)."""
+    return CurvePrior.from_dict(json.loads(resources.files("costaware").joinpath("data", "curve_prior.json").read_text()))
+
+
 def load_prior(prior: Any) -> CurvePrior | None:
     """``None``, ``"default"`` (the packaged prior), a path to a JSON file, a dict, or a CurvePrior."""
     if prior is None or isinstance(prior, CurvePrior):
@@ -267,15 +274,13 @@ def load_prior(prior: Any) -> CurvePrior | None:
         return CurvePrior.from_dict(prior)
     if isinstance(prior, (str, Path)):
         if str(prior) == "default":
-            text = resources.files("costaware").joinpath("data", "curve_prior.json").read_text()
-        else:
-            path = Path(prior)
-            if not path.is_file():
-                raise ValueError(f"`prior` must be None, 'default', a CurvePrior, a dict or the path of a prior JSON "
-                                 f"file; no file at {str(path)!r}")
-            text = path.read_text()
+            return _packaged_prior()
+        path = Path(prior)
+        if not path.is_file():
+            raise ValueError(f"`prior` must be None, 'default', a CurvePrior, a dict or the path of a prior JSON "
+                             f"file; no file at {str(path)!r}")
         try:
-            return CurvePrior.from_dict(json.loads(text))
+            return CurvePrior.from_dict(json.loads(path.read_text()))
         except json.JSONDecodeError as err:
             raise ValueError(f"`prior`: {prior!s} is not JSON ({err})") from err
     raise ValueError(f"`prior` must be None, 'default', a CurvePrior, a dict or a path, got {prior!r}")
