@@ -28,7 +28,7 @@ cost), ``baseline`` (the validation set's majority-class share: a model that lea
 
 Usage::
 
-    nice -n 10 python benchmarks/make_curves.py --out benchmarks/curves/digits.jsonl   # ~15 min on 1 core
+    nice -n 10 python benchmarks/make_curves.py --out benchmarks/curves/digits.jsonl   # ~24 min on 2 busy cores
 """
 
 from __future__ import annotations
