@@ -7,7 +7,9 @@ what the run spends, and ``costaware.MarginalGainStopping`` stops pretraining on
 probe accuracy costs more than it is worth, then quantizes the encoder to int8 with bitsandbytes
 (``Quantize(bits=8, max_drop=0.02)``), keeping it only if the probe accuracy drops by at most two
 points. The script prints teacher / quantized: probe accuracy, parameters, size on disk, CPU
-latency per example and training cost.
+latency per example and training cost. Then, if the run was stopped, it trains the model on to the
+planned ``--max-epochs`` (a real counterfactual, priced by its own CostMonitor) and says plainly
+whether stopping paid: the points the extra epochs bought, at ``--usd-per-point``, against their cost.
 
 Offline: the digits ship with scikit-learn (1797 images of 8x8 pixels). The encoder is an MLP
 (its linear layers are what bitsandbytes quantizes); the two views of each digit are random
@@ -190,6 +192,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="torch CPU threads: one is fastest for this small MLP on a shared machine")
     p.add_argument("--out-dir", default="runs/ssl_digits", help="Trainer default_root_dir (logs, ledger, weights)")
     p.add_argument("--no-progress-bar", action="store_true")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip training on to --max-epochs after a stop to show whether stopping paid")
     cost = p.add_argument_group("cost")
     cost.add_argument("--usd-per-host-hour", type=float, default=0.10,
                       help="what the machine costs per hour (an EXAMPLE price, not a quote: give your own)")
@@ -247,6 +251,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         rows = [ModelRow(role="teacher", metric=probe.score(model), params=sum(p.numel() for p in model.parameters()),
                          train_usd=monitor.totals.usd)]
 
+    verdict = did_stopping_pay(args, model, data, pretrain, held_out, stopping, monitor, trainer.current_epoch)
     pixels_train, pixels_val = (data["probe_train"][0].flatten(1), data["held_out"][0].flatten(1))
     raw_acc = float((knn_predict(pixels_train, data["probe_train"][1], pixels_val, args.k)
                      == data["held_out"][1]).float().mean())
@@ -269,11 +274,55 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         print(f"{row.role:<10} {_fmt(row.metric, '.4f'):>9} {_fmt(row.params, ','):>9} "
               f"{_fmt(row.size_bytes and row.size_bytes / 1024, '.1f', ' KiB'):>13} "
               f"{_fmt(row.latency_ms_per_example, '.4f'):>15} {_fmt(row.train_usd, '.6f'):>10}  {row.note}")
+    print(f"\ndid it pay?   : {verdict}")
     print(f"\nledger        : {monitor.ledger.path}")
     print(f"wall time     : {wall_s:.1f} s for the whole script", flush=True)
     return {"rows": rows, "totals": totals, "raw_pixel_acc": raw_acc, "probe_seconds": probe.total_seconds,
             "stopped_step": getattr(stopping, "stopped_step", None), "wall_s": wall_s,
-            "ledger_path": monitor.ledger.path}
+            "ledger_path": monitor.ledger.path, "verdict": verdict}
+
+
+class _ProbeRecorder(pl.Callback):
+    """Keeps ``probe/acc`` after each validation (placed after the OnlineProbe that logs it)."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get("probe/acc")
+        if value is not None and not trainer.sanity_checking:
+            self.values.append(float(value))
+
+
+def did_stopping_pay(args: argparse.Namespace, model: pl.LightningModule, data: dict, pretrain: DataLoader,
+                     held_out: DataLoader, stopping: Any, monitor: Any, epochs_done: int) -> str:
+    """Trains on to the planned end (``--max-epochs``) and says plainly whether the stop paid.
+
+    The counterfactual is real training, not a guess: the model goes on from the weights the stop
+    kept, with its own CostMonitor at the same price, and the best probe accuracy it reaches is
+    priced at ``--usd-per-point`` against what the extra epochs cost.
+    """
+    if stopping.stopped_step is None or epochs_done >= args.max_epochs or args.no_check:
+        return "the run was not stopped early (or --no-check): nothing to compare"
+    best_at_stop = max(m for m in stopping.policy.state_dict()["metrics"] if math.isfinite(m))
+    extra_monitor = costaware.CostMonitor(usd_per_host_hour=args.usd_per_host_hour, country="USA")
+    recorder = _ProbeRecorder()
+    probe = costaware.OnlineProbe(train=data["probe_train"], val=data["held_out"], probe="knn", k=args.k)
+    trainer = pl.Trainer(max_epochs=args.max_epochs - epochs_done, check_val_every_n_epoch=args.val_every,
+                         accelerator="cpu", devices=1, callbacks=[extra_monitor, probe, recorder],
+                         default_root_dir=f"{args.out_dir}/without_stop", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(model, pretrain, held_out)
+    best_after = max([best_at_stop] + recorder.values)
+    gained_points = 100.0 * (best_after - best_at_stop)
+    extra_usd = extra_monitor.totals.usd
+    worth_usd = gained_points * args.usd_per_point
+    paid = worth_usd < extra_usd
+    return (f"training on for the other {args.max_epochs - epochs_done} planned epochs cost ${extra_usd:.6f} more and "
+            f"moved the best probe accuracy from {best_at_stop:.4f} to {best_after:.4f} ({gained_points:+.2f} points, "
+            f"worth ${worth_usd:.6f} at ${args.usd_per_point:g}/point): stopping "
+            + (f"PAID (saved ${extra_usd - worth_usd:.6f} net)" if paid
+               else f"did NOT pay (it gave up ${worth_usd - extra_usd:.6f} net)"))
 
 
 def _fmt(value: Any, spec: str, suffix: str = "") -> str:

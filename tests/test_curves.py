@@ -142,26 +142,26 @@ def test_a_baseline_stops_a_run_that_never_learns_once_its_priced_wait_is_over()
     cost_usd, acc = _stuck_at_chance()  # planned end: $3.00
     # Without a baseline, jumps between class shares look like noise around a plateau that may
     # still yield a lucky best: the run goes on far past its start.
-    stop, _ = _replay(MarginalGainPolicy(usd_per_point=0.5, planned_cost_usd=3.0), cost_usd, acc)
+    stop, _ = _replay(MarginalGainPolicy(prior=None, usd_per_point=0.5, planned_cost_usd=3.0), cost_usd, acc)
     assert stop is None or cost_usd[stop] > 0.5
     # With the majority share as baseline it has not started: it waits 1% of 35.4 = 0.354
     # points, worth $0.177 at $0.5/point, then stops.
-    policy = MarginalGainPolicy(usd_per_point=0.5, planned_cost_usd=3.0, baseline=0.354)
+    policy = MarginalGainPolicy(prior=None, usd_per_point=0.5, planned_cost_usd=3.0, baseline=0.354)
     stop, decisions = _replay(policy, cost_usd, acc)
     assert stop is not None and 0.177 <= cost_usd[stop] < 0.177 + 0.05
     assert decisions[2].reason.startswith("not started learning") and "the baseline 0.354" in decisions[2].reason
     assert decisions[-1].reason.startswith("not learning: the best, 0.354,")
     # The same start from chance that breaks out before the wait is over learns on.
     rising = np.concatenate([acc[:2], 0.40 + 0.4 * (1.0 - np.exp(-0.2 * np.arange(58)))])
-    stop, decisions = _replay(MarginalGainPolicy(usd_per_point=0.5, planned_cost_usd=3.0, baseline=0.354),
+    stop, decisions = _replay(MarginalGainPolicy(prior=None, usd_per_point=0.5, planned_cost_usd=3.0, baseline=0.354),
                               cost_usd, rising)
     assert not any(d.reason.startswith("not learning") for d in decisions)
     assert stop is None or cost_usd[stop] > 0.5
     # A run that starts above the baseline is judged exactly as without one.
     cost_usd, acc = _anneal_curve()
-    with_baseline = _replay(MarginalGainPolicy(usd_per_point=0.5, planned_cost_usd=2.0, baseline=0.354),
+    with_baseline = _replay(MarginalGainPolicy(prior=None, usd_per_point=0.5, planned_cost_usd=2.0, baseline=0.354),
                             cost_usd, acc)
-    without = _replay(MarginalGainPolicy(usd_per_point=0.5, planned_cost_usd=2.0), cost_usd, acc)
+    without = _replay(MarginalGainPolicy(prior=None, usd_per_point=0.5, planned_cost_usd=2.0), cost_usd, acc)
     assert [d.reason for d in with_baseline[1]] == [d.reason for d in without[1]]
 
 
@@ -186,28 +186,28 @@ def _anneal_curve():
 def test_a_planned_run_waits_for_its_annealing_up_to_what_it_is_worth():
     cost_usd, acc = _anneal_curve()
     # Without the wait, the plateau looks converged and the run stops before $0.5.
-    no_wait = MarginalGainPolicy(usd_per_point=0.5, planned_cost_usd=2.0, anneal_fraction=None)
+    no_wait = MarginalGainPolicy(prior=None, usd_per_point=0.5, planned_cost_usd=2.0, anneal_fraction=None)
     stop, _ = _replay(no_wait, cost_usd, acc)
     assert stop is not None and cost_usd[stop] < 0.5
     # With it, the fit is not trusted before min(50% of $2, 1 point x $0.5/point) = $0.5.
-    policy = MarginalGainPolicy(usd_per_point=0.5, planned_cost_usd=2.0)
+    policy = MarginalGainPolicy(prior=None, usd_per_point=0.5, planned_cost_usd=2.0)
     stop, decisions = _replay(policy, cost_usd, acc)
     assert stop is not None and cost_usd[stop] >= 0.5 - 1e-12
     assert any(d.reason.startswith("waiting for the annealing") for d in decisions)
     # Cheap points make the wait short: 1 point at $0.05 pays for $0.05 of waiting.
-    cheap = MarginalGainPolicy(usd_per_point=0.05, planned_cost_usd=2.0)
+    cheap = MarginalGainPolicy(prior=None, usd_per_point=0.05, planned_cost_usd=2.0)
     stop, decisions = _replay(cheap, cost_usd, acc)
     assert stop is not None and cost_usd[stop] < 0.2
     assert not any(d.reason.startswith("waiting") for d in decisions)
     # Without a plan there is no annealing to wait for.
-    _, decisions = _replay(MarginalGainPolicy(usd_per_point=0.5), cost_usd, acc)
+    _, decisions = _replay(MarginalGainPolicy(prior=None, usd_per_point=0.5), cost_usd, acc)
     assert not any(d.reason.startswith("waiting") for d in decisions)
     # Nor at a constant learning rate: the run is judged on the fit alone, as without the wait.
-    constant = MarginalGainPolicy(usd_per_point=0.5, planned_cost_usd=2.0, anneals=False)
-    fresh_no_wait = MarginalGainPolicy(usd_per_point=0.5, planned_cost_usd=2.0, anneal_fraction=None)
+    constant = MarginalGainPolicy(prior=None, usd_per_point=0.5, planned_cost_usd=2.0, anneals=False)
+    fresh_no_wait = MarginalGainPolicy(prior=None, usd_per_point=0.5, planned_cost_usd=2.0, anneal_fraction=None)
     assert _replay(constant, cost_usd, acc)[0] == _replay(fresh_no_wait, cost_usd, acc)[0]
     # The flag can change between evaluations (the callback passes it at each one).
-    late = MarginalGainPolicy(usd_per_point=0.5, planned_cost_usd=2.0)
+    late = MarginalGainPolicy(prior=None, usd_per_point=0.5, planned_cost_usd=2.0)
     assert late.observe(cost_usd[0], acc[0], anneals=False) and late.anneals is False
 
 
@@ -386,11 +386,14 @@ def test_replay_on_real_deberta_runs():
     assert rc.patience_stop_index(healthy, 1) <= rc.patience_stop_index(healthy, 10)
     # Iteration 14 diverged before its first evaluation: it predicts one class, so its accuracy
     # jumps between class shares. With the majority share as baseline it stops as not learning.
+    # (The fit and the baseline alone: with the shipped prior, past runs decide how long to wait.)
     stuck = by_id["deberta-14"]
     assert stuck.baseline == pytest.approx(0.354457, abs=1e-6) == np.nanmax(stuck.metrics)
-    i, reason = rc.policy_stop_index(stuck, {"usd_per_point": 0.5})
+    i, reason = rc.policy_stop_index(stuck, {"usd_per_point": 0.5, "prior": None})
     assert reason.startswith("not learning") and i < 10, (i, reason)
-    assert rc.policy_stop_index(stuck, {"usd_per_point": 0.5, "baseline": None})[0] > 2 * i
+    assert rc.policy_stop_index(stuck, {"usd_per_point": 0.5, "baseline": None, "prior": None})[0] > 2 * i
+    # The schedule's learning rate rides along: warmup, then linear decay to 0 at the planned end.
+    assert healthy.lrs is not None and healthy.lrs[-1] == 0.0 and max(healthy.lrs) <= 6.69e-06
 
 
 def test_benchmark_script_on_a_tiny_generic_file(tmp_path):
@@ -416,3 +419,151 @@ def test_benchmark_script_on_a_tiny_generic_file(tmp_path):
     assert ds["runs"] == 4
     assert set(ds["halves"]) == {"tune", "test"}
     assert math.isfinite(ds["operating_usd_per_point"])
+
+
+# ---------------------------------------------------------------------- bounded metrics, explanations
+def test_a_bounded_metric_is_never_predicted_outside_its_range():
+    cost_usd = 0.01 * np.arange(1, 31)
+    acc = np.minimum(0.90 + 0.0035 * np.arange(30), 0.999)  # a straight line heading past 1
+    policy = MarginalGainPolicy(usd_per_point=100.0, planned_cost_usd=3.0, prior=None)
+    _, decisions = _replay(policy, cost_usd, acc)
+    est = decisions[-1].estimate
+    assert 0.0 <= est.predicted_final_low <= est.predicted_final <= est.predicted_final_high <= 1.0
+    assert all(0.0 <= v <= 1.0 for v in est.curve_metric)
+    # A loss is bounded below by 0 (auto), and an explicit range is respected too.
+    loss = np.maximum(0.3 - 0.012 * np.arange(30), 0.001)
+    for kwargs in ({}, {"metric_range": (0.0, 10.0)}):
+        _, decisions = _replay(MarginalGainPolicy(mode="min", usd_per_point=100.0, planned_cost_usd=3.0, **kwargs),
+                               cost_usd, loss)
+        est = decisions[-1].estimate
+        assert 0.0 <= est.predicted_final_high <= est.predicted_final <= est.predicted_final_low
+    # Unbounded on request: the straight line may then be extrapolated past 1.
+    _, decisions = _replay(MarginalGainPolicy(usd_per_point=100.0, planned_cost_usd=3.0, metric_range=None,
+                                              prior=None), cost_usd, acc)
+    assert decisions[-1].estimate.predicted_final_high > 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_every_figure_in_a_reason_is_consistent(seed):
+    cost_usd, _, noisy = _saturating(n=60, seed=seed)
+    _, decisions = _replay(MarginalGainPolicy(usd_per_point=1.0, planned_cost_usd=1.0), cost_usd, noisy)
+    for d in decisions:
+        if d.estimate is None:
+            continue
+        est = d.estimate
+        assert 0.0 <= est.gain_points <= est.gain_points_upper  # a median, never above the stated bound
+        assert est.predicted_final_low <= est.predicted_final <= est.predicted_final_high
+        assert f"interval 0 to {est.gain_points_upper:.3f}" in d.reason
+        assert f"{est.predicted_final_low:.4g} to {est.predicted_final_high:.4g}" in d.reason
+
+
+def test_bad_metric_range_lr_and_prior_raise_naming_the_argument(tmp_path):
+    for bad in ((1.0, 0.0), "percent", (0.0,)):
+        with pytest.raises(ValueError, match="metric_range"):
+            MarginalGainPolicy(metric_range=bad)
+    with pytest.raises(ValueError, match="`lr`"):
+        MarginalGainPolicy().observe(0.1, 0.5, lr=-1.0)
+    with pytest.raises(ValueError, match="prior"):
+        MarginalGainPolicy(prior=str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text('{"cells": {}}')
+    with pytest.raises(ValueError, match="version"):
+        MarginalGainPolicy(prior=str(tmp_path / "bad.json"))
+
+
+# ---------------------------------------------------------------------- slow starts and the prior
+def _slow_start_runs(n_runs: int = 60, seed: int = 0, start: float | None = None) -> list[dict]:
+    """From-scratch-like runs: flat at chance while the LR warms up, then a steep rise and annealing."""
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0.04, 1.0, 25)
+    lr = np.where(t < 0.3, 0.004 + 0.096 * t / 0.3, 0.1 * (1 + np.cos(np.pi * (t - 0.3) / 0.7)) / 2)
+    runs = []
+    for i in range(n_runs):
+        mid, top = rng.uniform(0.15, 0.45) if start is None else start, rng.uniform(0.6, 0.95)
+        acc = 0.1 + (top - 0.1) / (1.0 + np.exp(-(t - mid) / 0.05)) + rng.normal(0.0, 0.004, t.size)
+        acc = np.clip(acc, 0.08, 1.0)
+        runs.append({"id": f"slow-{i}", "mode": "max", "planned_cost_usd": 10.0, "baseline": 0.1,
+                     "points": [[10.0 * c, float(a), float(r)] for c, a, r in zip(t, acc, lr)]})
+    return runs
+
+
+def test_slow_start_families_fit_a_sigmoidal_rise():
+    x = np.linspace(0.5, 1.0, 20)
+    u = 10.0 + 50.0 / (1.0 + (x / 0.8) ** -5.0)  # log-logistic in cost, its midpoint behind "now"
+    from costaware.curves import _fit_ensemble
+
+    fit = _fit_ensemble(x, u)
+    assert "top loglogistic" in fit.describe() or "top weibull" in fit.describe()
+
+
+def test_a_prior_from_past_runs_keeps_a_slow_start_going(tmp_path):
+    from costaware.curve_prior import CurvePrior, run_from_record
+
+    past, new = _slow_start_runs(seed=0), _slow_start_runs(n_runs=1, seed=7, start=0.45)[0]
+    prior = CurvePrior.fit([run_from_record(r) for r in past])
+    path = tmp_path / "prior.json"
+    prior.save(path)
+    costs, acc, lrs = (np.asarray([p[k] for p in new["points"]]) for k in range(3))
+
+    def stop_at(policy_prior) -> int:
+        policy = MarginalGainPolicy(usd_per_point=1.0, planned_cost_usd=10.0, baseline=0.1, prior=policy_prior)
+        for i, (c, a, r) in enumerate(zip(costs, acc, lrs)):
+            d = policy.observe(c, a, lr=r)
+            if d.stop:
+                return i
+        return len(costs)
+
+    flat = int(np.argmax(acc > 0.2))  # the last evaluations of the flat start
+    # The fit alone sees a flat run at chance and stops it before its rise.
+    assert stop_at(None) < flat
+    # Past runs at that stage (LR still warming up, at chance) went on to gain tens of points,
+    # worth more at $1/point than the rest of the plan costs: it goes on past the rise.
+    assert stop_at(str(path)) > flat + 3
+    assert stop_at(CurvePrior.from_dict(json.loads(path.read_text()))) == stop_at(prior)
+
+
+def test_the_prior_states_a_calibrated_interval_on_runs_like_its_own():
+    from costaware.curve_prior import CurvePrior, run_from_record
+
+    prior = CurvePrior.fit([run_from_record(r) for r in _slow_start_runs(n_runs=200, seed=1)])
+    inside = []
+    for run in _slow_start_runs(n_runs=60, seed=2):
+        policy = MarginalGainPolicy(usd_per_point=1e6, planned_cost_usd=10.0, baseline=0.1, prior=prior)
+        for c, a, r in run["points"][:7]:  # about 25% of the run
+            est = policy.observe(c, a, lr=r).estimate
+        final = run["points"][-1][1]
+        inside.append(est.predicted_final_low <= final <= est.predicted_final_high)
+        assert "past runs" in est.interval_from
+    assert 0.65 <= np.mean(inside) <= 0.95
+
+
+def test_lr_is_kept_in_the_state_and_read_back():
+    policy = MarginalGainPolicy(usd_per_point=1.0)
+    for i in range(4):
+        policy.observe(0.1 * (i + 1), 0.5 + 0.01 * i, lr=0.1 / (i + 1))
+    state = policy.state_dict()
+    assert state["lrs"] == pytest.approx([0.1, 0.05, 0.1 / 3, 0.025])
+    restored = MarginalGainPolicy(usd_per_point=1.0)
+    restored.load_state_dict({k: v for k, v in state.items() if k != "lrs"})  # a version-1 state: no LRs
+    assert restored.num_points == 4
+
+
+def test_prior_fit_command_on_generic_jsonl(tmp_path, capsys):
+    from costaware.cli import main
+
+    data = tmp_path / "runs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _slow_start_runs(n_runs=30)))
+    out = tmp_path / "prior.json"
+    assert main(["prior", "fit", str(data), "-o", str(out)]) == 0
+    assert "prior fitted on 30 of 30 runs" in capsys.readouterr().out
+    assert MarginalGainPolicy(prior=str(out)).prior.cells["*/*/*/*"]["runs"] == 30
+    # A file of losses (unbounded) cannot inform it: a clear error, exit code 1.
+    loss = tmp_path / "loss.jsonl"
+    loss.write_text(json.dumps({"id": "l", "mode": "min", "points": [[0.1, 3.0], [0.2, 2.5]]}) + "\n")
+    assert main(["prior", "fit", str(loss), "-o", str(tmp_path / "x.json")]) == 1
+    assert "no run with a bounded metric" in capsys.readouterr().err
+
+
+def test_the_shipped_prior_loads():
+    policy = MarginalGainPolicy()
+    assert policy.prior is not None and "*/*/*/*" in policy.prior.cells
+    assert "tune halves" in policy.prior.source

@@ -84,8 +84,12 @@ def test_stops_near_break_even_and_records_why(ns, tmp_path, clock):
     assert [d["stop"] for d in decisions] == [False] * (len(decisions) - 1) + [True]
     last = decisions[-1]
     for key in ("reason", "monitor", "value", "usd", "gain_points", "gain_points_upper", "gain_per_usd",
-                "predicted_final", "usd_to_predicted_final", "curve"):
+                "predicted_final", "predicted_final_low", "predicted_final_high", "usd_to_predicted_final", "curve",
+                "lr"):
         assert key in last, key
+    # The learning rate at each validation, read from the optimizer, is in the ledger and went to the policy.
+    assert [d["lr"] for d in decisions] == stopping.policy.state_dict()["lrs"] and last["lr"] > 0
+    assert last["predicted_final_low"] <= last["predicted_final"] <= last["predicted_final_high"] <= 1.0
     assert last["monitor"] == "val_acc" and last["gain_per_usd"] < 1 / 0.01
     assert last["usd"] == pytest.approx(trainer.global_step * USD_PER_STEP, rel=1e-6)
     assert last["totals"]["usd"] == pytest.approx(last["usd"])  # the event's totals are the decision's
@@ -145,6 +149,9 @@ def test_the_annealing_wait_follows_the_lr_scheduler(pl_ns, tmp_path, clock):
         policy_event = next(e for e in read_ledger(stopping.meter.ledger.path).events
                             if e["name"] == "marginal_gain_policy")
         assert policy_event["anneals"] is scheduled and policy_event["baseline"] is None
+        lrs = [e["lr"] for e in read_ledger(stopping.meter.ledger.path).events
+               if e["name"] == "marginal_gain_decision"]
+        assert (len(set(lrs)) > 1) is scheduled and lrs[0] == pytest.approx(0.1)  # StepLR decays it per epoch
         stops[scheduled] = stopping.stopped_step
     # Scheduled: the fit is not trusted before min(50% of the $0.3 plan, 1 point x $0.1) = step 100.
     # Constant learning rate: nothing to wait for, it stops soon after the break-even step.
@@ -410,3 +417,32 @@ def test_ddp_ranks_stop_together(tmp_path):
     ledger = read_ledger(tmp_path / "lightning_logs" / "version_0" / "costaware")
     last = [e for e in ledger.events if e["name"] == "marginal_gain_decision"][-1]
     assert last["stop"] and last["reason"].startswith("another rank decided to stop")
+
+
+def test_prior_argument(tmp_path):
+    from costaware import MarginalGainStopping
+
+    assert MarginalGainStopping(monitor="val_acc", usd_per_point=1.0).policy.prior is not None  # the shipped one
+    assert MarginalGainStopping(monitor="val_acc", usd_per_point=1.0, prior=None).policy.prior is None
+    with pytest.raises(ValueError, match="prior"):
+        MarginalGainStopping(monitor="val_acc", usd_per_point=1.0, prior=str(tmp_path / "none.json"))
+    with pytest.raises(ValueError, match="pass prior= directly"):
+        MarginalGainStopping(monitor="val_acc", usd_per_point=1.0, policy_kwargs={"prior": None})
+
+
+def test_a_prior_fitted_on_the_ledger_of_a_real_fit(pl_ns, tmp_path, clock, capsys):
+    from costaware.cli import main
+    from costaware.curve_prior import runs_from_ledger
+
+    stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_acc", min_gain_per_usd=100.0)
+    trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, clock), stopping], max_steps=150, logger=False)
+    trainer.fit(_curve_model(pl_ns.BoringModel, clock, lambda step: 0.002 * step))
+    ledger = stopping.meter.ledger.path
+    (run,) = runs_from_ledger(ledger)
+    decisions = [e for e in read_ledger(ledger).events if e["name"] == "marginal_gain_decision"]
+    assert list(run.costs_usd) == [d["usd"] for d in decisions] and list(run.lrs) == [d["lr"] for d in decisions]
+    assert run.planned_cost_usd == pytest.approx(150 * USD_PER_STEP, rel=1e-3) and run.anneals is True
+    out = tmp_path / "prior.json"
+    assert main(["prior", "fit", str(ledger.parent), "-o", str(out)]) == 0
+    assert "prior fitted on 1 of 1 runs" in capsys.readouterr().out
+    assert pl_ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=1.0, prior=str(out)).policy.prior

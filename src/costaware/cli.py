@@ -5,6 +5,7 @@
     costaware report RUN_DIR                 # (re)write report.json/.md/.html next to the ledger
     costaware compare RUN_DIR... --out runs.html [--metric val_acc] [--mode max]
     costaware prices [--gpus] [--countries] [--cloud] [--json]
+    costaware prior fit LEDGERS_OR_JSONL... -o prior.json   # MarginalGainStopping(prior="prior.json")
 
 Exit codes:
 
@@ -45,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="costaware", description="Cost reports for PyTorch Lightning runs measured by costaware.",
         epilog="Exit codes: 0 ok; 1 bad input: a missing or unreadable ledger, or one read only best-effort "
                "(the output is still written); 2 usage error.")
-    sub = parser.add_subparsers(dest="command", metavar="{report,compare,prices}")
+    sub = parser.add_subparsers(dest="command", metavar="{report,compare,prices,prior}")
 
     report = sub.add_parser(
         "report", help="rebuild a run's report from its ledger",
@@ -79,7 +80,51 @@ def _parser() -> argparse.ArgumentParser:
     prices.add_argument("--cloud", action="store_true", help="carbon intensity by cloud region")
     prices.add_argument("--json", action="store_true", help="print JSON")
     prices.set_defaults(run=_prices)
+    _prior_parser(sub)
     return parser
+
+
+def _prior_parser(sub: argparse._SubParsersAction) -> None:
+    prior = sub.add_parser("prior", help="fit a prior over learning curves from past runs",
+                           description="Past runs of the same kind are the best predictor of how a run goes on.")
+    actions = prior.add_subparsers(dest="prior_command", metavar="{fit}", required=True)
+    fit = actions.add_parser(
+        "fit", help="fit a curve prior on ledgers or generic JSONL",
+        description="Fit what the rest of a run brings, by stage (fraction of the plan, learning-rate state, "
+                    "progress), on past runs, for MarginalGainStopping(prior=...). Inputs: run directories or "
+                    "ledger files (their marginal_gain_decision events), or generic JSONL files (one run a line: "
+                    "{\"points\": [[usd, metric, lr], ...], \"mode\", \"planned_cost_usd\", \"baseline\", "
+                    "\"anneals\"}). Runs that stopped before 90%% of their plan, or whose metric is not bounded, "
+                    "are left out.")
+    fit.add_argument("inputs", metavar="LEDGERS_OR_JSONL", nargs="+", help="run directories, ledgers or .jsonl files")
+    fit.add_argument("-o", "--out", required=True, help="the prior JSON to write")
+    fit.set_defaults(run=_prior_fit)
+
+
+def _prior_fit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from costaware.curve_prior import CurvePrior, runs_from_jsonl, runs_from_ledger
+    from costaware.ledger import LedgerError
+
+    runs = []
+    for item in args.inputs:
+        path = Path(item)
+        try:
+            if path.is_file() and path.suffix == ".jsonl" and path.name != "ledger.jsonl":
+                runs += runs_from_jsonl(path)
+            else:
+                runs += runs_from_ledger(path)
+        except (OSError, LedgerError, ValueError, KeyError, TypeError) as err:
+            return _fail(f"{item}: {err}")
+    try:
+        prior = CurvePrior.fit(runs, source=f"costaware prior fit on {len(args.inputs)} input(s)")
+        prior.save(args.out)
+    except (OSError, ValueError) as err:
+        return _fail(str(err))
+    used = prior.cells["*/*/*/*"]["runs"]
+    print(f"prior fitted on {used} of {len(runs)} runs ({len(prior.cells)} cells) -> {args.out}")
+    return EXIT_OK
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:

@@ -31,12 +31,13 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 from scipy.special import ndtr
 
+from costaware.curve_prior import load_prior, stage
 from costaware.validation import check_amount, check_count
 
 __all__ = [
@@ -52,7 +53,7 @@ __all__ = [
 DEFAULT_USD_PER_POINT = 0.5
 
 _MODES = ("max", "min")
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 # Curve families, each ``u = a + b * g(x)`` with ``x = cost / cost_now`` and g(1) = 0,
 # so that ``a`` is the fitted value now and ``b * g(x)`` the gain at cost ``x * cost_now``.
@@ -61,7 +62,19 @@ _STATE_VERSION = 1
 _POWER_ALPHAS = np.array([-1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0])
 # Exponential saturation: g = (1 - exp(-k (x - 1))) / k  (y = a - b exp(-k c)).
 _EXP_RATES = np.array([1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0])
-_FAMILIES = ("power",) * len(_POWER_ALPHAS) + ("exp",) * len(_EXP_RATES)
+# Slow-start shapes, sigmoidal in log cost (Domhan et al. 2015): log-logistic, the MMF family's
+# shape, g ~ 1 / (1 + (x/m)^-s), and Weibull/Janoschek, g ~ 1 - exp(-(x/m)^s), with their
+# midpoint m (relative to the cost now) and steepness s. Midpoints lie inside the fit window, where
+# the data can show them: a rise that has not begun fits any size (a flat run would look like one
+# about to take off), and what past runs say about that is the prior's job (curve_prior.py).
+_SIGMOID_MIDS = np.array([0.6, 0.8, 1.0])
+_SIGMOID_SLOPES = np.array([2.0, 5.0])
+_SIG_M = np.repeat(_SIGMOID_MIDS, len(_SIGMOID_SLOPES))
+_SIG_S = np.tile(_SIGMOID_SLOPES, len(_SIGMOID_MIDS))
+_FAMILIES = (("power",) * len(_POWER_ALPHAS) + ("exp",) * len(_EXP_RATES)
+             + ("loglogistic",) * len(_SIG_M) + ("weibull",) * len(_SIG_M))
+# Prior mass of each family in the ensemble (split evenly among its grid points).
+_FAMILY_PRIOR = {"power": 0.4, "exp": 0.4, "loglogistic": 0.1, "weibull": 0.1}
 # Where a non-saturating component has no asymptote, "final" means this many times the
 # cost spent so far.
 _NO_PLAN_HORIZON = 10.0
@@ -71,6 +84,11 @@ _COLLAPSE_EVALS = 3
 _LOOKAHEAD_FRACTION = 1.0
 # Robust pass: points this many robust SDs *worse* than the fit are glitches.
 _GLITCH_SDS = 4.0
+# The prior's interval for the final metric uses tails this fraction of the nominal (1 - c) / 2: a
+# cell pools runs of several kinds, whose spread within the cell understates one run's own (on the
+# replay's tune halves, 0.75 puts the pooled coverage of the stated 80% interval at 25% of each run
+# at 81%; 1.0 gives 74%).
+_PRIOR_TAIL = 0.75
 # Points of the fitted curve kept in an estimate (and the ledger) for plots.
 _CURVE_POINTS = 24
 
@@ -80,18 +98,25 @@ class GainEstimate:
     """What the next increment of cost is expected to buy.
 
     Attributes:
-        gain_points: Expected improvement of the best-so-far metric over the next
-            increment, in points (``points_per_unit`` metric units; accuracy 0.01 = 1).
+        gain_points: Median (over the curve-fit uncertainty) of the expected improvement
+            of the best-so-far metric over the increment, in points (``points_per_unit``
+            metric units; accuracy 0.01 = 1). Never above ``gain_points_upper``.
         gain_points_upper: The ``confidence`` quantile of that gain over the curve-fit
-            uncertainty (epistemic), in points.
+            uncertainty (epistemic), in points: [0, this] is a ``confidence`` interval.
         increment_usd: Cost of the increment judged, in dollars: the next evaluation
             interval (or ``increment_fraction`` of the cost so far), or the longer
             look-ahead horizon that was most worth its cost.
         gain_per_usd: ``gain_points_upper / increment_usd``, in points per dollar; the
             policy stops when it is below ``min_gain_per_usd`` for every horizon.
-        predicted_final: Predicted metric (in the metric's own units) at the planned end
-            if a plan was given, else at the fitted asymptote (or at 10x the cost so far
-            for curves that do not saturate).
+        predicted_final: Predicted metric (in the metric's own units, within its range)
+            at the planned end if a plan was given, else at the fitted asymptote (or at 10x
+            the cost so far for curves that do not saturate): the median of its
+            predictive distribution, so it lies in the interval below.
+        predicted_final_low: Low end of the central ``confidence`` interval of the final
+            metric (worse end; in the metric's units).
+        predicted_final_high: High end of that interval (better end).
+        interval_from: Where that interval comes from: ``"the curve fit"`` (curve
+            uncertainty plus evaluation noise) or the prior's past runs at this stage.
         usd_to_predicted_final: Dollars from now to the planned end, or ``None`` without a plan.
         curve: Curve families in the ensemble with their posterior weights.
         curve_usd: Costs (dollars) at which the fitted curve is sampled, from the start of
@@ -106,8 +131,22 @@ class GainEstimate:
     predicted_final: float
     usd_to_predicted_final: float | None
     curve: str
+    predicted_final_low: float = math.nan
+    predicted_final_high: float = math.nan
+    interval_from: str = "the curve fit"
     curve_usd: tuple = ()
     curve_metric: tuple = ()
+
+
+@dataclass(frozen=True)
+class _PriorView:
+    """What the prior says at this stage, in points (higher is better)."""
+
+    cell: str
+    gain_upper: float
+    final_low: float
+    final_median: float
+    final_high: float
 
 
 @dataclass(frozen=True)
@@ -173,6 +212,16 @@ class MarginalGainPolicy:
     ``min(anneal_fraction * planned_cost_usd, anneal_points * usd_per_point)``. A run that
     does not anneal (``anneals=False``: a constant learning rate) has nothing to wait for.
 
+    A curve fit cannot see a steep rise that has not begun (a from-scratch or self-supervised
+    run at its warm-up or high-learning-rate plateau). With a ``prior`` (past runs), a bounded
+    metric and a plan, the policy also asks what past runs at the same stage -- fraction of
+    the plan spent, learning rate still near its peak or annealing (from the ``lr`` given to
+    :meth:`observe`), how far from the baseline to the ceiling the run has come -- gained by
+    their end: while the ``confidence`` quantile of that gain (or its mean, where larger: a
+    rare late start counts) is worth more than the rest of the plan costs, it does not stop
+    (neither on the fit nor as not learning). The stated
+    ``confidence`` interval of the final metric then comes from those past runs too.
+
     Args:
         mode: ``"max"`` if higher is better (accuracy), ``"min"`` if lower is better
             (loss); for ``"min"`` the gain is the decrease.
@@ -207,6 +256,15 @@ class MarginalGainPolicy:
         anneals: Whether the learning rate anneals towards the planned end; ``False``
             turns the annealing wait off. ``MarginalGainStopping`` sets it from the
             Trainer: ``True`` when the fit has a learning-rate scheduler.
+        metric_range: The metric's (low, high) range: predictions and intervals never leave
+            it. ``"auto"`` (default): [0, 1] for ``mode="max"`` while every value seen lies in
+            it (accuracy), [0, inf) for ``mode="min"`` while every value is >= 0 (a loss);
+            ``None``: unbounded.
+        prior: What past runs say about how a run goes on (see above): ``"default"`` (the
+            prior shipped with costaware, fitted on recorded fine-tuning, from-scratch and
+            self-supervised runs), the path of a JSON file from ``costaware prior fit``, a
+            :class:`~costaware.curve_prior.CurvePrior`, or ``None`` (the fit alone). Used
+            when the metric is bounded on both sides and the run has a plan.
         n_samples: Monte-Carlo draws from the fitted ensemble for the gain distribution.
         seed: Seed of those draws; the same points always give the same decision.
 
@@ -236,6 +294,8 @@ class MarginalGainPolicy:
         anneal_fraction: float | None = 0.5,
         anneal_points: float = 1.0,
         anneals: bool = True,
+        metric_range: Any = "auto",
+        prior: Any = "default",
         n_samples: int = 256,
         seed: int = 0,
     ) -> None:
@@ -280,15 +340,19 @@ class MarginalGainPolicy:
         self.anneal_fraction = anneal_fraction
         self.anneal_points = check_amount("anneal_points", anneal_points, minimum=0, strict=True)
         self.anneals = anneals
+        self.metric_range = _check_range(metric_range)
+        self.prior = load_prior(prior)
         self.n_samples = n_samples
         self.seed = seed
         self._sign = 1.0 if mode == "max" else -1.0
         self._costs_usd: list[float] = []
         self._metrics: list[float] = []
+        self._lrs: list[float] = []  # NaN where not given
 
     # ------------------------------------------------------------------ public API
     def observe(
-        self, cost_usd: float, metric: float, planned_cost_usd: float | None = None, anneals: bool | None = None
+        self, cost_usd: float, metric: float, planned_cost_usd: float | None = None, anneals: bool | None = None,
+        lr: float | None = None,
     ) -> Decision:
         """Records one evaluation and decides whether to stop.
 
@@ -299,6 +363,8 @@ class MarginalGainPolicy:
             planned_cost_usd: Updated total planned cost, if it became known or changed
                 (overrides the constructor's value from now on).
             anneals: Updated ``anneals`` (overrides the constructor's value from now on).
+            lr: The learning rate when ``metric`` was measured (the first parameter group's),
+                if known: tells a run still at its peak learning rate from one that annealed.
 
         Returns:
             The decision; ``decision.estimate`` carries the figures.
@@ -319,9 +385,12 @@ class MarginalGainPolicy:
             if not isinstance(anneals, bool):
                 raise ValueError(f"`anneals` must be True or False, got {anneals!r}")
             self.anneals = anneals
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0):
+            raise ValueError(f"`lr` must be a number >= 0 or None, got {lr!r}")
         metric = float(metric)
         self._costs_usd.append(cost_usd)
         self._metrics.append(metric)
+        self._lrs.append(float("nan") if lr is None else float(lr))
         return self._decide()
 
     @property
@@ -335,6 +404,7 @@ class MarginalGainPolicy:
             "version": _STATE_VERSION,
             "costs_usd": list(self._costs_usd),
             "metrics": list(self._metrics),
+            "lrs": list(self._lrs),
             "planned_cost_usd": self.planned_cost_usd,
         }
 
@@ -348,8 +418,12 @@ class MarginalGainPolicy:
         metrics = [float(m) for m in state_dict["metrics"]]
         if len(costs) != len(metrics):
             raise ValueError("`state_dict` has different numbers of costs and metrics")
+        lrs = [float(v) for v in state_dict.get("lrs", [float("nan")] * len(costs))]  # version 1 had none
+        if len(lrs) != len(costs):
+            raise ValueError("`state_dict` has different numbers of costs and learning rates")
         self._costs_usd = costs
         self._metrics = metrics
+        self._lrs = lrs
         if state_dict.get("planned_cost_usd") is not None:
             self.planned_cost_usd = float(state_dict["planned_cost_usd"])
 
@@ -376,6 +450,8 @@ class MarginalGainPolicy:
         if n < self.min_points:
             return Decision(False, f"{n} of {self.min_points} evaluations needed before deciding", None)
         costs, points = costs[finite], points[finite]
+        view = self._prior_view()
+        prior_go = self._prior_says_go(view)
         if self.start_fraction is not None:
             reference, what, at_baseline = points[0], "the first evaluation", False
             if self.baseline is not None:
@@ -392,7 +468,7 @@ class MarginalGainPolicy:
                     f"(< {start_points:.3g}); waiting up to ${wait_usd:.4g} for it to start",
                     None,
                 )
-            if started.size == 0 and at_baseline:
+            if started.size == 0 and at_baseline and prior_go is None:
                 return Decision(
                     True,
                     f"not learning: the best, {self._sign * best / self.points_per_unit:.6g}, is not "
@@ -424,19 +500,91 @@ class MarginalGainPolicy:
         estimate = self._estimate(costs, points, best, remaining_usd)
         if estimate is None:
             return Decision(False, "cost has not grown enough to fit a curve", None)
+        if view is not None:
+            ends = sorted((self._to_metric(view.final_low), self._to_metric(view.final_high)), key=self._key)
+            estimate = replace(estimate, predicted_final=self._to_metric(view.final_median),
+                               predicted_final_low=ends[0], predicted_final_high=ends[1],
+                               interval_from=f"past runs ({view.cell})")
         worth_usd = estimate.gain_points_upper * self.usd_per_point
+        pct = f"{self.confidence:.0%}"
         figures = (
-            f"next ${estimate.increment_usd:.4g} buys {estimate.gain_points:.3f} points "
-            f"(<= {estimate.gain_points_upper:.3f} at {self.confidence:.0%}), worth "
-            f"${worth_usd:.4g} at ${self.usd_per_point:.4g}/point"
+            f"next ${estimate.increment_usd:.4g} buys {estimate.gain_points:.3f} points (median; {pct} interval 0 to "
+            f"{estimate.gain_points_upper:.3f}), worth up to ${worth_usd:.4g} at ${self.usd_per_point:.4g}/point; "
+            f"predicted final {estimate.predicted_final:.4g} ({pct} interval {estimate.predicted_final_low:.4g} to "
+            f"{estimate.predicted_final_high:.4g}, from {estimate.interval_from})"
         )
         if estimate.gain_per_usd < self.min_gain_per_usd:
             wait_usd = self._anneal_wait_usd()
             if costs[-1] < wait_usd:
                 return Decision(False, f"waiting for the annealing to the planned ${self.planned_cost_usd:.4g} "
                                 f"until ${wait_usd:.4g} before trusting the fit ({figures})", estimate)
+            if prior_go is not None:
+                return Decision(False, f"{prior_go}; the fit alone would stop ({figures})", estimate)
             return Decision(True, f"not worth it: {figures}", estimate)
         return Decision(False, f"worth it: {figures}", estimate)
+
+    # ------------------------------------------------------------------ range and prior
+    def _key(self, metric: float) -> float:
+        """Sort key that orders metric values from worse to better."""
+        return self._sign * metric
+
+    def _to_metric(self, points: float) -> float:
+        return self._sign * points / self.points_per_unit
+
+    def _range_points(self) -> tuple[float, float]:
+        """The metric's range in points, higher is better: (-inf, inf) when unbounded.
+
+        ``metric_range="auto"``: accuracy-like (``mode="max"``, every value so far in [0, 1])
+        is bounded by [0, 1]; a loss (``mode="min"``, every value >= 0) by 0 below.
+        """
+        bounds = self.metric_range
+        if bounds == "auto":
+            values = np.asarray(self._metrics, dtype=float)
+            finite = values[np.isfinite(values)]
+            bounds = None
+            if finite.size and self.mode == "max" and finite.min() >= 0.0 and finite.max() <= 1.0:
+                bounds = (0.0, 1.0)
+            elif finite.size and self.mode == "min" and finite.min() >= 0.0:
+                bounds = (0.0, math.inf)
+        if bounds is None:
+            return (-math.inf, math.inf)
+        lo, hi = (self.points_per_unit * b for b in bounds)
+        return (lo, hi) if self.mode == "max" else (-hi, -lo)
+
+    def _prior_view(self) -> _PriorView | None:
+        """What past runs at this stage went on to gain, when the prior applies (bounded metric, a plan)."""
+        lo, hi = self._range_points()
+        plan = self.planned_cost_usd
+        cost_now = self._costs_usd[-1]
+        if self.prior is None or plan is None or cost_now >= plan or not (math.isfinite(lo) and math.isfinite(hi)):
+            return None
+        lrs = np.asarray(self._lrs, dtype=float)
+        lrs = None if np.isnan(lrs).any() else lrs
+        base = lo if self.baseline is None else min(max(self._sign * self.points_per_unit * self.baseline, lo), hi)
+        points = self._sign * self.points_per_unit * np.asarray(self._metrics, dtype=float)
+        cell, best, headroom = stage(self._costs_usd, np.where(np.isfinite(points), points, np.nan), lo, hi, base,
+                                     plan, lrs, self.anneals)
+        key, _ = self.prior.lookup(cell)
+        c = self.confidence
+        final = [min(max(best + headroom * self.prior.quantile("final", cell, q), lo), hi)
+                 for q in (_PRIOR_TAIL * (1.0 - c) / 2.0, 0.5, 1.0 - _PRIOR_TAIL * (1.0 - c) / 2.0)]
+        # The gain worth waiting for: its `confidence` quantile, or its mean where that is larger
+        # (most runs at chance stay there, but the few that start late gain tens of points).
+        gain_fraction = max(self.prior.quantile("gain", cell, c), self.prior.gain_mean(cell))
+        gain = min(max(headroom * gain_fraction, 0.0), hi - best)
+        return _PriorView(f"{cost_now / plan:.0%} of the plan, LR {cell[1]}, cell {key}", gain, *final)
+
+    def _prior_says_go(self, view: _PriorView | None) -> str | None:
+        """Why to go on, when past runs at this stage gained more by their end than the rest of the plan costs."""
+        if view is None:
+            return None
+        left_usd = self.planned_cost_usd - self._costs_usd[-1]
+        worth_usd = view.gain_upper * self.usd_per_point
+        if worth_usd <= left_usd:
+            return None
+        return (f"past runs at this stage ({view.cell}) gained up to {view.gain_upper:.3g} points by their end "
+                f"({self.confidence:.0%} quantile or mean), worth ${worth_usd:.4g}, more than the ${left_usd:.4g} "
+                "left of the plan")
 
     def _anneal_wait_usd(self) -> float:
         """Cost before which the fit alone does not stop a run with a plan (0 without one)."""
@@ -483,32 +631,50 @@ class MarginalGainPolicy:
         draws = fit.sample(rng, self.n_samples)
         # Expected improvement of the kept (best) value, over evaluation noise, per draw.
         x_h = 1.0 + horizons_usd / cost_now
-        means = draws.value_at(x_h)  # (horizons, samples)
+        lo, hi = self._range_points()
+        means = np.clip(draws.value_at(x_h), lo, hi)  # (horizons, samples); a bounded metric stays in its range
         gains = _expected_improvement(means, fit.noise_points, best)
-        gain_mean = gains.mean(axis=1)
+        gain_median = np.median(gains, axis=1)
         gain_upper_all = np.quantile(gains, self.confidence, axis=1)
         h = int(np.argmax(gain_upper_all / horizons_usd))
         increment_usd = float(horizons_usd[h])
-        gain_points = float(gain_mean[h])
+        gain_points = float(gain_median[h])
         gain_upper = float(gain_upper_all[h])
-        if x_final is not None:
-            final_points = float(np.mean(draws.value_at(x_final)))
-        else:
-            final_points = float(np.mean(draws.asymptote()))
+        # The final metric: the curve at the planned end (or its asymptote) plus evaluation noise.
+        final_mean = draws.value_at(x_final) if x_final is not None else draws.asymptote()
+        final = np.clip(final_mean + fit.noise_points * rng.standard_normal(final_mean.shape), lo, hi)
+        c = self.confidence
+        final_low, final_points, final_high = np.quantile(final, [(1.0 - c) / 2.0, 0.5, (1.0 + c) / 2.0])
         # The fitted curve, for plots: the ensemble mean from the fit window to the horizon.
         x_curve = np.linspace(float(x[0]), 1.0 + float(horizons_usd[-1]) / cost_now, _CURVE_POINTS)
-        curve_points = draws.value_at(x_curve).mean(axis=1)
+        curve_points = np.clip(draws.value_at(x_curve), lo, hi).mean(axis=1)
+        ends = sorted((self._to_metric(float(final_low)), self._to_metric(float(final_high))), key=self._key)
         return GainEstimate(
+            predicted_final_low=ends[0],
+            predicted_final_high=ends[1],
             curve_usd=tuple(float(c) for c in x_curve * cost_now),
             curve_metric=tuple(float(v) for v in self._sign * curve_points / self.points_per_unit),
             gain_points=gain_points,
             gain_points_upper=gain_upper,
             increment_usd=increment_usd,
             gain_per_usd=gain_upper / increment_usd,
-            predicted_final=self._sign * final_points / self.points_per_unit,
+            predicted_final=self._to_metric(float(final_points)),
             usd_to_predicted_final=remaining_usd,
             curve=fit.describe(),
         )
+
+
+def _check_range(metric_range: Any) -> Any:
+    """``"auto"``, ``None`` or a (low, high) pair with low < high (either may be infinite)."""
+    if metric_range is None or (isinstance(metric_range, str) and metric_range == "auto"):
+        return metric_range
+    try:
+        lo, hi = (float(v) for v in metric_range)
+    except (TypeError, ValueError):
+        lo = hi = math.nan
+    if not (lo < hi) or math.isnan(lo) or math.isnan(hi):
+        raise ValueError(f"`metric_range` must be 'auto', None or (low, high) with low < high, got {metric_range!r}")
+    return (lo, hi)
 
 
 # ---------------------------------------------------------------------- fitting
@@ -521,7 +687,19 @@ def _basis(x: np.ndarray) -> np.ndarray:
     power = np.where(a == 0.0, logx, -np.expm1(-safe_a * logx) / safe_a)
     k = _EXP_RATES[:, None]
     expo = -np.expm1(np.clip(-k * (x - 1.0), -700.0, 50.0)) / k
-    return np.vstack([power, expo])
+    return np.vstack([power, expo, _loglogistic(x) - _loglogistic(np.ones(1)), _weibull(x) - _weibull(np.ones(1))])
+
+
+def _loglogistic(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + (x/m)^-s) for each (m, s) of the grid: shape (grid, len(x))."""
+    z = np.clip(-_SIG_S[:, None] * (np.log(x)[None, :] - np.log(_SIG_M)[:, None]), -50.0, 50.0)
+    return 1.0 / (1.0 + np.exp(z))
+
+
+def _weibull(x: np.ndarray) -> np.ndarray:
+    """1 - exp(-(x/m)^s) for each (m, s) of the grid: shape (grid, len(x))."""
+    z = np.clip(_SIG_S[:, None] * (np.log(x)[None, :] - np.log(_SIG_M)[:, None]), -50.0, 50.0)
+    return -np.expm1(-np.exp(z))
 
 
 def _basis_limit() -> np.ndarray:
@@ -530,11 +708,16 @@ def _basis_limit() -> np.ndarray:
     limit = far.copy()
     sat = _POWER_ALPHAS > 0
     limit[: len(_POWER_ALPHAS)][sat] = 1.0 / _POWER_ALPHAS[sat]
-    limit[len(_POWER_ALPHAS):] = 1.0 / _EXP_RATES
+    n_pe = len(_POWER_ALPHAS) + len(_EXP_RATES)
+    limit[len(_POWER_ALPHAS):n_pe] = 1.0 / _EXP_RATES
+    one = np.ones(1)
+    limit[n_pe:n_pe + len(_SIG_M)] = 1.0 - _loglogistic(one)[:, 0]
+    limit[n_pe + len(_SIG_M):] = 1.0 - _weibull(one)[:, 0]
     return limit
 
 
 _BASIS_LIMIT = _basis_limit()
+_LOG_FAMILY_PRIOR = np.log(np.array([_FAMILY_PRIOR[f] / _FAMILIES.count(f) for f in _FAMILIES]))
 
 
 def _expected_improvement(mean: np.ndarray, sd: float, best: float) -> np.ndarray:
@@ -591,10 +774,14 @@ class _EnsembleFit:
         for fam, w in zip(_FAMILIES, self.weights):
             mass[fam] += float(w)
         top = int(np.argmax(self.weights))
-        param = (
-            f"alpha={_POWER_ALPHAS[top]:g}" if top < len(_POWER_ALPHAS)
-            else f"k={_EXP_RATES[top - len(_POWER_ALPHAS)]:g}"
-        )
+        n_pe = len(_POWER_ALPHAS) + len(_EXP_RATES)
+        if top < len(_POWER_ALPHAS):
+            param = f"alpha={_POWER_ALPHAS[top]:g}"
+        elif top < n_pe:
+            param = f"k={_EXP_RATES[top - len(_POWER_ALPHAS)]:g}"
+        else:
+            j = (top - n_pe) % len(_SIG_M)
+            param = f"midpoint={_SIG_M[j]:g}x, steepness={_SIG_S[j]:g}"
         parts = ", ".join(f"{f} {m:.2f}" for f, m in mass.items())
         return f"ensemble({parts}; top {_FAMILIES[top]} {param})"
 
@@ -659,8 +846,7 @@ def _fit_ensemble(x: np.ndarray, u: np.ndarray, noise_floor_points: float = 0.0)
     scale_u = max(float(np.max(np.abs(u))), 1.0)
     noise_var = max(sse_min / dof, noise_floor_points**2, (1e-6 * scale_u) ** 2)
     loglik = -0.5 * (sse - sse_min) / noise_var
-    prior = np.where(np.array(_FAMILIES) == "power", 0.5 / len(_POWER_ALPHAS), 0.5 / len(_EXP_RATES))
-    logpost = np.where(np.isfinite(loglik), loglik, -np.inf) + np.log(prior)
+    logpost = np.where(np.isfinite(loglik), loglik, -np.inf) + _LOG_FAMILY_PRIOR
     post = np.exp(logpost - np.max(logpost))
     post /= post.sum()
     slope_sd = np.sqrt(noise_var / np.where(ok, sgg, np.inf))

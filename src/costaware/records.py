@@ -380,8 +380,10 @@ class MarginalGainDecisionEvent(Event):
     Attributes:
         value: the metric then; usd: dollars spent then; gain_points(_upper): the expected (upper)
         gain in points over the next ``increment_usd`` dollars; gain_per_usd: points per dollar;
-        predicted_final: the fitted final value; usd_to_predicted_final: dollars more to reach it;
-        curve: the fitted curve, in words; curve_points: ``{"usd": [...], "value": [...]}``.
+        predicted_final: the fitted final value, with its stated interval ``predicted_final_low`` ..
+        ``predicted_final_high``; usd_to_predicted_final: dollars more to reach it; lr: the
+        learning rate at this evaluation; curve: the fitted curve, in words; curve_points:
+        ``{"usd": [...], "value": [...]}``.
     """
 
     NAME: ClassVar[str] = "marginal_gain_decision"
@@ -400,7 +402,10 @@ class MarginalGainDecisionEvent(Event):
     increment_usd: Optional[float] = None
     gain_per_usd: Optional[float] = None
     predicted_final: Optional[float] = None
+    predicted_final_low: Optional[float] = None
+    predicted_final_high: Optional[float] = None
     usd_to_predicted_final: Optional[float] = None
+    lr: Optional[float] = None
     curve: Optional[str] = None
     curve_points: Optional[dict] = None
 

@@ -89,8 +89,10 @@ class MarginalGainStopping(*CALLBACK_BASES):  # a Callback of each installed nam
 
     Each decision, with its reason and the policy's figures, is written to the run's ledger as a
     ``marginal_gain_decision`` event (``stop``, ``reason``, ``monitor``, ``value``,
-    ``usd``, ``step``, ``gain_points``, ``gain_points_upper``, ``increment_usd``,
-    ``gain_per_usd``, ``predicted_final``, ``usd_to_predicted_final``, ``curve``, and
+    ``usd``, ``step``, ``lr`` (the first optimizer's learning rate, which the policy uses too),
+    ``gain_points``, ``gain_points_upper``, ``increment_usd``, ``gain_per_usd``,
+    ``predicted_final`` with ``predicted_final_low`` and ``predicted_final_high`` (its
+    ``confidence`` interval), ``usd_to_predicted_final``, ``curve``, and
     ``curve_points``: the fitted curve sampled against dollars, which the report draws), and the
     estimate goes to the loggers as ``cost/marginal_gain_per_usd`` (points per dollar),
     ``cost/predicted_final_<monitor>`` and ``cost/usd_to_predicted_final`` (with a plan) at the
@@ -126,6 +128,10 @@ class MarginalGainStopping(*CALLBACK_BASES):  # a Callback of each installed nam
             Trainer has none (``{"usd_per_host_hour": 0.1, "country": "USA"}``); ignored, with a
             warning, when there is one.
         verbose: print each decision on rank zero (stops are always printed).
+        prior: what past runs say about how a run goes on: ``"default"`` (the prior shipped with
+            costaware), the path of a JSON file from ``costaware prior fit LEDGERS... -o prior.json``
+            (your own past runs: the best predictor), or ``None`` (the curve fit alone). See
+            :class:`costaware.curves.MarginalGainPolicy`.
 
     Raises:
         ValueError: at construction, naming the argument: an empty ``monitor``, an unknown
@@ -163,6 +169,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # a Callback of each installed nam
         policy_kwargs: Optional[dict] = None,
         monitor_kwargs: Optional[dict] = None,
         verbose: bool = False,
+        prior: Any = "default",
     ) -> None:
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"monitor must be the name of a logged metric such as 'val_acc', got {monitor!r}")
@@ -180,14 +187,15 @@ class MarginalGainStopping(*CALLBACK_BASES):  # a Callback of each installed nam
         self.policy_kwargs = dict(policy_kwargs or {})
         self._user_plan = self.policy_kwargs.get("planned_cost_usd") is not None
         self._user_anneals = "anneals" in self.policy_kwargs
-        for key in ("mode", "usd_per_point", "min_gain_per_usd", "confidence", "min_points", "points_per_unit"):
+        for key in ("mode", "usd_per_point", "min_gain_per_usd", "confidence", "min_points", "points_per_unit",
+                    "prior"):
             if key in self.policy_kwargs:
                 raise ValueError(f"policy_kwargs has {key!r}, which is an argument of MarginalGainStopping: pass "
                                  f"{key}= directly")
         try:
             self.policy = MarginalGainPolicy(mode=mode, usd_per_point=usd_per_point, min_gain_per_usd=min_gain_per_usd,
                                              confidence=confidence, min_points=min_points,
-                                             points_per_unit=points_per_unit, **self.policy_kwargs)
+                                             points_per_unit=points_per_unit, prior=prior, **self.policy_kwargs)
         except TypeError as err:  # an unknown policy_kwargs key
             raise ValueError(f"policy_kwargs: {err}") from err
         except ValueError as err:  # the policy names the argument; strip its backquotes
@@ -306,8 +314,9 @@ class MarginalGainStopping(*CALLBACK_BASES):  # a Callback of each installed nam
             hook = getattr(strategy, "on_validation", None)
             if callable(hook):
                 hook(context, value)
+        lr = _learning_rate(trainer)
         decision = self.policy.observe(totals.usd, value, planned_cost_usd=self._planned_cost_usd(trainer, totals.usd),
-                                       anneals=self._anneals(trainer))
+                                       anneals=self._anneals(trainer), lr=lr)
         self.decisions.append(decision)
         stop = bool(trainer.strategy.reduce_boolean_decision(decision.stop, all=False))
         if totals.usd <= 0 and self.policy.num_points >= self.min_points and not self._warned_free:
@@ -318,7 +327,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # a Callback of each installed nam
         reason = decision.reason
         if stop and not decision.stop:
             reason = f"another rank decided to stop (here: {decision.reason})"
-        self._record(trainer, decision, stop, reason, value, totals)
+        self._record(trainer, decision, stop, reason, value, totals, lr)
         if stop:
             trainer.should_stop = True  # (again, if min_steps/min_epochs made Lightning go on)
         if stop and self.stopped_step is None:
@@ -410,17 +419,20 @@ class MarginalGainStopping(*CALLBACK_BASES):  # a Callback of each installed nam
         return StopContext(trainer=trainer, pl_module=pl_module, monitor=self.meter, metric_name=self.monitor,
                            mode=self.mode, budget_left_usd=_budget_left_usd(trainer, totals_usd))
 
-    def _record(self, trainer: Any, decision: Decision, stop: bool, reason: str, value: float, totals: Any) -> None:
+    def _record(self, trainer: Any, decision: Decision, stop: bool, reason: str, value: float, totals: Any,
+                lr: Optional[float] = None) -> None:
         """The decision into the ledger, and its estimate to the loggers and callback metrics."""
         est = decision.estimate
         figures = {"gain_points": None, "gain_points_upper": None, "increment_usd": None, "gain_per_usd": None,
-                   "predicted_final": None, "usd_to_predicted_final": None, "curve": None}
+                   "predicted_final": None, "predicted_final_low": None, "predicted_final_high": None,
+                   "usd_to_predicted_final": None, "curve": None}
         if est is not None:
             figures.update({k: getattr(est, k) for k in figures})
             figures["curve_points"] = {"usd": list(est.curve_usd), "value": list(est.curve_metric)}  # for the report
         ledger = self.meter.ledger
         ledger.record(MarginalGainDecisionEvent(  # its totals: those the decision used, not the last sample's
             stop=stop, reason=reason, monitor=self.monitor, value=value, usd=totals.usd, step=trainer.global_step,
+            lr=lr,
             points=self.policy.num_points, usd_per_point=self.usd_per_point, totals=RecordedTotals.of(totals),
             **figures))
         if est is None:
@@ -448,6 +460,15 @@ def _strategies(then: Any) -> list:
             raise ValueError(f"then must hold costaware.strategies.StopStrategy objects (EarlyStop, Distill, "
                              f"Quantize), got {item!r}")
     return items
+
+
+def _learning_rate(trainer: Any) -> Optional[float]:
+    """The first optimizer's first parameter group's learning rate now, or None (no optimizer, no "lr")."""
+    try:
+        lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None
+    return lr if math.isfinite(lr) and lr >= 0 else None
 
 
 def _name(strategy: Any) -> str:

@@ -1,0 +1,331 @@
+"""A prior over how runs end, learned from past runs' learning curves.
+
+A curve fit sees only the run so far. Past runs of the same kind know more: a from-scratch run
+at 5% of its plan, its learning rate still warming up and its accuracy at chance, usually goes on
+to learn a lot; a fine-tuned model at 85% accuracy with its learning rate half annealed gains a
+point at most. :class:`CurvePrior` holds, for each stage of a run, the empirical distribution of
+what the rest of the run brought, measured on recorded runs:
+
+* ``gain``: (best metric of the whole run - best so far) / headroom (quantiles and mean),
+* ``final``: (metric at the end of the run - best so far) / headroom,
+
+where the headroom is what is left of a bounded metric's range (accuracy: ``1 - best so far``),
+at least ``HEADROOM_FLOOR`` (5%) of the range.
+The stage is a cell of four features a policy knows at every evaluation:
+
+* the fraction of the planned cost spent (``PLAN_EDGES``),
+* the learning rate's state: ``constant`` (no scheduler), ``unknown`` (not recorded), ``warming``
+  (higher than at the previous evaluation: the warmup, the peak is still ahead), ``high`` (at
+  least ``LR_HIGH`` of its peak so far: not annealed yet) or ``annealing``,
+* the progress: how far the best so far has come from the baseline (the metric of a model that
+  learned nothing, else the range's low end) to the range's high end (``PROGRESS_EDGES``),
+* the momentum: what the best gained over the last half of the cost so far, as a fraction of the
+  headroom (``MOMENTUM_EDGES``): a fine-tuned model and a from-scratch run can be equally far
+  from the ceiling, one flat and one still climbing steeply.
+
+Each run weighs the same (its evaluations share one unit of weight). Cells with fewer than
+``MIN_RUNS`` runs fall back to coarser ones (without the learning-rate state, then without the
+plan fraction, then the progress alone, then all). Stored as a small JSON file; the package
+ships one fitted on the tune halves of the replay's data sets (``costaware/data/curve_prior.json``),
+and ``costaware prior fit`` fits a team's own from its ledgers or generic JSONL.
+
+No Lightning import: the replay benchmark and the callback share it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["HEADROOM_FLOOR", "CurvePrior", "PriorRun", "load_prior", "lr_state", "prior_cell", "run_from_record",
+           "runs_from_jsonl", "runs_from_ledger", "stage"]
+
+PRIOR_VERSION = 1
+PLAN_EDGES = (0.1, 0.25, 0.5, 0.75)
+PROGRESS_EDGES = (0.1, 0.4, 0.7, 0.9)
+MOMENTUM_EDGES = (0.05, 0.3, 1.0)
+LR_STATES = ("constant", "unknown", "warming", "high", "annealing")
+LR_HIGH = 0.7
+LR_RISING = 1.01
+MIN_RUNS = 12
+QUANTILE_LEVELS = tuple(round(q, 2) for q in np.linspace(0.02, 0.98, 49))
+#: The headroom used to scale a stage's outcomes is at least this fraction of the metric's range: near
+#: the ceiling, evaluation noise (not the headroom) sets how far the final value may fall.
+HEADROOM_FLOOR = 0.05
+#: A run that ended before this fraction of its planned cost is left out (stopped early).
+_MIN_DONE = 0.9
+
+
+@dataclass(frozen=True)
+class PriorRun:
+    """One recorded run, as the prior reads it.
+
+    Attributes:
+        costs_usd: Cumulative cost at each evaluation, in dollars.
+        metrics: The metric at each evaluation (NaN where not finite).
+        mode: ``"max"`` or ``"min"``.
+        planned_cost_usd: The run's planned total cost, in dollars (the last cost if unknown).
+        lrs: Learning rate at each evaluation, or ``None`` if not recorded.
+        anneals: Whether the run had a learning-rate scheduler.
+        baseline: The metric of a model that learned nothing, if known.
+        metric_range: (low, high) of the metric; ``None``: (0, 1) if every value lies in it.
+    """
+
+    costs_usd: np.ndarray
+    metrics: np.ndarray
+    mode: str = "max"
+    planned_cost_usd: float | None = None
+    lrs: np.ndarray | None = None
+    anneals: bool = True
+    baseline: float | None = None
+    metric_range: tuple[float, float] | None = None
+
+
+def lr_state(lrs: Sequence[float] | None, anneals: bool) -> str:
+    """The learning rate's state at the last of ``lrs`` (see the module's docstring)."""
+    if not anneals:
+        return "constant"
+    values = None if lrs is None else np.asarray(lrs, dtype=float)
+    if values is None or values.size == 0 or not np.isfinite(values).all() or values.max() <= 0:
+        return "unknown"
+    if values.size > 1 and values[-1] > LR_RISING * values[-2]:
+        return "warming"
+    return "high" if values[-1] >= LR_HIGH * values.max() else "annealing"
+
+
+def prior_cell(plan_fraction: float, state: str, progress: float, momentum: float) -> tuple[int, str, int, int]:
+    """The cell of a stage: (plan-fraction bin, LR state, progress bin, momentum bin)."""
+    return (int(np.searchsorted(PLAN_EDGES, plan_fraction, side="right")), state,
+            int(np.searchsorted(PROGRESS_EDGES, progress, side="right")),
+            int(np.searchsorted(MOMENTUM_EDGES, momentum, side="right")))
+
+
+def stage(costs_usd: Sequence[float] | np.ndarray, points: Sequence[float] | np.ndarray,
+          lo: float, hi: float, base: float,
+          planned_cost_usd: float, lrs: Sequence[float] | None, anneals: bool) -> tuple[tuple, float, float]:
+    """The stage of a run after its last evaluation: (cell, best so far, headroom), in points.
+
+    ``points``: the metric so far, higher is better (NaN where not finite), in the same units as
+    ``lo``/``hi`` (the range) and ``base`` (the baseline, else ``lo``). The momentum is what the
+    best gained over the last half of the cost so far, as a fraction of the headroom.
+    """
+    u = np.asarray(points, dtype=float)
+    c = np.asarray(costs_usd, dtype=float)
+    best = float(np.nanmax(u))
+    headroom = max(hi - best, HEADROOM_FLOOR * (hi - lo))
+    earlier = u[: int(np.searchsorted(c, 0.5 * c[-1], side="right"))]
+    earlier = earlier[np.isfinite(earlier)]
+    before = float(np.max(earlier)) if earlier.size else float(u[np.isfinite(u)][0])
+    cell = prior_cell(float(c[-1]) / planned_cost_usd, lr_state(lrs, anneals),
+                      (best - base) / max(hi - base, 1e-12), (best - before) / headroom)
+    return cell, best, headroom
+
+
+def _bounded(values: np.ndarray, mode: str, metric_range: tuple[float, float] | None) -> tuple[float, float] | None:
+    if metric_range is not None:
+        return metric_range
+    finite = values[np.isfinite(values)]
+    if mode == "max" and finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
+        return (0.0, 1.0)
+    return None
+
+
+def stage_samples(run: PriorRun) -> list[tuple[tuple, float, float]]:
+    """(cell, gain / headroom, final - best so far / headroom) at each evaluation of ``run``."""
+    values = np.asarray(run.metrics, dtype=float)
+    bounds = _bounded(values, run.mode, run.metric_range)
+    if bounds is None or not np.isfinite(values).any() or len(values) < 2:
+        return []
+    sign = 1.0 if run.mode == "max" else -1.0
+    lo, hi = (bounds[0], bounds[1]) if sign > 0 else (-bounds[1], -bounds[0])
+    u = sign * values
+    base = lo if run.baseline is None else min(max(sign * run.baseline, lo), hi)
+    planned = run.planned_cost_usd or float(run.costs_usd[-1])
+    if float(run.costs_usd[-1]) < _MIN_DONE * planned:
+        return []  # stopped before its plan's end: what the rest of the plan brings is unknown
+    best_all = float(np.nanmax(u))
+    final = u[-1] if np.isfinite(u[-1]) else lo
+    out = []
+    for i in range(len(u) - 1):
+        if not np.isfinite(u[: i + 1]).any() or planned <= 0:
+            continue
+        lrs = None if run.lrs is None else [float(v) for v in run.lrs[: i + 1]]
+        cell, best, headroom = stage(run.costs_usd[: i + 1], u[: i + 1], lo, hi, base, planned, lrs, run.anneals)
+        out.append((cell, (best_all - best) / headroom, (final - best) / headroom))
+    return out
+
+
+def _weighted_quantiles(values: np.ndarray, weights: np.ndarray) -> list[float]:
+    order = np.argsort(values)
+    v, w = values[order], weights[order]
+    cum = (np.cumsum(w) - 0.5 * w) / w.sum()
+    return [round(float(q), 5) for q in np.interp(QUANTILE_LEVELS, cum, v)]
+
+
+def _keys(cell: tuple) -> list[str]:
+    """Lookup keys of a cell, finest first: the LR state, then the plan fraction are dropped first."""
+    plan, state, progress, momentum = cell
+    return [f"{plan}/{state}/{progress}/{momentum}", f"{plan}/*/{progress}/{momentum}", f"*/*/{progress}/{momentum}",
+            f"*/*/{progress}/*", "*/*/*/*"]
+
+
+class CurvePrior:
+    """Quantiles of what the rest of a run brings, by stage (see the module's docstring).
+
+    Example::
+
+        prior = CurvePrior.fit(runs)          # PriorRun objects from past runs
+        prior.save("prior.json")
+        gain_q80 = prior.quantile("gain", cell, 0.8) * headroom
+    """
+
+    def __init__(self, cells: dict[str, dict], source: str = "") -> None:
+        self.cells = cells
+        self.source = source
+
+    @classmethod
+    def fit(cls, runs: Iterable[PriorRun], source: str = "") -> CurvePrior:
+        """Fits the quantile table on ``runs``; runs without a bounded metric are skipped."""
+        groups: dict[str, list] = {}
+        n_runs = 0
+        for run_index, run in enumerate(runs):
+            samples = stage_samples(run)
+            if not samples:
+                continue
+            n_runs += 1
+            weight = 1.0 / len(samples)
+            for cell, gain, final in samples:
+                for key in _keys(cell):
+                    groups.setdefault(key, []).append((run_index, weight, gain, final))
+        if not n_runs:
+            raise ValueError("no run with a bounded metric (accuracy-like, in [0, 1]) and at least two evaluations "
+                             "to fit a prior on")
+        cells = {}
+        for key, rows in groups.items():
+            runs_in = len({r for r, _, _, _ in rows})
+            if runs_in < MIN_RUNS and key != "*/*/*/*":
+                continue
+            arr = np.asarray([(w, g, f) for _, w, g, f in rows], dtype=float)
+            cells[key] = {"runs": runs_in, "gain_mean": round(float(np.average(arr[:, 1], weights=arr[:, 0])), 5),
+                          "gain": _weighted_quantiles(arr[:, 1], arr[:, 0]),
+                          "final": _weighted_quantiles(arr[:, 2], arr[:, 0])}
+        return cls(cells, source or f"fitted on {n_runs} runs")
+
+    def lookup(self, cell: tuple) -> tuple[str, dict]:
+        """The finest stored cell for ``cell``: (key, its quantiles)."""
+        for key in _keys(cell):
+            if key in self.cells:
+                return key, self.cells[key]
+        raise KeyError(cell)
+
+    def quantile(self, what: str, cell: tuple, level: float) -> float:
+        """The ``level`` quantile of ``what`` (``"gain"`` or ``"final"``) in ``cell``, as a fraction of headroom."""
+        return float(np.interp(level, QUANTILE_LEVELS, self.lookup(cell)[1][what]))
+
+    def gain_mean(self, cell: tuple) -> float:
+        """The mean gain by the end in ``cell``, as a fraction of headroom (a rare late start counts in full)."""
+        return float(self.lookup(cell)[1]["gain_mean"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": PRIOR_VERSION, "source": self.source, **_settings(), "cells": self.cells}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CurvePrior:
+        if not isinstance(data, dict) or "cells" not in data:
+            raise ValueError("a curve prior must be a JSON object with 'cells' (as `costaware prior fit` writes)")
+        version = data.get("version")
+        if version != PRIOR_VERSION:
+            raise ValueError(f"curve prior version {version!r}: this costaware reads version {PRIOR_VERSION}")
+        if any(data.get(key) != value for key, value in _settings().items()):
+            raise ValueError("curve prior made with other cell edges or quantile levels: refit it with "
+                             "`costaware prior fit`")
+        if "*/*/*/*" not in data["cells"]:
+            raise ValueError("curve prior has no '*/*/*/*' cell (the fallback for every stage)")
+        return cls(data["cells"], str(data.get("source", "")))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), separators=(",", ":")) + "\n")
+
+
+def _settings() -> dict[str, Any]:
+    """How cells are cut, as stored in a prior file (a file cut otherwise is refused)."""
+    return {"plan_edges": list(PLAN_EDGES), "progress_edges": list(PROGRESS_EDGES),
+            "momentum_edges": list(MOMENTUM_EDGES), "lr_states": list(LR_STATES), "lr_high": LR_HIGH,
+            "lr_rising": LR_RISING, "headroom_floor": HEADROOM_FLOOR, "quantile_levels": list(QUANTILE_LEVELS)}
+
+
+@functools.lru_cache(maxsize=1)
+def _packaged_prior() -> CurvePrior:
+    """The prior shipped in the package, read once per process (policies only read it)."""
+    packaged = resources.files("costaware") / "data" / "curve_prior.json"
+    return CurvePrior.from_dict(json.loads(packaged.read_text(encoding="utf-8")))
+
+
+def load_prior(prior: Any) -> CurvePrior | None:
+    """``None``, ``"default"`` (the packaged prior), a path to a JSON file, a dict, or a CurvePrior."""
+    if prior is None or isinstance(prior, CurvePrior):
+        return prior
+    if isinstance(prior, dict):
+        return CurvePrior.from_dict(prior)
+    if isinstance(prior, (str, Path)):
+        if str(prior) == "default":
+            return _packaged_prior()
+        path = Path(prior)
+        if not path.is_file():
+            raise ValueError(f"`prior` must be None, 'default', a CurvePrior, a dict or the path of a prior JSON "
+                             f"file; no file at {str(path)!r}")
+        try:
+            return CurvePrior.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"`prior`: {prior!s} is not JSON ({err})") from err
+    raise ValueError(f"`prior` must be None, 'default', a CurvePrior, a dict or a path, got {prior!r}")
+
+
+# ---------------------------------------------------------------------- reading past runs
+def run_from_record(record: dict) -> PriorRun:
+    """A generic-JSONL record (``benchmarks/replay_curves.py``'s format) as a PriorRun."""
+    points = record["points"]
+    costs = np.asarray([float(p[0]) for p in points], dtype=float)
+    metrics = np.asarray([float("nan") if p[1] is None else float(p[1]) for p in points], dtype=float)
+    has_lr = points and all(len(p) > 2 and p[2] is not None for p in points)
+    lrs = np.asarray([float(p[2]) for p in points]) if has_lr else None
+    rng = record.get("metric_range")
+    return PriorRun(costs, metrics, record.get("mode", "max"), record.get("planned_cost_usd"), lrs,
+                    bool(record.get("anneals", True)), record.get("baseline"),
+                    None if rng is None else (float(rng[0]), float(rng[1])))
+
+
+def runs_from_jsonl(path: str | Path) -> list[PriorRun]:
+    with open(path) as f:
+        return [run_from_record(json.loads(line)) for line in f if line.strip()]
+
+
+def runs_from_ledger(path: str | Path) -> list[PriorRun]:
+    """The run in a costaware ledger: its ``marginal_gain_decision`` events (value, dollars, lr).
+
+    The planned cost is the largest ``usd + usd_to_predicted_final`` a decision recorded, else
+    the last cost; mode, baseline and whether the LR anneals come from the ``marginal_gain_policy`` event.
+    """
+    from costaware.ledger import read_ledger
+    from costaware.records import MarginalGainDecisionEvent, MarginalGainPolicyEvent
+
+    contents = read_ledger(path, lenient=True)
+    policy = next((e for e in contents.events if isinstance(e, MarginalGainPolicyEvent)), MarginalGainPolicyEvent())
+    decisions = [e for e in contents.events if isinstance(e, MarginalGainDecisionEvent) and e.usd is not None]
+    if len(decisions) < 2:
+        return []
+    costs = np.asarray([float(e.usd) for e in decisions if e.usd is not None])
+    metrics = np.asarray([float("nan") if e.value is None else float(e.value) for e in decisions])
+    lrs = [e.lr for e in decisions]
+    plans = [e.usd + e.usd_to_predicted_final for e in decisions
+             if e.usd is not None and e.usd_to_predicted_final is not None]
+    return [PriorRun(costs, metrics, policy.mode or "max", max(plans) if plans else None,
+                     np.asarray(lrs, dtype=float) if all(v is not None for v in lrs) else None,
+                     True if policy.anneals is None else bool(policy.anneals), policy.baseline)]
