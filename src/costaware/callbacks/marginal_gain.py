@@ -367,7 +367,8 @@ class MarginalGainStopping:
 
     def _context(self, trainer: Any, pl_module: Any, totals_usd: Optional[float] = None) -> StopContext:
         return StopContext(trainer=trainer, pl_module=pl_module, monitor=self.cost_monitor, metric_name=self.monitor,
-                           mode=self.mode, budget_left_usd=_budget_left_usd(trainer, totals_usd))
+                           mode=self.mode, budget_left_usd=_budget_left_usd(trainer, totals_usd),
+                           usd_per_point=self.usd_per_point)
 
     def _record(self, trainer: Any, decision: Decision, stop: bool, reason: str, value: float, totals: Any) -> None:
         """The decision into the ledger, and its estimate to the loggers and callback metrics."""
