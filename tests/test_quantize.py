@@ -100,7 +100,7 @@ def test_after_fit_keeps_quantized_model(ns, tmp_path, bits):
     assert all(isinstance(m, bnb.nn.Linear8bitLt) for m in strategy.model.net if not isinstance(m, nn.ReLU))
     event = [e for e in read_ledger(path.parent).events if e["name"] == "quantize"][-1]
     assert event["kept"] is True and event["bits"] == bits and event["quantized_metric"] == quantized.metric
-    assert event["objective"] == "memory" and event["quantized_size_bytes"] < event["float_size_bytes"]
+    assert event["objective"] == "memory" and event["quantized_size_bytes"] < event["teacher_size_bytes"]
     assert event["backend"] == f"bitsandbytes_{'int8' if bits == 8 else 'nf4'}"
 
 

@@ -327,7 +327,7 @@ class Distill(StopStrategy):
             with cpu_threads(self.latency_threads):
                 self.rows += self._apply_follower(follower, run, student_row)
         if self.judge is not None:
-            self.judge.decide(self.rows, run.ledger)
+            self.judge.decide(self.rows, run.ledger, switch_usd=(student_row.train_usd or 0.0) + run.quantize_usd)
         self._distill_or_annotate(run)
         return self.rows
 
@@ -458,11 +458,14 @@ class Distill(StopStrategy):
         result, rows = follower.apply(self.student, run.val_data, run.metric_fn, **kwargs)
         seconds = time.perf_counter() - started_s
         if run.ledger is not None:
-            run.ledger.record_event(getattr(follower, "name", type(follower).__name__), of="student",
-                                    rows=[dict(vars(r)) for r in rows], seconds=seconds,
-                                    kept=bool(getattr(follower, "kept", False)),
-                                    usd=seconds * run.usd_per_s if run.usd_per_s is not None else None)
+            fields = (follower.event_fields(self._metric_name(), self.metric_mode)
+                      if callable(getattr(follower, "event_fields", None)) else {})
+            run.ledger.record_event(getattr(follower, "name", type(follower).__name__), **{
+                **fields, "of": "student", "rows": [dict(vars(r)) for r in rows], "seconds": seconds,
+                "kept": bool(getattr(follower, "kept", False)),
+                "usd": seconds * run.usd_per_s if run.usd_per_s is not None else None})
         others = [r for r in rows if r.role != "student"]
+        run.quantize_usd += seconds * run.usd_per_s if run.usd_per_s is not None else 0.0
         if self.judge is not None and getattr(follower, "kept", False) and result is not self.student and others:
             spent = (seconds * run.usd_per_s) if run.usd_per_s is not None else 0.0
             chain = (run.teacher_usd or 0.0) + (student_row.train_usd or 0.0) + spent
@@ -590,6 +593,7 @@ class _Run:
         elapsed_s = float(getattr(totals, "elapsed_s", 0.0) or 0.0) if totals is not None else 0.0
         #: the run's dollars per wall second, to price what the switch spends outside a metered fit
         self.usd_per_s = self.teacher_usd / elapsed_s if self.teacher_usd is not None and elapsed_s > 0 else None
+        self.quantize_usd = 0.0  # what the ``then`` strategies spent, at ``usd_per_s``
         self.examples_per_batch = getattr(self.train_data, "batch_size", None) or _first_batch_examples(
             self.train_data, self.split)
 

@@ -67,6 +67,7 @@ class LifetimeJudge:
         self.measure_s = 0.0  # wall seconds spent timing
         self.recommended: Optional[str] = None
         self.reason = ""
+        self.switch_usd = 0.0
 
     def add(self, candidate: Candidate) -> None:
         self.candidates[candidate.role] = candidate
@@ -95,8 +96,13 @@ class LifetimeJudge:
         per_example_s = (a.latency_ms_per_example - b.latency_ms_per_example) / 1000.0
         return per_example_s * self.deployment.requests * self.deployment.usd_per_hour / 3600.0
 
-    def decide(self, rows: list[ModelRow], ledger: Any = None) -> Optional[str]:
-        """Time all, price all, mark ``deploy`` on ``rows``, record the ledger events; the role to deploy."""
+    def decide(self, rows: list[ModelRow], ledger: Any = None, switch_usd: float = 0.0) -> Optional[str]:
+        """Time all, price all, mark ``deploy`` on ``rows``, record the ledger events; the role to deploy.
+
+        ``switch_usd``: what the switch spent beyond the teacher outside this timing (the
+        student's fit, the quantization), for the net saving in the ledger.
+        """
+        self.switch_usd = switch_usd
         self.time_all()
         costs = []
         for role, candidate in self.candidates.items():
@@ -126,11 +132,12 @@ class LifetimeJudge:
                                 examples_timed=candidate.timing.examples if candidate.timing else None)
         teacher = self.candidates.get("teacher")
         chosen = self.candidates.get(self.recommended or "")
-        saving = (teacher.cost.lifetime_usd - chosen.cost.lifetime_usd
-                  if teacher and chosen and teacher.cost and chosen.cost else None)
+        measure_usd = self.measure_s * self.usd_per_s if self.usd_per_s is not None else 0.0
+        switch_usd = self.switch_usd + measure_usd
+        net = (teacher.cost.lifetime_usd - (teacher.cost.train_usd + chosen.cost.serving_usd + switch_usd)
+               if teacher and chosen and teacher.cost and chosen.cost else None)
         ledger.record_event(
             "deploy_recommendation", role=self.recommended, reason=self.reason, requests=d.requests,
             usd_per_hour=d.usd_per_hour, device=d.device, batch_size=d.batch_size, sla_ms=d.sla_ms,
             usd_per_point=d.usd_per_point if d.usd_per_point is not None else self.usd_per_point,
-            lifetime_saving_usd=saving, measure_s=self.measure_s,
-            measure_usd=self.measure_s * self.usd_per_s if self.usd_per_s is not None else None)
+            measure_s=self.measure_s, measure_usd=measure_usd, switch_usd=switch_usd, net_saving_usd=net)

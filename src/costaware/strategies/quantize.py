@@ -276,14 +276,15 @@ class Quantize(StopStrategy):
         return rows
 
     def event_fields(self, metric_name: str = "", mode: str = "max") -> dict:
-        """The ``quantize`` ledger event's flat fields: the float and kept (or best) figures, and
-        each backend's as ``<backend>_<figure>``."""
+        """The ``quantize`` ledger event's flat fields: the float model's (``teacher_*``, whatever
+        its role, named in ``of``) and the kept (or best) copy's, and each backend's as
+        ``<backend>_<figure>``."""
         float_row, quantized = self.rows[0], self.rows[-1]
         fields = dict(
             bits=self.bits, quant_type=self.label, kept=self.kept, backend=self.kept_backend, objective=self.objective,
             min_gain=self.min_gain, metric=metric_name, mode=mode, max_drop=self.max_drop, of=float_row.role,
-            float_metric=float_row.metric, quantized_metric=quantized.metric, float_size_bytes=float_row.size_bytes,
-            quantized_size_bytes=quantized.size_bytes, float_latency_ms_per_example=float_row.latency_ms_per_example,
+            teacher_metric=float_row.metric, quantized_metric=quantized.metric, teacher_size_bytes=float_row.size_bytes,
+            quantized_size_bytes=quantized.size_bytes, teacher_latency_ms_per_example=float_row.latency_ms_per_example,
             quantized_latency_ms_per_example=quantized.latency_ms_per_example,
             path=str(self.path) if self.path else None, note=quantized.note)
         for variant in self.variants:
