@@ -224,8 +224,7 @@ def summary_figures(rows: list[ModelRow], test_acc: dict, distill: Distill, stop
         figures[row.role] = {
             "val_acc": row.metric, "test_acc": test_acc.get(row.role), "params": row.params,
             "size_bytes": row.size_bytes,
-            "latency_ms_per_example": timing.latency_ms_per_example if timing else None,
-            "batched_latency_ms_per_example": row.latency_ms_per_example,
+            "latency_ms_per_example": timing.latency_ms_per_example if timing else row.latency_ms_per_example,
             "train_usd": row.train_usd, "chain_train_usd": candidate.train_usd if candidate is not None else None,
             "usd_per_1k_requests": row.usd_per_1k_requests, "lifetime_usd": row.lifetime_usd,
             "value_usd": row.value_usd, "note": row.note,

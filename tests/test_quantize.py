@@ -246,7 +246,7 @@ def test_metric_from_online_probe(ns, tmp_path):
     x, y = separable(n=256)
     probe = ns.costaware.OnlineProbe(train=(x[:128], y[:128]), val=(x[128:], y[128:]), k=5)
     model = ns.BoringModel()
-    model.layer = nn.Linear(8, 512)  # BoringModel's forward is self.layer(x): the "encoder" (big enough that int8 is smaller)
+    model.layer = nn.Linear(8, 512)  # BoringModel's forward is self.layer(x): the "encoder" (int8 is smaller)
     trainer = ns.Trainer(max_steps=1, limit_val_batches=0, default_root_dir=tmp_path, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[probe], logger=False)
     strategy = Quantize(bits=8, max_drop=0.05, objective="memory")

@@ -190,27 +190,11 @@ class Distill(StopStrategy):
         trainer_kwargs: Optional[dict] = None,
     ) -> None:
         student = TruncatedStudent(layers=2) if student is None else student
-        if not isinstance(student, nn.Module) and not callable(student):
-            raise ValueError(f"student must be a torch.nn.Module or a factory student(teacher) -> nn.Module, got "
-                             f"{type(student).__name__}")
-        check_amount("temperature", temperature, minimum=0, strict=True)
-        check_amount("alpha", alpha, minimum=0, maximum=1)
-        check_amount("lr", lr, minimum=0, strict=True)
-        check_amount("weight_decay", weight_decay, minimum=0)
-        check_amount("warmup_fraction", warmup_fraction, maximum=1, allow_none=True)
-        check_amount("usd_per_label", usd_per_label, minimum=0, strict=True, allow_none=True)
-        _check_epochs_and_steps(max_epochs, max_steps)
-        for arg, fn in (("inputs_fn", inputs_fn), ("metric_fn", metric_fn)):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"{arg} must be a callable or None, got {fn!r}")
-        if metric_mode not in ("max", "min"):
-            raise ValueError(f"metric_mode must be one of ('max', 'min'), got {metric_mode!r}")
-        if deployment is not None and not isinstance(deployment, Deployment):
-            raise ValueError(f"deployment must be a costaware.deploy.Deployment or None, got {deployment!r}")
-        check_count("latency_batches", latency_batches)
-        check_count("latency_threads", latency_threads, minimum=1, allow_none=True)
-        if trainer_kwargs is not None and not isinstance(trainer_kwargs, dict):
-            raise ValueError(f"trainer_kwargs must be a dict of Trainer arguments, got {trainer_kwargs!r}")
+        _check_arguments(student=student, temperature=temperature, alpha=alpha, lr=lr, weight_decay=weight_decay,
+                         warmup_fraction=warmup_fraction, usd_per_label=usd_per_label, max_epochs=max_epochs,
+                         max_steps=max_steps, inputs_fn=inputs_fn, metric_fn=metric_fn, metric_mode=metric_mode,
+                         deployment=deployment, latency_batches=latency_batches, latency_threads=latency_threads,
+                         trainer_kwargs=trainer_kwargs)
         self.then = _followers(then)
         self.student: Optional[nn.Module] = student if isinstance(student, nn.Module) else None
         self.student_factory = None if isinstance(student, nn.Module) else student
@@ -715,6 +699,34 @@ class _kept_rng:
     def __exit__(self, *exc: Any) -> None:
         torch.random.set_rng_state(self._torch)
         random.setstate(self._python)
+
+
+def _check_arguments(student: Any, temperature: Any, alpha: Any, lr: Any, weight_decay: Any, warmup_fraction: Any,
+                     usd_per_label: Any, max_epochs: Any, max_steps: Any, inputs_fn: Any, metric_fn: Any,
+                     metric_mode: Any, deployment: Any, latency_batches: Any, latency_threads: Any,
+                     trainer_kwargs: Any) -> None:
+    """``Distill``'s arguments, checked before anything is spent (a ValueError names the argument)."""
+    if not isinstance(student, nn.Module) and not callable(student):
+        raise ValueError(f"student must be a torch.nn.Module or a factory student(teacher) -> nn.Module, got "
+                         f"{type(student).__name__}")
+    check_amount("temperature", temperature, minimum=0, strict=True)
+    check_amount("alpha", alpha, minimum=0, maximum=1)
+    check_amount("lr", lr, minimum=0, strict=True)
+    check_amount("weight_decay", weight_decay, minimum=0)
+    check_amount("warmup_fraction", warmup_fraction, maximum=1, allow_none=True)
+    check_amount("usd_per_label", usd_per_label, minimum=0, strict=True, allow_none=True)
+    _check_epochs_and_steps(max_epochs, max_steps)
+    for arg, fn in (("inputs_fn", inputs_fn), ("metric_fn", metric_fn)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"{arg} must be a callable or None, got {fn!r}")
+    if metric_mode not in ("max", "min"):
+        raise ValueError(f"metric_mode must be one of ('max', 'min'), got {metric_mode!r}")
+    if deployment is not None and not isinstance(deployment, Deployment):
+        raise ValueError(f"deployment must be a costaware.deploy.Deployment or None, got {deployment!r}")
+    check_count("latency_batches", latency_batches)
+    check_count("latency_threads", latency_threads, minimum=1, allow_none=True)
+    if trainer_kwargs is not None and not isinstance(trainer_kwargs, dict):
+        raise ValueError(f"trainer_kwargs must be a dict of Trainer arguments, got {trainer_kwargs!r}")
 
 
 def _check_epochs_and_steps(max_epochs: Any, max_steps: Any) -> None:

@@ -112,11 +112,15 @@ class LifetimeJudge:
                                           candidate.metric, self.mode, self.usd_per_point)
             costs.append(candidate.cost)
         self.recommended, self.reason = recommend(costs, self.deployment) if costs else (None, "nothing timed")
+        d = self.deployment
         for row in rows:
             cost = self.candidates[row.role].cost if row.role in self.candidates else None
-            if cost is not None:
+            if cost is not None:  # the row's latency becomes the serving one, which its dollars come from
                 row.usd_per_1k_requests, row.lifetime_usd, row.value_usd = (
                     cost.usd_per_1k_requests, cost.lifetime_usd, cost.value_usd)
+                row.latency_ms_per_example = cost.latency_ms_per_example
+                row.note = "; ".join(x for x in (row.note, f"latency: serving, batch {d.batch_size}, "
+                                                 f"{d.threads or 'all'} thread(s), {d.device}") if x)
             row.deploy = row.role == self.recommended
         if ledger is not None:
             self._record(ledger, costs)

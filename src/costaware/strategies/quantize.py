@@ -176,31 +176,11 @@ class Quantize(StopStrategy):
         latency_threads: Optional[int] = 1,
         filename: str = QUANTIZED_FILENAME,
     ) -> None:
-        if isinstance(bits, bool) or bits not in BITS:
-            raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
-        check_amount("max_drop", max_drop, why=" (in units of the monitored metric)")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        check_amount("min_gain", min_gain, maximum=1, strict_maximum=True)
-        if deployment is not None and not isinstance(deployment, Deployment):
-            raise ValueError(f"deployment must be a costaware.deploy.Deployment or None, got {deployment!r}")
-        if quant_type not in QUANT_TYPES_4BIT:
-            raise ValueError(f"quant_type must be one of {QUANT_TYPES_4BIT}, got {quant_type!r}")
-        if blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
-            raise ValueError(f"blocksize must be one of 64, 128, 256, 512, 1024, 2048, 4096, got {blocksize!r}")
-        check_amount("int8_threshold", int8_threshold)
-        if isinstance(skip_modules, str) or not all(isinstance(s, str) for s in skip_modules):
-            raise ValueError(f"skip_modules must be a list of module names, got {skip_modules!r}")
-        check_count("latency_batches", latency_batches, minimum=1)
-        check_count("latency_repeats", latency_repeats, minimum=1)
-        check_count("latency_threads", latency_threads, minimum=1, allow_none=True)
-        for arg, fn in (("metric_fn", metric_fn), ("forward_fn", forward_fn)):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"{arg} must be a callable (model, ...) or None, got {fn!r}")
-        if not isinstance(filename, str) or not filename or "/" in filename:
-            raise ValueError(f"filename must be a file name, got {filename!r}")
+        _check_arguments(bits=bits, max_drop=max_drop, backend=backend, objective=objective, min_gain=min_gain,
+                         deployment=deployment, quant_type=quant_type, blocksize=blocksize,
+                         int8_threshold=int8_threshold, skip_modules=skip_modules, metric_fn=metric_fn,
+                         forward_fn=forward_fn, latency_batches=latency_batches, latency_repeats=latency_repeats,
+                         latency_threads=latency_threads, filename=filename)
         self.bits = int(bits)
         self.backend = backend
         self.backends = _backends(backend, self.bits)  # fail now, before any compute is spent
@@ -425,7 +405,8 @@ class Quantize(StopStrategy):
         batch_size = deployment.batch_size if deployment is not None else _batch_size(first)
         timing = Deployment(requests=1, usd_per_hour=0.0, device="cpu", batch_size=batch_size,
                             threads=deployment.threads if deployment is not None else self.latency_threads,
-                            examples=self.latency_batches * batch_size, repeats=self.latency_repeats)
+                            examples=max(self.latency_batches * batch_size, deployment.examples if deployment else 1),
+                            repeats=self.latency_repeats)
         examples = serving_examples(val_dataloader, timing.examples)
         try:
             with _quiet():
@@ -513,7 +494,8 @@ class _Variant:
         if not self.layers:
             return f"{self.backend}: {self.reason or 'no layer'}"
         latency = f"{self.latency_ms:.4g} ms/example" if self.latency_ms is not None else "latency n/a"
-        return (f"{self.backend}: {len(self.layers)} layer{'s' if len(self.layers) != 1 else ''}, {what} {_fmt(self.metric)}, {latency}, "
+        layers = f"{len(self.layers)} layer{'s' if len(self.layers) != 1 else ''}"
+        return (f"{self.backend}: {layers}, {what} {_fmt(self.metric)}, {latency}, "
                 f"{(self.size_bytes or 0) / 2**20:.2f} MiB")
 
 
@@ -527,6 +509,38 @@ def _objective(float_row: ModelRow, variant: _Variant, objective: str,
         as_usd = [None if v is None else v * scale for v in (float_row.latency_ms_per_example, variant.latency_ms)]
         return as_usd[0], as_usd[1], "$/1k requests"
     return float_row.latency_ms_per_example, variant.latency_ms, "ms/example"
+
+
+def _check_arguments(bits: Any, max_drop: Any, backend: Any, objective: Any, min_gain: Any, deployment: Any,
+                     quant_type: Any, blocksize: Any, int8_threshold: Any, skip_modules: Any, metric_fn: Any,
+                     forward_fn: Any, latency_batches: Any, latency_repeats: Any, latency_threads: Any,
+                     filename: Any) -> None:
+    """``Quantize``'s arguments, checked before anything is spent (a ValueError names the argument)."""
+    if isinstance(bits, bool) or bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
+    check_amount("max_drop", max_drop, why=" (in units of the monitored metric)")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    check_amount("min_gain", min_gain, maximum=1, strict_maximum=True)
+    if deployment is not None and not isinstance(deployment, Deployment):
+        raise ValueError(f"deployment must be a costaware.deploy.Deployment or None, got {deployment!r}")
+    if quant_type not in QUANT_TYPES_4BIT:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES_4BIT}, got {quant_type!r}")
+    if blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
+        raise ValueError(f"blocksize must be one of 64, 128, 256, 512, 1024, 2048, 4096, got {blocksize!r}")
+    check_amount("int8_threshold", int8_threshold)
+    if isinstance(skip_modules, str) or not all(isinstance(s, str) for s in skip_modules):
+        raise ValueError(f"skip_modules must be a list of module names, got {skip_modules!r}")
+    check_count("latency_batches", latency_batches, minimum=1)
+    check_count("latency_repeats", latency_repeats, minimum=1)
+    check_count("latency_threads", latency_threads, minimum=1, allow_none=True)
+    for arg, fn in (("metric_fn", metric_fn), ("forward_fn", forward_fn)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"{arg} must be a callable (model, ...) or None, got {fn!r}")
+    if not isinstance(filename, str) or not filename or "/" in filename:
+        raise ValueError(f"filename must be a file name, got {filename!r}")
 
 
 def _backends(backend: str, bits: int) -> tuple[str, ...]:
