@@ -322,6 +322,12 @@ def test_truncated_student_merges_lora_adapters():
     assert all(p.requires_grad for p in student.parameters())
     with torch.no_grad():
         torch.testing.assert_close(student.first(x), expected, atol=1e-5, rtol=1e-5)  # merged into the weight
+    from costaware.strategies.students import served_copy
+
+    served = served_copy(model)  # the teacher as it is served: adapters merged, all its layers
+    assert served is not model and len(served.blocks) == 3 and not any("lora" in n for n, _ in served.named_parameters())
+    plain = nn.Linear(2, 2)
+    assert served_copy(plain) is plain
 
 
 def test_default_student_and_lifetime_value(pl_ns, tmp_path, clock):

@@ -31,7 +31,7 @@ from costaware.strategies.distill_module import distill_module_class
 from costaware.strategies.early_stop import EarlyStop
 from costaware.strategies.lifetime import Candidate, LifetimeJudge
 from costaware.strategies.measure import accuracy, count_params, cpu_threads, describe_model, timed_latency
-from costaware.strategies.students import TruncatedStudent
+from costaware.strategies.students import TruncatedStudent, served_copy
 
 STUDENT_FILENAME = "student.pt"
 
@@ -88,9 +88,11 @@ class Distill(StopStrategy):
     ``train_usd`` = the student's spend alone; the run's total is the sum of the rows.
 
     With a :class:`~costaware.deploy.Deployment` (the serving load and price), the choice is made
-    by what each model costs over its life: before training, the teacher and the untrained student
-    are timed on the serving device, and a student whose serving savings could not repay its
-    estimated training cost (at the teacher's dollars per training batch) is not trained; after
+    by what each model costs over its life (the teacher is timed as it would be served: a CPU copy
+    with its LoRA/peft adapters merged, which costs nothing in accuracy): before training, the
+    teacher and the untrained student are timed on the serving device, and a student whose serving
+    savings could not repay its estimated training cost (at the teacher's dollars per training
+    batch) is not trained; after
     training, teacher, student and quantized student get serving dollars per 1,000 requests,
     lifetime dollars and value (metric points x ``usd_per_point`` - lifetime dollars), and the row
     of highest value that meets the SLA has ``deploy=True`` (ledger: ``deploy_candidate`` and
@@ -344,8 +346,9 @@ class Distill(StopStrategy):
         if self.deployment is not None:
             self.judge = LifetimeJudge(self.deployment, run.split, run.val_data, mode=self.metric_mode,
                                        usd_per_point=run.context.usd_per_point, usd_per_s=run.usd_per_s)
-            self.judge.add(Candidate("teacher", run.teacher, train_usd=run.teacher_usd or 0.0,
-                                     metric=run.teacher_row.metric))
+            served = served_copy(run.teacher)
+            self.judge.add(Candidate("teacher", served, train_usd=run.teacher_usd or 0.0, metric=run.teacher_row.metric,
+                                     note="adapters merged for serving" if served is not run.teacher else ""))
             self.judge.add(Candidate("student", self.student, train_usd=run.teacher_usd or 0.0, parent="teacher"))
             self.judge.time_all()
 

@@ -31,6 +31,7 @@ class Candidate:
         metric: the monitored metric on the validation set.
         parent: the role it was made from.
         device: the only device it runs on (``"cpu"`` for a quantized CPU copy), or None: any.
+        note: how it is served, for its row's note.
     """
 
     role: str
@@ -39,6 +40,7 @@ class Candidate:
     metric: Optional[float] = None
     parent: Optional[str] = None
     device: Optional[str] = None
+    note: str = ""
     timing: Optional[ServingTiming] = None
     cost: Optional[ServingCost] = None
 
@@ -119,8 +121,9 @@ class LifetimeJudge:
                 row.usd_per_1k_requests, row.lifetime_usd, row.value_usd = (
                     cost.usd_per_1k_requests, cost.lifetime_usd, cost.value_usd)
                 row.latency_ms_per_example = cost.latency_ms_per_example
-                row.note = "; ".join(x for x in (row.note, f"latency: serving, batch {d.batch_size}, "
-                                                 f"{d.threads or 'all'} thread(s), {d.device}") if x)
+                served = f"latency: serving, batch {d.batch_size}, {d.threads or 'all'} thread(s), {d.device}"
+                extra = self.candidates[row.role].note
+                row.note = "; ".join(x for x in (row.note, served + (f" ({extra})" if extra else "")) if x)
             row.deploy = row.role == self.recommended
         if ledger is not None:
             self._record(ledger, costs)

@@ -102,6 +102,14 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
+def served_copy(model: nn.Module) -> nn.Module:
+    """The model as it would be served: a CPU copy with its adapters merged, or ``model`` itself
+    when it has none (unmerged LoRA layers cost a third more CPU time on MiniLM, for nothing)."""
+    if not any(callable(getattr(m, "merge_and_unload", None)) for m in model.modules()):
+        return model
+    return merge_adapters(cpu_copy(model)).eval()
+
+
 def layer_stack(model: nn.Module) -> Optional[tuple[nn.Module, str, nn.ModuleList]]:
     """``(owner, attribute, stack)``: the longest ``nn.ModuleList`` (>= 2 entries) of one layer type."""
     best = None
