@@ -32,7 +32,7 @@ class TruncatedStudent:
 
     Args:
         layers: how many layers to keep, spread evenly from the first to the last (2 of 6 keeps
-            layers 0 and 3... see :meth:`indices`), or the exact indices to keep.
+            layers 0 and 5, 3 keeps 0, 2 and 5: see :meth:`indices`), or the exact indices to keep.
 
     Raises:
         ValueError: at construction, for a count < 1 or bad indices; at the call
