@@ -466,7 +466,7 @@ class Distill(StopStrategy):
         metric the teacher's own curve (metric against training examples) predicts for them."""
         if self.usd_per_label is None or run.ledger is None or len(self.rows) < 2:
             return
-        spent_usd = sum(r.train_usd or 0.0 for r in self.rows[1:])
+        spent_usd = (self.rows[1].train_usd or 0.0) + run.quantize_usd  # (a quantized row repeats its float's)
         labels = int(spent_usd / self.usd_per_label)
         examples_per_batch = run.examples_per_batch
         points = [(step * examples_per_batch, value) for step, value in self._curve if step > 0]
