@@ -468,9 +468,9 @@ class Distill(StopStrategy):
             return
         spent_usd = (self.rows[1].train_usd or 0.0) + run.quantize_usd  # (a quantized row repeats its float's)
         labels = int(spent_usd / self.usd_per_label)
-        examples_per_batch = run.examples_per_batch
-        points = [(step * examples_per_batch, value) for step, value in self._curve if step > 0]
-        predicted = log_linear_prediction(points, points[-1][0] + labels) if points and examples_per_batch else None
+        per_batch = run.examples_per_batch or 0  # (unknown: no curve in examples)
+        points = [(step * per_batch, value) for step, value in self._curve if step > 0 and per_batch]
+        predicted = log_linear_prediction(points, points[-1][0] + labels) if points else None
         run.ledger.record_event(
             "distill_or_annotate", switch_usd=spent_usd, usd_per_label=self.usd_per_label, labels=labels,
             examples_seen=points[-1][0] if points else None, teacher_metric=self.rows[0].metric,
@@ -584,6 +584,7 @@ class _Run:
         self.quantize_usd = 0.0  # what the ``then`` strategies spent, at ``usd_per_s``
         self.examples_per_batch = getattr(self.train_data, "batch_size", None) or _first_batch_examples(
             self.train_data, self.split)
+        self.teacher_row = ModelRow(role="teacher")  # set by Distill.run
 
 
 class Interleaved:

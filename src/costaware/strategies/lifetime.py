@@ -8,6 +8,7 @@ the figures in the ledger (``deploy_candidate`` and ``deploy_recommendation`` ev
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
@@ -80,8 +81,6 @@ class LifetimeJudge:
 
     def time_all(self) -> None:
         """Time every candidate that can run on the serving device, interleaved."""
-        import time
-
         runnable = {role: c.model for role, c in self.candidates.items()
                     if c.device is None or c.device == self.deployment.device.split(":")[0]}
         started_s = time.perf_counter()
