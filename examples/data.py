@@ -102,25 +102,38 @@ def read_sst2(path: str | Path, limit: Optional[int] = None, seed: int = 0) -> t
     return sentences, labels
 
 
-class TokenizedDataset(Dataset):
-    """Sentences tokenized once, unpadded; items are ``(input_ids, label)``."""
+def read_unlabelled(path: str | Path, count: int, exclude: Sequence[str] = (), seed: int = 0) -> list[str]:
+    """``count`` random sentences of an SST-2 file, none of ``exclude``, without their labels.
 
-    def __init__(self, tokenizer: Any, sentences: Sequence[str], labels: Sequence[int], max_length: int = 64) -> None:
-        if len(sentences) != len(labels):
+    In-domain text for distillation: the student learns the teacher's soft targets on it.
+    """
+    sentences, _ = read_sst2(path)
+    excluded = set(exclude)
+    pool = [s for s in sentences if s not in excluded]
+    return random.Random(seed + 1).sample(pool, min(count, len(pool)))
+
+
+class TokenizedDataset(Dataset):
+    """Sentences tokenized once, unpadded; items are ``(input_ids, label)`` (label None: unlabelled)."""
+
+    def __init__(self, tokenizer: Any, sentences: Sequence[str], labels: Optional[Sequence[int]],
+                 max_length: int = 64) -> None:
+        if labels is not None and len(sentences) != len(labels):
             raise ValueError(f"{len(sentences)} sentences but {len(labels)} labels")
         encoded = tokenizer(list(sentences), truncation=True, max_length=max_length, padding=False)
         self.input_ids = [torch.tensor(ids, dtype=torch.long) for ids in encoded["input_ids"]]
-        self.labels = torch.tensor(list(labels), dtype=torch.long)
+        self.labels = torch.tensor(list(labels), dtype=torch.long) if labels is not None else None
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.input_ids)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.input_ids[index], self.labels[index]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.input_ids[index], self.labels[index] if self.labels is not None else None
 
 
 class PadCollate:
-    """Pad a batch to its own longest sentence: ``{"input_ids", "attention_mask", "labels"}``.
+    """Pad a batch to its own longest sentence: ``{"input_ids", "attention_mask", "labels"}`` (no
+    ``"labels"`` for unlabelled sentences).
 
     A class rather than a closure so that ``DataLoader`` workers can pickle it.
     """
@@ -134,7 +147,10 @@ class PadCollate:
         attention_mask = torch.zeros_like(input_ids)
         for row, seq in enumerate(ids):
             attention_mask[row, : len(seq)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.stack(labels)}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if labels[0] is not None:
+            batch["labels"] = torch.stack(labels)
+        return batch
 
 
 class LengthGroupedBatchSampler(Sampler):
@@ -174,8 +190,8 @@ class LengthGroupedBatchSampler(Sampler):
             yield batches[b]
 
 
-def sst2_loader(tokenizer: Any, sentences: Sequence[str], labels: Sequence[int], batch_size: int = 32,
-                shuffle: bool = False, max_length: int = 64, num_workers: int = 0) -> DataLoader:
+def sst2_loader(tokenizer: Any, sentences: Sequence[str], labels: Optional[Sequence[int]],
+                batch_size: int = 32, shuffle: bool = False, max_length: int = 64, num_workers: int = 0) -> DataLoader:
     """A ``DataLoader`` of dynamically padded batches.
 
     Training loaders (``shuffle=True``) draw random batches of similar lengths
@@ -185,7 +201,7 @@ def sst2_loader(tokenizer: Any, sentences: Sequence[str], labels: Sequence[int],
     Args:
         tokenizer: a Hugging Face tokenizer (a fast one tokenizes the whole subset in a blink).
         sentences: the texts.
-        labels: their 0/1 labels.
+        labels: their 0/1 labels, or None for unlabelled text (batches without ``"labels"``).
         batch_size: sentences per batch.
         shuffle: reshuffle every epoch (training).
         max_length: tokens kept per sentence, special tokens included.

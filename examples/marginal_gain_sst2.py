@@ -4,17 +4,21 @@ The teacher is the LoRA-adapted MiniLM of ``examples/lora_sst2.py`` (the package
 ``all-MiniLM-L6-v2``, 22.7M parameters, of which 0.3% train). ``costaware.MarginalGainStopping``
 watches its validation accuracy against the dollars spent and stops once the next stretch of
 training is worth less than it costs, at ``--usd-per-point`` dollars per point (0.01) of
-accuracy; the best teacher weights are restored. ``costaware.strategies.Distill`` then trains a
-bag-of-embeddings student (a 64-dimensional embedding of MiniLM's vocabulary, initialised from a
-PCA of MiniLM's own token embeddings, mean and max pooling, a small MLP: about 2M parameters) on
-the teacher's soft targets over the same training batches, within what is left of ``--max-usd``
-if given, and ``costaware.strategies.Quantize`` (bitsandbytes, when installed) converts the
-student's linear layers to int8 if its accuracy drops by at most ``--max-drop``.
+accuracy; the best teacher weights are restored. ``costaware.strategies.Distill`` then trains
+a ``TruncatedStudent(layers=1)``: a copy of the trained teacher (LoRA merged) with the first of
+MiniLM's 6 layers, fully fine-tuned on the teacher's soft targets (T=2) over the
+training phrases and ``--unlabelled-samples`` more unlabelled phrases of SST-2's training file,
+within what is left of ``--max-usd`` if given. ``costaware.strategies.Quantize`` then tries
+bitsandbytes and torch's dynamic int8 on the student, and keeps the better one only if accuracy
+drops by at most ``--max-drop`` and it is faster. Last, with the serving load
+(``--requests`` at ``--serving-usd-per-hour``, batch 1, one thread), each model's serving dollars
+per 1,000 requests, lifetime dollars and value are measured and the model to deploy is marked.
 
 It prints teacher / student / quantized: validation and test accuracy, parameters, size on disk,
-CPU latency per example (one thread, what a single-request server sees) and training cost, and
-where the ledger is (``costaware report`` renders it). Offline: the data is read from
-``../shared/data/sst2`` next to the checkout (``--data-dir``).
+CPU latency per example (batch 1, one thread, what a single-request server sees), training
+cost, serving and lifetime dollars, and where the ledger is (``costaware report`` renders it);
+``--json FILE`` writes the same figures. Offline: the data is read from ``../shared/data/sst2``
+next to the checkout (``--data-dir``).
 
 Prices: on a CPU, dollars are host-hours times ``--usd-per-host-hour`` (default $0.10, an example
 of the order of a small cloud CPU instance, not a quote). ``--usd-per-point`` is what one point of
@@ -25,7 +29,7 @@ money (``--usd-per-point 5``).
 
 Example::
 
-    python examples/marginal_gain_sst2.py            # 6 minutes on 2 shared CPU cores (4.5 CPU-minutes)
+    python examples/marginal_gain_sst2.py --json summary.json     # under 10 minutes on 2 shared CPU cores
     python examples/marginal_gain_sst2.py --usd-per-point 0.005 --max-epochs 3   # worth more: trains longer
     python examples/marginal_gain_sst2.py --max-usd 0.015     # one budget: the student gets what the teacher left
 """
@@ -37,6 +41,7 @@ import time
 _STARTED_S = time.monotonic()  # the summary's wall time counts imports and model loading too
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
@@ -46,6 +51,7 @@ from typing import Any, Optional, Sequence  # noqa: E402
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may reach the network
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep (see lora_sst2.py)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/data.py and lora_sst2.py
 
@@ -55,50 +61,14 @@ from pytorch_lightning.loggers import CSVLogger  # noqa: E402
 from torch import nn  # noqa: E402
 
 import costaware  # noqa: E402
-from costaware.strategies import Distill, ModelRow  # noqa: E402
-from data import read_splits, sst2_dir_or_exit, sst2_loader  # noqa: E402
+from costaware.deploy import Deployment  # noqa: E402
+from costaware.strategies import Distill, ModelRow, Quantize, TruncatedStudent  # noqa: E402
+from data import read_splits, read_unlabelled, sst2_dir_or_exit, sst2_loader  # noqa: E402
 from lora_sst2 import SST2Classifier, lora_encoder, model_dir  # noqa: E402
 
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 warnings.filterwarnings("ignore", message=r".*have no logger configured.*")  # the student's fit logs nowhere
-
-
-class BagOfEmbeddings(nn.Module):
-    """The student: token embeddings, mean and max pooled over the sentence, and a small MLP.
-
-    Called like the teacher, ``student(input_ids, attention_mask)``, and returns the same
-    ``(batch, 2)`` logits, as ``Distill`` requires.
-
-    Args:
-        embeddings: ``(vocabulary, dim)`` initial token embeddings (trained further).
-        hidden: width of the MLP's hidden layer.
-        num_labels: output classes.
-        dropout: dropout on the pooled vector.
-    """
-
-    def __init__(self, embeddings: torch.Tensor, hidden: int = 128, num_labels: int = 2, dropout: float = 0.1) -> None:
-        super().__init__()
-        dim = embeddings.shape[1]
-        self.embed = nn.Embedding.from_pretrained(embeddings.clone(), freeze=False)
-        self.mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * dim, hidden), nn.GELU(),
-                                 nn.Linear(hidden, num_labels))
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        tokens = self.embed(input_ids)
-        mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
-        mean = (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        peak = (tokens + (mask - 1.0) * 1e4).max(dim=1).values
-        return self.mlp(torch.cat([mean, peak], dim=-1))
-
-
-def pca_embeddings(teacher: SST2Classifier, dim: int) -> torch.Tensor:
-    """MiniLM's token embeddings projected on their ``dim`` principal components, unit variance."""
-    weight = teacher.encoder.get_input_embeddings().weight.detach().float()
-    centered = weight - weight.mean(dim=0, keepdim=True)
-    _, _, components = torch.pca_lowrank(centered, q=dim, center=False, niter=4)
-    projected = centered @ components[:, :dim]
-    return projected / projected.std()
 
 
 @torch.no_grad()
@@ -137,13 +107,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     stop.add_argument("--max-usd", type=float, default=None,
                       help="a budget for teacher and student together (costaware.BudgetCap)")
     student = p.add_argument_group("student (costaware.strategies.Distill, Quantize)")
-    student.add_argument("--student-dim", type=int, default=64, help="embedding width of the student")
+    student.add_argument("--student-layers", type=int, default=1,
+                         help="transformer layers the student keeps (of 6): 1 is 5x faster than the teacher, 2 only "
+                              "2.8x (embeddings and pooling cost the same)")
+    student.add_argument("--unlabelled-samples", type=int, default=6000,
+                         help="unlabelled training phrases the student also learns the teacher's soft targets on")
     student.add_argument("--student-epochs", type=int, default=1)
-    student.add_argument("--student-lr", type=float, default=5e-3)
+    student.add_argument("--student-lr", type=float, default=2e-4, help="peak learning rate (warm-up, linear decay)")
     student.add_argument("--temperature", type=float, default=2.0)
     student.add_argument("--alpha", type=float, default=0.5, help="weight of the soft targets (1 - alpha: labels)")
     student.add_argument("--no-quantize", action="store_true", help="skip the int8 quantization of the student")
     student.add_argument("--max-drop", type=float, default=0.01, help="accuracy the quantized student may lose")
+    serve = p.add_argument_group("serving (costaware.deploy.Deployment: batch 1, one CPU thread)")
+    serve.add_argument("--requests", type=int, default=10_000_000, help="requests the model will serve in its life")
+    serve.add_argument("--serving-usd-per-hour", type=float, default=0.05,
+                       help="what one serving thread (a vCPU) costs per hour; an EXAMPLE price, not a quote")
+    serve.add_argument("--deploy-usd-per-point", type=float, default=None,
+                       help="what a point of accuracy is worth over the model's life (default: --usd-per-point)")
+    serve.add_argument("--usd-per-label", type=float, default=None,
+                       help="what one more labelled sentence would cost: the ledger then says what the student's "
+                            "dollars would have bought as labels (distill or annotate)")
     run = p.add_argument_group("run")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--usd-per-host-hour", type=float, default=0.10,
@@ -153,9 +136,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     run.add_argument("--accelerator", default="auto")
     run.add_argument("--out-dir", default="runs/marginal_gain_sst2")
     run.add_argument("--no-progress-bar", action="store_true")
+    run.add_argument("--json", default=None, metavar="FILE", help="also write the summary's figures to FILE")
     args = p.parse_args(argv)
     for name in ("train_samples", "val_samples", "test_samples", "batch_size", "max_epochs", "val_check_interval",
-                 "student_dim", "student_epochs"):
+                 "student_layers", "student_epochs", "requests"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -168,9 +152,12 @@ def majority_share(labels: Sequence[int]) -> float:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """Train, stop, distill, quantize; print the table; return its figures."""
+    """Train, stop, distill, quantize, price the serving; print the table; return its figures."""
     args = parse_args(argv)
     folder = sst2_dir_or_exit(args.data_dir, "marginal_gain_sst2.py")  # before loading anything
+    if args.unlabelled_samples < 0:
+        raise SystemExit(f"marginal_gain_sst2.py: error: --unlabelled-samples must be >= 0, "
+                         f"got {args.unlabelled_samples}")
     torch.set_num_threads(os.cpu_count() or 1)
     pl.seed_everything(args.seed, workers=True, verbose=False)
 
@@ -181,22 +168,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     weights = model_dir()
     tokenizer = AutoTokenizer.from_pretrained(str(weights))
     train, val, test = read_splits(folder, (args.train_samples, args.val_samples, args.test_samples), args.seed)
-    train_loader = sst2_loader(tokenizer, *train, batch_size=args.batch_size, shuffle=True)
-    val_loader = sst2_loader(tokenizer, *val, batch_size=64)
-    test_loader = sst2_loader(tokenizer, *test, batch_size=64)
+    unlabelled = read_unlabelled(folder / "train.tsv", args.unlabelled_samples, exclude=train[0], seed=args.seed)
+    loaders = {"train": sst2_loader(tokenizer, *train, batch_size=args.batch_size, shuffle=True),
+               "val": sst2_loader(tokenizer, *val, batch_size=64), "test": sst2_loader(tokenizer, *test, batch_size=64),
+               "unlabelled": sst2_loader(tokenizer, unlabelled, None, batch_size=args.batch_size, shuffle=True)
+               if unlabelled else None}
 
     teacher = SST2Classifier(lora_encoder(weights), lr=args.lr, head_lr=args.head_lr)
-    student = BagOfEmbeddings(pca_embeddings(teacher, args.student_dim))
-    followers = []
-    quantize_cls = getattr(costaware.strategies, "Quantize", None)
-    if not args.no_quantize and quantize_cls is not None:
-        try:
-            followers.append(quantize_cls(bits=8, max_drop=args.max_drop))
-        except ImportError as err:  # bitsandbytes missing: the table has no quantized row
-            print(f"(no quantization: {err})", flush=True)
-    distill = Distill(student, temperature=args.temperature, alpha=args.alpha, max_epochs=args.student_epochs,
-                      lr=args.student_lr, then=followers, latency_threads=1)
-
+    distill = make_distill(args, loaders["unlabelled"])
     callbacks: list = [
         costaware.CostMonitor(usd_per_host_hour=args.usd_per_host_hour, gpu=args.gpu,
                               usd_per_gpu_hour=args.usd_per_gpu_hour, country="USA"),
@@ -212,51 +191,95 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         logger=CSVLogger(args.out_dir, name="lightning_logs"), log_every_n_steps=10,
         enable_progress_bar=not args.no_progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
     )
-    trainer.fit(teacher, train_loader, val_loader)  # the student is distilled at the end of this fit
+    trainer.fit(teacher, loaders["train"], loaders["val"])  # the student is distilled at the end of this fit
 
     stopping, monitor = callbacks[1], callbacks[0]
     rows: list[ModelRow] = stopping.results
-    models = {"teacher": teacher, "student": student}
-    if followers and followers[0].kept:
-        models["quantized"] = followers[0].model
-    test_acc = {role: accuracy(model.cpu() if role != "quantized" else model, test_loader)
-                for role, model in models.items()}
+    models = {"teacher": teacher, "student": distill.student}
+    if distill.then and distill.then[0].kept:
+        models["quantized"] = distill.then[0].model
+    test_acc = {role: accuracy(model.cpu() if role != "quantized" else model, loaders["test"])
+                for role, model in models.items() if model is not None}
     wall_s = time.monotonic() - _STARTED_S
-    print(summary(rows, test_acc, stopping, monitor, trainer, len(test[1]), wall_s), flush=True)
+    figures = summary_figures(rows, test_acc, distill, stopping, wall_s)
+    print(summary(rows, test_acc, stopping, monitor, trainer, len(test[1]), wall_s, figures), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     return {"rows": rows, "test_acc": test_acc, "stopped_step": stopping.stopped_step, "wall_s": wall_s,
-            "ledger_path": monitor.ledger.path}
+            "ledger_path": monitor.ledger.path, "figures": figures}
+
+
+def make_distill(args: argparse.Namespace, unlabelled: Optional[Any]) -> Distill:
+    """The student's recipe: the teacher with fewer layers, soft targets at T=2, int8 if it is faster."""
+    followers = [] if args.no_quantize else [Quantize(bits=8, max_drop=args.max_drop, objective="latency")]
+    deployment = Deployment(requests=args.requests, usd_per_hour=args.serving_usd_per_hour, device="cpu",
+                            batch_size=1, threads=1, usd_per_point=args.deploy_usd_per_point)
+    return Distill(TruncatedStudent(layers=args.student_layers), temperature=args.temperature, alpha=args.alpha,
+                   max_epochs=args.student_epochs, lr=args.student_lr, warmup_fraction=0.1, weight_decay=0.01,
+                   unlabelled_dataloader=unlabelled, then=followers, deployment=deployment, latency_threads=1,
+                   usd_per_label=args.usd_per_label)
+
+
+def summary_figures(rows: list[ModelRow], test_acc: dict, distill: Distill, stopping: Any, wall_s: float) -> dict:
+    """What ``--json`` writes: per model, the test accuracy, serving latency (batch 1, one thread) and dollars."""
+    judge = distill.judge
+    figures: dict[str, Any] = {}
+    for row in rows:
+        candidate = judge.candidates.get(row.role) if judge is not None else None
+        timing = candidate.timing if candidate is not None else None
+        figures[row.role] = {
+            "val_acc": row.metric, "test_acc": test_acc.get(row.role), "params": row.params,
+            "size_bytes": row.size_bytes,
+            "latency_ms_per_example": timing.latency_ms_per_example if timing else row.latency_ms_per_example,
+            "train_usd": row.train_usd, "chain_train_usd": candidate.train_usd if candidate is not None else None,
+            "usd_per_1k_requests": row.usd_per_1k_requests, "lifetime_usd": row.lifetime_usd,
+            "value_usd": row.value_usd, "note": row.note,
+        }
+    figures["deploy"] = judge.recommended if judge is not None else None
+    figures["deploy_reason"] = judge.reason if judge is not None else None
+    figures["deployment"] = vars(distill.deployment) if distill.deployment is not None else None
+    figures["stopped_step"] = stopping.stopped_step
+    figures["wall_s"] = wall_s
+    return figures
 
 
 def summary(rows: list[ModelRow], test_acc: dict, stopping: Any, monitor: Any, trainer: Any, n_test: int,
-            wall_s: float) -> str:
-    head = ("model", "val acc", f"test acc ({n_test})", "params", "size", "CPU ms/example (1 thread)", "train $")
+            wall_s: float, figures: dict) -> str:
+    """The printed table: accuracy, size, serving latency and dollars, and the model to deploy."""
+    head = ("model", "val acc", f"test acc ({n_test})", "params", "size", "ms/example (batch 1, 1 thread)",
+            "train $", "serve $/1k req", "lifetime $", "value $")
     table = [head]
     for row in rows:
-        table.append((
-            row.role,
-            f"{row.metric:.4f}" if row.metric is not None else "-",
-            f"{test_acc[row.role]:.4f}" if row.role in test_acc else "-",
-            f"{row.params:,}" if row.params is not None else "-",
-            f"{row.size_bytes / 2**20:.2f} MiB" if row.size_bytes is not None else "-",
-            f"{row.latency_ms_per_example:.3f}" if row.latency_ms_per_example is not None else "-",
-            f"{row.train_usd:.6f}" if row.train_usd is not None else "-",
-        ))
+        f = figures.get(row.role, {})
+        table.append((row.role + (" *" if row.deploy else ""), _fmt(row.metric, ".4f"),
+                      _fmt(test_acc.get(row.role), ".4f"),
+                      _fmt(row.params, ","), _fmt(row.size_bytes and row.size_bytes / 2**20, ".2f", " MiB"),
+                      _fmt(f.get("latency_ms_per_example"), ".3f"), _fmt(row.train_usd, ".6f"),
+                      _fmt(row.usd_per_1k_requests, ".3g"), _fmt(row.lifetime_usd, ".4g"), _fmt(row.value_usd, ".4g")))
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
     notes = [f"  {row.role}: {row.note}" for row in rows if row.note]
     stop = (f"stopped at step {stopping.stopped_step}: {stopping.stop_reason}" if stopping.stopped_step is not None
             else f"not stopped by marginal gain: the plan ended at step {trainer.global_step}")
     total = sum(r.train_usd or 0.0 for r in rows if r.role in ("teacher", "student"))
+    deployment = figures.get("deployment") or {}
     return "\n".join([
         "\n== LoRA MiniLM on SST-2: stopped by marginal gain, distilled, quantized ==",
         f"teacher       : {stop}",
         *lines,
         "notes:", *notes,
-        f"total         : ${total:.6f} (teacher + student), priced at "
+        f"deploy (*)    : {figures.get('deploy_reason')}" if figures.get("deploy_reason") else "deploy        : -",
+        f"serving       : {deployment.get('requests', 0):,} requests at ${deployment.get('usd_per_hour', 0):.3g}/hour "
+        "(lifetime $ = every training dollar the model needed + serving)",
+        f"total         : ${total:.6f} training (teacher + student), priced at "
         f"${monitor.prices.usd_per_host_hour:.2f}/host-hour",
         f"ledger        : {monitor.ledger.path}  (costaware report {Path(monitor.ledger.path).parent.parent})",
         f"wall time     : {wall_s:.1f} s for the whole script",
     ])
+
+
+def _fmt(value: Optional[float], spec: str, unit: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{unit}"
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ written to ``tmp_path``, so it needs neither the shared data nor more than a few
 """
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -204,7 +205,8 @@ def test_marginal_gain_sst2_teacher_student_quantized(tmp_path):
     command = [sys.executable, str(EXAMPLES / "marginal_gain_sst2.py"), "--data-dir",
                str(write_sst2(tmp_path / "sst2", rows=128)), "--train-samples", "128", "--val-samples", "32",
                "--test-samples", "32", "--max-epochs", "2", "--val-check-interval", "2", "--student-epochs", "1",
-               "--out-dir", str(out_dir), "--no-progress-bar", "--max-usd", "1.0"]
+               "--out-dir", str(out_dir), "--no-progress-bar", "--max-usd", "1.0", "--unlabelled-samples", "32",
+               "--json", str(tmp_path / "summary.json")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout[result.stdout.index("== LoRA MiniLM on SST-2"):]
@@ -212,4 +214,16 @@ def test_marginal_gain_sst2_teacher_student_quantized(tmp_path):
     ledger = read_ledger(next(out_dir.glob("lightning_logs/version_*/costaware/ledger.jsonl")))
     assert ledger.end["how"] == "completed" and not ledger.problems
     names = {e["name"] for e in ledger.events}
-    assert {"marginal_gain_decision", "strategy_result", "budget_caps"} <= names
+    assert {"marginal_gain_decision", "strategy_result", "budget_caps", "distill", "deploy_candidate",
+            "deploy_recommendation"} <= names
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    keys = {"test_acc", "latency_ms_per_example", "params", "train_usd", "usd_per_1k_requests", "lifetime_usd"}
+    assert keys <= set(summary["teacher"]) and keys <= set(summary["student"])
+    assert summary["deploy"] in ("teacher", "student", "quantized") and summary["deploy"] in summary
+    [recommendation] = [e for e in ledger.events if e["name"] == "deploy_recommendation"]
+    assert recommendation["role"] == summary["deploy"]
+    for role in ("teacher", "student"):  # the summary, the ledger and the arithmetic agree
+        event = next(e for e in ledger.events if e["name"] == "deploy_candidate" and e["role"] == role)
+        assert summary[role]["lifetime_usd"] == event["lifetime_usd"] == pytest.approx(
+            event["train_usd"] + event["serving_usd"])
+        assert summary[role]["latency_ms_per_example"] == event["latency_ms_per_example"]

@@ -329,7 +329,7 @@ def test_early_stop_restores_the_best_weights(ns, tmp_path, clock, restore_best)
 
 
 def test_latency_measurement_leaves_frozen_parts_in_eval_mode():
-    from costaware.strategies.early_stop import latency_ms_per_example
+    from costaware.strategies.measure import latency_ms_per_example
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 2))
     model.train()

@@ -475,6 +475,8 @@ class DistillEvent(Event):
     duration_s: Optional[float] = None
     student_ledger: Optional[str] = None
     path: Optional[str] = None
+    student_params: Optional[int] = None
+    student_metric: Optional[float] = None
 
 
 @event_kind
@@ -486,7 +488,12 @@ class QuantizeEvent(Event):
         bits, quant_type: the quantization; metric, mode: the metric compared and its direction;
         max_drop: the largest metric drop accepted; float_* / quantized_*: the model before and
         after (metric, size on disk in bytes, CPU latency in ms per example); path: the saved
-        quantized weights; duration_s: seconds it took; note: the verdict in words.
+        quantized weights; duration_s: seconds it took; usd: what those seconds cost (when the
+        Distill chain ran it); note: the verdict in words; backend: the kept copy's backend
+        (``torch_int8``, ``bitsandbytes_int8``...); objective: what a copy must lower (latency,
+        memory, usd) by at least ``min_gain`` (a fraction); variants: each backend tried,
+        ``{backend: {metric, size_bytes, latency_ms_per_example, acceptable}}``; rows: the model
+        rows of the chain that ran it.
     """
 
     NAME: ClassVar[str] = "quantize"
@@ -506,7 +513,13 @@ class QuantizeEvent(Event):
     quantized_latency_ms_per_example: Optional[float] = None
     path: Optional[str] = None
     duration_s: Optional[float] = None
+    usd: Optional[float] = None
     note: Optional[str] = None
+    backend: Optional[str] = None
+    objective: Optional[str] = None
+    min_gain: Optional[float] = None
+    variants: Optional[dict] = None
+    rows: Optional[list] = None
 
     @classmethod
     def from_rows(cls, rows: list, **settings: Any) -> QuantizeEvent:
@@ -601,8 +614,9 @@ def from_dict(data: Any) -> Record:
 
 def _upgrade_v1(cls: type, data: dict) -> dict:
     """Schema-1 field names and layouts mapped to schema 2 (recognised by their old names)."""
+    v1_quantize = cls is QuantizeEvent and "rows" in data and "kept" not in data  # Distill's, schema 1
     if "wall_time" not in data and "seconds" not in data and not (cls is Sample and "readings" not in data) \
-            and not (cls is End and data.get("how") == "exception") and not (cls is QuantizeEvent and "rows" in data):
+            and not (cls is End and data.get("how") == "exception") and not v1_quantize:
         return data
     data = dict(data)
     if "wall_time" in data and "wall_time_s" not in data:
@@ -623,7 +637,7 @@ def _quantize_v1(data: dict) -> dict:
     for what in ("metric", "size_bytes", "latency_ms_per_example"):
         if f"teacher_{what}" in data:
             data[f"float_{what}"] = data.pop(f"teacher_{what}")
-    rows = data.pop("rows", None)
+    rows = data.get("rows")
     if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
         before, after = (rows[0], rows[-1]) if len(rows) > 1 else ({}, rows[-1])
         for what in ("metric", "size_bytes", "latency_ms_per_example"):
@@ -674,3 +688,83 @@ def _declared(cls: type) -> dict:
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@event_kind
+@dataclass(kw_only=True)
+class DeployCandidateEvent(Event):
+    """One candidate model's life at the stated deployment: measured serving, dollars and value.
+
+    Attributes:
+        role: teacher, student or quantized; parent: the model it came from; metric: on the
+        validation set; latency_ms_per_example, request_p95_ms, throughput_per_s: measured on
+        ``device`` at ``batch_size`` with ``threads`` CPU threads over ``examples_timed``
+        examples; usd_per_1k_requests, serving_usd: serving dollars; train_usd: every training
+        dollar it needed; lifetime_usd: training plus serving; value_usd: points x price per point
+        minus lifetime dollars; meets_sla: its p95 within the SLA.
+    """
+
+    NAME: ClassVar[str] = "deploy_candidate"
+
+    role: Optional[str] = None
+    parent: Optional[str] = None
+    metric: Optional[float] = None
+    latency_ms_per_example: Optional[float] = None
+    request_p95_ms: Optional[float] = None
+    throughput_per_s: Optional[float] = None
+    usd_per_1k_requests: Optional[float] = None
+    serving_usd: Optional[float] = None
+    train_usd: Optional[float] = None
+    lifetime_usd: Optional[float] = None
+    value_usd: Optional[float] = None
+    meets_sla: Optional[bool] = None
+    device: Optional[str] = None
+    batch_size: Optional[int] = None
+    threads: Optional[int] = None
+    examples_timed: Optional[int] = None
+
+
+@event_kind
+@dataclass(kw_only=True)
+class DeployRecommendationEvent(Event):
+    """The model to deploy (``role``) and why, at the stated load and price.
+
+    Attributes:
+        requests, usd_per_hour, device, batch_size, sla_ms, usd_per_point: the deployment;
+        measure_s, measure_usd: what timing the candidates took; switch_usd: everything the
+        cheaper path spent (student fit, quantization, timing); net_saving_usd: the teacher's
+        lifetime dollars minus the chosen model's, net of ``switch_usd``.
+    """
+
+    NAME: ClassVar[str] = "deploy_recommendation"
+
+    role: Optional[str] = None
+    reason: Optional[str] = None
+    requests: Optional[int] = None
+    usd_per_hour: Optional[float] = None
+    device: Optional[str] = None
+    batch_size: Optional[int] = None
+    sla_ms: Optional[float] = None
+    usd_per_point: Optional[float] = None
+    measure_s: Optional[float] = None
+    measure_usd: Optional[float] = None
+    switch_usd: Optional[float] = None
+    net_saving_usd: Optional[float] = None
+
+
+@event_kind
+@dataclass(kw_only=True)
+class DistillOrAnnotateEvent(Event):
+    """What the cheaper path's dollars would have bought as labels, and the metric the teacher's
+    own curve predicts with them (``assumption`` says how)."""
+
+    NAME: ClassVar[str] = "distill_or_annotate"
+
+    switch_usd: Optional[float] = None
+    usd_per_label: Optional[float] = None
+    labels: Optional[int] = None
+    examples_seen: Optional[float] = None
+    teacher_metric: Optional[float] = None
+    predicted_metric_with_labels: Optional[float] = None
+    student_metric: Optional[float] = None
+    assumption: Optional[str] = None

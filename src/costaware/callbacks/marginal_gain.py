@@ -417,7 +417,8 @@ class MarginalGainStopping(*CALLBACK_BASES):  # a Callback of each installed nam
 
     def _context(self, trainer: Any, pl_module: Any, totals_usd: Optional[float] = None) -> StopContext:
         return StopContext(trainer=trainer, pl_module=pl_module, monitor=self.meter, metric_name=self.monitor,
-                           mode=self.mode, budget_left_usd=_budget_left_usd(trainer, totals_usd))
+                           mode=self.mode, budget_left_usd=_budget_left_usd(trainer, totals_usd),
+                           usd_per_point=self.usd_per_point)
 
     def _record(self, trainer: Any, decision: Decision, stop: bool, reason: str, value: float, totals: Any,
                 lr: Optional[float] = None) -> None:

@@ -33,7 +33,10 @@ from costaware.records import (
     BudgetCapHitEvent,
     BudgetCapsEvent,
     BudgetWarningEvent,
+    DeployCandidateEvent,
+    DeployRecommendationEvent,
     DistillEvent,
+    DistillOrAnnotateEvent,
     End,
     Event,
     ExceptionEvent,
@@ -626,8 +629,30 @@ def _degraded(e: MeterDegradedEvent) -> str:
     return f"The {e.meter or '?'} meter degraded: {e.status or 'no reason recorded'}"
 
 
+def _deploy_candidate(e: DeployCandidateEvent) -> str:
+    value = f", value ${_fmt(e.value_usd)}" if finite_number(e.value_usd) is not None else ""
+    sla = "" if e.meets_sla is not False else "; misses the SLA"
+    return (f"Deploy candidate {e.role or '?'}: {_fmt(e.metric)}, {_fmt(e.latency_ms_per_example)} ms per example, "
+            f"${_fmt(e.usd_per_1k_requests)} per 1k requests, lifetime ${_fmt(e.lifetime_usd)}{value}{sla}")
+
+
+def _deploy_recommendation(e: DeployRecommendationEvent) -> str:
+    net = finite_number(e.net_saving_usd)
+    saving = f"; saves ${_fmt(net)} net of the switch's ${_fmt(e.switch_usd)}" if net is not None else ""
+    return f"Deploy the {e.role or '?'}: {e.reason or 'no reason recorded'}{saving}"
+
+
+def _distill_or_annotate(e: DistillOrAnnotateEvent) -> str:
+    labels = e.labels if e.labels is not None else "?"
+    return (f"Distill or annotate: the switch's ${_fmt(e.switch_usd)} would buy {labels}"
+            f" labels at ${_fmt(e.usd_per_label)}; the teacher's curve predicts {_fmt(e.predicted_metric_with_labels)} "
+            f"with them (student: {_fmt(e.student_metric)}); assumption: {e.assumption or 'not recorded'}")
+
+
 #: One sentence per known event type.
 _DESCRIBERS: dict = {
+    DeployCandidateEvent: _deploy_candidate, DeployRecommendationEvent: _deploy_recommendation,
+    DistillOrAnnotateEvent: _distill_or_annotate,
     BudgetCapHitEvent: _cap_hit, BudgetCapsEvent: _caps, BudgetWarningEvent: _warning,
     MarginalGainPolicyEvent: _policy, OnlineProbeEvent: _probe, DistillEvent: _distill, QuantizeEvent: _quantize,
     MarginalGainDecisionEvent: _decision, ExceptionEvent: _exception, MeterDegradedEvent: _degraded,

@@ -1,7 +1,9 @@
 """What a run does once more training is not worth its cost: ``MarginalGainStopping(then=...)``.
 
 ``EarlyStop`` (stop, keep the best weights), ``Distill`` (train a compact student on the
-teacher's soft targets), ``Quantize`` (int8/4-bit linear layers, with bitsandbytes). These are
+teacher's soft targets; by default a ``TruncatedStudent``, the teacher with fewer layers),
+``Quantize`` (int8/4-bit linear layers, with bitsandbytes or torch's dynamic int8, kept only if it
+pays). With a ``costaware.deploy.Deployment``, the model to serve is chosen by lifetime value. These are
 not Lightning ``Strategy`` objects. A strategy subclasses :class:`StopStrategy`: ``on_stop`` at
 the stop, ``after_fit`` at the end of the fit (returning rows for the report's model table);
 ``MarginalGainStopping`` also calls, when a strategy defines them, ``on_train_start(context)``
@@ -20,12 +22,18 @@ Example::
 from costaware.strategies.base import ModelRow, StopContext, StopStrategy
 from costaware.strategies.distill import Distill, StudentShapeError
 from costaware.strategies.early_stop import EarlyStop
+from costaware.strategies.quantize import QuantizationUnavailableError, Quantize
+from costaware.strategies.students import NoLayerStackError, TruncatedStudent
 
-__all__ = ["Distill", "EarlyStop", "ModelRow", "StopContext", "StopStrategy", "StudentShapeError"]
-
-try:  # bitsandbytes is an optional extra; Quantize says how to get it when it is missing
-    from costaware.strategies.quantize import Quantize  # noqa: F401 - exported through __all__ below
-except ImportError:  # pragma: no cover - the module or bitsandbytes is not there
-    pass
-else:
-    __all__.append("Quantize")
+__all__ = [
+           "Distill",
+           "EarlyStop",
+           "ModelRow",
+           "NoLayerStackError",
+           "QuantizationUnavailableError",
+           "Quantize",
+           "StopContext",
+           "StopStrategy",
+           "StudentShapeError",
+           "TruncatedStudent",
+]

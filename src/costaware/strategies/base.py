@@ -6,9 +6,12 @@ These are not Lightning ``Strategy`` objects (which place a model on devices); t
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+from torch import nn
 
 
 @dataclass
@@ -23,6 +26,8 @@ class StopContext:
         mode: ``"max"`` or ``"min"``.
         budget_left_usd: dollars left under a ``BudgetCap``, or None when uncapped.
         reason: why the run stopped (the policy's decision text).
+        usd_per_point: what one point (0.01) of the metric is worth, dollars (the policy's), or
+            None; a ``Deployment`` prices the models' value with it.
     """
 
     trainer: Any
@@ -32,6 +37,7 @@ class StopContext:
     mode: str = "max"
     budget_left_usd: Optional[float] = None
     reason: str = ""
+    usd_per_point: Optional[float] = None
 
 
 @dataclass
@@ -44,7 +50,15 @@ class ModelRow:
         params: number of parameters.
         size_bytes: size on disk of the saved weights, bytes.
         latency_ms_per_example: CPU inference latency per example, milliseconds.
-        train_usd: what training it cost, dollars.
+        train_usd: what training it cost, dollars: this model's own spend (a student's row
+            excludes the teacher's; the run's total is the sum of the rows).
+        path: where its weights were saved.
+        note: what was done and why.
+        usd_per_1k_requests: serving dollars per 1,000 requests under the ``Deployment``.
+        lifetime_usd: every training dollar the model needed (a student's includes its
+            teacher's) plus serving dollars over the deployment's requests.
+        value_usd: metric points x ``usd_per_point`` minus ``lifetime_usd``.
+        deploy: True for the model to deploy, False for the others; None without a ``Deployment``.
     """
 
     role: str
@@ -55,6 +69,10 @@ class ModelRow:
     train_usd: Optional[float] = None
     path: Optional[str] = None
     note: str = ""
+    usd_per_1k_requests: Optional[float] = None
+    lifetime_usd: Optional[float] = None
+    value_usd: Optional[float] = None
+    deploy: Optional[bool] = None
 
 
 class StopStrategy:
@@ -95,3 +113,18 @@ def restore_training_modes(modes: dict) -> None:
     """Put back the flags :func:`training_modes` took (``module.train(flag)`` would reset them all)."""
     for m, training in modes.items():
         m.training = training
+
+
+def cpu_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` on CPU, detached from any Trainer (LightningModule pickles without it).
+
+    Tensors on an accelerator are copied straight to CPU (through ``deepcopy``'s memo), so the
+    device never holds two models and the original is not moved.
+    """
+    memo: dict = {}
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.device.type != "cpu" and id(tensor) not in memo:
+            data = tensor.detach().to("cpu")
+            memo[id(tensor)] = nn.Parameter(data, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else data
+    copied = copy.deepcopy(module, memo)
+    return copied.to("cpu")  # (a LightningModule also records its device)

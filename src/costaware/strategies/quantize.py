@@ -1,54 +1,70 @@
-"""``Quantize``: shrink a trained model's linear layers to 8 or 4 bits, kept only if it still scores.
+"""``Quantize``: shrink a trained model's linear layers to 8 or 4 bits, kept only if it pays.
 
-Post-training quantization with bitsandbytes: every ``nn.Linear`` becomes a
-``bnb.nn.Linear8bitLt`` (LLM.int8() weights, int8 per output row) or a ``bnb.nn.Linear4bit``
-(NF4 or FP4 blocks of 64 weights). Both run on CPU since bitsandbytes 0.47, so the whole
-strategy runs on a CPU copy of the model: the trained model on its device is never touched,
-and the latency it reports is what CPU inference would see.
+Post-training quantization of a CPU copy of the model, with bitsandbytes (int8 ``Linear8bitLt``,
+NF4/FP4 ``Linear4bit``) or torch's own dynamic int8 (``quantize_dynamic``), see
+:mod:`costaware.strategies.conversion`. The trained model on its device is never touched, and
+the latency it reports is what CPU inference would see.
 
-The quantized copy is validated with the same measurement as the float one, and kept only if
-the monitored metric drops by at most ``max_drop``; the table row says which and why.
+Each quantized copy is validated with the same measurement as the float one, and kept only if
+the monitored metric drops by at most ``max_drop`` AND it lowers the stated objective (latency,
+memory, or serving dollars under a ``Deployment``) by at least ``min_gain``, by measurement;
+with ``backend="auto"`` on CPU both bitsandbytes and torch int8 are tried and the better kept.
+The table row says which and why.
 """
 
 from __future__ import annotations
 
-import copy
 import importlib
-import logging
 import math
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info
 from torch import nn
 
 from costaware import _lightning
+from costaware.deploy import Deployment, measure_serving_many, serving_examples
 from costaware.records import QuantizeEvent
 from costaware.strategies.base import (
     ModelRow,
     StopContext,
     StopStrategy,
+    cpu_copy,
     ledger_folder,
     restore_training_modes,
     training_modes,
 )
-from costaware.strategies.early_stop import (
-    count_params,
-    cpu_threads,
-    latency_ms_per_example,
-    saved_size_bytes,
-    to_device,
-    val_loader,
+from costaware.strategies.batches import call_model, split_batch, to_device, val_loader
+from costaware.strategies.conversion import (
+    BITS,
+    QuantizationUnavailableError,
+    _quiet,
+    bitsandbytes_available,
+    import_bitsandbytes,
+    load_quantized,
+    quantize_linear_layers,
+    torch_dynamic_int8,
+    torch_quantization_available,
 )
+from costaware.strategies.measure import count_params, saved_size_bytes
 from costaware.validation import check_amount, check_count
 
-BITS = (4, 8)
+__all__ = [
+    "LightningMetric",
+    "QuantizationUnavailableError",
+    "Quantize",
+    "load_quantized",
+    "quantize_linear_layers",
+    "torch_dynamic_int8",
+]
+
 QUANT_TYPES_4BIT = ("nf4", "fp4")
 MODES = ("max", "min")
+BACKENDS = ("auto", "bitsandbytes", "torch")
+OBJECTIVES = ("latency", "memory", "usd")
 QUANTIZED_FILENAME = "quantized.pt"
 
 #: ``metric_fn(model, dataloader) -> float``: the monitored metric of ``model`` on ``dataloader``.
@@ -57,84 +73,82 @@ MetricFn = Callable[[nn.Module, Any], float]
 ForwardFn = Callable[[nn.Module, Any], Any]
 
 
-class QuantizationUnavailableError(ImportError):
-    """bitsandbytes, which ``Quantize`` needs, cannot be imported."""
-
-
-def import_bitsandbytes() -> Any:
-    """Import bitsandbytes, or raise :class:`QuantizationUnavailableError` saying how to get it."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "no GPU support" notices on CPU-only machines
-            import bitsandbytes
-    except ImportError as err:
-        raise QuantizationUnavailableError(
-            "Quantize needs bitsandbytes (>= 0.47 for CPU kernels), which cannot be imported: "
-            "pip install costaware[quant]") from err
-    return bitsandbytes
-
-
 class Quantize(StopStrategy):
-    r"""Quantize the trained model's ``nn.Linear`` layers to int8 or 4 bits, if the metric allows.
+    r"""Quantize the trained model's ``nn.Linear`` layers to int8 or 4 bits, if the metric allows and it pays.
 
     At the end of the fit (``after_fit``, on global rank zero only: the others return no rows),
     a CPU copy of the model is measured (metric, parameters, size on disk, CPU latency per
-    example), its linear layers are replaced by bitsandbytes layers, and the same is measured
-    again. The quantized model is kept when the metric drops by at most ``max_drop`` (metric
-    units: for ``mode="max"`` a fall, for ``mode="min"`` a rise); then its ``state_dict`` is
-    saved to ``<log dir>/costaware/quantized.pt`` (next to the ledger) and the ledger records a
-    ``quantize`` event. Otherwise nothing is saved and the float model stays the result. The
-    two rows returned (``"teacher"`` and ``"quantized"``) fill the report's model table; the
-    quantized row's ``note`` says kept or rejected, and why.
+    example), quantized copies are made with each backend, and the same is measured again. A
+    copy is acceptable when the metric drops by at most ``max_drop`` (metric units: for
+    ``mode="max"`` a fall, for ``mode="min"`` a rise) and its ``objective`` is at least
+    ``min_gain`` (a fraction) lower than the float model's:
+
+    * ``"latency"``: CPU milliseconds per example (on the deployment's batch size, if one is given);
+    * ``"memory"``: bytes of the saved ``state_dict``;
+    * ``"usd"``: serving dollars per 1,000 requests under ``deployment`` (needs one).
+
+    The best acceptable copy is kept: its ``state_dict`` is saved to
+    ``<log dir>/costaware/quantized.pt`` (next to the ledger) and the ledger records a
+    ``quantize`` event. Otherwise nothing is saved and the float model stays the result. The two
+    rows returned (the float model's and ``"quantized"``) fill the report's model table; the
+    quantized row's ``note`` says kept or rejected, and why, with every backend's figures.
+
+    Backends: ``"bitsandbytes"`` (int8 ``Linear8bitLt``, or NF4/FP4 for ``bits=4``), ``"torch"``
+    (``torch.ao.quantization.quantize_dynamic``, int8 only, CPU), ``"auto"``: every one installed
+    that supports ``bits`` (on CPU, for int8, both: whichever is better is kept). GPU
+    quantization is not done here: the copies run on the CPU.
 
     How the metric is measured, first match wins:
 
     1. ``metric_fn(model, dataloader) -> float`` if given;
     2. a callback of the Trainer that logs the monitored metric itself and can score any model:
        it has ``log_name == metric`` and a ``score(model) -> float`` method (``OnlineProbe``);
-    3. otherwise the module's own ``validation_step``: a fresh one-device CPU Trainer of the same
-       Lightning namespace runs ``validate(model, dataloaders=val, verbose=False)`` (no callbacks,
-       no logger, the fit's ``limit_val_batches``) and the metric is read from its
-       ``callback_metrics``. A separate Trainer, because re-entering the fitting Trainer from a
-       fit hook would run the fit's callbacks (the cost monitor, early stopping) again and reset
-       its loops. The validation data is ``trainer.val_dataloaders`` (under DDP: rank zero's
-       shard), else the datamodule's or the module's ``val_dataloader()``.
+    3. otherwise the module's own ``validation_step``, in a fresh one-device CPU Trainer of the
+       same Lightning namespace (:class:`LightningMetric`), on ``trainer.val_dataloaders``
+       (else the datamodule's or the module's ``val_dataloader()``).
 
-    Latency is the best of ``latency_repeats`` passes of ``forward_fn`` over the first
-    ``latency_batches`` validation batches, divided by the examples they hold, on
+    Latency: ``latency_batches`` batches' worth of validation examples, drawn across the
+    validation set, timed with ``forward_fn`` in ``latency_repeats`` interleaved rounds on
     ``latency_threads`` CPU threads (one by default: on a shared or busy machine, multi-threaded
-    timings of small models mostly measure thread contention). On CPU, bitsandbytes kernels save
-    memory and disk, not necessarily time: read the table. Size on disk is the bytes of
-    ``torch.save(state_dict)``.
+    timings of small models mostly measure thread contention); each batch counts its fastest
+    round. Models are called by the batch protocol (``costaware.strategies.batches``), as
+    ``Distill`` calls them: a dict batch loses its ``"labels"``.
 
     Direct use (for instance on a distilled student)::
 
-        model, rows = Quantize(bits=4, max_drop=0.01).apply(student, val_loader, metric_fn)
+        model, rows = Quantize(bits=8, max_drop=0.01).apply(student, val_loader, metric_fn)
 
     Args:
-        bits: 8 (``Linear8bitLt``, int8 weights) or 4 (``Linear4bit``).
+        bits: 8 (int8) or 4 (bitsandbytes ``Linear4bit``).
         max_drop: the largest worsening of the metric accepted, in metric units (0.01 is one
             point of accuracy), >= 0.
+        backend: ``"auto"``, ``"bitsandbytes"`` or ``"torch"``.
+        objective: ``"latency"``, ``"memory"`` or ``"usd"``: what a kept copy must lower.
+        min_gain: the fraction by which it must lower it (0.05: 5% lower; timings within a few
+            percent are noise).
+        deployment: the serving load and price for the ``"usd"`` objective (and the batch size
+            and threads of the latency figures); ``apply(deployment=)`` overrides it.
         quant_type: for ``bits=4``, ``"nf4"`` (normal float, the QLoRA format) or ``"fp4"``.
         blocksize: for ``bits=4``, weights per quantization block (64, 128, ... 4096).
-        int8_threshold: for ``bits=8``, LLM.int8()'s outlier threshold on activations (0 turns
-            the mixed-precision decomposition off, the right choice for small models).
+        int8_threshold: for bitsandbytes int8, LLM.int8()'s outlier threshold on activations (0
+            turns the mixed-precision decomposition off, the right choice for small models).
         skip_modules: names of layers (``"head"``, ``"encoder.fc1"``) or name suffixes to keep in
             float. Layers inside ``nn.MultiheadAttention`` and layers whose weight is shared
             (tied) with another module are always kept in float.
         metric_fn: ``metric_fn(model, dataloader) -> float``, overriding the ways above.
         forward_fn: ``forward_fn(model, batch)``: one inference call, for latency; default:
-            ``apply``'s ``forward_fn``, else ``model(batch)`` for a tensor, ``model(batch[0])``
-            for a tuple or list, ``model(**batch)`` for a dict.
-        latency_batches: validation batches timed.
-        latency_repeats: passes over them; the fastest counts.
+            ``apply``'s ``forward_fn``, else the batch protocol.
+        latency_batches: batches' worth of validation examples timed.
+        latency_repeats: timed rounds; each batch counts its fastest.
         latency_threads: torch CPU threads while timing; None: leave ``torch.get_num_threads()``.
         filename: the saved file's name, in the ledger's folder.
 
     Raises:
         ValueError: at construction, for ``bits`` not 4 or 8, ``max_drop`` negative or not a
-            number, an unknown ``quant_type``, a bad ``blocksize`` or count.
-        QuantizationUnavailableError: (an ``ImportError``) at construction, without bitsandbytes.
+            number, an unknown ``backend``, ``objective`` or ``quant_type``, ``objective="usd"``
+            with a deployment that is not a ``Deployment``, a bad ``blocksize`` or count.
+        QuantizationUnavailableError: (an ``ImportError``) at construction, when no backend
+            that supports ``bits`` can be imported (bitsandbytes for 4 bits).
 
     Example::
 
@@ -143,8 +157,9 @@ class Quantize(StopStrategy):
         from costaware.strategies import Quantize
 
         trainer = Trainer(callbacks=[CostMonitor(usd_per_host_hour=0.1),
-                                     MarginalGainStopping(monitor="val_acc", mode="max",
-                                                          then=Quantize(bits=8, max_drop=0.01))])
+                                     MarginalGainStopping(monitor="val_acc", mode="max", usd_per_point=1,
+                                                          then=Quantize(bits=8, max_drop=0.01,
+                                                                        objective="latency"))])
     """
 
     name = "quantize"
@@ -153,6 +168,10 @@ class Quantize(StopStrategy):
         self,
         bits: int = 8,
         max_drop: float = 0.01,
+        backend: str = "auto",
+        objective: str = "latency",
+        min_gain: float = 0.05,
+        deployment: Optional[Deployment] = None,
         quant_type: str = "nf4",
         blocksize: int = 64,
         int8_threshold: float = 0.0,
@@ -164,33 +183,24 @@ class Quantize(StopStrategy):
         latency_threads: Optional[int] = 1,
         filename: str = QUANTIZED_FILENAME,
     ) -> None:
-        if isinstance(bits, bool) or bits not in BITS:
-            raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
-        check_amount("max_drop", max_drop, why=" (in units of the monitored metric)")
-        if quant_type not in QUANT_TYPES_4BIT:
-            raise ValueError(f"quant_type must be one of {QUANT_TYPES_4BIT}, got {quant_type!r}")
-        if blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
-            raise ValueError(f"blocksize must be one of 64, 128, 256, 512, 1024, 2048, 4096, got {blocksize!r}")
-        check_amount("int8_threshold", int8_threshold)
-        if isinstance(skip_modules, str) or not all(isinstance(s, str) for s in skip_modules):
-            raise ValueError(f"skip_modules must be a list of module names, got {skip_modules!r}")
-        check_count("latency_batches", latency_batches, minimum=1)
-        check_count("latency_repeats", latency_repeats, minimum=1)
-        check_count("latency_threads", latency_threads, minimum=1, allow_none=True)
-        for arg, fn in (("metric_fn", metric_fn), ("forward_fn", forward_fn)):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"{arg} must be a callable (model, ...) or None, got {fn!r}")
-        if not isinstance(filename, str) or not filename or "/" in filename:
-            raise ValueError(f"filename must be a file name, got {filename!r}")
-        import_bitsandbytes()  # fail now, before any compute is spent
+        _check_arguments(bits=bits, max_drop=max_drop, backend=backend, objective=objective, min_gain=min_gain,
+                         deployment=deployment, quant_type=quant_type, blocksize=blocksize,
+                         int8_threshold=int8_threshold, skip_modules=skip_modules, metric_fn=metric_fn,
+                         forward_fn=forward_fn, latency_batches=latency_batches, latency_repeats=latency_repeats,
+                         latency_threads=latency_threads, filename=filename)
         self.bits = int(bits)
+        self.backend = backend
+        self.backends = _backends(backend, self.bits)  # fail now, before any compute is spent
         self.max_drop = float(max_drop)
+        self.objective = objective
+        self.min_gain = float(min_gain)
+        self.deployment = deployment
         self.quant_type = quant_type
         self.blocksize = blocksize
         self.int8_threshold = float(int8_threshold)
         self.skip_modules = tuple(skip_modules)
         self.metric_fn = metric_fn
-        self.forward_fn = forward_fn  # None: apply's forward_fn, else default_forward
+        self.forward_fn = forward_fn  # None: apply's forward_fn, else the batch protocol
         self.latency_batches = latency_batches
         self.latency_repeats = latency_repeats
         self.latency_threads = latency_threads
@@ -198,7 +208,9 @@ class Quantize(StopStrategy):
         self.rows: list[ModelRow] = []
         self.model: Optional[nn.Module] = None  # the result of the last apply: quantized if kept, else float
         self.kept: Optional[bool] = None
+        self.kept_backend: Optional[str] = None
         self.path: Optional[Path] = None
+        self.variants: list[_Variant] = []  # every quantized copy of the last apply, measured
 
     @property
     def label(self) -> str:
@@ -239,31 +251,45 @@ class Quantize(StopStrategy):
         except Exception as err:  # noqa: BLE001 - the training is done and saved: report, do not crash the fit
             warnings.warn(f"costaware: Quantize failed ({type(err).__name__}: {err})", RuntimeWarning, stacklevel=2)
             return self._skip(context, f"{type(err).__name__}: {err}")
-        seconds = time.perf_counter() - started_s
-        quantized = rows[-1]
         try:
             ledger = getattr(monitor, "ledger", None)
             if ledger is not None:
-                ledger.record(QuantizeEvent.from_rows(
-                    rows, of="teacher", bits=self.bits, quant_type=self.label, kept=self.kept,
-                    metric=context.metric_name, mode=context.mode, max_drop=self.max_drop,
-                    path=str(self.path) if self.path else None, duration_s=seconds))
+                ledger.record(self.event(context.metric_name, context.mode,
+                                         duration_s=time.perf_counter() - started_s))
         except Exception as err:  # noqa: BLE001 - the model is quantized (or not) as the rows say: keep them
             warnings.warn(f"costaware: Quantize could not record its ledger event ({type(err).__name__}: {err})",
                           RuntimeWarning, stacklevel=2)
-        rank_zero_info(f"costaware: Quantize({self.label}): {quantized.note}")
+        rank_zero_info(f"costaware: Quantize({self.label}): {rows[-1].note}")
         return rows
+
+    def event(self, metric_name: str = "", mode: str = "max", **extra: Any) -> QuantizeEvent:
+        """The ``quantize`` ledger record: the float model's figures (``float_*``, whatever its
+        role, named in ``of``), the kept (or best) copy's, and each backend tried."""
+        float_row, quantized = self.rows[0], self.rows[-1]
+        variants = {v.backend: {"metric": v.metric, "size_bytes": v.size_bytes,
+                                "latency_ms_per_example": v.latency_ms, "acceptable": v.acceptable}
+                    for v in self.variants}
+        fields = dict(
+            bits=self.bits, quant_type=self.label, kept=self.kept, backend=self.kept_backend, objective=self.objective,
+            min_gain=self.min_gain, metric=metric_name, mode=mode, max_drop=self.max_drop, of=float_row.role,
+            float_metric=float_row.metric, quantized_metric=quantized.metric, float_size_bytes=float_row.size_bytes,
+            quantized_size_bytes=quantized.size_bytes, float_latency_ms_per_example=float_row.latency_ms_per_example,
+            quantized_latency_ms_per_example=quantized.latency_ms_per_example,
+            path=str(self.path) if self.path else None, note=quantized.note, variants=variants or None)
+        return QuantizeEvent(**{**fields, **extra})
 
     def _skip(self, context: StopContext, why: str) -> list[ModelRow]:
         """No quantized model: the results of an earlier ``apply`` are cleared, not left behind."""
         self.kept = False
         self.model = None
         self.path = None
+        self.kept_backend = None
+        self.variants = []
         self.rows = [ModelRow(role="quantized", note=f"not quantized: {why}")]
         ledger = getattr(context.monitor, "ledger", None)
         if ledger is not None:
             try:
-                ledger.record(QuantizeEvent(of="teacher", bits=self.bits, quant_type=self.label, kept=False,
+                ledger.record(QuantizeEvent(bits=self.bits, quant_type=self.label, kept=False,
                                             note=self.rows[0].note))
             except Exception as err:  # noqa: BLE001 - as in after_fit: never an exception at the end of a fit
                 warnings.warn(f"costaware: Quantize could not record its ledger event ({type(err).__name__}: "
@@ -287,8 +313,9 @@ class Quantize(StopStrategy):
         train_usd: Optional[float] = None,
         metric_name: str = "",
         forward_fn: Optional[ForwardFn] = None,
+        deployment: Optional[Deployment] = None,
     ) -> tuple[nn.Module, list[ModelRow]]:
-        """Quantize a CPU copy of ``module``, measure both, keep the copy if the metric allows.
+        """Quantize CPU copies of ``module``, measure all, keep the best copy if it is acceptable.
 
         ``module`` itself is not changed (it may stay on its GPU).
 
@@ -305,13 +332,18 @@ class Quantize(StopStrategy):
                 folder is created); None: not saved, size measured in memory.
             train_usd: what training the float model cost, for both rows.
             metric_name: the metric's name, for the notes.
-            forward_fn: the caller's way to call the model (``Distill`` knows its batch
-                protocol), used when this ``Quantize`` was given no ``forward_fn`` of its own.
+            forward_fn: the caller's way to call the model, used when this ``Quantize`` was
+                given no ``forward_fn`` of its own.
+            deployment: overrides the constructor's ``deployment``.
 
         Returns:
-            ``(model, [float_row, quantized_row])``: ``model`` is the quantized CPU copy if kept,
-            else ``module`` itself. ``self.kept``, ``self.model``, ``self.path`` and ``self.rows``
-            hold the same.
+            ``(model, [float_row, quantized_row])``: ``model`` is the kept quantized CPU copy,
+            else ``module`` itself. ``self.kept``, ``self.model``, ``self.path``, ``self.rows``
+            and ``self.variants`` hold the same.
+
+        Raises:
+            ValueError: an unknown ``mode``, a ``metric_fn`` that is not callable, the ``"usd"``
+                objective without a deployment.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -321,194 +353,229 @@ class Quantize(StopStrategy):
         if not callable(metric_fn):
             raise ValueError(f"metric_fn must be a callable (model, dataloader) -> float or a metric name, got "
                              f"{metric_fn!r}")
-        what = metric_name or "the metric"
-        forward = self.forward_fn or forward_fn or default_forward
+        deployment = deployment or self.deployment
+        if self.objective == "usd" and deployment is None:
+            raise ValueError("objective='usd' needs a deployment: Quantize(deployment=Deployment(...)) or "
+                             "apply(deployment=...)")
         float_model = cpu_copy(module)
-        batches = _first_batches(val_dataloader, self.latency_batches)
         float_metric = _call_metric(metric_fn, float_model, val_dataloader)
-        params = count_params(float_model)
-        float_row = ModelRow(role=role, metric=float_metric, params=params, size_bytes=saved_size_bytes(float_model),
-                             latency_ms_per_example=self._latency_ms(float_model, batches, forward),
+        self.path = None
+        self.variants = self._variants(float_model, metric_fn, val_dataloader)
+        timings = self._time([float_model] + [v.model for v in self.variants], val_dataloader,
+                             self.forward_fn or forward_fn or default_forward, deployment)
+        float_row = ModelRow(role=role, metric=float_metric, params=count_params(float_model),
+                             size_bytes=saved_size_bytes(float_model), latency_ms_per_example=timings[0],
                              train_usd=train_usd,
                              note="float32 weights" if _all_float32(float_model) else "float weights")
+        for variant, latency_ms in zip(self.variants, timings[1:]):
+            variant.latency_ms = latency_ms
+            # measured after the timing: saving a bitsandbytes 4-bit layer un-packs its CPU weights
+            variant.size_bytes = saved_size_bytes(variant.model) if variant.layers else None
+            variant.judge(float_row, mode, self.max_drop, self.objective, self.min_gain, deployment)
+        return self._choose(module, float_row, save_path, train_usd, metric_name or "the metric", mode)
 
-        quantized = cpu_copy(float_model)
-        converted = quantize_linear_layers(quantized, self.bits, skip_modules=self.skip_modules,
-                                           quant_type=self.quant_type, blocksize=self.blocksize,
-                                           int8_threshold=self.int8_threshold)
-        self.path = None
-        if not converted:
-            row = ModelRow(role="quantized", params=params, train_usd=train_usd,
-                           note=f"rejected: no nn.Linear layer to quantize; the {role} is kept")
-            return self._result(module, False, [float_row, row])
-        q_metric = _call_metric(metric_fn, quantized, val_dataloader)
-        drop = _worsening(float_metric, q_metric, mode)
-        kept = drop is not None and drop <= self.max_drop + 1e-12
-        if kept and save_path is not None:
+    def _variants(self, float_model: nn.Module, metric_fn: MetricFn, val_dataloader: Any) -> list[_Variant]:
+        """One quantized copy per backend, with its metric; a backend that fails is a failed variant."""
+        variants = []
+        for backend in self.backends:
+            label = f"{backend}_{'int8' if self.bits == 8 else self.quant_type}"
+            copy_ = cpu_copy(float_model)
+            try:
+                layers = self._convert(backend, copy_)
+                variant = _Variant(label, copy_, layers)
+                if layers:
+                    variant.metric = _call_metric(metric_fn, copy_, val_dataloader)
+            except Exception as err:  # noqa: BLE001 - one backend's failure leaves the others (and the float model)
+                warnings.warn(f"costaware: Quantize: {label} failed ({type(err).__name__}: {err})", RuntimeWarning,
+                              stacklevel=3)
+                variant = _Variant(label, copy_, [])
+                variant.reason = f"{label} failed: {type(err).__name__}: {err}"
+            variants.append(variant)
+        return variants
+
+    def _convert(self, backend: str, model: nn.Module) -> list[str]:
+        if backend == "torch":
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*are deprecated.*")
+                return torch_dynamic_int8(model, skip_modules=self.skip_modules)
+        return quantize_linear_layers(model, self.bits, skip_modules=self.skip_modules, quant_type=self.quant_type,
+                                      blocksize=self.blocksize, int8_threshold=self.int8_threshold)
+
+    def _time(self, models: list[nn.Module], val_dataloader: Any, forward: ForwardFn,
+              deployment: Optional[Deployment]) -> list[Optional[float]]:
+        """CPU milliseconds per example of each model, timed interleaved; None where it fails."""
+        first = next(iter(_first_batches(val_dataloader, 1)), None)
+        if first is None:
+            return [None] * len(models)
+        batch_size = deployment.batch_size if deployment is not None else _batch_size(first)
+        timing = Deployment(requests=1, usd_per_hour=0.0, device="cpu", batch_size=batch_size,
+                            threads=deployment.threads if deployment is not None else self.latency_threads,
+                            examples=max(self.latency_batches * batch_size, deployment.examples if deployment else 1),
+                            repeats=self.latency_repeats)
+        examples = serving_examples(val_dataloader, timing.examples)
+        try:
+            with _quiet():
+                timings = measure_serving_many({str(i): m for i, m in enumerate(models)}, examples, forward, timing)
+        except Exception as err:  # noqa: BLE001 - latency is a figure for the table, not worth a failure
+            warnings.warn(f"costaware: Quantize could not time the models' forward ({type(err).__name__}: {err}); "
+                          "pass forward_fn=", RuntimeWarning, stacklevel=3)
+            return [None] * len(models)
+        return [timings[str(i)].latency_ms_per_example if str(i) in timings else None for i in range(len(models))]
+
+    def _choose(self, module: nn.Module, float_row: ModelRow, save_path: Optional[Union[str, Path]],
+                train_usd: Optional[float], what: str, mode: str) -> tuple[nn.Module, list[ModelRow]]:
+        """Keep the acceptable copy of lowest objective; the quantized row says why."""
+        acceptable = [v for v in self.variants if v.acceptable]
+        best = min(acceptable, key=lambda v: v.objective_value) if acceptable else None
+        measured = [v for v in self.variants if v.layers]
+        shown = best or (min(measured, key=lambda v: v.measured_objective) if measured else None)
+        figures = "; ".join(v.summary(what) for v in self.variants)
+        if shown is None:
+            why = "; ".join(v.reason for v in self.variants) or "no nn.Linear layer to quantize"
+            row = ModelRow(role="quantized", params=float_row.params, train_usd=train_usd,
+                           note=f"rejected: {why}; the {float_row.role} is kept")
+            return self._result(module, False, None, [float_row, row])
+        size_bytes = shown.size_bytes
+        if best is not None and save_path is not None:
             self.path = Path(save_path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(quantized.state_dict(), self.path)
+            torch.save(best.model.state_dict(), self.path)
             size_bytes = self.path.stat().st_size
-        else:
-            size_bytes = saved_size_bytes(quantized)
-        layers = f"{len(converted)} linear layer{'s' if len(converted) != 1 else ''} in {self.label}"
-        if drop is None:
-            note = f"rejected: {what} could not be compared ({float_metric} -> {q_metric}); the {role} is kept"
-        else:
-            if drop > 0:
-                change = f"{what} {'drops' if mode == 'max' else 'rises'} by {drop:.4g}"
-            else:
-                change = f"{what} improves by {-drop:.4g}" if drop < 0 else f"{what} is unchanged"
-            verdict = (f"kept: {change}, within max_drop {self.max_drop:g}" if kept else
-                       f"rejected: {change} > max_drop {self.max_drop:g}; the {role} is kept")
-            note = f"{verdict} ({layers})"
-        row = ModelRow(role="quantized", metric=q_metric, params=params, size_bytes=size_bytes,
-                       latency_ms_per_example=self._latency_ms(quantized, batches, forward), train_usd=train_usd,
-                       path=str(self.path) if self.path else None, note=note)
-        return self._result(quantized if kept else module, kept, [float_row, row])
+        verdict = (f"kept {best.backend}: {best.reason}" if best is not None else
+                   f"rejected: {shown.reason}; the {float_row.role} is kept")
+        row = ModelRow(role="quantized", metric=shown.metric, params=float_row.params, size_bytes=size_bytes,
+                       latency_ms_per_example=shown.latency_ms, train_usd=train_usd,
+                       path=str(self.path) if self.path else None, note=f"{verdict} ({figures})")
+        return self._result(best.model if best else module, best is not None, best.backend if best else None,
+                            [float_row, row])
 
-    def _result(self, model: nn.Module, kept: bool, rows: list[ModelRow]) -> tuple[nn.Module, list[ModelRow]]:
-        self.model, self.kept, self.rows = model, kept, rows
+    def _result(self, model: nn.Module, kept: bool, backend: Optional[str],
+                rows: list[ModelRow]) -> tuple[nn.Module, list[ModelRow]]:
+        self.model, self.kept, self.kept_backend, self.rows = model, kept, backend, rows
         return model, rows
 
-    def _latency_ms(self, model: nn.Module, batches: list, forward: ForwardFn) -> Optional[float]:
-        """Best-of-``latency_repeats`` CPU milliseconds per example of ``forward``; None if it fails."""
-        try:
-            with cpu_threads(self.latency_threads), _quiet():
-                return latency_ms_per_example(model, batches, _whole_batch, len(batches), self.latency_repeats,
-                                              forward=forward)
-        except Exception as err:  # noqa: BLE001 - latency is a figure for the table, not worth a failure
-            warnings.warn(f"costaware: Quantize could not time {type(model).__name__}'s forward "
-                          f"({type(err).__name__}: {err}); pass forward_fn=", RuntimeWarning, stacklevel=2)
-            return None
+
+class _Variant:
+    """One quantized copy and its measurements, judged against the float model."""
+
+    def __init__(self, backend: str, model: nn.Module, layers: list[str]) -> None:
+        self.backend, self.model, self.layers = backend, model, layers
+        self.metric: Optional[float] = None
+        self.size_bytes: Optional[int] = None
+        self.latency_ms: Optional[float] = None
+        self.acceptable = False
+        self.objective_value = math.inf
+        self.measured_objective = math.inf  # the objective's value even when not acceptable
+        self.reason = "no nn.Linear layer to quantize" if not layers else ""
+
+    def judge(self, float_row: ModelRow, mode: str, max_drop: float, objective: str, min_gain: float,
+              deployment: Optional[Deployment]) -> None:
+        """Acceptable: the metric within ``max_drop`` and the objective ``min_gain`` lower, measured."""
+        if not self.layers:
+            return
+        drop = _worsening(float_row.metric, self.metric, mode) if self.metric is not None else None
+        before, after, unit = _objective(float_row, self, objective, deployment)
+        self.measured_objective = after if after is not None else math.inf
+        if drop is None:
+            self.reason = f"the metric could not be compared ({float_row.metric} -> {self.metric})"
+            return
+        change = (f"metric {'drops' if mode == 'max' else 'rises'} by {drop:.4g}" if drop > 0 else
+                  f"metric improves by {-drop:.4g}" if drop < 0 else "metric unchanged")
+        if drop > max_drop + 1e-12:
+            self.reason = f"{change} > max_drop {max_drop:g}"
+            return
+        if before is None or after is None:
+            self.reason = f"{change}, but its {objective} could not be measured"
+            return
+        gain = 1.0 - after / before if before > 0 else 0.0
+        lowered = f"{objective} {before:.4g} -> {after:.4g} {unit} ({-100 * gain:+.1f}%)"
+        if gain < min_gain:
+            self.reason = f"{change} (within max_drop {max_drop:g}) but {lowered}, not {100 * min_gain:g}% lower"
+            return
+        self.acceptable, self.objective_value = True, after
+        self.reason = f"{change}, within max_drop {max_drop:g}; {lowered}"
+
+    def summary(self, what: str) -> str:
+        if not self.layers:
+            return f"{self.backend}: {self.reason or 'no layer'}"
+        latency = f"{self.latency_ms:.4g} ms/example" if self.latency_ms is not None else "latency n/a"
+        layers = f"{len(self.layers)} layer{'s' if len(self.layers) != 1 else ''}"
+        return (f"{self.backend}: {layers}, {what} {_fmt(self.metric)}, {latency}, "
+                f"{(self.size_bytes or 0) / 2**20:.2f} MiB")
 
 
-# ---------------------------------------------------------------------------------------------
-# Conversion
-# ---------------------------------------------------------------------------------------------
+def _objective(float_row: ModelRow, variant: _Variant, objective: str,
+               deployment: Optional[Deployment]) -> tuple[Optional[float], Optional[float], str]:
+    """(float's, variant's, unit) of the objective."""
+    if objective == "memory":
+        return float_row.size_bytes, variant.size_bytes, "bytes"
+    if objective == "usd" and deployment is not None:
+        scale = deployment.usd_per_hour / 3600.0  # ms per example -> $ per 1k requests
+        as_usd = [None if v is None else v * scale for v in (float_row.latency_ms_per_example, variant.latency_ms)]
+        return as_usd[0], as_usd[1], "$/1k requests"
+    return float_row.latency_ms_per_example, variant.latency_ms, "ms/example"
 
 
-def quantize_linear_layers(
-    module: nn.Module,
-    bits: int = 8,
-    *,
-    skip_modules: Sequence[str] = (),
-    quant_type: str = "nf4",
-    blocksize: int = 64,
-    int8_threshold: float = 0.0,
-) -> list[str]:
-    """Replace, in place, the ``nn.Linear`` layers of a CPU module by bitsandbytes layers.
-
-    The bitsandbytes way (load float weights into the layer, then move it to a device) is
-    followed on CPU: the float weight goes into an ``Int8Params``/``Params4bit`` of a layer built
-    on the meta device, and ``.to("cpu")`` quantizes it (bitsandbytes quantizes on the first
-    move of an unquantized parameter). Biases stay float.
-
-    Returns:
-        The qualified names of the replaced layers.
-
-    Example::
-
-        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-        quantize_linear_layers(model, bits=4)  # ['0', '2']
-        # Reload a saved state_dict: quantize the same float architecture, then load_quantized.
-    """
-    bnb = import_bitsandbytes()
-    if bits not in BITS:
+def _check_arguments(bits: Any, max_drop: Any, backend: Any, objective: Any, min_gain: Any, deployment: Any,
+                     quant_type: Any, blocksize: Any, int8_threshold: Any, skip_modules: Any, metric_fn: Any,
+                     forward_fn: Any, latency_batches: Any, latency_repeats: Any, latency_threads: Any,
+                     filename: Any) -> None:
+    """``Quantize``'s arguments, checked before anything is spent (a ValueError names the argument)."""
+    if isinstance(bits, bool) or bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
-    if bits == 8:
-        _drop_cast_notice()
-    shared = _shared_weights(module)
-    replaced = []
-    for name, parent in list(module.named_modules()):
-        if isinstance(parent, nn.MultiheadAttention):
-            continue  # it reads out_proj.weight directly
-        for child_name, child in list(parent.named_children()):
-            qualified = f"{name}.{child_name}" if name else child_name
-            if not _quantizable(child, bnb) or _skipped(qualified, skip_modules) or id(child.weight) in shared:
-                continue
-            weight = child.weight.detach().to("cpu", torch.float32).contiguous()
-            has_bias = child.bias is not None
-            if bits == 8:
-                layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=has_bias,
-                                            has_fp16_weights=False, threshold=int8_threshold, device="meta")
-                layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
-            else:
-                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=has_bias,
-                                          compute_dtype=torch.float32, compress_statistics=False,
-                                          quant_type=quant_type, device="meta")
-                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=blocksize,
-                                                 compress_statistics=False, quant_type=quant_type, module=layer)
-            if has_bias:
-                layer.bias = nn.Parameter(child.bias.detach().to("cpu", torch.float32), requires_grad=False)
-            with _quiet():
-                layer = layer.to("cpu")  # quantizes
-            layer.train(child.training)
-            setattr(parent, child_name, layer)
-            replaced.append(qualified)
-    return replaced
+    check_amount("max_drop", max_drop, why=" (in units of the monitored metric)")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    check_amount("min_gain", min_gain, maximum=1, strict_maximum=True)
+    if deployment is not None and not isinstance(deployment, Deployment):
+        raise ValueError(f"deployment must be a costaware.deploy.Deployment or None, got {deployment!r}")
+    if quant_type not in QUANT_TYPES_4BIT:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES_4BIT}, got {quant_type!r}")
+    if blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
+        raise ValueError(f"blocksize must be one of 64, 128, 256, 512, 1024, 2048, 4096, got {blocksize!r}")
+    check_amount("int8_threshold", int8_threshold)
+    if isinstance(skip_modules, str) or not all(isinstance(s, str) for s in skip_modules):
+        raise ValueError(f"skip_modules must be a list of module names, got {skip_modules!r}")
+    check_count("latency_batches", latency_batches, minimum=1)
+    check_count("latency_repeats", latency_repeats, minimum=1)
+    check_count("latency_threads", latency_threads, minimum=1, allow_none=True)
+    for arg, fn in (("metric_fn", metric_fn), ("forward_fn", forward_fn)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"{arg} must be a callable (model, ...) or None, got {fn!r}")
+    if not isinstance(filename, str) or not filename or "/" in filename:
+        raise ValueError(f"filename must be a file name, got {filename!r}")
 
 
-class _CastNotice(logging.Filter):
-    """Drops bitsandbytes' "inputs will be cast to float16" notice, logged on every int8 forward
-    of a float32 input: that cast is how LLM.int8() quantizes activations, not a problem."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "inputs will be cast from" not in str(record.msg)
-
-
-def _drop_cast_notice() -> None:
-    logger = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, _CastNotice) for f in logger.filters):
-        logger.addFilter(_CastNotice())
-
-
-def load_quantized(module: nn.Module, state_dict: Union[str, Path, dict], bits: int = 8, **kwargs: Any) -> nn.Module:
-    """Rebuild a quantized model from its float architecture and a state_dict saved by ``Quantize``.
-
-    ``module`` is a freshly built float model of the same architecture (its weights are
-    overwritten); ``kwargs`` are the conversion's (``skip_modules``, ``quant_type``...), as when
-    it was saved. Returns ``module``, quantized in place, on CPU.
-
-    Example::
-
-        model = load_quantized(MyModel(), "logs/version_0/costaware/quantized.pt", bits=8)
-    """
-    bnb = import_bitsandbytes()
-    if not isinstance(state_dict, dict):
-        state_dict = torch.load(state_dict, map_location="cpu", weights_only=False)
-    module = module.to("cpu")
-    quantize_linear_layers(module, bits, **kwargs)
-    state_dict = dict(state_dict)
-    for name, layer in module.named_modules():
-        if isinstance(layer, bnb.nn.Linear4bit):
-            prefix = f"{name}.weight" if name else "weight"
-            stats = {k[len(prefix) + 1:]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix + ".")}
-            layer.weight = bnb.nn.Params4bit.from_prequantized(state_dict.pop(prefix), stats, device="cpu",
-                                                               module=layer)
-    module.load_state_dict(state_dict, strict=not any(isinstance(m, bnb.nn.Linear4bit) for m in module.modules()))
-    return module
+def _backends(backend: str, bits: int) -> tuple[str, ...]:
+    """The backends to try, checked now (before any compute): bitsandbytes for 4 bits."""
+    if backend == "torch":
+        if bits != 8:
+            raise ValueError(f"backend='torch' quantizes to int8 only, got bits={bits}: use backend='bitsandbytes'")
+        if not torch_quantization_available():
+            raise QuantizationUnavailableError("this torch has no torch.ao.quantization.quantize_dynamic or int8 CPU "
+                                               "engine: use backend='bitsandbytes'")
+        return ("torch",)
+    if backend == "bitsandbytes" or bits == 4:
+        import_bitsandbytes()  # raises, saying how to install it
+        return ("bitsandbytes",)
+    found = tuple(b for b, ok in (("bitsandbytes", bitsandbytes_available()),
+                                  ("torch", torch_quantization_available())) if ok)
+    if not found:
+        raise QuantizationUnavailableError("Quantize found neither bitsandbytes nor torch's dynamic int8 "
+                                           "quantization: pip install costaware[quant]")
+    return found
 
 
-def _quantizable(child: nn.Module, bnb: Any) -> bool:
-    if not isinstance(child, nn.Linear) or isinstance(child, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)):
-        return False
-    if type(child).__name__ == "NonDynamicallyQuantizableLinear":
-        return False
-    return child.weight.is_floating_point() and child.weight.device.type != "meta"
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
 
 
-def _skipped(name: str, skip_modules: Sequence[str]) -> bool:
-    return any(name == s or name.endswith("." + s) for s in skip_modules)
+def _batch_size(batch: Any) -> int:
+    from costaware.deploy import batch_size_of
 
-
-def _shared_weights(module: nn.Module) -> set:
-    """ids of Linear weights that another module also holds (tied weights stay float)."""
-    holders: dict = {}
-    for sub in module.modules():
-        for param in sub.parameters(recurse=False):
-            holders.setdefault(id(param), set()).add(id(sub))
-    return {pid for pid, subs in holders.items() if len(subs) > 1}
+    return batch_size_of(batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -566,28 +633,12 @@ class LightningMetric:
         return float(metrics[self.metric_name])
 
 
-def cpu_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` on CPU, detached from any Trainer (LightningModule pickles without it).
-
-    Tensors on an accelerator are copied straight to CPU (through ``deepcopy``'s memo), so the
-    device never holds two models and the original is not moved.
-    """
-    memo: dict = {}
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if tensor.device.type != "cpu" and id(tensor) not in memo:
-            data = tensor.detach().to("cpu")
-            memo[id(tensor)] = nn.Parameter(data, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else data
-    copied = copy.deepcopy(module, memo)
-    return copied.to("cpu")  # (a LightningModule also records its device)
-
-
 def default_forward(model: nn.Module, batch: Any) -> Any:
-    """``model(batch)`` for a tensor, ``model(batch[0])`` for a tuple or list, ``model(**batch)`` for a dict."""
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(batch[0])
-    return model(batch)
+    """The batch protocol, as ``Distill`` calls models: ``call_model(model, split_batch(None, batch)[0])``.
+
+    A dict batch loses its ``"labels"`` key; ``(x, y)`` calls ``model(x)``; ``[x]`` too.
+    """
+    return call_model(model, split_batch(None, batch)[0])
 
 
 def _call_metric(metric_fn: Callable, model: nn.Module, dataloader: Any) -> float:
@@ -621,33 +672,8 @@ def _first_batches(dataloader: Optional[Iterable], count: int) -> list:
     return batches
 
 
-def _whole_batch(batch: Any) -> tuple[Any, None]:
-    """The split for timing: ``forward_fn`` takes the whole batch; its first tensor counts the examples."""
-    return batch, None
-
-
 def _all_float32(module: nn.Module) -> bool:
     return all(p.dtype == torch.float32 for p in module.parameters() if p.is_floating_point())
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the notices of a throwaway Trainer and of bitsandbytes' CPU casts."""
-    loggers = [logging.getLogger(n) for n in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric",
-                                              "lightning.fabric", "bitsandbytes")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=r".*inputs will be cast from.*")
-            warnings.filterwarnings("ignore", message=r".*GPU available but not used.*")
-            warnings.filterwarnings("ignore", message=r".*LightningModule.*has parameters that were not used.*")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------
