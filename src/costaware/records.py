@@ -207,6 +207,10 @@ class End(Record):
         totals: the run's final totals.
         how: one of :data:`END_HOWS`.
         meters: each meter's status at the end.
+        phases: this session's time and cost per phase (:data:`costaware.phases.PHASES`), each
+            ``{"elapsed_s", "usd", "kwh", "co2_kg"}``; exclusive, so they sum to at most ``totals``.
+        metered_from_wall_s, metered_to_wall_s: Unix times this session's metering started and its
+            totals were taken (their difference is this session's share of ``totals.elapsed_s``).
     """
 
     KIND: ClassVar[str] = "end"
@@ -214,6 +218,9 @@ class End(Record):
     totals: Optional[RecordedTotals] = None
     how: Optional[str] = None
     meters: Optional[dict] = None
+    phases: Optional[dict] = None
+    metered_from_wall_s: Optional[float] = None
+    metered_to_wall_s: Optional[float] = None
 
 
 @dataclass(kw_only=True)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from costaware.ledger import LEDGER_FILENAME, LedgerContents, LedgerError, read_ledger
+from costaware.report.phases import phase_breakdown
 from costaware.records import (
     TOTAL_KEYS,
     BudgetCapHitEvent,
@@ -218,6 +219,7 @@ def _build(path: Path, contents: LedgerContents, trusted: bool, max_points: int)
         "meters": meters,
         "prices": prices,
         "cost_breakdown": _cost_breakdown(totals, prices),
+        "phases": phase_breakdown(end, events, totals),
         "averages": _averages(totals, header, meters, columns),
         "metrics": _metric_summaries(metrics, events),
         "events": [_event(e) for e in events],
@@ -244,6 +246,7 @@ def _run(header: Header, end: Optional[End], samples: list, events: list, metric
         "run_id": header.run_id,
         "started": _iso(header.wall_time_s),
         "ended": _iso(_last_wall_time(end, samples, events, metrics)),
+        **_metered_span(end, resumes),
         "world_size": header.world_size,
         "num_nodes": header.num_nodes,
         "precision": header.precision,
@@ -253,6 +256,20 @@ def _run(header: Header, end: Optional[End], samples: list, events: list, metric
         "resumed_from": header.resumed_from,
         "resumes": resumes,
     }
+
+
+def _metered_span(end: Optional[End], resumes: int) -> dict:
+    """The span the totals' wall time covers, when the end record gives it: for a run of one
+    session, ``started``/``ended`` are when metering started and when the totals were taken."""
+    start = finite_number(end.metered_from_wall_s) if end is not None else None
+    stop = finite_number(end.metered_to_wall_s) if end is not None else None
+    if start is None or stop is None:
+        return {"span_s": None}
+    span = {"session_started": _iso(start, "milliseconds"), "session_ended": _iso(stop, "milliseconds"),
+            "span_s": stop - start}
+    if resumes == 0:
+        span.update(started=span["session_started"], ended=span["session_ended"])
+    return span
 
 
 def _price_change_notes(header: Header, resumes: list) -> list[str]:
@@ -878,12 +895,12 @@ def _short(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _iso(wall_time: Any) -> Optional[str]:
+def _iso(wall_time: Any, timespec: str = "seconds") -> Optional[str]:
     seconds = finite_number(wall_time)
     if seconds is None:
         return None
     try:
-        return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat(timespec="seconds")
+        return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat(timespec=timespec)
     except (OverflowError, OSError, ValueError):
         return None
 

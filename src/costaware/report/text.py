@@ -121,7 +121,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         ("Outcome", report["outcome"]["why"]),
         ("Wall time", recorded(elapsed, duration)
                       + (f" ({number(elapsed, 's', 6)})" if elapsed is not None and elapsed >= 60 else "")
-                      + (f", from {run['started']} to {run['ended']}" if run.get("started") else "")),
+                      + _span(run)),
         ("Dollars", recorded(t["usd"], usd)),
         ("GPU-hours", recorded(t["gpu_hours"], lambda v: number(v, "GPU-h"))
          + (" (no GPU held)" if t["gpu_hours"] == 0 and not (report["meters"]["gpu"] or {}).get("present") else "")),
@@ -157,6 +157,28 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         rows.append(("Plan", planned["note"]))
     rows.append(("Totals from", report["totals_source"]))
     return rows
+
+
+def _span(run: dict) -> str:
+    """When the wall time was spent: the metered span (one session), or the last session's."""
+    if run.get("resumes") and run.get("session_started"):
+        return (f" metered over {run['resumes'] + 1} sessions; the last metered from {run['session_started']} "
+                f"to {run['session_ended']} ({duration(run['span_s'])})")
+    if run.get("span_s") is not None:
+        return f", metered from {run['started']} to {run['ended']}"
+    return f", from {run['started']} to {run['ended']}" if run.get("started") else ""
+
+
+def phase_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """The per-phase breakdown as a table (phase, time, dollars, share, basis), with its totals."""
+    phases = report.get("phases") or {}
+    rows = [[r["phase"], duration(r["elapsed_s"]), usd(r["usd"]), percent(r["share_pct"]), r["basis"]]
+            for r in phases.get("rows") or []]
+    if rows:
+        strategies = any(r["phase"] == "strategies" for r in phases["rows"])
+        rows.append(["total" + (", with strategies" if strategies else ""), duration(phases["total_elapsed_s"]),
+                     usd(phases["total_usd"]), percent(100.0 if phases["total_usd"] else None), phases["note"]])
+    return ["phase", "time", "dollars", "share", "basis"], rows
 
 
 def price_rows(report: dict) -> list[tuple[str, str]]:
