@@ -64,8 +64,9 @@ def _parser() -> argparse.ArgumentParser:
                     "separate groups, never against each other. Print the tables, and write them with a Pareto "
                     "plot (metric against dollars) to --out (.html page, or .svg for the first group's plot).")
     compare.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="run directories or ledger files")
-    compare.add_argument("--metric", help="metric to rank every run by (default: each run's monitored metric, MarginalGainStopping's "
-                              "monitor or else the first metric it recorded, grouped by metric)")
+    compare.add_argument("--metric", help="metric to rank every run by (default: each run's monitored metric, "
+                                          "MarginalGainStopping's monitor or else the first metric it recorded, "
+                                          "grouped by metric)")
     compare.add_argument("--mode", choices=("max", "min"),
                          help="which value is best (default: min for names like loss/error, else max)")
     compare.add_argument("--out", help="write the table and Pareto plot here (.html, or .svg for the plot alone)")

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from costaware.ledger import LEDGER_FILENAME, LedgerContents, LedgerError, read_ledger
-from costaware.report.phases import phase_breakdown
 from costaware.records import (
     TOTAL_KEYS,
     BudgetCapHitEvent,
@@ -51,6 +50,7 @@ from costaware.records import (
     StrategyResultEvent,
     to_dict,
 )
+from costaware.report.phases import phase_breakdown
 
 #: Version of the layout of ``report.json``; bumped when a key changes meaning or goes away.
 REPORT_SCHEMA_VERSION = 1

@@ -21,7 +21,6 @@ Example::
 
 from __future__ import annotations
 
-import os
 from html import escape
 from pathlib import Path, PurePath
 from typing import Optional, Sequence
@@ -176,13 +175,23 @@ def run_labels(sources: list[str], run_ids: list) -> list[str]:
     a run id suffix tells apart runs that would still share a name."""
     parts = [_meaningful_parts(s) for s in sources]
     if len(parts) > 1:
-        lead = len(os.path.commonprefix(parts))
-        trail = len(os.path.commonprefix([p[::-1] for p in parts]))
+        lead = _shared(parts)
+        trail = _shared([p[::-1] for p in parts])
         parts = [p[lead:len(p) - trail] or p[max(lead - 1, 0):] or p for p in parts]
     names = ["/".join(p) or str(s) for p, s in zip(parts, sources)]
     names = [n if len(n) <= 48 else "..." + n[-45:] for n in names]
     counts = {n: names.count(n) for n in names}
     return [f"{n} ({str(rid)[:8]})" if counts[n] > 1 and rid else n for n, rid in zip(names, run_ids)]
+
+
+def _shared(lists: list[list[str]]) -> int:
+    """How many leading items every list shares."""
+    count = 0
+    for items in zip(*lists):
+        if len(set(items)) > 1:
+            break
+        count += 1
+    return count
 
 
 def _meaningful_parts(source: str) -> list[str]:

@@ -155,8 +155,32 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
             rows.append(("Not spent by stopping", usd(planned["usd_not_spent"])))
     if planned.get("note"):
         rows.append(("Plan", planned["note"]))
+    by_phase = phase_summary(report)
+    if by_phase:
+        rows.append(("By phase", by_phase))
     rows.append(("Totals from", report["totals_source"]))
     return rows
+
+
+#: The summary rows a script prints at its end (:func:`summary_lines`), in the report's words.
+HEADLINE = ("Outcome", "Wall time", "Dollars", "Energy, total", "CO2", "By phase")
+
+
+def summary_lines(report: dict) -> list[str]:
+    """``Label: text`` lines of the report's headline figures, worded exactly as the report and
+    ``costaware report`` word them (for a script's printed summary)."""
+    return [f"{label}: {text}" for label, text in summary_rows(report) if label in HEADLINE]
+
+
+def phase_summary(report: dict) -> str:
+    """The phases in one line: ``training $0.12 (60.0 %), validation ...``; "" without phases."""
+    phases = report.get("phases") or {}
+    rows = [r for r in phases.get("rows") or [] if r["usd"] or r["elapsed_s"]]
+    if not rows or not any(r["phase"] != "other" for r in rows):
+        return ""
+    parts = [f"{r['phase']} {usd(r['usd'])} ({percent(r['share_pct'])}, {duration(r['elapsed_s'])})" for r in rows]
+    strategies = any(r["phase"] == "strategies" for r in rows)
+    return ", ".join(parts) + (f"; {usd(phases['total_usd'])} with the strategies after the fit" if strategies else "")
 
 
 def _span(run: dict) -> str:
