@@ -113,7 +113,8 @@ def test_readme_flag_and_every_preset_work_from_a_shell(namespace, tmp_path):
             (tmp_path / "data").mkdir()
             for split in ("train", "val"):
                 torch.save((torch.randn(40, 32), torch.arange(40) % 2), tmp_path / "data" / f"probe_{split}.pt")
-            runs[preset.stem] = [f"--config={REPO / 'callbacks' / 'cost_monitor.yaml'}", *runs[preset.stem], price]
+            # the presets combine; a flag sets the last callback added so far: the price follows its preset
+            runs[preset.stem] = [f"--config={REPO / 'callbacks' / 'cost_monitor.yaml'}", price, *runs[preset.stem]]
     for name, args in runs.items():
         root = tmp_path / name
         done = subprocess.run([sys.executable, str(train), "fit", *args, *common, f"--trainer.default_root_dir={root}"],

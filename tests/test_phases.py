@@ -131,3 +131,18 @@ def test_script_summary_and_costaware_report_say_the_same(ns, tmp_path, clock):
     assert all(line in shell.stdout.splitlines() for line in printed), (printed, shell.stdout)
     md = (run_dir / "report.md").read_text()
     assert "| Outcome | completed: max\\_steps reached |" in md and "| Dollars | $0.012 |" in md
+
+
+def test_a_killed_run_reports_its_phases_to_the_last_validation(ns, tmp_path, clock):
+    """Without an end record (a kill), the report reads the last ``phases`` event instead."""
+    monitor = CostMonitor(usd_per_host_hour=3.6)
+    monitor.meter.clock = clock
+    _fit(ns, tmp_path, clock, [monitor])
+    ledger = monitor.ledger.path
+    lines = ledger.read_text().splitlines()
+    ledger.write_text("\n".join(line for line in lines if '"kind": "end"' not in line) + "\n")
+    report = build_report(ledger)
+    rows = {r["phase"]: r for r in report["phases"]["rows"]}
+    assert rows["training"]["basis"] == "metered, to the last validation"
+    assert rows["training"]["elapsed_s"] == pytest.approx(12.0)  # the last validation came after step 6
+    assert not any(e["name"] == "phases" for e in report["events"])  # bookkeeping, not a decision

@@ -23,7 +23,16 @@ from costaware.ledger import LEDGER_FILENAME, Ledger, LedgerError, Totals, heade
 from costaware.meters import FlopsCounter, Sampler, open_gpu, open_host, peak_flops_per_s
 from costaware.phases import PhaseClock
 from costaware.prices import make_prices
-from costaware.records import End, ExceptionEvent, Header, MeterDegradedEvent, Metric, RecordedTotals, Sample
+from costaware.records import (
+    End,
+    ExceptionEvent,
+    Header,
+    MeterDegradedEvent,
+    Metric,
+    PhasesEvent,
+    RecordedTotals,
+    Sample,
+)
 from costaware.validation import check_amount, check_count, check_path
 
 if TYPE_CHECKING:
@@ -241,6 +250,8 @@ class CostMeter:
                 spent = self.ledger.totals
                 self.ledger.record(Metric(name=name, value=float(value), step=trainer.global_step, usd=spent.usd,
                                           elapsed_s=spent.elapsed_s))
+        if self._phases is not None:  # for the report of a run killed before its end record
+            self.ledger.record(PhasesEvent(phases=self._phases.snapshot()))
         self.ledger.flush()
 
     def stop(self) -> None:

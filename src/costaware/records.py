@@ -235,6 +235,8 @@ class Event(Record):
     NAME: ClassVar[str] = ""
     #: The end record's ``how`` when this event stops the run (None: it does not).
     STOPS_AS: ClassVar[Optional[str]] = None
+    #: Whether the report lists it among the decisions and events (False: bookkeeping it reads itself).
+    LISTED: ClassVar[bool] = True
 
     totals: Optional[RecordedTotals] = None
 
@@ -454,6 +456,18 @@ class OnlineProbeEvent(Event):
     step: Optional[int] = None
     train_examples: Optional[int] = None
     val_examples: Optional[int] = None
+
+
+@event_kind
+@dataclass(kw_only=True)
+class PhasesEvent(Event):
+    """The time and cost per phase so far (at each validation), as ``End.phases``: what a report
+    of a run killed before its end record shows. Not listed among the report's events."""
+
+    NAME: ClassVar[str] = "phases"
+    LISTED: ClassVar[bool] = False
+
+    phases: Optional[dict] = None
 
 
 @event_kind

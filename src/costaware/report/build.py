@@ -43,6 +43,7 @@ from costaware.records import (
     MarginalGainPolicyEvent,
     MeterDegradedEvent,
     OnlineProbeEvent,
+    PhasesEvent,
     QuantizeEvent,
     RecordedTotals,
     ResumedEvent,
@@ -222,7 +223,7 @@ def _build(path: Path, contents: LedgerContents, trusted: bool, max_points: int)
         "phases": phase_breakdown(end, events, totals),
         "averages": _averages(totals, header, meters, columns),
         "metrics": _metric_summaries(metrics, events),
-        "events": [_event(e) for e in events],
+        "events": [_event(e) for e in events if e.LISTED],
         "strategy_results": _strategy_rows(events),
         "outcome": None,
         "planned": None,
@@ -643,13 +644,19 @@ def _degraded(e: MeterDegradedEvent) -> str:
     return f"The {e.meter or '?'} meter degraded: {e.status or 'no reason recorded'}"
 
 
+def _phases(e: PhasesEvent) -> str:
+    spent = e.phases if isinstance(e.phases, dict) else {}
+    parts = [f"{name} ${_fmt(figures.get('usd'))}" for name, figures in spent.items() if isinstance(figures, dict)]
+    return "Cost per phase so far: " + (", ".join(parts) or "none recorded")
+
+
 #: One sentence per known event type.
 _DESCRIBERS: dict = {
     BudgetCapHitEvent: _cap_hit, BudgetCapsEvent: _caps, BudgetWarningEvent: _warning,
     MarginalGainPolicyEvent: _policy, OnlineProbeEvent: _probe, DistillEvent: _distill, QuantizeEvent: _quantize,
     MarginalGainDecisionEvent: _decision, ExceptionEvent: _exception, MeterDegradedEvent: _degraded,
     ResumedEvent: _resumed, StrategyResultEvent: _strategy_result, StrategyFailedEvent: _strategy_failed,
-    ForecastEvent: _forecast,
+    ForecastEvent: _forecast, PhasesEvent: _phases,
 }
 
 

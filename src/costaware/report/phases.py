@@ -14,18 +14,18 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from costaware.phases import PHASES
-from costaware.records import DistillEvent, End, OnlineProbeEvent, QuantizeEvent
+from costaware.records import DistillEvent, End, OnlineProbeEvent, PhasesEvent, QuantizeEvent
 
 
 def phase_breakdown(end: Optional[End], events: list, totals: dict) -> dict:
     """``{"rows": [{phase, elapsed_s, usd, share_pct, basis}], "total_usd", "total_elapsed_s", "note"}``."""
     total_s, total_usd = _num(totals.get("elapsed_s")), _num(totals.get("usd"))
-    recorded = end.phases if end is not None and isinstance(end.phases, dict) else None
+    recorded, basis = _recorded(end, events)
     rows = []
     for name in PHASES:
         figures = recorded.get(name) if recorded else None
         if isinstance(figures, dict):
-            rows.append(_row(name, _num(figures.get("elapsed_s")), _num(figures.get("usd")), "metered"))
+            rows.append(_row(name, _num(figures.get("elapsed_s")), _num(figures.get("usd")), basis))
         elif name == "probe":
             probes = [e for e in events if isinstance(e, OnlineProbeEvent)]
             if probes:
@@ -48,6 +48,14 @@ def phase_breakdown(end: Optional[End], events: list, totals: dict) -> dict:
         row["share_pct"] = 100.0 * row["usd"] / grand_usd if grand_usd > 0 else None
     return {"rows": rows, "metered_usd": total_usd, "total_usd": grand_usd, "total_elapsed_s": grand_s,
             "note": note}
+
+
+def _recorded(end: Optional[End], events: list) -> tuple[Optional[dict], str]:
+    """The end record's phases, else the last ``phases`` event's (a run that did not end cleanly)."""
+    if end is not None and isinstance(end.phases, dict):
+        return end.phases, "metered"
+    last = next((e for e in events[::-1] if isinstance(e, PhasesEvent) and isinstance(e.phases, dict)), None)
+    return (last.phases, "metered, to the last validation") if last is not None else (None, "")
 
 
 def _strategies(events: list, usd_per_s: float) -> Optional[dict]:
