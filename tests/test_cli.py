@@ -213,3 +213,13 @@ def test_prices(capsys):
     data = json.loads(out)
     assert {g["model"] for g in data["gpus"]} >= {"H100-SXM", "A100", "T4"}
     assert next(c for c in data["countries"] if c["iso3"] == "FRA")["g_co2_per_kwh"] == pytest.approx(56.039)
+
+
+def test_compare_defaults_to_a_validation_metric_over_a_training_loss(capsys, tmp_path):
+    """A run without a policy is ranked by its first val* metric, not a training loss logged per step."""
+    for name in ("a", "b"):
+        write_ledger(tmp_path / name, make_records(metrics=("train_loss", "val_acc"))[0])
+    code, out, _ = _run(capsys, "compare", str(tmp_path / "a"), str(tmp_path / "b"), "--json")
+    result = json.loads(out)
+    assert code == 0 and [g["metric"] for g in result["groups"]] == ["val_acc"]
+    assert [r["name"] for r in result["runs"]] in (["a", "b"], ["b", "a"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import make_clocked_model
-from costaware import BudgetCap, CostMonitor, OnlineProbe
+from costaware import BudgetCap, CostMonitor, MarginalGainStopping, OnlineProbe
 from costaware.ledger import read_ledger
 from costaware.phases import PHASES, PhaseClock
 from costaware.report import build_report, summary_lines
@@ -63,12 +63,16 @@ def _fit(ns, tmp_path, clock, callbacks, max_steps=6, **trainer_kwargs):
     return trainer
 
 
-@pytest.mark.parametrize("driver", ["CostMonitor", "BudgetCap"])
+@pytest.mark.parametrize("driver", ["CostMonitor", "BudgetCap", "MarginalGainStopping"])
 def test_phases_are_recorded_and_sum_to_the_total(ns, tmp_path, clock, driver):
-    """With CostMonitor alone (or BudgetCap metering alone) the end record holds each phase's time and
-    dollars; in the report they plus "other" make the total, and the wall time is its stated span."""
-    callback = CostMonitor(usd_per_host_hour=3.6) if driver == "CostMonitor" else BudgetCap(max_usd=100,
-                                                                                            usd_per_host_hour=3.6)
+    """With CostMonitor alone (or BudgetCap or MarginalGainStopping metering alone) the end record holds
+    each phase's time and dollars; in the report they plus "other" make the total, and the wall time
+    is its stated span."""
+    callback = {"CostMonitor": lambda: CostMonitor(usd_per_host_hour=3.6),
+                "BudgetCap": lambda: BudgetCap(max_usd=100, usd_per_host_hour=3.6),
+                "MarginalGainStopping": lambda: MarginalGainStopping(
+                    monitor="val_loss", mode="min", usd_per_point=1.0, min_points=50,
+                    monitor_kwargs={"usd_per_host_hour": 3.6})}[driver]()
     meter = callback.meter if driver == "CostMonitor" else callback.own_meter
     meter.clock = clock
     trainer = _fit(ns, tmp_path, clock, [callback])

@@ -1,7 +1,8 @@
 """Several runs side by side: ranked by the monitored metric at its cost, Pareto front first.
 
 Each run is placed by the best value of its monitored metric (``MarginalGainStopping``'s
-``monitor`` when the ledger records one, else ``--metric``, else the first metric it recorded)
+``monitor`` when the ledger records one, else ``--metric``, else the first validation metric it
+recorded, ``val*``, else the first metric)
 against the dollars it spent in total, every phase included (training, validation,
 checkpointing, probe, and strategies after the fit such as a distilled student). Runs that
 monitor different metrics are not ranked against each other: each metric is its own group. In a
@@ -113,8 +114,9 @@ def _monitored(run: dict, metric: Optional[str]) -> tuple[Optional[str], Optiona
         return metric, (policy.mode if same else None)
     if policy is not None:
         return policy.monitor, policy.mode if policy.mode in MODES else None
-    first = next((r.name for r in run["records"]), None)
-    return first, None
+    names = list(dict.fromkeys(r.name for r in run["records"]))
+    validation = [n for n in names if n.lower().startswith(("val", "valid"))]  # not a training loss logged per step
+    return (validation or names or [None])[0], None
 
 
 def _entry(run: dict, name: str, metric: Optional[str]) -> dict:
