@@ -2,8 +2,9 @@
 
 Each run is placed by the best value of its monitored metric (``MarginalGainStopping``'s
 ``monitor`` when the ledger records one, else the first validation metric it recorded, ``val*``,
-else its first metric; ``metric=`` / ``--metric`` overrides) against the dollars it spent in total, every phase included (training, validation,
-checkpointing, probe, and strategies after the fit such as a distilled student). Runs that
+else its first metric; ``metric=`` / ``--metric`` overrides) against the dollars it spent in
+total, every phase included (training, validation, checkpointing, probe, and strategies after
+the fit such as a distilled student). Runs that
 monitor different metrics are not ranked against each other: each metric is its own group. In a
 group, the runs on the Pareto front (no other run has a better metric for fewer dollars) come
 first, by metric; then the others, by metric, then by dollars. There is no single "metric per
