@@ -48,6 +48,8 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import costaware  # noqa: E402
 from costaware.callbacks.online_probe import knn_predict  # noqa: E402
+from costaware.report import build_report, summary_lines  # noqa: E402
+from costaware.report.text import usd  # noqa: E402
 from costaware.strategies.base import ModelRow  # noqa: E402
 
 # Batches come from tensors in memory: worker processes would only compete for the same cores.
@@ -257,18 +259,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     raw_acc = float((knn_predict(pixels_train, data["probe_train"][1], pixels_val, args.k)
                      == data["held_out"][1]).float().mean())
     totals = monitor.totals
-    stop = (f"stopped by MarginalGainStopping at step {stopping.stopped_step}: {stopping.stop_reason}"
-            if stopping is not None and stopping.stopped_step is not None
-            else f"ran its {trainer.current_epoch} epochs" + ("" if stopping is not None else
-                                                              " (no MarginalGainStopping in this costaware)"))
+    # How the run ended and what it cost, in the report's own words (what `costaware report` prints).
+    run_lines = summary_lines(build_report(monitor.ledger.path)) if monitor.ledger.path else ["no ledger written"]
     wall_s = time.monotonic() - _STARTED_S
     print("\n== SimCLR on digits: summary ==")
-    print(f"run           : {trainer.global_step} steps, {trainer.current_epoch} epochs; {stop}")
+    print(f"run           : {trainer.global_step} steps, {trainer.current_epoch} epochs")
+    print("\n".join(run_lines))
     print(f"probe         : k-NN (k={args.k}, cosine) on {args.labeled} labeled digits, accuracy on {args.held_out} "
-          f"held-out ones; probing took {probe.total_seconds:.2f} s, ${probe.total_usd:.6f} of the run")
+          f"held-out ones; probing took {probe.total_seconds:.2f} s, {usd(probe.total_usd)} of the run")
     print(f"raw pixels    : the same k-NN on the 64 raw pixels scores {raw_acc:.4f}")
-    print(f"training cost : ${totals.usd:.6f}, {totals.kwh:.6f} kWh, {totals.co2_kg:.6f} kg CO2, "
-          f"{totals.elapsed_s:.1f} s at ${args.usd_per_host_hour:.2f}/host-hour")
+    print(f"priced at     : ${args.usd_per_host_hour:.2f}/host-hour")
     print(f"\n{'model':<10} {'probe/acc':>9} {'params':>9} {'size on disk':>13} {'CPU ms/example':>15} "
           f"{'train $':>10}  note")
     for row in rows:
@@ -277,7 +277,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
               f"{_fmt(row.latency_ms_per_example, '.4f'):>15} {_fmt(row.train_usd, '.6f'):>10}  {row.note}")
     print(f"\ndid it pay?   : {verdict}")
     print(f"\nledger        : {monitor.ledger.path}")
-    print(f"wall time     : {wall_s:.1f} s for the whole script", flush=True)
+    print(f"script time   : {wall_s:.1f} s for the whole script (the Wall time above is the fit's)", flush=True)
     return {"rows": rows, "totals": totals, "raw_pixel_acc": raw_acc, "probe_seconds": probe.total_seconds,
             "stopped_step": getattr(stopping, "stopped_step", None), "wall_s": wall_s,
             "ledger_path": monitor.ledger.path, "verdict": verdict}

@@ -108,20 +108,20 @@ def _runs(tmp_path):
     return [str(tmp_path / name) for name in shapes]
 
 
-def test_compare_ranks_by_metric_per_dollar(capsys, tmp_path):
+def test_compare_ranks_the_pareto_front_by_metric(capsys, tmp_path):
     runs = _runs(tmp_path)
     out_html, out_svg = tmp_path / "cmp" / "runs.html", tmp_path / "cmp" / "pareto.svg"
     code, out, err = _run(capsys, "compare", *runs, "--metric", "val_acc", "--out", str(out_html))
     assert (code, err) == (0, "")
     table = out.split("-----")[-1].splitlines()
     ranked = [line.split()[1] for line in table if line[:1].isdigit()]
-    assert [r.rsplit("/", 1)[-1] for r in ranked] == ["cheap", "mid", "dear"]
+    assert ranked == ["dear", "mid", "cheap"]  # all on the front (more accuracy costs more): by accuracy
     html = out_html.read_text()
-    assert 'id="chart-pareto"' in html and 'class="pareto"' in html and "<script" not in html
+    assert 'id="chart-pareto-0"' in html and 'class="pareto"' in html and "<script" not in html
     code, out, _ = _run(capsys, "compare", *runs, "--metric", "val_acc", "--out", str(out_svg), "--json")
     result = json.loads(out.split("\nwrote ")[0])
     assert code == 0 and [r["pareto"] for r in result["runs"]] == [True, True, True]
-    assert result["runs"][0]["score"] == pytest.approx(result["runs"][0]["best"] / result["runs"][0]["usd"])
+    assert "score" not in result["runs"][0] and [g["metric"] for g in result["groups"]] == ["val_acc"]
     assert ET.fromstring(out_svg.read_text()).tag.endswith("svg")
 
 
@@ -140,10 +140,10 @@ def test_compare_errors(capsys, tmp_path):
     code, _, err = _run(capsys, "compare", *runs, "--metric", "bleu")
     assert code == 2 and "metric 'bleu' is recorded by none of the runs; recorded: val_acc, val_loss" in err
     write_ledger(tmp_path / "other", make_records(metrics=("bleu",))[0])
-    code, _, err = _run(capsys, "compare", runs[0], str(tmp_path / "other"))
-    assert code == 1 and "no metric is recorded by every run" in err
+    code, out, err = _run(capsys, "compare", runs[0], str(tmp_path / "other"))  # different metrics: two groups
+    assert (code, err) == (0, "") and "The runs monitor 2 different metrics" in out
     code, out, err = _run(capsys, "compare", runs[0], str(tmp_path / "nowhere"), "--metric", "val_acc")
-    assert code == 1 and "skipped" in err and "1 runs ranked" in out  # what could be read is still ranked
+    assert code == 1 and "skipped" in err and "1 run(s)" in out  # what could be read is still ranked
     code, _, err = _run(capsys, "compare", str(tmp_path / "nowhere"))
     assert code == 1 and "no run could be read" in err
 
@@ -152,7 +152,7 @@ def test_compare_exits_1_when_a_ledger_is_read_best_effort(capsys, tmp_path):
     runs = _runs(tmp_path)
     write_ledger(tmp_path / "newer", make_records(schema=3, metrics=("val_acc",))[0])
     code, out, err = _run(capsys, "compare", *runs, str(tmp_path / "newer"), "--metric", "val_acc")
-    assert code == 1 and "4 runs ranked" in out and "ledger not trusted" in out  # still ranked and shown
+    assert code == 1 and "4 run(s)" in out and "ledger not trusted" in out  # still ranked and shown
     assert f"{tmp_path / 'newer'} could only be read best-effort" in err and "newer than this costaware reads" in err
 
 
@@ -170,7 +170,7 @@ def test_compare_ignores_nan_and_non_numeric_points(capsys, tmp_path):
     ranked = {r["source"].rsplit("/", 1)[-1]: r for r in result["runs"]}
     assert list(ranked)[-1] == "diverged" and ranked["diverged"]["best"] == pytest.approx(0.1)
     assert ranked["diverged"]["evaluations"] == 8 and not ranked["diverged"]["pareto"]
-    assert [r["rank"] for r in result["runs"]] == [1, 2, 3, 4] and next(iter(ranked)) == "cheap"
+    assert [r["rank"] for r in result["runs"]] == [1, 2, 3, 4] and next(iter(ranked)) == "dear"
     assert [(u["source"].rsplit("/", 1)[-1], u["reason"]) for u in result["unranked"]] == [
         ("allnan", "no finite val_acc with its cost recorded")]
 
@@ -213,3 +213,13 @@ def test_prices(capsys):
     data = json.loads(out)
     assert {g["model"] for g in data["gpus"]} >= {"H100-SXM", "A100", "T4"}
     assert next(c for c in data["countries"] if c["iso3"] == "FRA")["g_co2_per_kwh"] == pytest.approx(56.039)
+
+
+def test_compare_defaults_to_a_validation_metric_over_a_training_loss(capsys, tmp_path):
+    """A run without a policy is ranked by its first val* metric, not a training loss logged per step."""
+    for name in ("a", "b"):
+        write_ledger(tmp_path / name, make_records(metrics=("train_loss", "val_acc"))[0])
+    code, out, _ = _run(capsys, "compare", str(tmp_path / "a"), str(tmp_path / "b"), "--json")
+    result = json.loads(out)
+    assert code == 0 and [g["metric"] for g in result["groups"]] == ["val_acc"]
+    assert [r["name"] for r in result["runs"]] in (["a", "b"], ["b", "a"])

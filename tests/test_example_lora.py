@@ -176,12 +176,17 @@ def test_lora_sst2_runs_end_to_end_and_writes_a_ledger(tmp_path):
     summary = result.stdout[result.stdout.index("== LoRA on SST-2: summary =="):]
     assert "test accuracy : " in summary and "on 32 sentences" in summary
     assert "trainable" in summary and "$0.10/host-hour" in summary
-    cost_line = next(line for line in summary.splitlines() if line.startswith("cost"))
-    assert all(unit in cost_line for unit in ("$", "kWh", "kg CO2", "FLOPs", "s fitting (completed"))
+    assert "Outcome: completed" in summary and "Dollars: $" in summary and "By phase: training $" in summary
+    assert "FLOPs         : " in summary
 
     ledgers = list(out_dir.glob("lightning_logs/version_*/costaware/ledger.jsonl"))
     assert len(ledgers) == 1 and str(ledgers[0]) in summary
     assert str(ledgers[0].parent / "report.md") in summary and (ledgers[0].parent / "report.html").is_file()
+    shell = subprocess.run([sys.executable, "-m", "costaware.cli", "report", str(ledgers[0].parent)],
+                           capture_output=True, text=True, timeout=120)
+    same = [line for line in summary.splitlines() if line.split(":")[0] in ("Outcome", "Wall time", "Dollars",
+                                                                             "Energy, total", "CO2", "By phase")]
+    assert len(same) == 6 and all(line in shell.stdout.splitlines() for line in same)  # the same words and figures
     ledger = read_ledger(ledgers[0])
     assert ledger.problems == []
     assert ledger.header["prices"]["usd_per_host_hour"] == pytest.approx(0.10)

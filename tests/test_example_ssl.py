@@ -21,6 +21,13 @@ def test_ssl_digits_probes_stops_and_quantizes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = result.stdout[result.stdout.index("== SimCLR on digits: summary =="):]
     assert "teacher" in summary and "quantized" in summary and "raw pixels" in summary
+    run_dir = next(tmp_path.glob("lightning_logs/version_*/costaware"))
+    shell = subprocess.run([sys.executable, "-m", "costaware.cli", "report", str(run_dir)], capture_output=True,
+                           text=True, timeout=120)
+    same = [line for line in summary.splitlines() if line.split(":")[0] in ("Outcome", "Wall time", "Dollars",
+                                                                             "Energy, total", "CO2", "By phase")]
+    assert len(same) == 6 and all(line in shell.stdout.splitlines() for line in same)  # the same words and figures
+    assert "strategies $" in next(line for line in same if line.startswith("By phase"))  # the quantization
     ledger = read_ledger(next(tmp_path.glob("lightning_logs/version_*/costaware/ledger.jsonl")))
     assert ledger.end["how"] == "completed" and not ledger.problems
     assert len([m for m in ledger.metrics if m["name"] == "probe/acc"]) == 4  # priced against dollars

@@ -43,6 +43,20 @@ def test_preset_config(ns, tmp_path):
     assert any(type(c).__name__ == "CostMonitor" for c in cli.trainer.callbacks)
 
 
+def test_presets_combine(ns, tmp_path):
+    """``--config a.yaml --config b.yaml`` keeps both presets' callbacks (``callbacks+:`` appends), and a
+    ``--trainer.callbacks.ARG`` flag after them sets the last one's argument."""
+    cli = _cli(ns, ["fit", f"--config={PRESET}", "--trainer.callbacks.usd_per_host_hour=0.5",
+                    f"--config={REPO / 'callbacks' / 'budget.yaml'}", "--trainer.callbacks.max_usd=3",
+                    "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+                    f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    mine = [c for c in cli.trainer.callbacks if type(c).__name__ in ("CostMonitor", "BudgetCap")]
+    assert [type(c).__name__ for c in mine] == ["CostMonitor", "BudgetCap"]
+    monitor, cap = mine
+    assert monitor.prices.usd_per_host_hour == 0.5 and cap.meter is monitor.meter
+    assert monitor.totals.usd > 0 and cli.trainer.global_step == 2
+
+
 def test_bad_flag_fails_before_fit(ns, tmp_path, capsys):
     with pytest.raises((SystemExit, ValueError)) as error:
         _cli(ns, ["fit", f"--trainer.callbacks+={_class_path(ns)}", "--trainer.callbacks.usd_per_host_hour=-1",
@@ -99,7 +113,8 @@ def test_readme_flag_and_every_preset_work_from_a_shell(namespace, tmp_path):
             (tmp_path / "data").mkdir()
             for split in ("train", "val"):
                 torch.save((torch.randn(40, 32), torch.arange(40) % 2), tmp_path / "data" / f"probe_{split}.pt")
-            runs[preset.stem] += ["--trainer.callbacks+=costaware.CostMonitor", price]
+            # the presets combine; a flag sets the last callback added so far: the price follows its preset
+            runs[preset.stem] = [f"--config={REPO / 'callbacks' / 'cost_monitor.yaml'}", price, *runs[preset.stem]]
     for name, args in runs.items():
         root = tmp_path / name
         done = subprocess.run([sys.executable, str(train), "fit", *args, *common, f"--trainer.default_root_dir={root}"],

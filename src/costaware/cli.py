@@ -59,12 +59,15 @@ def _parser() -> argparse.ArgumentParser:
     report.set_defaults(run=_report)
 
     compare = sub.add_parser(
-        "compare", help="rank runs by metric per dollar",
-        description="Rank runs by their best metric per dollar spent, print the table, and write the table and a "
-                    "Pareto plot (metric against dollars) to --out (.html page or .svg plot). Score: best / $ "
-                    "with --mode max; 1 / (best x $) with --mode min, so halving the loss or the bill doubles it.")
+        "compare", help="rank runs by their monitored metric at its cost",
+        description="Rank runs by the best value of their monitored metric against the dollars they spent in total "
+                    "(every phase), the Pareto front first; runs that monitor different metrics are ranked in "
+                    "separate groups, never against each other. Print the tables, and write them with a Pareto "
+                    "plot (metric against dollars) to --out (.html page, or .svg for the first group's plot).")
     compare.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="run directories or ledger files")
-    compare.add_argument("--metric", help="metric to rank by (default: the first non-cost metric every run records)")
+    compare.add_argument("--metric", help="metric to rank every run by (default: each run's monitored metric, "
+                                          "MarginalGainStopping's monitor or else the first metric it recorded, "
+                                          "grouped by metric)")
     compare.add_argument("--mode", choices=("max", "min"),
                          help="which value is best (default: min for names like loss/error, else max)")
     compare.add_argument("--out", help="write the table and Pareto plot here (.html, or .svg for the plot alone)")
@@ -174,11 +177,13 @@ def _compare(args: argparse.Namespace) -> int:
     except CompareError as err:
         return _fail(str(err))
     if args.json:
-        slim = {**result, "runs": [{k: v for k, v in r.items() if not k.startswith("curve_")} for r in result["runs"]]}
+        def slim_runs(runs: list) -> list:
+            return [{k: v for k, v in r.items() if not k.startswith("curve_")} for r in runs]
+
+        slim = {**result, "runs": slim_runs(result["runs"]),
+                "groups": [{**g, "runs": slim_runs(g["runs"])} for g in result["groups"]]}
         print(json.dumps(slim, indent=1, default=str))
     else:
-        print(f"{len(result['runs'])} runs ranked by {result['score_name']} "
-              f"(best {result['metric']}: {result['mode']})")
         print(render_compare_text(result))
     if args.out:
         try:

@@ -21,8 +21,18 @@ from lightning_utilities.core.rank_zero import rank_zero_info
 from costaware import _lightning_internals as internals
 from costaware.ledger import LEDGER_FILENAME, Ledger, LedgerError, Totals, header_run_id, read_ledger
 from costaware.meters import FlopsCounter, Sampler, open_gpu, open_host, peak_flops_per_s
+from costaware.phases import PhaseClock
 from costaware.prices import make_prices
-from costaware.records import End, ExceptionEvent, Header, MeterDegradedEvent, Metric, RecordedTotals, Sample
+from costaware.records import (
+    End,
+    ExceptionEvent,
+    Header,
+    MeterDegradedEvent,
+    Metric,
+    PhasesEvent,
+    RecordedTotals,
+    Sample,
+)
 from costaware.validation import check_amount, check_count, check_path
 
 if TYPE_CHECKING:
@@ -89,6 +99,8 @@ class CostMeter:
         self._counted_batch: Optional[int] = None
         self._gpus_held: Optional[int] = None  # known at start
         self._ledger_open = False
+        self._phases: Optional[PhaseClock] = None
+        self._phase_totals: Optional[dict] = None
 
     # ----------------------------------------------------------------------------------------
     # What the meter is
@@ -127,6 +139,7 @@ class CostMeter:
     def start(self, trainer: pl.Trainer) -> None:
         """Open the meters and the ledger, before any compute of a fit (the driver's ``setup``)."""
         self._start_s = self.clock()
+        self._start_wall_s = time.time()  # the span the totals' elapsed_s covers starts here
         root = trainer.strategy.root_device
         cuda_index = root.index if root.type == "cuda" else None
         self._gpu = open_gpu(cuda_index, self._start_s, nvml_index=self.nvml_index)
@@ -155,6 +168,7 @@ class CostMeter:
             folder = Path(self.ledger_dir) if self.ledger_dir else default
             path = folder / LEDGER_FILENAME
         self.ledger = Ledger(path, flush_interval_s=self.flush_interval_s, clock=self.clock)
+        self._phases, self._phase_totals = PhaseClock(self.current_totals), None
 
     def _price_detected_gpu(self, cuda_index: Optional[int]) -> None:
         nvml_name = self._gpu.name if self._gpu.present and self._gpu.name != "unknown GPU" else None
@@ -194,8 +208,22 @@ class CostMeter:
             max_steps=trainer.max_steps, max_epochs=trainer.max_epochs,
             accumulate_grad_batches=trainer.accumulate_grad_batches, resumed_from=self._resumed_from))
 
+    def phase_start(self, name: str) -> None:
+        """A phase (``training``, ``validation``, ``checkpointing``, ``probe``) begins: from now its
+        time and cost are charged to it (the driver's hooks; see :mod:`costaware.phases`)."""
+        if self._phases is not None and self._sampler is not None:
+            if self._phases.current == "checkpointing":
+                self._phases.end("checkpointing")
+            self._phases.start(name)
+
+    def phase_end(self, name: str) -> None:
+        if self._phases is not None and self._sampler is not None:
+            self._phases.end(name)
+
     def begin_batch(self, pl_module: pl.LightningModule) -> None:
         """Count the FLOPs of the training batch that starts (the driver's ``on_train_batch_start``)."""
+        if self._phases is not None and self._phases.current == "checkpointing":
+            self._phases.end("checkpointing")  # a save runs after on_save_checkpoint: timed to the next hook
         self._flops.batch_start(pl_module, self._batches)
 
     def count_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -222,6 +250,8 @@ class CostMeter:
                 spent = self.ledger.totals
                 self.ledger.record(Metric(name=name, value=float(value), step=trainer.global_step, usd=spent.usd,
                                           elapsed_s=spent.elapsed_s))
+        if self._phases is not None:  # for the report of a run killed before its end record
+            self.ledger.record(PhasesEvent(phases=self._phases.snapshot()))
         self.ledger.flush()
 
     def stop(self) -> None:
@@ -235,6 +265,7 @@ class CostMeter:
         stays open for the strategies' results until :meth:`finish`."""
         self.stop()
         self.refresh(trainer, pl_module)
+        self._phase_totals = self._phases.snapshot() if self._phases is not None else None
         if trainer.is_global_zero:
             t = self._totals
             rank_zero_info(
@@ -250,6 +281,8 @@ class CostMeter:
         local = self._session_totals(self._read_session())
         if local.usd > self._totals.usd:  # the larger of the last run-wide totals and this rank's own
             self._totals = local
+        if self._phases is not None and self._phase_totals is None:
+            self._phase_totals = self._phases.snapshot()
         interrupted = isinstance(exception, KeyboardInterrupt)
         self.ledger.record(ExceptionEvent(error=f"{type(exception).__name__}: {exception}", interrupted=interrupted))
         # Lightning calls no teardown after an exception.
@@ -265,7 +298,8 @@ class CostMeter:
         """Close the ledger and build the run's report from it (rank zero)."""
         self._note_meter_faults()
         self.ledger.totals = self._totals
-        self.ledger.record(End(totals=RecordedTotals.of(self._totals), how=how, meters=self.meter_status()))
+        self.ledger.record(End(totals=RecordedTotals.of(self._totals), how=how, meters=self.meter_status(),
+                               phases=self._phase_totals, **self._metered_span()))
         # A later fit with this meter continues the same run, from what it has spent.
         self._run_id, self._base = self.ledger.run_id, self._totals
         self._resumed_from = {"run_id": self._run_id, "previous_fit_usd": self._totals.usd}
@@ -280,6 +314,14 @@ class CostMeter:
                           f"`costaware report {self.ledger.path.parent}` rebuilds it", RuntimeWarning, stacklevel=2)
             return
         publish_to_loggers(trainer.loggers, self.report_paths, step=trainer.global_step)
+
+    def _metered_span(self) -> dict:
+        """This session's metered span as wall times: its length is the totals' elapsed_s (this session's part)."""
+        start = getattr(self, "_start_wall_s", None)
+        if start is None:
+            return {}
+        return {"metered_from_wall_s": start,
+                "metered_to_wall_s": start + max(self._totals.elapsed_s - self._base.elapsed_s, 0.0)}
 
     def state_dict(self) -> dict:
         # Spend up to this moment (between DDP syncs, the estimate BudgetCap uses), not the last log's.

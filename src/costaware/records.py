@@ -207,6 +207,10 @@ class End(Record):
         totals: the run's final totals.
         how: one of :data:`END_HOWS`.
         meters: each meter's status at the end.
+        phases: this session's time and cost per phase (:data:`costaware.phases.PHASES`), each
+            ``{"elapsed_s", "usd", "kwh", "co2_kg"}``; exclusive, so they sum to at most ``totals``.
+        metered_from_wall_s, metered_to_wall_s: Unix times this session's metering started and its
+            totals were taken (their difference is this session's share of ``totals.elapsed_s``).
     """
 
     KIND: ClassVar[str] = "end"
@@ -214,6 +218,9 @@ class End(Record):
     totals: Optional[RecordedTotals] = None
     how: Optional[str] = None
     meters: Optional[dict] = None
+    phases: Optional[dict] = None
+    metered_from_wall_s: Optional[float] = None
+    metered_to_wall_s: Optional[float] = None
 
 
 @dataclass(kw_only=True)
@@ -228,6 +235,8 @@ class Event(Record):
     NAME: ClassVar[str] = ""
     #: The end record's ``how`` when this event stops the run (None: it does not).
     STOPS_AS: ClassVar[Optional[str]] = None
+    #: Whether the report lists it among the decisions and events (False: bookkeeping it reads itself).
+    LISTED: ClassVar[bool] = True
 
     totals: Optional[RecordedTotals] = None
 
@@ -452,6 +461,18 @@ class OnlineProbeEvent(Event):
     step: Optional[int] = None
     train_examples: Optional[int] = None
     val_examples: Optional[int] = None
+
+
+@event_kind
+@dataclass(kw_only=True)
+class PhasesEvent(Event):
+    """The time and cost per phase so far (at each validation), as ``End.phases``: what a report
+    of a run killed before its end record shows. Not listed among the report's events."""
+
+    NAME: ClassVar[str] = "phases"
+    LISTED: ClassVar[bool] = False
+
+    phases: Optional[dict] = None
 
 
 @event_kind

@@ -240,6 +240,8 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
                                                  predictive=self.predictive, previous_stop=self._previous_stop))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._drives:
+            self.meter.phase_start("training")
         self._reset_session()
         self.planner.start_session()
         self.planner.checkpoint_prior_s = _checkpoint_prior_s(pl_module)
@@ -301,6 +303,8 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
         self._record_forecast = True
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._drives:
+            self.meter.phase_start("validation")
         if self.meter is None or (self._mark is None and not trainer.sanity_checking):
             return
         self._close_checkpoint()
@@ -318,6 +322,7 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if self._drives:
             self.meter.record_validation(trainer, pl_module)
+            self.meter.phase_end("validation")
         if self._validation_start is None:
             return
         cost = subtract(self._now(), self._validation_start)
@@ -332,6 +337,8 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
         self._record_forecast = True
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict) -> None:
+        if self._drives:
+            self.meter.phase_start("checkpointing")
         if self._saving_stop_checkpoint or self.meter is None or self._mark is None:
             return
         self._close_checkpoint_timing()  # (not the count: this save is one of those that follow a validation)
@@ -340,6 +347,8 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
             self._saves_after_validation += 1
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._drives:
+            self.meter.phase_end("training")
         self._close_checkpoint()
         self._mark = None
 

@@ -156,8 +156,21 @@ class CostMonitor(*CALLBACK_BASES):  # a Callback of each installed Lightning na
         self.meter.end_epoch()
         self.meter.log(trainer, pl_module, on_step=False)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.meter.phase_start("training")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.meter.phase_end("training")
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.meter.phase_start("validation")
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.meter.record_validation(trainer, pl_module)
+        self.meter.phase_end("validation")
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self.meter.phase_start("checkpointing")  # ends at the next hook: the file is written after this one
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The ledger stays open until teardown: callbacks later in the list (the marginal-gain

@@ -282,17 +282,32 @@ class MarginalGainStopping(*CALLBACK_BASES):  # a Callback of each installed nam
             self.meter.log(trainer, pl_module, on_step=False)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._drives:
+            self.meter.phase_start("training")
         context = self._context(trainer, pl_module)
         for strategy in self.strategies:
             hook = getattr(strategy, "on_train_start", None)
             if callable(hook):
                 hook(context)
 
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._drives:
+            self.meter.phase_end("training")
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._drives:
+            self.meter.phase_start("validation")
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict) -> None:
+        if self._drives:
+            self.meter.phase_start("checkpointing")
+
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.state.fn != "fit" or self.meter is None:
             return
         if self._drives:
             self.meter.record_validation(trainer, pl_module)
+            self.meter.phase_end("validation")
         metrics = trainer.callback_metrics
         if trainer.sanity_checking:
             # A typo fails here, before training, when the sanity check logged other metrics

@@ -201,9 +201,13 @@ class OnlineProbe(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each 
 
     def _probe_and_log(self, trainer: Any, pl_module: Any, on_step: bool) -> None:
         usd_before = self._usd_now()
+        if self.meter is not None:
+            self.meter.phase_start("probe")
         start_s = time.perf_counter()
         acc = self.score(pl_module)
         seconds = time.perf_counter() - start_s
+        if self.meter is not None:
+            self.meter.phase_end("probe")
         usd_after = self._usd_now()
         usd = max(usd_after - usd_before, 0.0) if usd_before is not None and usd_after is not None else None
         self.last_acc = acc

@@ -16,6 +16,7 @@ from costaware.report.compare import compare_runs
 from costaware.report.html import render_html
 from costaware.report.loggers import publish_to_loggers
 from costaware.report.markdown import render_markdown
+from costaware.report.text import summary_lines
 from costaware.report.write import REPORT_FILES, write_report
 
 __all__ = [
@@ -28,5 +29,6 @@ __all__ = [
     "publish_to_loggers",
     "render_html",
     "render_markdown",
+    "summary_lines",
     "write_report",
 ]

@@ -46,6 +46,7 @@ from costaware.records import (
     MarginalGainPolicyEvent,
     MeterDegradedEvent,
     OnlineProbeEvent,
+    PhasesEvent,
     QuantizeEvent,
     RecordedTotals,
     ResumedEvent,
@@ -53,6 +54,7 @@ from costaware.records import (
     StrategyResultEvent,
     to_dict,
 )
+from costaware.report.phases import phase_breakdown
 
 #: Version of the layout of ``report.json``; bumped when a key changes meaning or goes away.
 REPORT_SCHEMA_VERSION = 1
@@ -221,9 +223,10 @@ def _build(path: Path, contents: LedgerContents, trusted: bool, max_points: int)
         "meters": meters,
         "prices": prices,
         "cost_breakdown": _cost_breakdown(totals, prices),
+        "phases": phase_breakdown(end, events, totals),
         "averages": _averages(totals, header, meters, columns),
         "metrics": _metric_summaries(metrics, events),
-        "events": [_event(e) for e in events],
+        "events": [_event(e) for e in events if e.LISTED],
         "strategy_results": _strategy_rows(events),
         "outcome": None,
         "planned": None,
@@ -247,6 +250,7 @@ def _run(header: Header, end: Optional[End], samples: list, events: list, metric
         "run_id": header.run_id,
         "started": _iso(header.wall_time_s),
         "ended": _iso(_last_wall_time(end, samples, events, metrics)),
+        **_metered_span(end, resumes),
         "world_size": header.world_size,
         "num_nodes": header.num_nodes,
         "precision": header.precision,
@@ -256,6 +260,20 @@ def _run(header: Header, end: Optional[End], samples: list, events: list, metric
         "resumed_from": header.resumed_from,
         "resumes": resumes,
     }
+
+
+def _metered_span(end: Optional[End], resumes: int) -> dict:
+    """The span the totals' wall time covers, when the end record gives it: for a run of one
+    session, ``started``/``ended`` are when metering started and when the totals were taken."""
+    start = finite_number(end.metered_from_wall_s) if end is not None else None
+    stop = finite_number(end.metered_to_wall_s) if end is not None else None
+    if start is None or stop is None:
+        return {"span_s": None}
+    span = {"session_started": _iso(start, "milliseconds"), "session_ended": _iso(stop, "milliseconds"),
+            "span_s": stop - start}
+    if resumes == 0:
+        span.update(started=span["session_started"], ended=span["session_ended"])
+    return span
 
 
 def _price_change_notes(header: Header, resumes: list) -> list[str]:
@@ -649,6 +667,12 @@ def _distill_or_annotate(e: DistillOrAnnotateEvent) -> str:
             f"with them (student: {_fmt(e.student_metric)}); assumption: {e.assumption or 'not recorded'}")
 
 
+def _phases(e: PhasesEvent) -> str:
+    spent = e.phases if isinstance(e.phases, dict) else {}
+    parts = [f"{name} ${_fmt(figures.get('usd'))}" for name, figures in spent.items() if isinstance(figures, dict)]
+    return "Cost per phase so far: " + (", ".join(parts) or "none recorded")
+
+
 #: One sentence per known event type.
 _DESCRIBERS: dict = {
     DeployCandidateEvent: _deploy_candidate, DeployRecommendationEvent: _deploy_recommendation,
@@ -657,7 +681,7 @@ _DESCRIBERS: dict = {
     MarginalGainPolicyEvent: _policy, OnlineProbeEvent: _probe, DistillEvent: _distill, QuantizeEvent: _quantize,
     MarginalGainDecisionEvent: _decision, ExceptionEvent: _exception, MeterDegradedEvent: _degraded,
     ResumedEvent: _resumed, StrategyResultEvent: _strategy_result, StrategyFailedEvent: _strategy_failed,
-    ForecastEvent: _forecast,
+    ForecastEvent: _forecast, PhasesEvent: _phases,
 }
 
 
@@ -903,12 +927,12 @@ def _short(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _iso(wall_time: Any) -> Optional[str]:
+def _iso(wall_time: Any, timespec: str = "seconds") -> Optional[str]:
     seconds = finite_number(wall_time)
     if seconds is None:
         return None
     try:
-        return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat(timespec="seconds")
+        return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat(timespec=timespec)
     except (OverflowError, OSError, ValueError):
         return None
 

@@ -1,11 +1,15 @@
-"""Several runs side by side: ranked by metric per dollar, with their Pareto front.
+"""Several runs side by side: ranked by the monitored metric at its cost, Pareto front first.
 
-A run's score is its best value of the chosen metric per dollar it spent in total
-(``mode="max"``: ``best / usd``, higher is better). For a metric where lower is better
-(``mode="min"``, a loss) the score is ``1 / (best x usd)``, so a run that halves either the loss
-or the bill doubles its score. Runs whose score cannot be computed (no cost recorded, a
-non-positive metric) are ranked after the others, by the Pareto front then by value. The Pareto
-front is the set of runs that no other run beats on both the metric and the dollars.
+Each run is placed by the best value of its monitored metric (``MarginalGainStopping``'s
+``monitor`` when the ledger records one, else the first validation metric it recorded, ``val*``,
+else its first metric; ``metric=`` / ``--metric`` overrides) against the dollars it spent in
+total, every phase included (training, validation, checkpointing, probe, and strategies after
+the fit such as a distilled student). Runs that
+monitor different metrics are not ranked against each other: each metric is its own group. In a
+group, the runs on the Pareto front (no other run has a better metric for fewer dollars) come
+first, by metric; then the others, by metric, then by dollars. There is no single "metric per
+dollar" score: a ratio of accuracy to dollars, or of a loss times dollars, means nothing across
+runs of different lengths, so the table shows both figures and the front.
 
 Example::
 
@@ -19,10 +23,11 @@ Example::
 from __future__ import annotations
 
 from html import escape
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Optional, Sequence
 
 from costaware.ledger import LedgerError
+from costaware.records import MarginalGainPolicyEvent
 from costaware.report import text as T
 from costaware.report.build import PathLike, finite_number, guess_mode, load_ledger, report_from_contents
 from costaware.report.plots import PALETTE, Line, line_chart
@@ -37,7 +42,7 @@ _COST_PREFIXES = ("cost/", "throughput/", "gpu/", "host/")
 
 
 class CompareError(ValueError):
-    """The runs cannot be compared (no metric in common, or none of them readable)."""
+    """The runs cannot be compared (none of them readable)."""
 
 
 class MetricNotFound(CompareError):
@@ -45,60 +50,94 @@ class MetricNotFound(CompareError):
 
 
 def compare_runs(sources: Sequence[PathLike], metric: Optional[str] = None, mode: Optional[str] = None) -> dict:
-    """Rank runs by metric per dollar.
+    """Rank runs by their monitored metric at its cost, in one group per metric.
 
     Args:
         sources: run directories or ledger paths.
-        metric: the metric to rank by; default the first non-cost metric recorded by every run.
-        mode: ``"max"`` or ``"min"`` (which value of the metric is best); default ``"min"`` for
-            names that read as a loss or an error, else ``"max"``.
+        metric: the metric to rank every run by; default each run's monitored metric
+            (``MarginalGainStopping``'s, else the first it recorded), grouped by metric.
+        mode: ``"max"`` or ``"min"`` (which value is best); default the run's policy's mode, else
+            ``"min"`` for names that read as a loss or an error, else ``"max"``.
 
     Returns:
-        A dict with ``metric``, ``mode``, ``runs`` (ranked, best first), ``unranked`` (runs
+        A dict with ``groups`` (one per metric, largest first: ``metric``, ``mode``, ``runs``
+        ranked best first), ``metric``/``mode``/``runs`` of the first group, ``unranked`` (runs
         without the metric) and ``errors`` (sources that could not be read).
 
     Raises:
-        CompareError: no source readable, or no metric in common.
+        CompareError: no source readable.
         MetricNotFound: ``metric`` is recorded by none of the runs.
         ValueError: a bad ``mode``.
     """
     if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     loaded, errors = _load_runs(sources)
-    metric = _pick_metric(loaded, metric)
-    mode = mode or guess_mode(metric)
-    display = _display_names([run["source"] for run in loaded], [run["report"]["run"]["run_id"] for run in loaded])
-    runs, unranked = [], []
-    for run, name in zip(loaded, display):
-        report = run["report"]
-        # A point counts only with a finite value and a finite cost: a NaN (diverged) value or a
-        # missing / non-numeric dollar figure says nothing about metric per dollar.
-        points = [(value, usd, r.step) for r in run["records"] if r.name == metric
+    if metric is not None and not any(r.name == metric for run in loaded for r in run["records"]):
+        available = sorted({r.name for run in loaded for r in run["records"]})
+        raise MetricNotFound(f"metric {metric!r} is recorded by none of the runs; recorded: "
+                             f"{', '.join(available) or 'none'}")
+    names = run_labels([run["source"] for run in loaded], [run["report"]["run"]["run_id"] for run in loaded])
+    groups: dict = {}
+    unranked = []
+    for run, name in zip(loaded, names):
+        monitored, policy_mode = _monitored(run, metric)
+        entry = _entry(run, name, monitored)
+        if monitored is None:
+            unranked.append({**entry, "reason": "no metric recorded"})
+            continue
+        entry_mode = mode or policy_mode or guess_mode(monitored)
+        points = [(value, usd, r.step) for r in run["records"] if r.name == monitored
                   for value, usd in [(finite_number(r.value), finite_number(r.usd))]
                   if value is not None and usd is not None]
-        entry = {"name": name, "source": run["source"], "run_id": report["run"]["run_id"],
-                 "usd": report["totals"]["usd"], "complete": report["ledger"]["complete"],
-                 "trusted": report["ledger"]["trusted"], "problems": report["problems"]}
         if not points:
-            recorded = any(r.name == metric for r in run["records"])
-            unranked.append({**entry, "reason": f"no finite {metric} with its cost recorded" if recorded
-                             else f"no {metric} recorded"})
+            recorded = any(r.name == monitored for r in run["records"])
+            unranked.append({**entry, "reason": f"no finite {monitored} with its cost recorded" if recorded
+                             else f"no {monitored} recorded"})
             continue
-        pick = max if mode == "max" else min
-        best = pick(points, key=lambda p: p[0])
-        series = report["series"]["metrics"].get(metric, {"usd": [], "value": []})
+        best = (max if entry_mode == "max" else min)(points, key=lambda p: p[0])
+        series = run["report"]["series"]["metrics"].get(monitored, {"usd": [], "value": []})
         entry.update(best=best[0], usd_at_best=best[1], step_at_best=best[2], evaluations=len(points),
-                     curve_usd=series["usd"], curve_value=series["value"], score=_score(best[0], entry["usd"], mode))
-        runs.append(entry)
+                     curve_usd=series["usd"], curve_value=series["value"])
+        groups.setdefault((monitored, entry_mode), []).append(entry)
+    ranked = [{"metric": m, "mode": md, "runs": _rank(runs, md)} for (m, md), runs in groups.items()]
+    ranked.sort(key=lambda g: -len(g["runs"]))
+    first = ranked[0] if ranked else {"metric": metric, "mode": mode, "runs": []}
+    return {"groups": ranked, "metric": first["metric"], "mode": first["mode"], "runs": first["runs"],
+            "unranked": unranked, "errors": errors}
+
+
+def _monitored(run: dict, metric: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """The metric a run is ranked by, and the mode its policy gave it (None if no policy)."""
+    policy = next((e for e in run["events"] if isinstance(e, MarginalGainPolicyEvent) and e.monitor), None)
+    if metric is not None:
+        same = policy is not None and policy.monitor == metric and policy.mode in MODES
+        return metric, (policy.mode if same else None)
+    if policy is not None:
+        return policy.monitor, policy.mode if policy.mode in MODES else None
+    names = list(dict.fromkeys(r.name for r in run["records"]))
+    validation = [n for n in names if n.lower().startswith(("val", "valid"))]  # not a training loss logged per step
+    return (validation or names or [None])[0], None
+
+
+def _entry(run: dict, name: str, metric: Optional[str]) -> dict:
+    report = run["report"]
+    phases = report.get("phases") or {}
+    total = phases.get("total_usd") if report["totals"]["usd"] is not None else None
+    return {"name": name, "source": run["source"], "run_id": report["run"]["run_id"], "metric": metric,
+            "usd": total, "metered_usd": report["totals"]["usd"],
+            "strategies_usd": next((r["usd"] for r in phases.get("rows") or [] if r["phase"] == "strategies"), 0.0),
+            "how": report["outcome"]["how"], "complete": report["ledger"]["complete"],
+            "trusted": report["ledger"]["trusted"], "problems": report["problems"]}
+
+
+def _rank(runs: list[dict], mode: str) -> list[dict]:
+    """The Pareto front first, by metric; then the others, by metric, then dollars."""
     _mark_pareto(runs, mode)
     sign = 1.0 if mode == "max" else -1.0
-    runs.sort(key=lambda r: (r["score"] is None, -(r["score"] or 0.0), not r["pareto"], -sign * r["best"],
-                             r["usd"] is None, r["usd"] or 0.0))
+    runs.sort(key=lambda r: (not r["pareto"], -sign * r["best"], r["usd"] is None, r["usd"] or 0.0))
     for rank, run in enumerate(runs, start=1):
         run["rank"] = rank
-    return {"metric": metric, "mode": mode,
-            "score_name": f"{metric} per $" if mode == "max" else f"1 / ({metric} x $)",
-            "runs": runs, "unranked": unranked, "errors": errors}
+    return runs
 
 
 def _load_runs(sources: Sequence[PathLike]) -> tuple[list[dict], list[str]]:
@@ -112,32 +151,10 @@ def _load_runs(sources: Sequence[PathLike]) -> tuple[list[dict], list[str]]:
             continue
         report = report_from_contents(path, contents, trusted, CURVE_POINTS)
         records = [m for m in contents.metrics if isinstance(m.name, str) and not m.name.startswith(_COST_PREFIXES)]
-        loaded.append({"source": str(source), "report": report, "records": records})
+        loaded.append({"source": str(source), "report": report, "records": records, "events": contents.events})
     if not loaded:
         raise CompareError("no run could be read: " + "; ".join(errors))
     return loaded, errors
-
-
-def _pick_metric(loaded: list[dict], metric: Optional[str]) -> str:
-    """The metric asked for (recorded by at least one run), else the first every run records."""
-    names = [list(dict.fromkeys(r.name for r in run["records"])) for run in loaded]
-    if metric is None:
-        common = [n for n in names[0] if all(n in other for other in names[1:])]
-        if not common:
-            listed = "; ".join(f"{run['source']}: {', '.join(n) or 'none'}" for run, n in zip(loaded, names))
-            raise CompareError(f"no metric is recorded by every run (give --metric NAME). Metrics per run: {listed}")
-        return common[0]
-    if not any(metric in n for n in names):
-        available = sorted({x for n in names for x in n})
-        raise MetricNotFound(f"metric {metric!r} is recorded by none of the runs; recorded: "
-                             f"{', '.join(available) or 'none'}")
-    return metric
-
-
-def _score(best: float, usd: Optional[float], mode: str) -> Optional[float]:
-    if usd is None or usd <= 0 or best <= 0:
-        return None
-    return best / usd if mode == "max" else 1.0 / (best * usd)
 
 
 def _mark_pareto(runs: list[dict], mode: str) -> None:
@@ -154,12 +171,36 @@ def _mark_pareto(runs: list[dict], mode: str) -> None:
         )
 
 
-def _display_names(sources: list[str], run_ids: list) -> list[str]:
-    names = [s.rstrip("/") or s for s in sources]
-    seen: dict[str, int] = {}
-    for n in names:
-        seen[n] = seen.get(n, 0) + 1
-    return [f"{n} ({str(rid)[:8]})" if seen[n] > 1 and rid else n for n, rid in zip(names, run_ids)]
+def run_labels(sources: list[str], run_ids: list) -> list[str]:
+    """Short, readable names for runs: their paths less the parts every run shares (a leading
+    ``runs/``, a trailing ``costaware/ledger.jsonl``), e.g. ``lora/version_0`` and ``full/version_0``;
+    a run id suffix tells apart runs that would still share a name."""
+    parts = [_meaningful_parts(s) for s in sources]
+    if len(parts) > 1:
+        lead = _shared(parts)
+        trail = _shared([p[::-1] for p in parts])
+        parts = [p[lead:len(p) - trail] or p[max(lead - 1, 0):] or p for p in parts]
+    names = ["/".join(p) or str(s) for p, s in zip(parts, sources)]
+    names = [n if len(n) <= 48 else "..." + n[-45:] for n in names]
+    counts = {n: names.count(n) for n in names}
+    return [f"{n} ({str(rid)[:8]})" if counts[n] > 1 and rid else n for n, rid in zip(names, run_ids)]
+
+
+def _shared(lists: list[list[str]]) -> int:
+    """How many leading items every list shares."""
+    count = 0
+    for items in zip(*lists):
+        if len(set(items)) > 1:
+            break
+        count += 1
+    return count
+
+
+def _meaningful_parts(source: str) -> list[str]:
+    parts = [p for p in PurePath(source).parts if p not in ("", ".", "/")]
+    while parts and parts[-1] in ("ledger.jsonl", "costaware"):
+        parts.pop()
+    return parts
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,36 +208,63 @@ def _display_names(sources: list[str], run_ids: list) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 
 
-def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
-    metric = result["metric"]
-    head = ["rank", "run", f"best {metric} ({result['mode']})", "total $", result["score_name"], "$ at best",
-            "step at best", "Pareto", "notes"]
+def table_rows(group: dict) -> tuple[list[str], list[list[str]]]:
+    """One group's ranking: rank, run, best metric, total dollars (every phase), where the best was."""
+    metric = group["metric"]
+    head = ["rank", "run", f"best {metric} ({group['mode']})", "total $", "$ at best", "step at best", "Pareto",
+            "ended", "notes"]
     rows = []
-    for run in result["runs"]:
-        notes = [] if run["complete"] else ["no end record"]
-        if not run["trusted"]:
-            notes.append("ledger not trusted")
-        if run["problems"]:
-            notes.append(f"{len(run['problems'])} problem(s)")
+    for run in group["runs"]:
         rows.append([str(run["rank"]), run["name"], f"{run['best']:.4g}", T.recorded(run["usd"], T.usd),
-                     f"{run['score']:.4g}" if run["score"] is not None else "n/a", T.usd(run["usd_at_best"]),
-                     T.cell(run["step_at_best"]), "*" if run["pareto"] else "", "; ".join(notes)])
-    for run in result["unranked"]:
-        rows.append(["-", run["name"], "n/a", T.recorded(run["usd"], T.usd), "n/a", "", "", "", run["reason"]])
+                     T.usd(run["usd_at_best"]), T.cell(run["step_at_best"]), "*" if run["pareto"] else "",
+                     run["how"], "; ".join(_notes(run))])
     return head, rows
 
 
+def _notes(run: dict) -> list[str]:
+    notes = [] if run["complete"] else ["no end record"]
+    if run.get("strategies_usd"):
+        notes.append(f"total includes {T.usd(run['strategies_usd'])} of strategies after the fit")
+    if not run["trusted"]:
+        notes.append("ledger not trusted")
+    if run["problems"]:
+        notes.append(f"{len(run['problems'])} problem(s)")
+    return notes
+
+
+def unranked_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    head = ["run", "total $", "why not ranked"]
+    return head, [[run["name"], T.recorded(run["usd"], T.usd), run["reason"]] for run in result["unranked"]]
+
+
 def render_compare_text(result: dict) -> str:
-    """The ranking as a plain-text table (what ``costaware compare`` prints)."""
-    return (T.text_table(*table_rows(result))
-            + f"\n\n* on the Pareto front: no other run has a better {result['metric']} for fewer dollars.")
+    """The rankings as plain-text tables, one per monitored metric (what ``costaware compare`` prints)."""
+    out = []
+    if len(result["groups"]) > 1:
+        out.append(f"The runs monitor {len(result['groups'])} different metrics: each is ranked only against runs "
+                   "that monitor the same one.\n")
+    for group in result["groups"]:
+        out.append(f"{group['metric']} ({group['mode']} is best): {len(group['runs'])} run(s), the Pareto front "
+                   "first")
+        out.append(T.text_table(*table_rows(group)) + "\n")
+    if result["unranked"]:
+        out.append("Not ranked:")
+        out.append(T.text_table(*unranked_rows(result)) + "\n")
+    out.append("* on the Pareto front: no other run has a better metric for fewer dollars. total $: every phase "
+               "(training, validation, checkpointing, probe, and strategies after the fit).")
+    return "\n".join(out)
 
 
 def render_compare_svg(result: dict) -> str:
-    """The Pareto plot: each run's metric against dollars, its best point, and the front."""
-    metric = result["metric"]
+    """The Pareto plot of the first (largest) group: each run's metric against dollars, its best point, the front."""
+    return _group_svg(result["groups"][0] if result["groups"] else {"metric": result["metric"], "mode": result["mode"],
+                                                                    "runs": []}, 0)
+
+
+def _group_svg(group: dict, index: int) -> str:
+    metric = str(group["metric"])
     lines = []
-    for i, run in enumerate(result["runs"]):
+    for i, run in enumerate(group["runs"]):
         color = PALETTE[i % len(PALETTE)]
         if len(run["curve_usd"]) > 1:
             lines.append(Line(f"{run['name']} ({metric} over the run)", run["curve_usd"], run["curve_value"], color,
@@ -206,37 +274,41 @@ def render_compare_svg(result: dict) -> str:
         lines.append(Line(f"#{run['rank']} {run['name']}", [run["usd"]], [run["best"]], color, style="points",
                           css_class="run-best",
                           point_labels=[f"#{run['rank']} {run['name']}: {run['best']:.4g}, {T.usd(run['usd'])}"]))
-    front = sorted((r for r in result["runs"] if r["pareto"]), key=lambda r: r["usd"])
+    front = sorted((r for r in group["runs"] if r["pareto"] and r["usd"] is not None), key=lambda r: r["usd"])
     if len(front) > 1:
         lines.append(Line("Pareto front", [r["usd"] for r in front], [r["best"] for r in front], "#000", style="step",
                           dashed=True, css_class="pareto"))
-    svg = line_chart(lines, title=f"{metric} against dollars ({result['mode']} is best)", x_label="dollars spent",
-                     y_label=metric, y_from_zero=False, x_fmt=T.usd, css_id="chart-pareto", height=420)
+    svg = line_chart(lines, title=f"{metric} against dollars ({group['mode']} is best)", x_label="dollars spent",
+                     y_label=metric, y_from_zero=False, x_fmt=T.usd, css_id=f"chart-pareto-{index}", height=420)
     return svg or ('<svg xmlns="http://www.w3.org/2000/svg" width="400" height="40"><text x="10" y="24">'
                    f'no run records {escape(metric)}</text></svg>')
 
 
 def render_compare_html(result: dict) -> str:
-    """A standalone page: the ranking table and the Pareto plot."""
+    """A standalone page: per monitored metric, the ranking table and the Pareto plot."""
     from costaware.report.html import CSP, STYLE
 
-    head, rows = table_rows(result)
-    th = "".join(f"<th>{escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    errors = "".join(f"<li>{escape(e)}</li>" for e in result["errors"])
-    title = f"costaware: runs compared by {result['metric']} per dollar"
-    return "\n".join([
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
-        f"<title>{escape(title)}</title><style>{STYLE}</style></head><body>",
-        f"<h1>{escape(title)}</h1>",
-        f'<p class="meta">Score: {escape(result["score_name"])}; * marks the Pareto front (no other run has a '
-        f'better {escape(result["metric"])} for fewer dollars).</p>',
-        f'<table id="ranking"><tr>{th}</tr>{body}</table>',
-        render_compare_svg(result),
-        f'<div class="problems"><strong>Skipped</strong><ul>{errors}</ul></div>' if errors else "",
-        "</body></html>",
-    ])
+    def table(head: list[str], rows: list[list[str]], css_id: str) -> str:
+        th = "".join(f"<th>{escape(h)}</th>" for h in head)
+        body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+        return f'<table id="{css_id}"><tr>{th}</tr>{body}</table>'
+
+    title = "costaware: runs compared by their monitored metric at its cost"
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
+           f"<title>{escape(title)}</title><style>{STYLE}</style></head><body>", f"<h1>{escape(title)}</h1>",
+           '<p class="meta">* marks the Pareto front (no other run has a better metric for fewer dollars); total $ '
+           "includes every phase. Runs that monitor different metrics are not ranked against each other.</p>"]
+    for i, group in enumerate(result["groups"]):
+        out += [f"<h2>{escape(group['metric'])} ({escape(group['mode'])} is best)</h2>",
+                table(*table_rows(group), f"ranking-{i}"), _group_svg(group, i)]
+    if result["unranked"]:
+        out += ["<h2>Not ranked</h2>", table(*unranked_rows(result), "unranked")]
+    if result["errors"]:
+        errors = "".join(f"<li>{escape(e)}</li>" for e in result["errors"])
+        out.append(f'<div class="problems"><strong>Skipped</strong><ul>{errors}</ul></div>')
+    out.append("</body></html>")
+    return "\n".join(out)
 
 
 def write_compare(result: dict, out: PathLike) -> Path:

@@ -59,6 +59,9 @@ def render_html(report: dict) -> str:
         out.append("</ul></div>")
     out += ["<h2>Summary</h2>", _pairs(T.summary_rows(report), "summary")]
     out += ["<h2>Spend</h2>", _cost_chart(report), _breakdown_chart(report), _energy_chart(report)]
+    head, rows = T.phase_table(report)
+    if rows:
+        out += ["<h3>By phase</h3>", _table(head, rows, "phases")]
     out += ["<h2>Metrics against dollars</h2>"] + _metric_charts(report)
     out += ["<h2>Power and utilization</h2>"] + _reading_charts(report)
     out += ["<h2>Decisions and events</h2>", _events(report)]

@@ -53,6 +53,9 @@ def render_markdown(report: dict) -> str:
     breakdown = T.breakdown_rows(report)
     if breakdown:
         out += ["## Where the dollars went", ""] + _pairs(breakdown) + [""]
+    head, rows = T.phase_table(report)
+    if rows:
+        out += ["## Where the time and dollars went, by phase", ""] + _table(head, rows) + [""]
     out += ["## Prices and carbon intensity", ""] + _pairs(T.price_rows(report)) + [""]
     out += ["## Meters", ""] + _pairs(T.meter_rows(report)) + [""]
     head, rows = T.metric_rows(report)

@@ -121,7 +121,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         ("Outcome", report["outcome"]["why"]),
         ("Wall time", recorded(elapsed, duration)
                       + (f" ({number(elapsed, 's', 6)})" if elapsed is not None and elapsed >= 60 else "")
-                      + (f", from {run['started']} to {run['ended']}" if run.get("started") else "")),
+                      + _span(run)),
         ("Dollars", recorded(t["usd"], usd)),
         ("GPU-hours", recorded(t["gpu_hours"], lambda v: number(v, "GPU-h"))
          + (" (no GPU held)" if t["gpu_hours"] == 0 and not (report["meters"]["gpu"] or {}).get("present") else "")),
@@ -155,8 +155,54 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
             rows.append(("Not spent by stopping", usd(planned["usd_not_spent"])))
     if planned.get("note"):
         rows.append(("Plan", planned["note"]))
+    by_phase = phase_summary(report)
+    if by_phase:
+        rows.append(("By phase", by_phase))
     rows.append(("Totals from", report["totals_source"]))
     return rows
+
+
+#: The summary rows a script prints at its end (:func:`summary_lines`), in the report's words.
+HEADLINE = ("Outcome", "Wall time", "Dollars", "Energy, total", "CO2", "By phase")
+
+
+def summary_lines(report: dict) -> list[str]:
+    """``Label: text`` lines of the report's headline figures, worded exactly as the report and
+    ``costaware report`` word them (for a script's printed summary)."""
+    return [f"{label}: {text}" for label, text in summary_rows(report) if label in HEADLINE]
+
+
+def phase_summary(report: dict) -> str:
+    """The phases in one line: ``training $0.12 (60.0 %), validation ...``; "" without phases."""
+    phases = report.get("phases") or {}
+    rows = [r for r in phases.get("rows") or [] if r["usd"] or r["elapsed_s"]]
+    if not rows or not any(r["phase"] != "other" for r in rows):
+        return ""
+    parts = [f"{r['phase']} {usd(r['usd'])} ({percent(r['share_pct'])}, {duration(r['elapsed_s'])})" for r in rows]
+    strategies = any(r["phase"] == "strategies" for r in rows)
+    return ", ".join(parts) + (f"; {usd(phases['total_usd'])} with the strategies after the fit" if strategies else "")
+
+
+def _span(run: dict) -> str:
+    """When the wall time was spent: the metered span (one session), or the last session's."""
+    if run.get("resumes") and run.get("session_started"):
+        return (f" metered over {run['resumes'] + 1} sessions; the last metered from {run['session_started']} "
+                f"to {run['session_ended']} ({duration(run['span_s'])})")
+    if run.get("span_s") is not None:
+        return f", metered from {run['started']} to {run['ended']}"
+    return f", from {run['started']} to {run['ended']}" if run.get("started") else ""
+
+
+def phase_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """The per-phase breakdown as a table (phase, time, dollars, share, basis), with its totals."""
+    phases = report.get("phases") or {}
+    rows = [[r["phase"], duration(r["elapsed_s"]), usd(r["usd"]), percent(r["share_pct"]), r["basis"]]
+            for r in phases.get("rows") or []]
+    if rows:
+        strategies = any(r["phase"] == "strategies" for r in phases["rows"])
+        rows.append(["total" + (", with strategies" if strategies else ""), duration(phases["total_elapsed_s"]),
+                     usd(phases["total_usd"]), percent(100.0 if phases["total_usd"] else None), phases["note"]])
+    return ["phase", "time", "dollars", "share", "basis"], rows
 
 
 def price_rows(report: dict) -> list[tuple[str, str]]:
