@@ -62,6 +62,7 @@ from torch import nn  # noqa: E402
 
 import costaware  # noqa: E402
 from costaware.deploy import Deployment  # noqa: E402
+from costaware.report import build_report, summary_lines  # noqa: E402
 from costaware.strategies import Distill, ModelRow, Quantize, TruncatedStudent  # noqa: E402
 from data import read_splits, read_unlabelled, sst2_dir_or_exit, sst2_loader  # noqa: E402
 from lora_sst2 import SST2Classifier, lora_encoder, model_dir  # noqa: E402
@@ -263,9 +264,12 @@ def summary(rows: list[ModelRow], test_acc: dict, stopping: Any, monitor: Any, t
             else f"not stopped by marginal gain: the plan ended at step {trainer.global_step}")
     total = sum(r.train_usd or 0.0 for r in rows if r.role in ("teacher", "student"))
     deployment = figures.get("deployment") or {}
+    # The run's ending, totals and phases, worded as the report and `costaware report` word them.
+    run_lines = summary_lines(build_report(monitor.ledger.path)) if monitor.ledger.path else ["no ledger written"]
     return "\n".join([
         "\n== LoRA MiniLM on SST-2: stopped by marginal gain, distilled, quantized ==",
         f"teacher       : {stop}",
+        *run_lines,
         *lines,
         "notes:", *notes,
         f"deploy (*)    : {figures.get('deploy_reason')}" if figures.get("deploy_reason") else "deploy        : -",

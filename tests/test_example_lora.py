@@ -216,8 +216,13 @@ def test_marginal_gain_sst2_teacher_student_quantized(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout[result.stdout.index("== LoRA MiniLM on SST-2"):]
     assert all(f"\n{role} " in table for role in ("teacher", "student", "quantized"))
-    ledger = read_ledger(next(out_dir.glob("lightning_logs/version_*/costaware/ledger.jsonl")))
-    assert ledger.end["how"] == "completed" and not ledger.problems
+    ledger_path = next(out_dir.glob("lightning_logs/version_*/costaware/ledger.jsonl"))
+    ledger = read_ledger(ledger_path)
+    stopped = "stopped at step" in table.split("\n")[1]
+    assert ledger.end.how == ("marginal_gain" if stopped else "completed") and not ledger.problems
+    from costaware.report import build_report, summary_lines
+
+    assert all(line in table for line in summary_lines(build_report(ledger_path)))  # the report's own words
     names = {e["name"] for e in ledger.events}
     assert {"marginal_gain_decision", "strategy_result", "budget_caps", "distill", "deploy_candidate",
             "deploy_recommendation"} <= names
