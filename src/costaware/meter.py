@@ -154,7 +154,9 @@ class CostMeter:
             default = Path(log_dir or trainer.default_root_dir) / "costaware"
             folder = Path(self.ledger_dir) if self.ledger_dir else default
             path = folder / LEDGER_FILENAME
-        self.ledger = Ledger(path, flush_interval_s=self.flush_interval_s, clock=self.clock)
+        # Written from the ledger's own thread; samples no closer than the meters' own readings.
+        self.ledger = Ledger(path, flush_interval_s=self.flush_interval_s, clock=self.clock, background=True,
+                             min_sample_interval_s=self.sample_interval_s)
 
     def _price_detected_gpu(self, cuda_index: Optional[int]) -> None:
         nvml_name = self._gpu.name if self._gpu.present and self._gpu.name != "unknown GPU" else None
@@ -222,7 +224,7 @@ class CostMeter:
                 spent = self.ledger.totals
                 self.ledger.record(Metric(name=name, value=float(value), step=trainer.global_step, usd=spent.usd,
                                           elapsed_s=spent.elapsed_s))
-        self.ledger.flush()
+        self.ledger.flush_soon()  # by the ledger's writer thread, not this one
 
     def stop(self) -> None:
         """Take a last reading, stop the sampler thread and close the meters (idempotent)."""
@@ -247,9 +249,11 @@ class CostMeter:
             return
         self._flops.abort()
         self.stop()
+        # Totals never go backwards: field by field, the larger of the last run-wide (summed)
+        # totals, this rank's own, and any the ledger already recorded (a DDP rank that crashed
+        # between log intervals holds its own totals only, below the sums recorded before).
         local = self._session_totals(self._read_session())
-        if local.usd > self._totals.usd:  # the larger of the last run-wide totals and this rank's own
-            self._totals = local
+        self._totals = self._totals.maximum(local).maximum(self.ledger.max_totals)
         interrupted = isinstance(exception, KeyboardInterrupt)
         self.ledger.record(ExceptionEvent(error=f"{type(exception).__name__}: {exception}", interrupted=interrupted))
         # Lightning calls no teardown after an exception.
@@ -264,6 +268,7 @@ class CostMeter:
     def finish(self, how: str, trainer: pl.Trainer) -> None:
         """Close the ledger and build the run's report from it (rank zero)."""
         self._note_meter_faults()
+        self._totals = self._totals.maximum(self.ledger.max_totals)  # never below a total already recorded
         self.ledger.totals = self._totals
         self.ledger.record(End(totals=RecordedTotals.of(self._totals), how=how, meters=self.meter_status()))
         # A later fit with this meter continues the same run, from what it has spent.
