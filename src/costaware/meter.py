@@ -383,21 +383,21 @@ class CostMeter:
     # ----------------------------------------------------------------------------------------
 
     def log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
-        """Cost keys through ``pl_module.log`` (monitorable); readings straight to the loggers.
+        """Cost keys and readings: monitorable (callback metrics) and to the loggers, no ``pl_module.log``.
 
         Each ``pl_module.log`` call walks Lightning's whole result collection (hundreds of
-        microseconds), so only the five keys a user may monitor take that path; the readings go
-        to the loggers directly, the way Lightning's ``DeviceStatsMonitor`` sends its own.
+        microseconds), so the figures go into the trainer's callback, logged and progress-bar
+        metrics directly (``EarlyStopping``/``ModelCheckpoint`` monitor ``cost/usd`` as any
+        metric) and to the loggers at Lightning's step, as its ``DeviceStatsMonitor`` sends its own.
         """
         t = self.refresh(trainer, pl_module)
         monitored = {"cost/usd": t.usd, "cost/kwh": t.kwh, "cost/co2_kg": t.co2_kg, "cost/gpu_hours": t.gpu_hours,
                      "cost/flops": t.flops}
         readings = self._readings_since_last_log(t)
-        for key, value in monitored.items():
-            pl_module.log(key, value, on_step=on_step, on_epoch=not on_step, prog_bar=key == "cost/usd",
-                          logger=bool(trainer.loggers), batch_size=1, sync_dist=False)
-        self.readings.update({**monitored, **readings})
-        log_at_lightning_step(trainer, readings)
+        figures = {**monitored, **readings}
+        self.readings.update(figures)
+        internals.publish_metrics(trainer, figures, prog_bar=("cost/usd",))
+        log_at_lightning_step(trainer, figures)
         self.ledger.totals = t
         self.ledger.record(Sample(totals=RecordedTotals.of(t), readings={
             k.replace("/", "_"): v for k, v in readings.items() if not k.startswith("cost/")}))

@@ -16,6 +16,7 @@ from costaware._lightning import CALLBACK_BASES
 from costaware.callbacks.metering import check_priced, find_meter, make_own_meter
 from costaware.forecast import (
     CAP_UNITS,
+    MAX_SKIPPED_BATCHES,
     UNITS,
     Breach,
     BudgetPlanner,
@@ -29,7 +30,7 @@ from costaware.forecast import (
     validations_between,
     zero,
 )
-from costaware.meter import CostMeter
+from costaware.meter import CostMeter, log_at_lightning_step
 from costaware.records import BudgetCapHitEvent, BudgetCapsEvent, BudgetWarningEvent, ForecastEvent, RecordedTotals
 from costaware.validation import check_count, check_flag, check_path
 
@@ -44,6 +45,8 @@ _PRIOR_CHECKPOINT_STATE_FACTOR = 3.0
 _PRIOR_CHECKPOINT_BYTES_PER_S = 100e6
 # A forecast is recorded in the ledger again when it moved by more than this fraction.
 _FORECAST_RECORD_CHANGE = 0.05
+#: At most one forecast every this many batches (at a logging step), however often the Trainer logs.
+_FORECAST_EVERY_BATCHES = 10
 
 
 class BudgetExceededError(RuntimeError):
@@ -211,6 +214,8 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
         self._saving_stop_checkpoint = False
         self._since_sync = 0
         self._sync_every = 1
+        self._skip_checks = 0  # batches that may skip the planner's decision (far from every cap)
+        self._since_forecast = 0
         self._planned_batches: Optional[float] = None
         self._replan = False  # re-read the planned batches at the epoch's first batch
         self._forecast_checked = False
@@ -276,9 +281,15 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
             self._replan = False
             # Batches run before this epoch, counted here (on a mid-epoch resume, too).
             self._planned_batches = _planned_batches(trainer, trainer.fit_loop.total_batch_idx - batch_idx)
-        plan = self._stop_plan(trainer, batch_idx)
         log_now = internals.should_log(trainer)  # as CostMonitor and Lightning's monitors do
-        if log_now or not self._forecast_checked:
+        self._since_forecast += 1
+        forecast_now = not self._forecast_checked or (log_now and self._since_forecast >= _FORECAST_EVERY_BATCHES)
+        if self._skip_checks > 0 and not forecast_now:
+            self._skip_checks -= 1  # far from every cap, even at the worst (see _safe_skips)
+            return
+        plan = self._stop_plan(trainer, batch_idx)
+        if forecast_now:
+            self._since_forecast = 0
             self._update_forecast(trainer, pl_module, spent, plan, log=log_now)
         if _last_batch_of_run(trainer):
             return  # the run ends here anyway: no further batch to decide on (same on every rank)
@@ -287,9 +298,12 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
         if stop:
             self._stop(trainer, pl_module, breach or self.planner.closest(spent, plan),
                        decided_here=breach is not None)
+        elif trainer.world_size <= 1:
+            self._skip_checks = self.planner.safe_skips(spent, plan, MAX_SKIPPED_BATCHES)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._close_checkpoint()
+        self._skip_checks = 0
         if self._mark is not None:
             self._schedule = _Schedule.read(trainer)  # data loaders may have been reloaded
             self._replan = True  # ... and the planned run with them
@@ -326,6 +340,7 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
             self.planner.observe_sanity_check(self._sanity_costs)
             return
         self.planner.observe_validation(cost)
+        self._skip_checks = 0  # a validation measured: decide again with its cost
         self._excluded = add(self._excluded, cost)
         self.planner.validation_batches = _validation_batches(trainer) or self.planner.validation_batches
         self._saves_after_validation = 0  # count the checkpoint saves this validation triggers
@@ -401,6 +416,7 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
             cost = subtract(self._now(), self._checkpoint_start)
             self._checkpoint_start = None
             self.planner.observe_checkpoint(cost)
+            self._skip_checks = 0  # a save measured: decide again with its cost
             self._excluded = add(self._excluded, cost)
 
     def _stop_plan(self, trainer: Any, batch_idx: Optional[int]) -> StopPlan:
@@ -512,6 +528,7 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
             self._saving_stop_checkpoint = False
         cost = subtract(self._now(), before)
         self.planner.observe_checkpoint(cost)
+        self._skip_checks = 0
         self._excluded = add(self._excluded, cost)
 
     # ----------------------------------------------------------------------------------------
@@ -546,10 +563,10 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
         if forecast is None:
             return
         self.forecast = forecast
-        if log:
-            for unit in UNITS:
-                pl_module.log(f"cost/forecast_{unit}", forecast[unit], on_step=True, on_epoch=False, logger=True,
-                              batch_size=1, sync_dist=False)
+        if log:  # monitorable and to the loggers, without six pl_module.log calls
+            figures = {f"cost/forecast_{unit}": forecast[unit] for unit in UNITS}
+            internals.publish_metrics(trainer, figures)
+            log_at_lightning_step(trainer, figures)
         over = {cap: forecast[CAP_UNITS[cap]] for cap, limit in self.limits.items() if forecast[CAP_UNITS[cap]] > limit}
         if self._recorded_forecast is None or (
                 self._record_forecast and _moved(forecast, self._recorded_forecast, _FORECAST_RECORD_CHANGE)):
