@@ -278,3 +278,32 @@ def test_an_nvml_fault_at_each_hook_never_breaks_the_fit(pl_ns, tmp_path, clock,
     assert contents.end is not None and contents.end.how == "completed" and contents.end.totals.usd > 0
     if kind == "lost" and hook not in ("on_train_end", "on_fit_end"):
         assert monitor.meter.meter_status()["gpu"]["status"] != "ok"
+
+
+def test_host_energy_counts_from_the_start_while_codecarbon_detects_the_cpu(clock, monkeypatch):
+    """Detection held back (as a slow TDP lookup would): samples meanwhile count a provisional
+    power; once it ends, the span is priced at the measured power, never below what was counted."""
+    from costaware import _codecarbon
+    from costaware.meters.host import HostMeter
+
+    release = threading.Event()
+    real_open = _codecarbon.open_cpu
+
+    def slow_open(*args):
+        release.wait(10)
+        return real_open(*args)
+
+    monkeypatch.setattr(_codecarbon, "open_cpu", slow_open)
+    start = clock()
+    host = HostMeter(start, cpu_tdp_w=10, ram_power_w=3)
+    readings = []
+    for _ in range(4):  # 2 s of detection
+        clock.advance(0.5)
+        readings.append(host.sample(clock()).cpu_energy_j)
+    assert readings == pytest.approx([2.5, 5.0, 7.5, 10.0])  # half the given 10 W TDP, from the start
+    release.set()
+    assert host._opened.wait(10)
+    clock.advance(0.5)
+    sample = host.sample(clock())
+    assert sample.cpu_energy_j >= 10.0 and sample.ram_energy_j == pytest.approx(3.0 * 2.5)  # RAM from the start
+    host.close()
