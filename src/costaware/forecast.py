@@ -615,7 +615,10 @@ class BudgetPlanner:
         followed *every* batch (far more than any schedule runs): while half of it is left, no
         batch can bring a cap within reach, so the decision is taken again after at most ``most``
         batches, and at every batch once near a cap. Batch costs are still observed every batch.
+        None is skipped before ``FORECAST_MIN_BATCHES`` post-warm-up batches are measured.
         """
+        if self.mean_batch() is None or any(self.next_batch()[CAP_UNITS[cap]] <= 0 for cap in self.limits):
+            return 0  # too few batches measured past warm-up, or a capped unit not measured yet (FLOPs)
         per_validation = plan.saves_per_validation
         step_saves = max(plan.saves_now, plan.saves_next, 1)
         worst = replace(plan, validation_now=True, saves_now=per_validation + step_saves, saves_next=step_saves)

@@ -82,11 +82,11 @@ class Totals:
         return self.energy_j / 3.6e6
 
     def __add__(self, other: Totals) -> Totals:
-        return Totals(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(Totals)))
+        return Totals(*[getattr(self, name) + getattr(other, name) for name in _TOTALS_FIELDS])
 
     def maximum(self, other: Totals) -> Totals:
         """Field by field, the larger of the two (totals never go backwards)."""
-        return Totals(*(max(getattr(self, f.name), getattr(other, f.name)) for f in fields(Totals)))
+        return Totals(*[max(getattr(self, name), getattr(other, name)) for name in _TOTALS_FIELDS])
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -96,6 +96,9 @@ class Totals:
     @classmethod
     def from_dict(cls, data: dict) -> Totals:
         return cls(**{f.name: float(data.get(f.name, 0.0)) for f in fields(cls)})
+
+
+_TOTALS_FIELDS = tuple(f.name for f in fields(Totals))  # per-step arithmetic: not fields() at every call
 
 
 class LedgerError(ValueError):

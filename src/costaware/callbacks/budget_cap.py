@@ -283,14 +283,14 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
             self._planned_batches = _planned_batches(trainer, trainer.fit_loop.total_batch_idx - batch_idx)
         log_now = internals.should_log(trainer)  # as CostMonitor and Lightning's monitors do
         self._since_forecast += 1
-        forecast_now = not self._forecast_checked or (log_now and self._since_forecast >= _FORECAST_EVERY_BATCHES)
-        if self._skip_checks > 0 and not forecast_now:
-            self._skip_checks -= 1  # far from every cap, even at the worst (see _safe_skips)
+        first = not self._forecast_checked and self._planned_batches is not None  # until the first forecast
+        if first or (log_now and self._since_forecast >= _FORECAST_EVERY_BATCHES):
+            self._since_forecast = 0
+            self._update_forecast(trainer, pl_module, spent, self._stop_plan(trainer, batch_idx), log=log_now)
+        if self._skip_checks > 0:
+            self._skip_checks -= 1  # far from every cap, even at the worst (planner.safe_skips)
             return
         plan = self._stop_plan(trainer, batch_idx)
-        if forecast_now:
-            self._since_forecast = 0
-            self._update_forecast(trainer, pl_module, spent, plan, log=log_now)
         if _last_batch_of_run(trainer):
             return  # the run ends here anyway: no further batch to decide on (same on every rank)
         breach = self.planner.decide(spent, plan)
