@@ -266,7 +266,7 @@ class Ledger:
     def _run(self) -> None:
         """The writer thread: flush every ``flush_interval_s``, or at once when woken by an event."""
         while not self._stopping:
-            self._wake.wait(self.flush_interval_s)
+            self._wake.wait(max(self.flush_interval_s, 0.05))  # flush_interval_s=0: as often as 20 times a second
             self._wake.clear()
             try:
                 self.flush()
