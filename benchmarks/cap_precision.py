@@ -26,7 +26,8 @@ Modes compared:
 * ``predictive``: BudgetCap's default (stop before the batch that would cross the cap);
 * ``pred. + skips``: predictive as ``BudgetCap`` runs it, deciding only when the planner's
   ``safe_skips`` says a batch may not skip the decision (at most 7 skipped, none near a cap;
-  validation or save costs measured reset it), batch costs observed at every batch;
+  validation or save costs measured reset it), skipped batches observed at the next checked one
+  as their mean;
 * ``reactive``: ``BudgetCap(predictive=False)`` (stop after the batch at which spend plus the
   stop's reserve reached the cap);
 * ``mean-based``: an ablation -- predictive, but the next batch predicted by the mean batch cost
@@ -207,11 +208,17 @@ def simulate(spec: RunSpec, mode: str) -> Result:
     saves_per_validation: Optional[int] = None
     stop_cost = 0.0
     skips = 0
+    pending: list = []
     b = 0
     for b in range(1, n + 1):
         batch = costs.batches[b - 1]
         spent += batch
-        planner.observe_batch(_vector(batch))
+        pending.append(batch)
+        if skips == 0 or mode != "pred. + skips":  # BudgetCap observes skipped batches with the next checked one
+            mean = sum(pending) / len(pending)
+            for _ in pending:
+                planner.observe_batch(_vector(mean))
+            pending = []
         if b % LOG_EVERY_N_STEPS == 0:
             logged = spent
         validation_now = validation_after(b, nb, nb, 1)

@@ -68,7 +68,8 @@ def publish_metrics(trainer: Any, metrics: dict, prog_bar: tuple = ()) -> None:
     import torch
 
     connector = trainer._logger_connector
-    tensors = {key: torch.tensor(float(value)) for key, value in metrics.items()}
+    values = torch.tensor([float(value) for value in metrics.values()]).unbind()  # one tensor, not one per key
+    tensors = dict(zip(metrics, values))
     connector._callback_metrics.update(tensors)
     connector._logged_metrics.update(tensors)
     for key in prog_bar:

@@ -614,8 +614,9 @@ class BudgetPlanner:
         The headroom in batches if a validation and its checkpoint saves, plus a step save,
         followed *every* batch (far more than any schedule runs): while half of it is left, no
         batch can bring a cap within reach, so the decision is taken again after at most ``most``
-        batches, and at every batch once near a cap. Batch costs are still observed every batch.
-        None is skipped before ``FORECAST_MIN_BATCHES`` post-warm-up batches are measured.
+        batches, and at every batch once near a cap. The skipped batches' costs are observed at the
+        next checked batch (their mean, once per batch); none is skipped before
+        ``FORECAST_MIN_BATCHES`` post-warm-up batches are measured.
         """
         if self.mean_batch() is None or any(self.next_batch()[CAP_UNITS[cap]] <= 0 for cap in self.limits):
             return 0  # too few batches measured past warm-up, or a capped unit not measured yet (FLOPs)

@@ -25,6 +25,7 @@ from costaware.forecast import (
     check_caps,
     cost_of,
     describe,
+    scale,
     subtract,
     validation_after,
     validations_between,
@@ -215,6 +216,7 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
         self._since_sync = 0
         self._sync_every = 1
         self._skip_checks = 0  # batches that may skip the planner's decision (far from every cap)
+        self._skipped = 0  # batches skipped since the last checked one (their cost is observed with it)
         self._since_forecast = 0
         self._planned_batches: Optional[float] = None
         self._replan = False  # re-read the planned batches at the epoch's first batch
@@ -268,28 +270,35 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.meter.count_batch(trainer, pl_module)  # metering first: the checks read this batch's cost
-        if self._drives and internals.should_log(trainer):
+        log_now = internals.should_log(trainer)  # as CostMonitor and Lightning's monitors do
+        if self._drives and log_now:
             self.meter.log(trainer, pl_module, on_step=True)
+        self._since_forecast += 1
+        forecast_due = log_now and self._since_forecast >= _FORECAST_EVERY_BATCHES
+        if self._skip_checks > 0 and not forecast_due and self._checkpoint_start is None:
+            # Far from every cap, even at the worst (planner.safe_skips): this batch's cost is
+            # observed with the next checked batch's (their mean, once per batch).
+            self._skip_checks -= 1
+            self._skipped += 1
+            return
         self._close_checkpoint()
         if self.stopped is not None or self._mark is None:
             return
         spent = self._now()
-        self.planner.observe_batch(subtract(subtract(spent, self._mark, floor=None), self._excluded))
+        batches, self._skipped = self._skipped + 1, 0
+        cost = scale(subtract(subtract(spent, self._mark, floor=None), self._excluded), 1.0 / batches)
+        for _ in range(batches):
+            self.planner.observe_batch(cost)
         self._mark, self._excluded = spent, zero()
         self._warn_milestones(trainer, spent)
         if self._replan:
             self._replan = False
             # Batches run before this epoch, counted here (on a mid-epoch resume, too).
             self._planned_batches = _planned_batches(trainer, trainer.fit_loop.total_batch_idx - batch_idx)
-        log_now = internals.should_log(trainer)  # as CostMonitor and Lightning's monitors do
-        self._since_forecast += 1
         first = not self._forecast_checked and self._planned_batches is not None  # until the first forecast
-        if first or (log_now and self._since_forecast >= _FORECAST_EVERY_BATCHES):
+        if first or forecast_due:
             self._since_forecast = 0
             self._update_forecast(trainer, pl_module, spent, self._stop_plan(trainer, batch_idx), log=log_now)
-        if self._skip_checks > 0:
-            self._skip_checks -= 1  # far from every cap, even at the worst (planner.safe_skips)
-            return
         plan = self._stop_plan(trainer, batch_idx)
         if _last_batch_of_run(trainer):
             return  # the run ends here anyway: no further batch to decide on (same on every rank)
