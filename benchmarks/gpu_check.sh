@@ -161,10 +161,10 @@ overhead() {
   [ "$max" -lt 30 ] && max=30
   if [ "$DRY" = 1 ]; then
     echo "SKIPPED overhead.py --gpu: no CUDA here; the CPU benchmark at tiny sizes instead (wiring only)"
-    "$PY" benchmarks/overhead.py --steps 60 --warmup 10 --repeats 2 --batch 64 --log-every-n-steps 10 \
+    "$PY" benchmarks/overhead.py --monitors --steps 60 --warmup 10 --repeats 2 --batch 64 --log-every-n-steps 10 \
       --max-seconds "$max"
   else
-    "$PY" benchmarks/overhead.py --gpu --steps 620 --repeats 3 --max-seconds "$max"
+    "$PY" benchmarks/overhead.py --monitors --gpu --steps 620 --repeats 3 --max-seconds "$max"
   fi
 }
 

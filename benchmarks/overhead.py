@@ -59,14 +59,15 @@ import argparse
 import contextlib
 import copy
 import logging
+import math
 import os
 import platform
 import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
-import timeit
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,9 @@ class MLPModule(pl.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         return self.net(batch).pow(2).mean()
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.log("val_loss", self.net(batch).pow(2).mean())
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=1e-4)
@@ -366,15 +370,16 @@ class StepTimer:
     def __init__(self, warmup: int, steps: int, synchronize: bool) -> None:
         self.warmup, self.steps, self.synchronize = warmup, steps, synchronize
         self.batches = 0
-        self.t0: Optional[tuple[float, float]] = None
-        self.t1: Optional[tuple[float, float]] = None
+        self.t0: Optional[tuple[float, float, float, dict]] = None
+        self.t1: Optional[tuple[float, float, float, dict]] = None
+        self.hook_clock: list = [0.0]
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.batches += 1
         if self.batches in (self.warmup, self.steps):
             if self.synchronize:
                 torch.cuda.synchronize()
-            now = (time.perf_counter(), time.process_time())
+            now = (time.perf_counter(), time.process_time(), self.hook_clock[0], costaware_threads_cpu_s())
             if self.batches == self.warmup:
                 self.t0 = now
             else:
@@ -382,6 +387,78 @@ class StepTimer:
 
 
 PLStepTimer = type("StepTimer", (StepTimer, pl.Callback), {})
+
+#: The hooks costaware's callbacks implement on the training path.
+TIMED_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_train_epoch_start", "on_train_epoch_end",
+               "on_validation_start", "on_validation_batch_end", "on_validation_end", "on_save_checkpoint")
+
+
+def time_costaware_hooks(callbacks: list) -> list:
+    """Wrap every costaware callback's training-path hooks to add their thread CPU time (seconds)
+    to the returned one-item list: the training thread's own cost of each hook, which other
+    processes on a shared machine do not inflate (``time.thread_time``)."""
+    clock = [0.0]
+    for callback in callbacks:
+        if not type(callback).__module__.startswith("costaware"):
+            continue
+        for name in TIMED_HOOKS:
+            hook = getattr(callback, name, None)
+            if hook is None:
+                continue
+
+            def timed(*args: Any, _hook: Any = hook, **kwargs: Any) -> Any:
+                t0 = time.thread_time()
+                try:
+                    return _hook(*args, **kwargs)
+                finally:
+                    clock[0] += time.thread_time() - t0 - CLOCK_OVERHEAD_S[0]
+
+            setattr(callback, name, timed)
+    return clock
+
+
+#: What one wrapped call adds to the hook clock by itself (two thread_time calls), measured at start.
+CLOCK_OVERHEAD_S = [0.0]
+
+
+def calibrate_clock_overhead() -> float:
+    """The hook clock's own cost per wrapped call (best of 5), subtracted from every hook timing."""
+    clock = [0.0]
+
+    def empty() -> None:
+        return None
+
+    def timed() -> None:
+        t0 = time.thread_time()
+        try:
+            return empty()
+        finally:
+            clock[0] += time.thread_time() - t0
+
+    best = math.inf
+    for _ in range(5):
+        clock[0] = 0.0
+        for _ in range(20000):
+            timed()
+        best = min(best, clock[0] / 20000)
+    CLOCK_OVERHEAD_S[0] = best
+    return best
+
+
+def costaware_threads_cpu_s() -> dict:
+    """CPU seconds used so far by each of costaware's background threads (sampler, ledger writer,
+    host detection), by thread id: a window's cost is the sum of the differences."""
+    out = {}
+    for thread in threading.enumerate():
+        if thread.name.startswith("costaware") and thread.ident is not None:
+            with contextlib.suppress(OSError, ProcessLookupError):
+                out[thread.ident] = time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    return out
+
+
+def _threads_delta_s(before: dict, after: dict) -> float:
+    """CPU seconds costaware's threads used between two readings (a thread that ended in between is not seen)."""
+    return sum(seconds - before.get(ident, 0.0) for ident, seconds in after.items())
 
 
 @dataclass
@@ -394,13 +471,17 @@ class RunResult:
     energy_kwh: Optional[float] = None
     gpu_energy_j: Optional[float] = None
     nvml_energy_j: Optional[float] = None
+    hooks_s: float = 0.0  # thread CPU time inside costaware's hooks, per timed step
+    threads_s: float = 0.0  # CPU time of costaware's own threads (sampler, ledger writer), per timed step
 
 
 def run_once(work: Workload, variant: Variant, steps: int, warmup: int,
-             energy_handle: Any = None, log_every_n_steps: int = 50) -> RunResult:
-    """Train ``steps`` steps with ``variant``'s monitor and time the steps after ``warmup``."""
+             energy_handle: Any = None, log_every_n_steps: int = 50, val_every: int = 0) -> RunResult:
+    """Train ``steps`` steps with ``variant``'s monitor and time the steps after ``warmup``
+    (with ``val_every``: a 2-batch validation every that many steps)."""
     timer = PLStepTimer(warmup, steps, work.synchronize)
     callbacks = [*variant.callbacks(), timer]
+    timer.hook_clock = time_costaware_hooks(callbacks)
     monitors = [c for c in callbacks if isinstance(c, costaware.CostMonitor)]
     module = work.make_module()
     loader = torch.utils.data.DataLoader(BatchPool(work.pool, steps), batch_size=None, shuffle=False, num_workers=0)
@@ -413,7 +494,10 @@ def run_once(work: Workload, variant: Variant, steps: int, warmup: int,
             enable_progress_bar=False,
             enable_model_summary=False,
             num_sanity_val_steps=0,
-            limit_val_batches=0,
+            limit_val_batches=2 if val_every else 0,
+            val_check_interval=val_every or None,
+            check_val_every_n_epoch=None if val_every else 1,
+            min_steps=steps,  # a stop decided by a policy under test would end the timed window early
             default_root_dir=tmp,
             log_every_n_steps=log_every_n_steps,
             **work.trainer_kwargs,
@@ -432,7 +516,8 @@ def run_once(work: Workload, variant: Variant, steps: int, warmup: int,
         raise RuntimeError(f"{variant.name}: the run stopped after {timer.batches} of {steps} steps")
     timed = steps - warmup
     result = RunResult(step_s=(timer.t1[0] - timer.t0[0]) / timed, cpu_step_s=(timer.t1[1] - timer.t0[1]) / timed,
-                       fit_s=fit_s, nvml_energy_j=nvml_j)
+                       fit_s=fit_s, nvml_energy_j=nvml_j, hooks_s=(timer.t1[2] - timer.t0[2]) / timed,
+                       threads_s=_threads_delta_s(timer.t0[3], timer.t1[3]) / timed)
     if monitors:
         totals = monitors[0].totals
         result.energy_kwh = totals.kwh
@@ -455,82 +540,78 @@ def _nvml_energy_mj(handle: Any) -> Optional[float]:
 # ------------------------------------------------------------------------------------------------
 
 
-class BreakdownProbe:
-    """Micro-times CostMonitor's per-step costs inside a live fit, once, at batch ``at``.
-
-    Each figure is the best of 5 ``timeit`` repeats, so a busy machine inflates it far less
-    than it inflates the A/B step times. In a run without CostMonitor it times only Lightning's
-    own per-step logger bookkeeping (the baseline that CostMonitor's logged keys add to).
-    """
-
-    def __init__(self, at: int, log_every_n_steps: int) -> None:
-        self.at, self.log_every_n_steps = at, log_every_n_steps
-        self.batches = 0
-        self.us: dict[str, float] = {}
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.batches += 1
-        if self.batches != self.at:
-            return
-        connector = trainer._logger_connector
-        self.us["result keys"] = float(len(trainer._results))
-        self.us["connector"] = _best_us(connector.on_batch_end, 400)
-        monitor = next((c for c in trainer.callbacks if isinstance(c, costaware.CostMonitor)), None)
-        if monitor is None:
-            return
-        self.us["hooks"] = _best_us(lambda: (monitor.on_train_batch_start(trainer, pl_module, batch, batch_idx),
-                                             monitor._flops.batch_end(pl_module),
-                                             connector.should_update_logs), 2000)
-        self.us["log"] = _best_us(lambda: monitor._log(trainer, pl_module, on_step=True), 20)
-        self.us["log one key"] = _best_us(lambda: pl_module.log("cost/usd", 1.0, on_step=True, on_epoch=False,
-                                                                prog_bar=True, batch_size=1), 100)
-        self.us["sample"] = _best_us(monitor._sampler.sample_now, 50) if monitor._sampler else 0.0
-        self.us["sample_interval_s"] = monitor.sample_interval_s
-        self.us["current_totals"] = _best_us(monitor.current_totals, 2000)
+SUITE = [
+    Variant("plain", False),
+    Variant("plain (A/A)", False),
+    Variant("CostMonitor", True, lambda: [costaware.CostMonitor(usd_per_host_hour=1.0)]),
+    Variant("BudgetCap", True, lambda: [costaware.BudgetCap(max_usd=1e6, usd_per_host_hour=1.0)]),
+    Variant("MarginalGainStopping", True, lambda: [costaware.MarginalGainStopping(
+        monitor="val_loss", mode="min", usd_per_point=1e6, monitor_kwargs={"usd_per_host_hour": 1.0})]),
+    Variant("all three", True, lambda: [costaware.CostMonitor(usd_per_host_hour=1.0), costaware.BudgetCap(max_usd=1e6),
+                                        costaware.MarginalGainStopping(monitor="val_loss", mode="min",
+                                                                       usd_per_point=1e6)]),
+]
+#: (variant, log_every_n_steps) -> the most its component cost may be, % of a step.
+SUITE_TARGETS = {("CostMonitor", 50): 0.5, ("all three", 50): 1.0, ("all three", 1): 5.0}
 
 
-PLBreakdownProbe = type("BreakdownProbe", (BreakdownProbe, pl.Callback), {})
+def callback_suite(work: Workload, args: argparse.Namespace, say: Callable[[str], None]) -> dict:
+    """Each costaware callback alone and all three together, at each ``log_every_n_steps``, with
+    validation on, interleaved with two plain runs per round. Returns (log interval, variant) -> runs."""
+    results: dict = {}
+    for n in args.log_intervals:
+        for round_index in range(args.repeats):
+            shift = round_index % len(SUITE)
+            cells = []
+            for variant in SUITE[shift:] + SUITE[:shift]:
+                result = run_once(work, variant, args.steps, args.warmup, log_every_n_steps=n,
+                                  val_every=args.val_every)
+                results.setdefault((n, variant.name), []).append(result)
+                cells.append(f"{variant.name} {result.step_s * 1e3:.2f}/{result.cpu_step_s * 1e3:.2f}")
+            say(f"log_every_n_steps {n}, round {round_index + 1}/{args.repeats} (wall/cpu ms per step): "
+                + ", ".join(cells))
+    return results
 
 
-def _best_us(fn: Callable[[], Any], number: int) -> float:
-    return 1e6 * min(timeit.repeat(fn, number=number, repeat=5)) / number
+def suite_table(results: dict, args: argparse.Namespace) -> list[str]:
+    """Per log interval: A/B against the mean of the two plain runs of each round, and the
+    component cost (thread CPU clocks of costaware's hooks and of its threads) as % of a step."""
+    rows = ["", "In-fit cost of costaware's callbacks, validation on (2 batches every "
+            f"{args.val_every} steps); A/B per round against the mean of that round's two plain runs;",
+            "components: thread CPU time inside costaware's hooks (training thread) + CPU time of its own threads "
+            "(sampler, ledger writer), per step, as % of the plain step's CPU time.", ""]
+    verdicts = []
+    for n in args.log_intervals:
+        plain = [(a.step_s + b.step_s) / 2 for a, b in zip(results[n, "plain"], results[n, "plain (A/A)"])]
+        plain_cpu = [(a.cpu_step_s + b.cpu_step_s) / 2 for a, b in zip(results[n, "plain"], results[n, "plain (A/A)"])]
+        step_cpu_us = statistics.median(plain_cpu) * 1e6
+        header = (f"log_every_n_steps={n:<3} {'wall ms':>8} {'A/B wall %':>10} {'min..max %':>16} {'A/B cpu %':>9} "
+                  f"{'hooks us':>9} {'threads us':>10} {'components':>10}")
+        rows += [header, "-" * len(header)]
+        for variant in SUITE:
+            runs = results[n, variant.name]
+            wall = [100 * (r.step_s / p - 1) for r, p in zip(runs, plain)]
+            cpu = [100 * (r.cpu_step_s / p - 1) for r, p in zip(runs, plain_cpu)]
+            hooks_us = statistics.median(r.hooks_s for r in runs) * 1e6
+            threads_us = statistics.median(r.threads_s for r in runs) * 1e6
+            pct = 100 * (hooks_us + threads_us) / step_cpu_us
+            rows.append(f"  {variant.name:<21} {statistics.median(r.step_s for r in runs) * 1e3:>7.3f} "
+                        f"{statistics.median(wall):>+10.2f} {min(wall):>+7.2f}..{max(wall):>+7.2f} "
+                        f"{statistics.median(cpu):>+9.2f} {hooks_us:>9.1f} {threads_us:>10.1f} {pct:>9.2f}%")
+            target = SUITE_TARGETS.get((variant.name, n))
+            if target is not None:
+                verdicts.append(f"target: {variant.name} <= {target:g}% of a step at log_every_n_steps={n} "
+                                f"(components): "
+                                f"{'MET' if pct <= target else 'NOT MET'} ({pct:.2f}% of a {step_cpu_us / 1e3:.2f} ms "
+                                f"step; A/B wall median {statistics.median(wall):+.2f}%, inside a plain-vs-plain "
+                                f"noise of up to {_aa_spread(results, n):.1f} points)")
+        rows.append("")
+    return rows + verdicts
 
 
-def breakdown(work: Workload, args: argparse.Namespace, step_ms: float) -> list[str]:
-    """CostMonitor's cost per training step by component, in microseconds and % of ``step_ms``."""
-    at = args.log_every_n_steps * 2 + 1  # after CostMonitor has logged, on a step where it does not
-    found: dict[str, dict[str, float]] = {}
-    for name, monitor in (("plain", []), ("CostMonitor", [costaware.CostMonitor(**COST_MONITOR_KWARGS)])):
-        probe = PLBreakdownProbe(at, args.log_every_n_steps)
-        variant = Variant(name, False, lambda m=monitor, p=probe: [*m, p])
-        run_once(work, variant, steps=at + 1, warmup=1, log_every_n_steps=args.log_every_n_steps)
-        found[name] = probe.us
-    plain, cm = found["plain"], found["CostMonitor"]
-    n = args.log_every_n_steps
-    step_s = step_ms / 1e3
-    parts = [
-        ("its hooks, every step (FLOPs counter check, should_update_logs)", cm["hooks"]),
-        (f"Lightning's per-step logger bookkeeping for its {cm['result keys']:.0f} logged keys "
-         f"({cm['connector']:.0f} us vs {plain['connector']:.0f} us plain), every step",
-         cm["connector"] - plain["connector"]),
-        (f"_log: refresh + {cm['result keys']:.0f} pl_module.log calls + ledger sample, {cm['log']:.0f} us "
-         f"every {n} steps", cm["log"] / n),
-        (f"background sampler: {cm['sample']:.0f} us of CPU every {cm['sample_interval_s']:g} s (GIL held)",
-         cm["sample"] * step_s / cm["sample_interval_s"]),
-    ]
-    rows = ["", f"CostMonitor's cost per step by component (micro-timed inside a fit, best of 5; % of a "
-                f"{step_ms:.2f} ms step):"]
-    for label, us in parts:
-        rows.append(f"  {us:8.1f} us  {100 * us / (step_ms * 1e3):6.2f}%  {label}")
-    total = sum(us for _, us in parts)
-    total_pct = 100 * total / (step_ms * 1e3)
-    rows.append(f"  {total:8.1f} us  {total_pct:6.2f}%  total")
-    rows.append(f"  for scale: one pl_module.log call costs {cm['log one key']:.0f} us here; "
-                f"current_totals() (what per-step budget checks call) {cm['current_totals']:.0f} us")
-    rows.append(f"target 1 from the breakdown: CostMonitor adds <= {TARGET_OVERHEAD_PCT:.0f}% to a training step: "
-                f"{'MET' if total_pct <= TARGET_OVERHEAD_PCT else 'NOT MET'} ({total_pct:.2f}% of host time per step"
-                + ("; on a GPU, host time overlaps device time, so this is an upper bound" if args.gpu else "") + ")")
-    return rows
+def _aa_spread(results: dict, n: int) -> float:
+    """The largest plain-vs-plain difference of a round, in % (the A/B columns' noise floor)."""
+    return max(abs(100 * (a.step_s / b.step_s - 1)) for a, b in zip(results[n, "plain"], results[n, "plain (A/A)"]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -707,7 +788,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="training steps per run (default: 320 on CPU, 620 with --gpu: the timed window is then "
                              "a whole number of log intervals)")
     parser.add_argument("--warmup", type=int, default=20, help="steps before the timed window (default 20)")
-    parser.add_argument("--repeats", type=int, default=5, help="rounds of all variants, interleaved (default 5)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of all variants, interleaved (default 3)")
     parser.add_argument("--step-ms", type=float, default=10.0, help="CPU: calibrate one plain step to this (ms)")
     parser.add_argument("--batch", type=int, default=None, help="CPU: use this batch size, skip the calibration")
     parser.add_argument("--log-every-n-steps", type=int, default=50,
@@ -718,6 +799,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="run fewer rounds than --repeats (at least 1) if the warm-up round says they would not "
                              "fit in this many seconds of benchmark time (a time-boxed GPU session)")
+    parser.add_argument("--monitors", action="store_true",
+                        help="compare CostMonitor with Lightning's monitors and codecarbon (not the callback suite)")
+    parser.add_argument("--log-intervals", type=int, nargs="+", default=[1, 10, 50],
+                        help="suite: the log_every_n_steps to measure at (default 1 10 50)")
+    parser.add_argument("--val-every", type=int, default=50, help="suite: validate every this many steps (default 50)")
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = 620 if args.gpu else 320
@@ -777,30 +863,41 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.set_num_threads(1)
     torch.set_flush_denormal(True)  # keep the step time from drifting as activations shrink
 
-    say(f"# CostMonitor per-step overhead ({'GPU, LoRA' if args.gpu else 'CPU'})")
+    say(f"# costaware per-step overhead ({'GPU, LoRA' if args.gpu else 'CPU'})")
+    say("command: python " + " ".join(["benchmarks/overhead.py", *(argv if argv is not None else sys.argv[1:])]))
     for line in machine_info(args):
         say(line)
     with NetworkGuard() as guard:
         started = time.perf_counter()
         work = gpu_workload(args.precision, say) if args.gpu else cpu_workload(args.step_ms, args.batch, say)
         say(f"workload: {work.description}")
+        if not args.monitors:
+            say(f"hook clock: {calibrate_clock_overhead() * 1e6:.2f} us per wrapped call (its own two thread_time "
+                "reads), subtracted from every hook timing")
+            say(f"suite: {len(SUITE)} variants x {args.repeats} rounds x log_every_n_steps {args.log_intervals}, "
+                f"{args.steps} steps, timed steps {args.warmup + 1}..{args.steps}; CSVLogger; variants interleaved")
+            run_once(work, SUITE[-1], steps=args.warmup + 40, warmup=args.warmup, val_every=args.val_every)  # warm-up
+            suite = callback_suite(work, args, say)
+            say(f"total benchmark time: {time.perf_counter() - started:.0f} s; load average at end: {_loadavg()}")
         say(f"runs: {len(VARIANTS)} variants x {args.repeats} rounds x {args.steps} steps, timed steps "
             f"{args.warmup + 1}..{args.steps} ({args.steps - args.warmup} per run); CSVLogger, log_every_n_steps "
             f"{args.log_every_n_steps}; variants interleaved, order rotated each round")
         # One short round of every variant first, discarded: it pays the one-time costs of a process
         # (imports, codecarbon's CPU detection, allocator warm-up), shown here and left out of the table.
-        cold, cold_results = [], []
-        for variant in VARIANTS:
-            result = run_once(work, variant, steps=args.warmup + 40, warmup=args.warmup, energy_handle=handle,
-                              log_every_n_steps=args.log_every_n_steps)
-            cold.append(f"{variant.name} {result.step_s * 1e3:.2f} ms/{result.fit_s:.1f} s")
-            cold_results.append(result)
-        say("warm-up round, discarded (step ms / fit s, one-time costs of the process included): " + ", ".join(cold))
-        if args.max_seconds is not None:
-            args.repeats = rounds_that_fit(args, cold_results, time.perf_counter() - started, say)
+        if args.monitors:
+            cold, cold_results = [], []
+            for variant in VARIANTS:
+                result = run_once(work, variant, steps=args.warmup + 40, warmup=args.warmup, energy_handle=handle,
+                                  log_every_n_steps=args.log_every_n_steps)
+                cold.append(f"{variant.name} {result.step_s * 1e3:.2f} ms/{result.fit_s:.1f} s")
+                cold_results.append(result)
+            say("warm-up round, discarded (step ms / fit s, one-time costs of the process included): "
+                + ", ".join(cold))
+            if args.max_seconds is not None:
+                args.repeats = rounds_that_fit(args, cold_results, time.perf_counter() - started, say)
 
         results: dict[str, list[RunResult]] = {v.name: [] for v in VARIANTS}
-        for round_index in range(args.repeats):
+        for round_index in range(args.repeats if args.monitors else 0):
             shift = round_index % len(VARIANTS)
             order = VARIANTS[shift:] + VARIANTS[:shift]
             cells = []
@@ -813,17 +910,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         say(f"total benchmark time: {time.perf_counter() - started:.0f} s; load average at end: {_loadavg()}")
     say(f"network connections attempted (refused): {len(guard.attempts)}"
         + (f" {guard.attempts[:5]}" if guard.attempts else ""))
-    say()
-    for row in summarise(results, args.gpu):
-        say(row)
-    if args.gpu:
-        for row in energy_check(results["CostMonitor"]):
+    if not args.monitors:
+        for row in suite_table(suite, args):
             say(row)
-    plain_step_ms = statistics.median(r.step_s for r in results["plain"]) * 1e3
-    if not args.gpu:  # on a GPU the step's wall time is mostly device time: these host costs overlap it
-        plain_step_ms = statistics.median(r.cpu_step_s for r in results["plain"]) * 1e3
-    for row in breakdown(work, args, plain_step_ms):
-        say(row)
+    else:
+        say()
+        for row in summarise(results, args.gpu):
+            say(row)
+        if args.gpu:
+            for row in energy_check(results["CostMonitor"]):
+                say(row)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("\n".join(lines) + "\n")

@@ -8,9 +8,20 @@ seconds and the file sizes. Targets: under 5 s, HTML under 5 MB. The load averag
 too: on a shared, oversubscribed machine the wall-clock time measures the neighbours, and the
 CPU time is the figure that belongs to this code.
 
+Two more measurements (issue 14):
+
+* ``--big-samples 1000000``: ``costaware report`` of a 1M-sample ledger, run as its own process
+  under ``/usr/bin/time -v`` (wall time and peak resident memory). Targets: under 10 s and 300 MB.
+  The reader streams the file and parses a thinned subset of its samples.
+* ``--ledger-days 30``: the ledger a 30-day run leaves, written by the real ``Ledger`` (one
+  sample every 0.5 s, the meters' own rate and the fastest the meter records, with the readings
+  a GPU run logs; a validation metric every 15 minutes), with its progressive thinning: the file's
+  size (target under 50 MB), the samples it keeps, that the totals are exact, and the time of the
+  report built from it (what teardown does inside ``trainer.fit``).
+
 Run::
 
-    python benchmarks/report_speed.py [--samples 100000] [--repeat 3]
+    python benchmarks/report_speed.py [--samples 100000] [--repeat 3] [--big-samples 1000000] [--ledger-days 30]
 """
 
 from __future__ import annotations
@@ -21,13 +32,20 @@ import math
 import os
 import platform
 import random
+import re
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from costaware.ledger import SCHEMA_VERSION
-from costaware.report import build_report, write_report
+_REPO = Path(__file__).resolve().parent.parent
+if str(_REPO / "src") not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(_REPO / "src"))
+
+from costaware.ledger import SCHEMA_VERSION, Ledger, Totals, read_ledger  # noqa: E402
+from costaware.records import End, Header, Metric, RecordedTotals, Sample  # noqa: E402
+from costaware.report import build_report, write_report  # noqa: E402
 
 HOURS = 24.0
 USD_PER_GPU_HOUR = 2.99
@@ -48,7 +66,9 @@ def make_ledger(path: Path, samples: int, seed: int = 0) -> dict:
                          "flops": {"source": "FlopCounterMode on real batches", "status": "ok"}},
               "world_size": 1, "num_nodes": 1, "precision": "bf16-mixed", "peak_flops_per_s": 989e12,
               "max_steps": 2_000_000, "max_epochs": -1, "resumed_from": None}
-    lines = [json.dumps(header)]
+    out = path.open("w", encoding="utf-8")  # streamed: a 1M-sample ledger is not held in memory
+    lines = _Lines(out)
+    lines.append(json.dumps(header))
     gpu_j = cpu_j = ram_j = 0.0
     flops_per_batch = 2.2e13
     dt = duration_s / samples
@@ -87,15 +107,110 @@ def make_ledger(path: Path, samples: int, seed: int = 0) -> dict:
                              "totals": totals, "cap": "max_usd", "limit": 71.7, "value": totals["usd"]}))
     lines.append(json.dumps({"kind": "end", "wall_time": t0 + duration_s, "totals": totals, "how": "completed",
                              "meters": header["meters"]}))
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out.close()
     return totals
+
+
+class _Lines:
+    """Appends lines straight to a file."""
+
+    def __init__(self, out) -> None:
+        self.out = out
+
+    def append(self, line: str) -> None:
+        self.out.write(line + "\n")
+
+
+def big_report(samples: int) -> int:
+    """``costaware report`` of a ``samples``-sample ledger in its own process, under /usr/bin/time -v."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "costaware"
+        folder.mkdir()
+        ledger = folder / "ledger.jsonl"
+        totals = make_ledger(ledger, samples)
+        print(f"big ledger: {samples} samples, {ledger.stat().st_size / 1e6:.0f} MB")
+        code = "import sys; from costaware.cli import main; sys.exit(main(sys.argv[1:]))"
+        cmd = [sys.executable, "-c", code, "report", str(folder), "--print", "none"]
+        env = {**os.environ, "PYTHONPATH": str(_REPO / "src")}
+        timed = ["/usr/bin/time", "-v", *cmd] if Path("/usr/bin/time").exists() else cmd
+        start = time.perf_counter()
+        done = subprocess.run(timed, capture_output=True, text=True, env=env)
+        wall_s = time.perf_counter() - start
+        rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
+        cpu = [float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([0-9.]+)", done.stderr)]
+        rss_mb = int(rss.group(1)) / 1024 if rss else float("nan")
+        report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+        exact = report["totals"]["usd"] == totals["usd"]
+        print(f"costaware report (its own process, /usr/bin/time -v): exit {done.returncode}, wall {wall_s:.2f} s, "
+              f"CPU {sum(cpu):.2f} s, peak RSS {rss_mb:.0f} MB; totals exact: {exact}; "
+              f"samples plotted from {report['ledger']['records']['samples']} read")
+        ok = done.returncode == 0 and sum(cpu) < 10.0 and rss_mb < 300 and exact
+        print(f"verdict: 1M-sample report under 10 s (CPU) and 300 MB: {'PASS' if ok else 'FAIL'}"
+              + (f" (wall {wall_s:.1f} s on a shared machine)" if wall_s >= 10 else ""))
+        return 0 if ok else 1
+
+
+def long_run_ledger(days: float, sample_s: float = 0.5) -> int:
+    """The ledger a ``days``-long run leaves, written by the real ``Ledger`` with its thinning."""
+    clock = [0.0]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "costaware" / "ledger.jsonl"
+        # Flushed every simulated hour (the meter flushes every 10 s of real time: the same bytes, more fsyncs).
+        ledger = Ledger(path, flush_interval_s=3600.0, clock=lambda: clock[0], min_sample_interval_s=sample_s)
+        t0 = 1_750_000_000.0
+        ledger.record(Header(wall_time_s=t0, world_size=1, num_nodes=1, precision="bf16-mixed"))
+        n = int(days * 86400 / sample_s)
+        readings = {"throughput_batches_per_s": 20.0, "throughput_flops_per_s": 4.4e14, "throughput_mfu_pct": 44.5,
+                    "gpu_power_w": 612.5, "gpu_utilization_pct": 91.25, "gpu_memory_used_gib": 61.5,
+                    "host_cpu_power_w": 95.0}
+        start = time.perf_counter()
+        totals = Totals()
+        for i in range(1, n + 1):
+            clock[0] = i * sample_s
+            elapsed = clock[0]
+            totals = Totals(elapsed_s=elapsed, gpu_hours=elapsed / 3600, host_hours=elapsed / 3600,
+                            gpu_energy_j=612.5 * elapsed, cpu_energy_j=95.0 * elapsed, ram_energy_j=12.0 * elapsed,
+                            flops=4.4e14 * elapsed, usd=2.99 * elapsed / 3600, co2_kg=elapsed * 1e-4,
+                            train_batches=20.0 * elapsed)
+            ledger.record(Sample(wall_time_s=t0 + elapsed, totals=RecordedTotals.of(totals), readings=readings))
+            if i % int(900 / sample_s) == 0:
+                ledger.record(Metric(wall_time_s=t0 + elapsed, name="val_acc", value=0.9, step=int(20 * elapsed),
+                                     usd=totals.usd, elapsed_s=elapsed))
+        ledger.totals = totals
+        ledger.record(End(wall_time_s=t0 + n * sample_s, totals=RecordedTotals.of(totals), how="completed"))
+        write_s = time.perf_counter() - start
+        size_mb = path.stat().st_size / 1e6
+        contents = read_ledger(path, max_samples=None)
+        exact = contents.end.totals.usd == totals.usd and contents.samples[-1].totals.usd == totals.usd
+        recent = sum(1 for s in contents.samples if contents.samples[-1].wall_time_s - s.wall_time_s <= 3600)
+        start = time.perf_counter()
+        write_report(path)
+        report_s = time.perf_counter() - start
+        print(f"{days:g}-day run, a sample every {sample_s:g} s ({n} samples recorded, {n // int(900 / sample_s)} "
+              f"metrics), real Ledger with thinning: {size_mb:.1f} MB on disk (target < 50 MB), "
+              f"{len(contents.samples)} samples kept ({recent} in the last hour), totals exact: {exact}; "
+              f"written in {write_s:.0f} s (compactions included); report from it in {report_s:.2f} s")
+        ok = size_mb < 50 and exact
+        print(f"verdict: {days:g}-day ledger under 50 MB with exact totals: {'PASS' if ok else 'FAIL'}")
+        return 0 if ok else 1
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--big-samples", type=int, default=0, help="also time the report of a ledger this big")
+    parser.add_argument("--ledger-days", type=float, default=0.0, help="also write a run this long through Ledger")
     args = parser.parse_args()
+    code = 0
+    if args.big_samples:
+        code |= big_report(args.big_samples)
+    if args.ledger_days:
+        code |= long_run_ledger(args.ledger_days)
+    return code | report_24h(args)
+
+
+def report_24h(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ledger = Path(tmp) / "costaware" / "ledger.jsonl"
         ledger.parent.mkdir()

@@ -375,3 +375,18 @@ def test_state_from_a_newer_version_is_refused():
     BudgetPlanner({"max_usd": 1.0}).load_state_dict({k: v for k, v in state.items() if k != "version"})  # older
     with pytest.raises(ValueError, match="version 2 is newer than this costaware reads"):
         BudgetPlanner({"max_usd": 1.0}).load_state_dict({**state, "version": 2})
+
+
+def test_safe_skips_only_far_from_every_cap():
+    """BudgetCap skips the decision for a few batches only while even a validation and saves after
+    every batch would leave twice the room; near a cap, none."""
+    planner = BudgetPlanner({"max_usd": 100.0}, warmup_batches=0)
+    for _ in range(5):
+        planner.observe_batch(_cost(0.1))
+    planner.observe_validation(_cost(1.0))
+    planner.observe_checkpoint(_cost(0.2))
+    plan = StopPlan(saves_per_validation=1, saves_on_stop=2)
+    assert planner.safe_skips(_cost(1.0), plan, most=7) == 7
+    assert planner.safe_skips(_cost(97.0), plan, most=7) == 0
+    skips = [planner.safe_skips(_cost(spent), plan, most=7) for spent in (60.0, 70.0, 80.0, 90.0, 97.0)]
+    assert skips == sorted(skips, reverse=True) and any(0 < n < 7 for n in skips)  # fewer, nearer the cap

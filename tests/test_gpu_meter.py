@@ -247,12 +247,14 @@ def test_degraded_is_never_seen_with_status_ok(clock, monkeypatch):
 
     nvml = FakeNVML([FakeGPU(lost_after_s=clock() + 1.0)], clock)
     gpu = watch(GPUMeter)(nvml, nvml.gpus[0], clock(), "nvml:0")
-    host = watch(HostMeter)(clock(), cpu_tdp_w=10, ram_power_w=3)
+    from costaware import _codecarbon
 
-    def broken_open():
+    def broken_open(*args):
         raise RuntimeError("codecarbon broke")
 
-    host._open = broken_open
+    monkeypatch.setattr(_codecarbon, "open_cpu", broken_open)  # the detection thread opens at construction
+    host = watch(HostMeter)(clock(), cpu_tdp_w=10, ram_power_w=3)
+    assert host._opened.wait(10)
     clock.advance(2.0)
     with pytest.warns(RuntimeWarning, match="degraded"):
         gpu.sample(clock())

@@ -61,3 +61,21 @@ def test_each_adapter_reads_what_lightning_has(ns, name):
     """Each internal the adapter reads exists on a fresh Trainer (a release that moved one fails here)."""
     trainer = ns.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     getattr(internals, name)(trainer)
+
+
+def test_published_metrics_are_monitorable_logged_and_in_the_progress_bar(ns, tmp_path):
+    """What costaware publishes without pl_module.log is what EarlyStopping, ModelCheckpoint and the bar read."""
+    class Publish(ns.pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            internals.publish_metrics(trainer, {"cost/usd": 0.5 - batch_idx / 100, "cost/kwh": 2.0},
+                                      prog_bar=("cost/usd",))
+
+    stop = ns.callbacks.EarlyStopping(monitor="cost/usd", mode="max", patience=0, check_on_train_epoch_end=True)
+    best = ns.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="cost/usd", mode="max")
+    trainer = ns.Trainer(max_epochs=5, limit_train_batches=2, limit_val_batches=0, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[Publish(), stop, best])
+    trainer.fit(ns.BoringModel())
+    assert float(trainer.callback_metrics["cost/kwh"]) == 2.0 and float(trainer.logged_metrics["cost/kwh"]) == 2.0
+    assert trainer.progress_bar_metrics["cost/usd"] == pytest.approx(0.49)
+    assert best.best_model_score is not None and float(best.best_model_score) == pytest.approx(0.49)
+    assert stop.stopped_epoch == 1  # cost/usd did not improve at the second epoch end: stopped

@@ -125,17 +125,21 @@ class _FakeCodecarbonCPU:
         return types.SimpleNamespace(W=10.0), types.SimpleNamespace(kWh=10.0 * last_duration / 3.6e6)
 
 
-def test_sampler_closes_the_host_meter_and_it_stays_closed(clock, install_nvml):
+def test_sampler_closes_the_host_meter_and_it_stays_closed(clock, install_nvml, monkeypatch):
+    from costaware import _codecarbon
+
     nvml = install_nvml()
-    host = HostMeter(clock(), cpu_tdp_w=10, ram_power_w=3)
     opened = []
 
-    def fake_open():
+    def fake_open_cpu(out_dir, tdp_w):
         opened.append(1)
-        host._cpu = _FakeCodecarbonCPU()
-        host._ram = types.SimpleNamespace(total_power=lambda: types.SimpleNamespace(W=3.0))
+        return _FakeCodecarbonCPU(), "fake"
 
-    host._open = fake_open
+    monkeypatch.setattr(_codecarbon, "open_cpu", fake_open_cpu)  # the meter's detection thread opens it
+    monkeypatch.setattr(_codecarbon, "open_ram",
+                        lambda power_w: types.SimpleNamespace(total_power=lambda: types.SimpleNamespace(W=3.0)))
+    host = HostMeter(clock(), cpu_tdp_w=10, ram_power_w=3)
+    assert host._opened.wait(10)
     gpu = open_gpu(None, clock(), nvml_index=0)
     sampler = Sampler([gpu, host], interval_s=60.0, clock=clock)
     sampler.start()

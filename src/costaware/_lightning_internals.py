@@ -53,3 +53,25 @@ def checkpoint_every_n_train_steps(checkpoint: Any) -> int:
 def validation_is_time_based(trainer: Any) -> bool:
     """Whether ``val_check_interval`` is a duration (validation may follow any batch)."""
     return getattr(trainer, "_val_check_time_interval", None) is not None
+
+
+def publish_metrics(trainer: Any, metrics: dict, prog_bar: tuple = ()) -> None:
+    """Make ``metrics`` (name -> float) monitorable as if logged with ``pl_module.log``, without it.
+
+    Each ``pl_module.log`` call walks Lightning's result collection (hundreds of microseconds,
+    every logging step), so costaware puts its figures straight into the trainer's callback
+    metrics (what ``EarlyStopping`` and ``ModelCheckpoint`` read), its logged metrics and, for
+    ``prog_bar`` keys, its progress-bar metrics: the dicts behind ``trainer.callback_metrics``,
+    ``trainer.logged_metrics`` and ``trainer.progress_bar_metrics``. The loggers get them from
+    :func:`costaware.meter.log_at_lightning_step`.
+    """
+    import torch
+
+    connector = trainer._logger_connector
+    values = torch.tensor([float(value) for value in metrics.values()]).unbind()  # one tensor, not one per key
+    tensors = dict(zip(metrics, values))
+    connector._callback_metrics.update(tensors)
+    connector._logged_metrics.update(tensors)
+    for key in prog_bar:
+        if key in metrics:
+            connector._progress_bar_metrics[key] = float(metrics[key])

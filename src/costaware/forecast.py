@@ -97,6 +97,9 @@ VALIDATION_BATCH_FORECAST_FRACTION = 0.5
 
 _STATE_VERSION = 1
 
+#: At most this many batches in a row skip BudgetCap's decision (none near a cap): see ``safe_skips``.
+MAX_SKIPPED_BATCHES = 7
+
 
 # ---------------------------------------------------------------------------------------------
 # Cost vectors
@@ -604,6 +607,24 @@ class BudgetPlanner:
             if per_batch > 0:
                 room = min(room, left / per_batch)
         return room
+
+    def safe_skips(self, spent: Mapping[str, float], plan: StopPlan, most: int) -> int:
+        """How many of the next batches may skip :meth:`decide` (at most ``most``), with no cap at risk.
+
+        The headroom in batches if a validation and its checkpoint saves, plus a step save,
+        followed *every* batch (far more than any schedule runs): while half of it is left, no
+        batch can bring a cap within reach, so the decision is taken again after at most ``most``
+        batches, and at every batch once near a cap. The skipped batches' costs are observed at the
+        next checked batch (their mean, once per batch); none is skipped before
+        ``FORECAST_MIN_BATCHES`` post-warm-up batches are measured.
+        """
+        if self.mean_batch() is None or any(self.next_batch()[CAP_UNITS[cap]] <= 0 for cap in self.limits):
+            return 0  # too few batches measured past warm-up, or a capped unit not measured yet (FLOPs)
+        per_validation = plan.saves_per_validation
+        step_saves = max(plan.saves_now, plan.saves_next, 1)
+        worst = replace(plan, validation_now=True, saves_now=per_validation + step_saves, saves_next=step_saves)
+        room = self.headroom_batches(spent, worst, 1.0, float(step_saves))
+        return int(max(0.0, min(room / 2.0 - 1.0, float(most))))
 
     # --- forecasts and warnings ----------------------------------------------------------------
 

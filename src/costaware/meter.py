@@ -167,7 +167,9 @@ class CostMeter:
             default = Path(log_dir or trainer.default_root_dir) / "costaware"
             folder = Path(self.ledger_dir) if self.ledger_dir else default
             path = folder / LEDGER_FILENAME
-        self.ledger = Ledger(path, flush_interval_s=self.flush_interval_s, clock=self.clock)
+        # Written from the ledger's own thread; samples no closer than the meters' own readings.
+        self.ledger = Ledger(path, flush_interval_s=self.flush_interval_s, clock=self.clock, background=True,
+                             min_sample_interval_s=self.sample_interval_s)
         self._phases, self._phase_totals = PhaseClock(self.current_totals), None
 
     def _price_detected_gpu(self, cuda_index: Optional[int]) -> None:
@@ -252,7 +254,7 @@ class CostMeter:
                                           elapsed_s=spent.elapsed_s))
         if self._phases is not None:  # for the report of a run killed before its end record
             self.ledger.record(PhasesEvent(phases=self._phases.snapshot()))
-        self.ledger.flush()
+        self.ledger.flush_soon()  # by the ledger's writer thread, not this one
 
     def stop(self) -> None:
         """Take a last reading, stop the sampler thread and close the meters (idempotent)."""
@@ -278,9 +280,11 @@ class CostMeter:
             return
         self._flops.abort()
         self.stop()
+        # Totals never go backwards: field by field, the larger of the last run-wide (summed)
+        # totals, this rank's own, and any the ledger already recorded (a DDP rank that crashed
+        # between log intervals holds its own totals only, below the sums recorded before).
         local = self._session_totals(self._read_session())
-        if local.usd > self._totals.usd:  # the larger of the last run-wide totals and this rank's own
-            self._totals = local
+        self._totals = self._totals.maximum(local).maximum(self.ledger.max_totals)
         if self._phases is not None and self._phase_totals is None:
             self._phase_totals = self._phases.snapshot()
         interrupted = isinstance(exception, KeyboardInterrupt)
@@ -297,6 +301,7 @@ class CostMeter:
     def finish(self, how: str, trainer: pl.Trainer) -> None:
         """Close the ledger and build the run's report from it (rank zero)."""
         self._note_meter_faults()
+        self._totals = self._totals.maximum(self.ledger.max_totals)  # never below a total already recorded
         self.ledger.totals = self._totals
         self.ledger.record(End(totals=RecordedTotals.of(self._totals), how=how, meters=self.meter_status(),
                                phases=self._phase_totals, **self._metered_span()))
@@ -420,21 +425,21 @@ class CostMeter:
     # ----------------------------------------------------------------------------------------
 
     def log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
-        """Cost keys through ``pl_module.log`` (monitorable); readings straight to the loggers.
+        """Cost keys and readings: monitorable (callback metrics) and to the loggers, no ``pl_module.log``.
 
         Each ``pl_module.log`` call walks Lightning's whole result collection (hundreds of
-        microseconds), so only the five keys a user may monitor take that path; the readings go
-        to the loggers directly, the way Lightning's ``DeviceStatsMonitor`` sends its own.
+        microseconds), so the figures go into the trainer's callback, logged and progress-bar
+        metrics directly (``EarlyStopping``/``ModelCheckpoint`` monitor ``cost/usd`` as any
+        metric) and to the loggers at Lightning's step, as its ``DeviceStatsMonitor`` sends its own.
         """
         t = self.refresh(trainer, pl_module)
         monitored = {"cost/usd": t.usd, "cost/kwh": t.kwh, "cost/co2_kg": t.co2_kg, "cost/gpu_hours": t.gpu_hours,
                      "cost/flops": t.flops}
         readings = self._readings_since_last_log(t)
-        for key, value in monitored.items():
-            pl_module.log(key, value, on_step=on_step, on_epoch=not on_step, prog_bar=key == "cost/usd",
-                          logger=bool(trainer.loggers), batch_size=1, sync_dist=False)
-        self.readings.update({**monitored, **readings})
-        log_at_lightning_step(trainer, readings)
+        figures = {**monitored, **readings}
+        self.readings.update(figures)
+        internals.publish_metrics(trainer, figures, prog_bar=("cost/usd",))
+        log_at_lightning_step(trainer, figures)
         self.ledger.totals = t
         self.ledger.record(Sample(totals=RecordedTotals.of(t), readings={
             k.replace("/", "_"): v for k, v in readings.items() if not k.startswith("cost/")}))

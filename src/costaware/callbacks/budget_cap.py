@@ -16,6 +16,7 @@ from costaware._lightning import CALLBACK_BASES
 from costaware.callbacks.metering import check_priced, find_meter, make_own_meter
 from costaware.forecast import (
     CAP_UNITS,
+    MAX_SKIPPED_BATCHES,
     UNITS,
     Breach,
     BudgetPlanner,
@@ -24,12 +25,13 @@ from costaware.forecast import (
     check_caps,
     cost_of,
     describe,
+    scale,
     subtract,
     validation_after,
     validations_between,
     zero,
 )
-from costaware.meter import CostMeter
+from costaware.meter import CostMeter, log_at_lightning_step
 from costaware.records import BudgetCapHitEvent, BudgetCapsEvent, BudgetWarningEvent, ForecastEvent, RecordedTotals
 from costaware.validation import check_count, check_flag, check_path
 
@@ -44,6 +46,8 @@ _PRIOR_CHECKPOINT_STATE_FACTOR = 3.0
 _PRIOR_CHECKPOINT_BYTES_PER_S = 100e6
 # A forecast is recorded in the ledger again when it moved by more than this fraction.
 _FORECAST_RECORD_CHANGE = 0.05
+#: At most one forecast every this many batches (at a logging step), however often the Trainer logs.
+_FORECAST_EVERY_BATCHES = 10
 
 
 class BudgetExceededError(RuntimeError):
@@ -211,6 +215,9 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
         self._saving_stop_checkpoint = False
         self._since_sync = 0
         self._sync_every = 1
+        self._skip_checks = 0  # batches that may skip the planner's decision (far from every cap)
+        self._skipped = 0  # batches skipped since the last checked one (their cost is observed with it)
+        self._since_forecast = 0
         self._planned_batches: Optional[float] = None
         self._replan = False  # re-read the planned batches at the epoch's first batch
         self._forecast_checked = False
@@ -265,23 +272,36 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.meter.count_batch(trainer, pl_module)  # metering first: the checks read this batch's cost
-        if self._drives and internals.should_log(trainer):
+        log_now = internals.should_log(trainer)  # as CostMonitor and Lightning's monitors do
+        if self._drives and log_now:
             self.meter.log(trainer, pl_module, on_step=True)
+        self._since_forecast += 1
+        forecast_due = log_now and self._since_forecast >= _FORECAST_EVERY_BATCHES
+        if self._skip_checks > 0 and not forecast_due and self._checkpoint_start is None:
+            # Far from every cap, even at the worst (planner.safe_skips): this batch's cost is
+            # observed with the next checked batch's (their mean, once per batch).
+            self._skip_checks -= 1
+            self._skipped += 1
+            return
         self._close_checkpoint()
         if self.stopped is not None or self._mark is None:
             return
         spent = self._now()
-        self.planner.observe_batch(subtract(subtract(spent, self._mark, floor=None), self._excluded))
+        batches, self._skipped = self._skipped + 1, 0
+        cost = scale(subtract(subtract(spent, self._mark, floor=None), self._excluded), 1.0 / batches)
+        for _ in range(batches):
+            self.planner.observe_batch(cost)
         self._mark, self._excluded = spent, zero()
         self._warn_milestones(trainer, spent)
         if self._replan:
             self._replan = False
             # Batches run before this epoch, counted here (on a mid-epoch resume, too).
             self._planned_batches = _planned_batches(trainer, trainer.fit_loop.total_batch_idx - batch_idx)
+        first = not self._forecast_checked and self._planned_batches is not None  # until the first forecast
+        if first or forecast_due:
+            self._since_forecast = 0
+            self._update_forecast(trainer, pl_module, spent, self._stop_plan(trainer, batch_idx), log=log_now)
         plan = self._stop_plan(trainer, batch_idx)
-        log_now = internals.should_log(trainer)  # as CostMonitor and Lightning's monitors do
-        if log_now or not self._forecast_checked:
-            self._update_forecast(trainer, pl_module, spent, plan, log=log_now)
         if _last_batch_of_run(trainer):
             return  # the run ends here anyway: no further batch to decide on (same on every rank)
         breach = self.planner.decide(spent, plan)
@@ -289,9 +309,12 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
         if stop:
             self._stop(trainer, pl_module, breach or self.planner.closest(spent, plan),
                        decided_here=breach is not None)
+        elif trainer.world_size <= 1:
+            self._skip_checks = self.planner.safe_skips(spent, plan, MAX_SKIPPED_BATCHES)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._close_checkpoint()
+        self._skip_checks = 0
         if self._mark is not None:
             self._schedule = _Schedule.read(trainer)  # data loaders may have been reloaded
             self._replan = True  # ... and the planned run with them
@@ -331,6 +354,7 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
             self.planner.observe_sanity_check(self._sanity_costs)
             return
         self.planner.observe_validation(cost)
+        self._skip_checks = 0  # a validation measured: decide again with its cost
         self._excluded = add(self._excluded, cost)
         self.planner.validation_batches = _validation_batches(trainer) or self.planner.validation_batches
         self._saves_after_validation = 0  # count the checkpoint saves this validation triggers
@@ -410,6 +434,7 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
             cost = subtract(self._now(), self._checkpoint_start)
             self._checkpoint_start = None
             self.planner.observe_checkpoint(cost)
+            self._skip_checks = 0  # a save measured: decide again with its cost
             self._excluded = add(self._excluded, cost)
 
     def _stop_plan(self, trainer: Any, batch_idx: Optional[int]) -> StopPlan:
@@ -521,6 +546,7 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
             self._saving_stop_checkpoint = False
         cost = subtract(self._now(), before)
         self.planner.observe_checkpoint(cost)
+        self._skip_checks = 0
         self._excluded = add(self._excluded, cost)
 
     # ----------------------------------------------------------------------------------------
@@ -555,10 +581,10 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
         if forecast is None:
             return
         self.forecast = forecast
-        if log:
-            for unit in UNITS:
-                pl_module.log(f"cost/forecast_{unit}", forecast[unit], on_step=True, on_epoch=False, logger=True,
-                              batch_size=1, sync_dist=False)
+        if log:  # monitorable and to the loggers, without six pl_module.log calls
+            figures = {f"cost/forecast_{unit}": forecast[unit] for unit in UNITS}
+            internals.publish_metrics(trainer, figures)
+            log_at_lightning_step(trainer, figures)
         over = {cap: forecast[CAP_UNITS[cap]] for cap, limit in self.limits.items() if forecast[CAP_UNITS[cap]] > limit}
         if self._recorded_forecast is None or (
                 self._record_forecast and _moved(forecast, self._recorded_forecast, _FORECAST_RECORD_CHANGE)):

@@ -19,17 +19,18 @@ class CostMonitor(*CALLBACK_BASES):  # a Callback of each installed Lightning na
     r"""Measure what a run spends: time, GPU-hours, energy, FLOPs, dollars and CO2.
 
     Meters are read by one background thread; the training hooks only read cached values and
-    log at the Trainer's ``log_every_n_steps``, through ``pl_module.log``, so ``EarlyStopping``
-    and ``ModelCheckpoint`` can monitor ``cost/usd`` like any metric and the progress bar shows
-    dollars spent. Under DDP each rank meters its own GPU, local rank 0 meters its node's host,
-    and totals are summed across ranks at log intervals only. Rank zero appends everything to
+    log at the Trainer's ``log_every_n_steps`` into ``trainer.callback_metrics`` (so
+    ``EarlyStopping`` and ``ModelCheckpoint`` can monitor ``cost/usd`` like any metric, and the
+    progress bar shows dollars spent) and to the loggers, without ``pl_module.log`` (whose
+    result-collection walk costs hundreds of microseconds a call). Under DDP each rank meters its
+    own GPU, local rank 0 meters its node's host, and totals are summed across ranks at log
+    intervals only. Rank zero appends everything to
     ``<trainer.log_dir>/costaware/ledger.jsonl``. Totals survive a resume from a checkpoint.
     The metering itself is a :class:`~costaware.meter.CostMeter` (:attr:`meter`), which
     ``BudgetCap`` and ``MarginalGainStopping`` read when the Trainer has a CostMonitor.
 
-    Through ``pl_module.log`` (monitorable, and ``cost/usd`` in the progress bar): ``cost/usd``,
-    ``cost/kwh``, ``cost/co2_kg``, ``cost/gpu_hours``, ``cost/flops``. Straight to the loggers
-    (and ``self.readings``): ``cost/elapsed_s``, ``throughput/batches_per_s``,
+    Monitorable and logged (``cost/usd`` also in the progress bar): ``cost/usd``,
+    ``cost/kwh``, ``cost/co2_kg``, ``cost/gpu_hours``, ``cost/flops``, ``cost/elapsed_s``, ``throughput/batches_per_s``,
     ``throughput/flops_per_s``, and where measured ``throughput/mfu_pct``, ``gpu/power_w``,
     ``gpu/utilization_pct``, ``gpu/memory_used_gib``, ``host/cpu_power_w``. A meter that cannot
     read is left out, never shown as zero. With no price at all (no GPU price, no

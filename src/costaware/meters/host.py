@@ -54,19 +54,24 @@ class EmptyHost:
 class HostMeter:
     """CPU and RAM energy of this node through codecarbon's hardware classes.
 
-    codecarbon's CPU detection takes a second or two (it reads a table of TDPs), so it runs on
-    the first ``sample`` call, in the sampler thread, not in ``setup``; energy still counts
-    from ``start_s``.
+    codecarbon's import and CPU detection take a second or two (it reads a table of TDPs), so
+    they run in a thread of their own started when the meter opens (in ``setup``), never on the
+    training thread. Energy counts from ``start_s`` all the same: until detection ends, each
+    sample integrates a provisional ``PROVISIONAL_CPU_W`` (half the given ``cpu_tdp_w``, else
+    half codecarbon's 85 W fallback TDP); when it ends, that span is priced again at the first
+    measured CPU and RAM power, keeping the larger of the two so totals never go backwards.
     """
 
     present = True
     close_timeout_s = 1.0  # how long ``close`` waits for a sample still inside codecarbon
+    #: CPU watts counted while codecarbon detects the CPU (its fallback TDP, 85 W, at half load).
+    PROVISIONAL_CPU_W = 42.5
 
     def __init__(self, start_s: float, cpu_tdp_w: Optional[float] = None, ram_power_w: Optional[float] = None):
         self._lock = threading.Lock()
         self._cpu_tdp_w = cpu_tdp_w
         self._ram_power_w = ram_power_w
-        self._cpu: Any = None  # codecarbon's CPU and RAM, imported when the first sample is taken
+        self._cpu: Any = None  # codecarbon's CPU and RAM, opened by the detection thread
         self._ram: Any = None
         self._closed = False
         self.status = "ok"
@@ -74,12 +79,23 @@ class HostMeter:
         self.method = "not opened yet"
         self._cpu_j = 0.0
         self._ram_j = 0.0
-        self._last_s = start_s
+        self._start_s = self._last_s = start_s
+        self._provisional_w = cpu_tdp_w / 2 if cpu_tdp_w is not None else self.PROVISIONAL_CPU_W
+        self._repriced = False  # the detection span priced again at measured power
+        self._opened = threading.Event()
+        self._open_error: Optional[BaseException] = None
         self.latest = HostSample(time_s=start_s)
+        threading.Thread(target=self._open, name="costaware-host-detect", daemon=True).start()
 
     def _open(self) -> None:
-        self._cpu, self.method = _codecarbon.open_cpu(tempfile.gettempdir(), self._cpu_tdp_w)
-        self._ram = _codecarbon.open_ram(self._ram_power_w)
+        try:
+            cpu, method = _codecarbon.open_cpu(tempfile.gettempdir(), self._cpu_tdp_w)
+            self._ram = _codecarbon.open_ram(self._ram_power_w)
+            self._cpu, self.method = cpu, method
+        except Exception as err:  # noqa: BLE001 - reported by the next sample, in the sampler thread
+            self._open_error = err
+        finally:
+            self._opened.set()
 
     def sample(self, now_s: float) -> HostSample:
         """Add the energy used since the last sample; called from the sampler thread."""
@@ -87,15 +103,25 @@ class HostMeter:
             if self.degraded or self._closed:
                 return self.latest
             try:
-                if self._cpu is None:
-                    self._open()
                 dt_s = now_s - self._last_s
                 if dt_s <= 0.0:
                     return self.latest  # nothing elapsed, or a reading older than the last one
                 self._last_s = now_s
+                if not self._opened.is_set():  # still detecting: the provisional estimate
+                    self._cpu_j += self._provisional_w * dt_s
+                    self.latest = HostSample(now_s, self._cpu_j, self._ram_j, None)
+                    return self.latest
+                if self._open_error is not None:
+                    raise self._open_error
                 cpu_power_w, cpu_j = _codecarbon.cpu_power_and_energy(self._cpu, dt_s)
+                ram_w = _codecarbon.ram_power_w(self._ram)
+                if not self._repriced:  # the span before this sample, priced at the power measured now
+                    self._repriced = True
+                    span_s = now_s - dt_s - self._start_s
+                    self._cpu_j = max(self._cpu_j, cpu_power_w * span_s)
+                    self._ram_j = max(self._ram_j, ram_w * span_s)
                 self._cpu_j += cpu_j
-                self._ram_j += _codecarbon.ram_power_w(self._ram) * dt_s
+                self._ram_j += ram_w * dt_s
             except Exception as err:  # noqa: BLE001 - measuring must never break training
                 # status first: a thread that sees ``degraded`` must never read status "ok"
                 self.status = f"degraded: host energy read failed ({err}); totals so far kept"
