@@ -567,3 +567,9 @@ def test_the_shipped_prior_loads():
     policy = MarginalGainPolicy()
     assert policy.prior is not None and "*/*/*/*" in policy.prior.cells
     assert "tune halves" in policy.prior.source
+
+
+def test_a_confidence_below_one_half_is_refused():
+    # The stated gain is the median: an interval of less than 50% could leave it outside.
+    with pytest.raises(ValueError, match="confidence"):
+        MarginalGainPolicy(usd_per_point=1.0, confidence=0.3)

@@ -197,6 +197,28 @@ def test_a_monitor_placed_after_is_read_where_it_is(pl_ns, tmp_path, clock):
     assert stopping.meter is monitor.meter and len(stopping.decisions) == 4
 
 
+def test_strategies_run_after_the_metering_ends_wherever_the_monitor_is_listed(pl_ns, tmp_path, clock):
+    from costaware.strategies import StopStrategy
+
+    class Probe(StopStrategy):  # reports whether the teacher's meter still runs while it works
+        name = "probe"
+
+        def __init__(self):
+            self.seen = []
+
+        def after_fit(self, context):
+            self.seen.append((context.monitor.running, context.monitor.totals.usd))
+            return []
+
+    probe = Probe()
+    stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=0.01, then=probe)
+    monitor = _monitor(pl_ns, clock)
+    trainer = _trainer(pl_ns, tmp_path, [stopping, monitor], max_steps=20, logger=False)
+    trainer.fit(_curve_model(pl_ns.BoringModel, clock, _saturating))
+    [(running, usd)] = probe.seen
+    assert not running and usd == pytest.approx(monitor.totals.usd)  # ended once, before the strategy
+
+
 def test_two_callbacks_alone_share_one_meter_across_fits(pl_ns, tmp_path, clock, monkeypatch):
     """The first that can meter alone drives the run's meter; the other reads it, also after a
     fit that failed in setup."""

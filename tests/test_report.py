@@ -319,6 +319,18 @@ def test_degraded_meter_is_partly_measured(tmp_path):
     assert "The gpu meter degraded: degraded: NVML power query failed" in report["events"][0]["summary"]
 
 
+def test_a_run_that_completed_its_epochs_saved_nothing_and_a_stale_forecast_is_left_out(tmp_path):
+    # A max_epochs plan (no share of it known) that completed: its forecast's gap is no saving.
+    records, t = make_records(events=[{"name": "forecast", "forecast_usd": 5.0, "basis": "early forecast"}])
+    write_ledger(tmp_path, records)
+    planned = build_report(tmp_path)["planned"]
+    assert planned["usd"] == 5.0 and planned["usd_not_spent"] is None
+    # A forecast below what was already spent (stale) is not the plan's cost.
+    records, t = make_records(events=[{"name": "forecast", "forecast_usd": 0.5, "basis": "stale"}])
+    write_ledger(tmp_path, records)
+    assert all(e["usd"] >= t["usd"] for e in build_report(tmp_path)["planned"]["estimates"])
+
+
 def test_decisions_forecasts_caps_and_strategies(tmp_path):
     curve = {"usd": [0.5, 1.0, 2.0, 4.0], "value": [0.6, 0.7, 0.8, 0.85]}
     records, _ = make_records(max_steps=1000, events=[

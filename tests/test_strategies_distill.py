@@ -141,6 +141,17 @@ def test_run_after_a_plain_fit(ns, tmp_path):
     assert rows[1].latency_ms_per_example is None and rows[1].train_usd == 0.0  # no prices given
 
 
+def test_run_after_a_fit_with_a_cost_monitor_prices_the_student_alike(pl_ns, tmp_path):
+    monitor = pl_ns.costaware.CostMonitor(usd_per_host_hour=3.6, cpu_tdp_w=10, ram_power_w=3)
+    trainer = pl_ns.Trainer(max_steps=8, limit_val_batches=1, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=tmp_path, logger=False, callbacks=[monitor])
+    teacher = _teacher(pl_ns)
+    trainer.fit(teacher, *_loaders())
+    rows = Distill(nn.Linear(FEATURES, 2), max_steps=4, max_epochs=-1, latency_batches=0).run(trainer, teacher)
+    assert [r.role for r in rows] == ["teacher", "student"]
+    assert rows[1].train_usd > 0  # the student's meter got the teacher's prices
+
+
 def test_without_a_cost_monitor_the_student_goes_under_the_loggers_folder(pl_ns, tmp_path):
     logger = pl_ns.pl.loggers.CSVLogger(tmp_path, name="run")
     trainer = pl_ns.Trainer(max_steps=4, limit_val_batches=1, enable_progress_bar=False, enable_model_summary=False,
@@ -283,7 +294,9 @@ def test_truncated_student_keeps_spread_layers_of_the_teacher():
     from costaware.strategies.students import NoLayerStackError
 
     assert TruncatedStudent(2).indices(6) == [0, 5] and TruncatedStudent(3).indices(6) == [0, 2, 5]
-    assert TruncatedStudent(1).indices(6) == [0] and TruncatedStudent(9).indices(4) == [0, 1, 2, 3]
+    assert TruncatedStudent(1).indices(6) == [0]
+    with pytest.raises(NoLayerStackError, match="keeps every layer"):  # the student would be the teacher
+        TruncatedStudent(9).indices(4)
     assert TruncatedStudent([0, 1]).indices(6) == [0, 1]
     teacher = nn.Sequential(nn.Embedding(10, 8), nn.ModuleList([nn.Linear(8, 8) for _ in range(4)]))
     teacher[1][3].weight.data.fill_(3.0)

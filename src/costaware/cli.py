@@ -193,7 +193,8 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     for error in result["errors"]:
         print(f"costaware: warning: skipped {error}", file=sys.stderr)
-    untrusted = [run for run in result["runs"] + result["unranked"] if not run["trusted"]]
+    grouped = [run for group in result.get("groups", [{"runs": result["runs"]}]) for run in group["runs"]]
+    untrusted = [run for run in grouped + result["unranked"] if not run["trusted"]]
     for run in untrusted:
         reason = run["problems"][0] if run["problems"] else "no reason recorded"
         print(f"costaware: warning: {run['source']} could only be read best-effort ({reason}); "

@@ -313,9 +313,12 @@ def runs_from_ledger(path: str | Path) -> list[PriorRun]:
     The planned cost is the largest ``usd + usd_to_predicted_final`` a decision recorded, else
     the last cost; mode, baseline and whether the LR anneals come from the ``marginal_gain_policy`` event.
     """
-    from costaware.ledger import read_ledger
+    from costaware.ledger import LEDGER_FILENAME, read_ledger
     from costaware.records import MarginalGainDecisionEvent, MarginalGainPolicyEvent
 
+    path = Path(path)
+    if path.is_dir() and not (path / LEDGER_FILENAME).is_file() and (path / "costaware" / LEDGER_FILENAME).is_file():
+        path = path / "costaware"  # the run's log dir (lightning_logs/version_N), as `costaware report` takes it
     contents = read_ledger(path, lenient=True)
     policy = next((e for e in contents.events if isinstance(e, MarginalGainPolicyEvent)), MarginalGainPolicyEvent())
     decisions = [e for e in contents.events if isinstance(e, MarginalGainDecisionEvent) and e.usd is not None]

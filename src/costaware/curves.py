@@ -308,7 +308,8 @@ class MarginalGainPolicy:
         else:
             price = DEFAULT_USD_PER_POINT if usd_per_point is None else usd_per_point
             self.min_gain_per_usd = 1.0 / check_amount("usd_per_point", price, minimum=0, strict=True)
-        confidence = check_amount("confidence", confidence, minimum=0, strict=True, maximum=1, strict_maximum=True)
+        # At least 0.5: the stated gain is the median, which must lie inside the stated interval.
+        confidence = check_amount("confidence", confidence, minimum=0.5, maximum=1, strict_maximum=True)
         check_count("min_points", min_points, minimum=3)
         increment_fraction = check_amount("increment_fraction", increment_fraction, minimum=0, maximum=10)
         fit_fraction = check_amount("fit_fraction", fit_fraction, minimum=0, strict=True, maximum=1)

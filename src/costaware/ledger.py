@@ -101,6 +101,11 @@ class Totals:
 _TOTALS_FIELDS = tuple(f.name for f in fields(Totals))  # per-step arithmetic: not fields() at every call
 
 
+#: Ledger files a meter of this process has opened and not yet closed (their header may still be
+#: in the writer thread's queue): a second meter must not append to one.
+OPEN_LEDGER_PATHS: set = set()
+
+
 class LedgerError(ValueError):
     """A ledger file that cannot be read as one."""
 
@@ -232,11 +237,16 @@ class Ledger:
     def close(self) -> None:
         """Write everything recorded and stop the writer thread (idempotent)."""
         self.closed = True
+        OPEN_LEDGER_PATHS.discard(self.path)
         thread, self._thread = self._thread, None
         if thread is not None:
             self._stopping = True
             self._wake.set()
             thread.join(timeout=max(self.flush_interval_s, 5.0))
+            if thread.is_alive():  # stuck in the file system (a hung network disk): never hang the fit
+                warnings.warn(f"costaware: the ledger writer did not finish writing {self.path} in time; the "
+                              "records it holds are written when it can", RuntimeWarning, stacklevel=2)
+                return
         self.flush()
 
     def flush(self) -> None:

@@ -19,7 +19,15 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_info
 
 from costaware import _lightning_internals as internals
-from costaware.ledger import LEDGER_FILENAME, Ledger, LedgerError, Totals, header_run_id, read_ledger
+from costaware.ledger import (
+    LEDGER_FILENAME,
+    OPEN_LEDGER_PATHS,
+    Ledger,
+    LedgerError,
+    Totals,
+    header_run_id,
+    read_ledger,
+)
 from costaware.meters import FlopsCounter, Sampler, open_gpu, open_host, peak_flops_per_s
 from costaware.phases import PhaseClock
 from costaware.prices import make_prices
@@ -138,6 +146,7 @@ class CostMeter:
 
     def start(self, trainer: pl.Trainer) -> None:
         """Open the meters and the ledger, before any compute of a fit (the driver's ``setup``)."""
+        self._fit_ended = False
         self._start_s = self.clock()
         self._start_wall_s = time.time()  # the span the totals' elapsed_s covers starts here
         root = trainer.strategy.root_device
@@ -196,11 +205,16 @@ class CostMeter:
         if self._run_id is not None:
             self.ledger.run_id = self._run_id
         path = self.ledger.path
-        if path is not None and path.is_file() and header_run_id(path) != self.ledger.run_id:
+        # Another run's ledger: on disk, or opened by another meter of this process whose header
+        # the writer thread has not written yet.
+        if path is not None and (path in OPEN_LEDGER_PATHS
+                                 or (path.is_file() and header_run_id(path) != self.ledger.run_id)):
             # Another run's ledger (logger=False, or a logger whose log_dir every run shares).
             self.ledger.path = path.parent / self.ledger.run_id / LEDGER_FILENAME
             warnings.warn(f"costaware: {path} is another run's ledger; this run's ledger and report go to "
                           f"{self.ledger.path.parent}", RuntimeWarning, stacklevel=2)
+        if self.ledger.path is not None:
+            OPEN_LEDGER_PATHS.add(self.ledger.path)
         self._totals = self._base
         self._mine_at_refresh = self._base
         self.ledger.totals = self._base
@@ -209,6 +223,7 @@ class CostMeter:
             num_nodes=trainer.num_nodes, precision=str(trainer.precision), peak_flops_per_s=self._peak_flops_per_s,
             max_steps=trainer.max_steps, max_epochs=trainer.max_epochs,
             accumulate_grad_batches=trainer.accumulate_grad_batches, resumed_from=self._resumed_from))
+        self._last_log = (self._base.elapsed_s, self._base.train_batches, self._base.flops)  # rates: this session
 
     def phase_start(self, name: str) -> None:
         """A phase (``training``, ``validation``, ``checkpointing``, ``probe``) begins: from now its
@@ -264,7 +279,14 @@ class CostMeter:
 
     def end_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Stop metering and say what the run spent (the driver's ``on_fit_end``); the ledger
-        stays open for the strategies' results until :meth:`finish`."""
+        stays open for the strategies' results until :meth:`finish`.
+
+        Once per fit, whoever asks first: a policy listed before the CostMonitor ends the metering
+        before its strategies run, so the teacher's totals never include the student's fit.
+        """
+        if getattr(self, "_fit_ended", False):
+            return
+        self._fit_ended = True
         self.stop()
         self.refresh(trainer, pl_module)
         self._phase_totals = self._phases.snapshot() if self._phases is not None else None
@@ -276,10 +298,12 @@ class CostMeter:
 
     def fail(self, trainer: pl.Trainer, exception: BaseException) -> None:
         """Close the ledger after an exception, keeping everything recorded (no collective)."""
-        if self.ledger is None or self.ledger.closed:
+        self.stop()  # the meters and their thread, whatever else failed
+        if self.ledger is None or self.ledger.closed or not self._ledger_open:
+            if self.ledger is not None and not self._ledger_open:
+                self.ledger.close()  # failed before any record (a configuration error): no headless ledger
             return
         self._flops.abort()
-        self.stop()
         # Totals never go backwards: field by field, the larger of the last run-wide (summed)
         # totals, this rank's own, and any the ledger already recorded (a DDP rank that crashed
         # between log intervals holds its own totals only, below the sums recorded before).
@@ -361,7 +385,10 @@ class CostMeter:
         session = self._read_session()
         self._mine_at_refresh = self._session_totals(session)
         if trainer.world_size > 1:
-            vector = torch.tensor([session[k] for k in _SUMMED], dtype=torch.float64, device=pl_module.device)
+            # On the strategy's device, not the module's: at on_fit_end Lightning has moved the
+            # module to the CPU, and NCCL reduces no CPU tensor.
+            vector = torch.tensor([session[k] for k in _SUMMED], dtype=torch.float64,
+                                  device=trainer.strategy.root_device)
             vector = trainer.strategy.reduce(vector, reduce_op="sum")
             session = {**session, **dict(zip(_SUMMED, vector.tolist()))}
         self._totals = self._session_totals(session)

@@ -114,7 +114,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # a Callback of each installed nam
             ``min_gain_per_usd``.
         min_gain_per_usd: the same knob as a rate: the fewest points per dollar worth paying for
             (``1 / usd_per_point``).
-        confidence: in (0, 1): the quantile of the gain estimate that must fall below the cost;
+        confidence: in [0.5, 1): the quantile of the gain estimate that must fall below the cost;
             higher is more cautious (stops later).
         min_points: never stop (except on NaN or collapse) before this many validations (>= 3).
         points_per_unit: points per unit of the metric (100: accuracy points are percentage
@@ -382,8 +382,9 @@ class MarginalGainStopping(*CALLBACK_BASES):  # a Callback of each installed nam
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self.meter is None:
             return
-        if self._drives:
-            self.meter.end_fit(trainer, pl_module)
+        # The teacher's metering ends before the strategies, wherever the CostMonitor is listed
+        # (every rank runs this hook: the refresh's collective is safe; later calls do nothing).
+        self.meter.end_fit(trainer, pl_module)
         context = self._context(trainer, pl_module, totals_usd=self.meter.totals.usd)
         context.reason = self.stop_reason or "the fit ended without a marginal-gain stop"
         ledger = self.meter.ledger

@@ -240,7 +240,7 @@ def _build(path: Path, contents: LedgerContents, trusted: bool, max_points: int)
         "notes": _price_change_notes(header, resumes),
         "problems": problems,
     }
-    report["planned"] = _planned(header, totals, events)
+    report["planned"] = _planned(header, totals, events, stopped_early=end is None or end.how != "completed")
     report["outcome"] = _outcome(end, events, report["planned"])
     return report
 
@@ -695,16 +695,23 @@ def _strategy_rows(events: list) -> list[dict]:
     return rows
 
 
-def _planned(header: Header, totals: dict, events: list) -> dict:
-    """What the run as planned would have cost, from every basis the ledger offers."""
+def _planned(header: Header, totals: dict, events: list, stopped_early: bool = True) -> dict:
+    """What the run as planned would have cost, from every basis the ledger offers.
+
+    An estimate below what the run already spent (a stale forecast) is left out; a run that
+    completed with no known share of its plan done (a ``max_epochs`` plan) has nothing "not
+    spent by stopping": its forecast's gap is the forecast's error, not a saving.
+    """
     by_steps, fraction = _steps_estimate(header, totals)
-    estimates = [e for e in (_forecast_estimate(events), by_steps, _policy_estimate(events)) if e]
+    spent = totals.get("usd")
+    estimates = [e for e in (_forecast_estimate(events), by_steps, _policy_estimate(events))
+                 if e and not (spent is not None and e.get("usd") is not None and e["usd"] < spent)]
     out = {"usd": estimates[0]["usd"] if estimates else None, "basis": estimates[0]["basis"] if estimates else None,
            "fraction_done": fraction, "estimates": estimates, "usd_not_spent": None, "note": None}
     if fraction is not None and fraction >= 1.0 - 1e-9:
         out["note"] = "the run finished its plan (max_steps reached)"
         out["usd_not_spent"] = 0.0
-    elif out["usd"] is not None and totals["usd"] is not None:
+    elif out["usd"] is not None and totals["usd"] is not None and (stopped_early or fraction is not None):
         out["usd_not_spent"] = max(0.0, out["usd"] - totals["usd"])
     elif isinstance(header.max_epochs, (int, float)) and header.max_epochs > 0:
         out["note"] = ("unknown: the plan is max_epochs, and the ledger does not record batches per epoch "

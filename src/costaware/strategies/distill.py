@@ -292,10 +292,10 @@ class Distill(StopStrategy):
             StudentShapeError: the student's logits do not have the teacher's shape.
             ValueError: no training data.
         """
-        from costaware.callbacks.cost_monitor import CostMonitor
+        from costaware.callbacks.metering import run_meter
 
-        if monitor is None:
-            monitor = next((cb for cb in trainer.callbacks if isinstance(cb, CostMonitor)), None)
+        # The run's meter (a CostMonitor's, or a cap's or policy's own): its prices price the student.
+        monitor = run_meter(trainer) if monitor is None else getattr(monitor, "meter", monitor)
         context = _context or StopContext(trainer=trainer, pl_module=pl_module, monitor=monitor,
                                           budget_left_usd=budget_left_usd)
         run = _Run(self, context, train_dataloader, val_dataloader)

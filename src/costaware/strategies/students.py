@@ -66,7 +66,10 @@ class TruncatedStudent:
                 raise NoLayerStackError(f"TruncatedStudent: layers {self.layers} are out of range for a stack of "
                                         f"{depth} layers")
             return sorted(self.layers)
-        keep = min(self.layers, depth)
+        if self.layers >= depth:
+            raise NoLayerStackError(f"TruncatedStudent(layers={self.layers}) keeps every layer of a {depth}-layer "
+                                    "stack: the student would be the teacher; give fewer layers")
+        keep = self.layers
         if keep == 1:
             return [0]
         return sorted({round(i * (depth - 1) / (keep - 1)) for i in range(keep)})
