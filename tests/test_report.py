@@ -113,7 +113,7 @@ def test_report_of_a_real_fit(pl_ns, tmp_path, clock):
     assert sorted(p.name for p in folder.iterdir()) == ["ledger.jsonl", "report.html", "report.json", "report.md"]
     report = json.loads(paths["json"].read_text())
     ledger = read_ledger(folder)
-    assert report["schema"] == 1 and report["ledger"]["complete"] and not report["problems"]
+    assert report["schema"] == 2 and report["ledger"]["complete"] and not report["problems"]
     assert report["totals"] == ledger.end["totals"]  # exactly the ledger's figures
     assert report["totals"]["usd"] == pytest.approx(20 / 3600)  # 20 steps x 1 s on the fake clock at $1/h
     assert report["energy"]["gpu"] == {"measured": False, "kwh": None, "status": "not measured: no GPU on this rank"}

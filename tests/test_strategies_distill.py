@@ -416,3 +416,10 @@ def test_log_linear_prediction():
     points = [(100, 0.6), (1000, 0.7), (10000, 0.8)]
     assert log_linear_prediction(points, 100000) == pytest.approx(0.9)
     assert log_linear_prediction(points[:1], 1000) is None
+
+
+def test_trainer_kwargs_may_not_replace_what_distill_sets():
+    # A caller's callbacks would drop the student's meter and budget cap: refused at construction.
+    with pytest.raises(ValueError, match="trainer_kwargs may not set callbacks"):
+        Distill(nn.Linear(FEATURES, 2), trainer_kwargs={"callbacks": []})
+    Distill(nn.Linear(FEATURES, 2), trainer_kwargs={"gradient_clip_val": 1.0})  # others pass through

@@ -57,7 +57,7 @@ from costaware.records import (
 from costaware.report.phases import phase_breakdown
 
 #: Version of the layout of ``report.json``; bumped when a key changes meaning or goes away.
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2  # 2: event fields renamed with ledger schema 2; phases, span keys
 
 #: Most points kept per plotted series (the totals are never downsampled).
 DEFAULT_MAX_POINTS = 600

@@ -716,6 +716,11 @@ def _check_arguments(student: Any, temperature: Any, alpha: Any, lr: Any, weight
     check_count("latency_threads", latency_threads, minimum=1, allow_none=True)
     if trainer_kwargs is not None and not isinstance(trainer_kwargs, dict):
         raise ValueError(f"trainer_kwargs must be a dict of Trainer arguments, got {trainer_kwargs!r}")
+    # Distill sets these itself: a caller's would drop the student's meter and budget cap, or its plan.
+    owned = sorted(set(trainer_kwargs or {}) & {"callbacks", "logger", "max_steps", "max_epochs", "default_root_dir"})
+    if owned:
+        raise ValueError(f"trainer_kwargs may not set {', '.join(owned)}: Distill sets them (use its max_steps/"
+                         "max_epochs/save_dir arguments)")
 
 
 def _check_epochs_and_steps(max_epochs: Any, max_steps: Any) -> None:
