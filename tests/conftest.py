@@ -78,6 +78,22 @@ def no_network(monkeypatch):
     return attempts
 
 
+def make_monitor(ns, clock=None, **kwargs):
+    """A CostMonitor priced at $3.60/host-hour (a dollar a thousand seconds), fixed CPU and RAM power."""
+    kwargs = {"usd_per_host_hour": 3.6, "cpu_tdp_w": 10, "ram_power_w": 3, "country": "FRA", **kwargs}
+    monitor = ns.costaware.CostMonitor(**kwargs)
+    if clock is not None:
+        monitor.meter.clock = clock
+    return monitor
+
+
+def make_trainer(ns, tmp_path, callbacks, **kwargs):
+    """A tiny, quiet Trainer: 10 steps, logs every 2, validates every 5."""
+    kwargs = {"max_steps": 10, "log_every_n_steps": 2, "enable_progress_bar": False, "enable_model_summary": False,
+              "limit_val_batches": 2, "val_check_interval": 5, "default_root_dir": tmp_path, **kwargs}
+    return ns.Trainer(callbacks=callbacks, **kwargs)
+
+
 def make_clocked_model(base, clock, step_s: float = 1.0):
     """A BoringModel whose every training step takes ``step_s`` on the fake clock; logs val_loss."""
 

@@ -4,22 +4,10 @@
 import pytest
 import torch
 
-from conftest import logged_to_tensorboard, make_clocked_model, make_crashing_model
+from conftest import logged_to_tensorboard, make_clocked_model, make_crashing_model, make_monitor, make_trainer
 from costaware.ledger import read_ledger
 
-
-def _monitor(ns, clock=None, **kwargs):
-    kwargs = {"usd_per_host_hour": 3.6, "cpu_tdp_w": 10, "ram_power_w": 3, "country": "FRA", **kwargs}
-    monitor = ns.costaware.CostMonitor(**kwargs)
-    if clock is not None:
-        monitor.meter.clock = clock
-    return monitor
-
-
-def _trainer(ns, tmp_path, callbacks, **kwargs):
-    kwargs = {"max_steps": 10, "log_every_n_steps": 2, "enable_progress_bar": False, "enable_model_summary": False,
-              "limit_val_batches": 2, "val_check_interval": 5, "default_root_dir": tmp_path, **kwargs}
-    return ns.Trainer(callbacks=callbacks, **kwargs)
+_monitor, _trainer = make_monitor, make_trainer
 
 
 def test_fit_logs_cost_everywhere(ns, tmp_path, clock):

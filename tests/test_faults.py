@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 
-from conftest import make_clocked_model
+from conftest import make_clocked_model, make_monitor, make_trainer
 from costaware import cli
 from costaware.ledger import RECENT_S, Ledger, LedgerError, Totals, read_ledger, thin_sample_lines
 from costaware.records import RecordedTotals, Sample
@@ -28,19 +28,11 @@ def _audit(event, args):
 sys.addaudithook(_audit)
 
 
-def _monitor(ns, clock=None, **kwargs):
-    kwargs = {"usd_per_host_hour": 3.6, "cpu_tdp_w": 10, "ram_power_w": 3, "country": "FRA", **kwargs}
-    monitor = ns.costaware.CostMonitor(**kwargs)
-    if clock is not None:
-        monitor.meter.clock = clock
-    return monitor
+_monitor = make_monitor
 
 
 def _trainer(ns, tmp_path, callbacks, **kwargs):
-    kwargs = {"max_steps": 10, "log_every_n_steps": 2, "enable_progress_bar": False, "enable_model_summary": False,
-              "limit_val_batches": 2, "val_check_interval": 5, "default_root_dir": tmp_path, "logger": False,
-              "enable_checkpointing": False, **kwargs}
-    return ns.Trainer(callbacks=callbacks, **kwargs)
+    return make_trainer(ns, tmp_path, callbacks, **{"logger": False, "enable_checkpointing": False, **kwargs})
 
 
 # ------------------------------------------------------------------------------------------------
