@@ -1,4 +1,8 @@
-"""Run by test_ddp.py: a two-process DDP fit on CPU (gloo), each rank with its own fake GPU."""
+"""Run by test_ddp.py: a two-process DDP fit on CPU (gloo), each rank with its own fake GPU.
+
+Usage: ddp_fit.py OUT_DIR [NODES]. With NODES=2 it is one node of a two-node run launched by
+torchrun (test_multinode.py), two processes a node.
+"""
 
 import json
 import os
@@ -25,17 +29,20 @@ class Record(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         mine = self.monitor.meter._mine_at_refresh.to_dict()
-        data = {"rank": trainer.global_rank, "mine": mine, "totals": self.monitor.totals.to_dict(),
+        data = {"rank": trainer.global_rank, "node": trainer.node_rank, "mine": mine,
+                "totals": self.monitor.totals.to_dict(),
                 "ledger": str(self.monitor.ledger.path) if self.monitor.ledger.path else None}
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(data))
 
 
 if __name__ == "__main__":
     out = sys.argv[1]
+    nodes = int(sys.argv[2]) if len(sys.argv) > 2 else 1
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    monitor = costaware.CostMonitor(nvml_index=local_rank, usd_per_host_hour=1.0, cpu_tdp_w=10, ram_power_w=3,
-                                    sample_interval_s=0.05)
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=30, log_every_n_steps=5,
+    monitor = costaware.CostMonitor(nvml_index=local_rank, usd_per_gpu_hour=2.0, usd_per_host_hour=1.0,
+                                    cpu_tdp_w=10, ram_power_w=3, sample_interval_s=0.05)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, num_nodes=nodes, strategy="ddp", max_steps=30,
+                         log_every_n_steps=5,
                          limit_val_batches=2, val_check_interval=10, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=out, callbacks=[monitor, Record(monitor, out)])
     trainer.fit(BoringModel())

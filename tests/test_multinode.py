@@ -22,11 +22,11 @@ def _run_two_nodes(out: Path) -> tuple:
     """Both nodes' torchrun, on loopback; (whether both exited 0, their output)."""
     for leftover in out.glob("rank*.json"):
         leftover.unlink()
-    script = Path(__file__).with_name("multinode_fit.py")
+    script = Path(__file__).with_name("ddp_fit.py")
     port = _free_port()
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
                                "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
-                               str(script), str(out)],
+                               str(script), str(out), "2"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for node in (0, 1)]
     outputs = []
@@ -62,7 +62,7 @@ def test_two_nodes_count_each_host_once_and_sum_every_rank(tmp_path):
     for other in ranks[1:]:  # every rank ends with the same run totals (wall time is each rank's own)
         assert {k: v for k, v in other["totals"].items() if k != "elapsed_s"} == pytest.approx(
             {k: v for k, v in run.items() if k != "elapsed_s"})
-    assert run["train_batches"] == 4 * 20
+    assert run["train_batches"] == 4 * 30
     wall_h = run["elapsed_s"] / 3600
     # Each rank's clock starts at its own setup (rank 0's, the wall time here, can start late), so
     # compare hosts with GPUs: two hosts for four GPUs (a host counted per rank would be 1:1).
