@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -130,6 +131,40 @@ def test_each_cap_stops_before_the_step_that_would_cross_it(pl_ns, tmp_path, scl
     assert stop_ckpt == tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "budget_stop.ckpt"
     assert stop_ckpt.is_file()
     assert torch.load(stop_ckpt, weights_only=False)["global_step"] == 10
+
+
+@pytest.mark.parametrize("cap", ["max_kwh", "max_co2_kg"])
+def test_a_slow_cpu_detection_does_not_move_the_stop(pl_ns, tmp_path, sclock, monkeypatch, cap):
+    """codecarbon still detecting the CPU during the first steps (a loaded machine): the given RAM
+    power counts from the start, so no batch is charged a jump and the stop step stays exact."""
+    from costaware import _codecarbon
+
+    release, real_open = threading.Event(), _codecarbon.open_cpu
+
+    def slow_open(*args):
+        release.wait(10)
+        return real_open(*args)
+
+    monkeypatch.setattr(_codecarbon, "open_cpu", slow_open)
+    limit, unit, per_step = CAPS[cap]
+    monitor = _monitor(pl_ns, sclock)
+    trainer = _trainer(pl_ns, tmp_path, [monitor, pl_ns.costaware.BudgetCap(**{cap: limit})])
+    model = _model(pl_ns, sclock)
+    real_step = model.training_step
+
+    def step(batch, batch_idx):  # detection ends during step 5
+        if batch_idx == 4:
+            release.set()
+            monitor.meter._sampler.meters[1]._opened.wait(10)
+        return real_step(batch, batch_idx)
+
+    model.training_step = step
+    try:
+        trainer.fit(model)
+    finally:
+        release.set()
+    assert trainer.global_step == 10
+    assert getattr(monitor.totals, unit) == pytest.approx(10 * per_step)
 
 
 def test_max_time_as_timedelta_and_dict(pl_ns, tmp_path, sclock):

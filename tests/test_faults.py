@@ -288,11 +288,14 @@ def test_host_energy_counts_from_the_start_while_codecarbon_detects_the_cpu(cloc
     monkeypatch.setattr(_codecarbon, "open_cpu", slow_open)
     start = clock()
     host = HostMeter(start, cpu_tdp_w=10, ram_power_w=3)
-    readings = []
+    readings, ram = [], []
     for _ in range(4):  # 2 s of detection
         clock.advance(0.5)
-        readings.append(host.sample(clock()).cpu_energy_j)
+        sample = host.sample(clock())
+        readings.append(sample.cpu_energy_j)
+        ram.append(sample.ram_energy_j)
     assert readings == pytest.approx([2.5, 5.0, 7.5, 10.0])  # half the given 10 W TDP, from the start
+    assert ram == pytest.approx([1.5, 3.0, 4.5, 6.0])  # the given 3 W RAM counts at once: no jump later
     release.set()
     assert host._opened.wait(10)
     clock.advance(0.5)

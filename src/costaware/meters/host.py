@@ -58,8 +58,11 @@ class HostMeter:
     they run in a thread of their own started when the meter opens (in ``setup``), never on the
     training thread. Energy counts from ``start_s`` all the same: until detection ends, each
     sample integrates a provisional ``PROVISIONAL_CPU_W`` (half the given ``cpu_tdp_w``, else
-    half codecarbon's 85 W fallback TDP); when it ends, that span is priced again at the first
-    measured CPU and RAM power, keeping the larger of the two so totals never go backwards.
+    half codecarbon's 85 W fallback TDP) and the RAM's power (given, or codecarbon's model, opened
+    first as it is quick); when it ends, that span is priced again at the first measured CPU and
+    RAM power, keeping the larger of the two so totals never go backwards. RAM counting at once
+    means the batch on which detection ends is not charged the whole span's RAM energy (a jump
+    that would skew a cap's per-batch forecast).
     """
 
     present = True
@@ -81,6 +84,7 @@ class HostMeter:
         self._ram_j = 0.0
         self._start_s = self._last_s = start_s
         self._provisional_w = cpu_tdp_w / 2 if cpu_tdp_w is not None else self.PROVISIONAL_CPU_W
+        self._provisional_ram_w = ram_power_w or 0.0
         self._repriced = False  # the detection span priced again at measured power
         self._opened = threading.Event()
         self._open_error: Optional[BaseException] = None
@@ -89,8 +93,8 @@ class HostMeter:
 
     def _open(self) -> None:
         try:
+            self._ram = _codecarbon.open_ram(self._ram_power_w)  # quick: counted while the CPU is detected
             cpu, method = _codecarbon.open_cpu(tempfile.gettempdir(), self._cpu_tdp_w)
-            self._ram = _codecarbon.open_ram(self._ram_power_w)
             self._cpu, self.method = cpu, method
         except Exception as err:  # noqa: BLE001 - reported by the next sample, in the sampler thread
             self._open_error = err
@@ -109,6 +113,8 @@ class HostMeter:
                 self._last_s = now_s
                 if not self._opened.is_set():  # still detecting: the provisional estimate
                     self._cpu_j += self._provisional_w * dt_s
+                    ram = self._ram
+                    self._ram_j += (_codecarbon.ram_power_w(ram) if ram is not None else self._provisional_ram_w) * dt_s
                     self.latest = HostSample(now_s, self._cpu_j, self._ram_j, None)
                     return self.latest
                 if self._open_error is not None:
