@@ -29,6 +29,26 @@ def test_logging_batches_and_step(ns, tmp_path):
     assert [step for step, _ in probe.steps] == [global_step - 1 for _, global_step in probe.steps]
 
 
+@pytest.mark.parametrize("log_every, accumulate, stop_at", [(2, 1, None), (3, 2, None), (0, 1, None), (5, 1, 3)])
+def test_should_log_agrees_with_lightnings_own_property(ns, tmp_path, log_every, accumulate, stop_at):
+    """``should_log`` computes the fit loop's branch of ``should_update_logs`` itself (cheaper):
+    the two must agree on every batch, under gradient accumulation and once a stop is asked."""
+    seen = []
+
+    class Probe(ns.pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == stop_at:
+                trainer.should_stop = True
+            seen.append((internals.should_log(trainer), trainer._logger_connector.should_update_logs))
+
+    trainer = ns.Trainer(max_steps=12, log_every_n_steps=log_every, accumulate_grad_batches=accumulate,
+                         limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, callbacks=[Probe()], logger=log_every > 0)
+    trainer.fit(ns.BoringModel())
+    assert seen and all(ours == theirs for ours, theirs in seen)
+    assert any(ours for ours, _ in seen) == (log_every > 0)
+
+
 def test_minimums_read_written_and_met(ns, tmp_path):
     probe = _probe(ns)
     trainer = ns.Trainer(max_epochs=4, min_epochs=2, limit_train_batches=2, limit_val_batches=0,

@@ -47,6 +47,22 @@ def test_a_trainer_built_with_the_environment_gets_the_callbacks(ns, monkeypatch
     assert cap.limits == {"max_usd": 2.0}
 
 
+def test_a_trainer_with_a_costaware_callback_in_code_keeps_it(ns, monkeypatch):
+    """COSTAWARE=1 with a CostMonitor (or a cap) already in the script: one meter, the script's,
+    and a warning; not Lightning's "more than one stateful callback" error."""
+    monkeypatch.setenv("COSTAWARE", "1")
+    monkeypatch.setenv("COSTAWARE_USD_PER_HOST_HOUR", "0.3")
+    in_code_callbacks = (ns.costaware.CostMonitor(usd_per_host_hour=1.0),
+                         ns.costaware.BudgetCap(max_usd=5, usd_per_host_hour=1.0))
+    for in_code in in_code_callbacks:
+        with pytest.warns(RuntimeWarning, match=f"already has {type(in_code).__name__} in code"):
+            trainer = ns.Trainer(logger=False, callbacks=[in_code])
+        ours = [cb for cb in trainer.callbacks if type(cb).__module__.startswith("costaware.")]
+        assert ours == [in_code]
+    # Without one in code, the environment's callback is still added.
+    assert [cb for cb in ns.Trainer(logger=False, callbacks=[]).callbacks if isinstance(cb, ns.costaware.CostMonitor)]
+
+
 @pytest.mark.slow  # subprocess fits (~10 s each): CI runs -m slow
 @pytest.mark.parametrize("namespace", ["pytorch_lightning", "lightning.pytorch"])
 def test_nothing_happens_without_the_environment(tmp_path, namespace):

@@ -10,13 +10,22 @@ means, so a Lightning release that moves one breaks one function, caught by
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional
 
 
 def should_log(trainer: Any) -> bool:
     """Whether Lightning logs this training batch (``log_every_n_steps``), as its own
-    ``LearningRateMonitor`` and ``DeviceStatsMonitor`` ask it."""
-    return bool(trainer._logger_connector.should_update_logs)
+    ``LearningRateMonitor`` and ``DeviceStatsMonitor`` ask it.
+
+    Called from ``on_train_batch_end`` on every batch, so the fit loop's branch of the logger
+    connector's ``should_update_logs`` is computed here directly: the property first works out
+    which loop is active (``trainer.training``, an enum comparison), a few microseconds a batch.
+    """
+    every = trainer.log_every_n_steps
+    if not every:
+        return False
+    return (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % every == 0 or bool(trainer.should_stop)
 
 
 def logging_step(trainer: Any) -> int:
@@ -75,3 +84,21 @@ def publish_metrics(trainer: Any, metrics: dict, prog_bar: tuple = ()) -> None:
     for key in prog_bar:
         if key in metrics:
             connector._progress_bar_metrics[key] = float(metrics[key])
+
+
+def callbacks_given_to_trainer_being_built() -> Optional[list]:
+    """The callbacks already in the Trainer whose ``__init__`` is calling the ``callbacks_factory``
+    entry points, or None if no Trainer is being built up the stack.
+
+    Lightning calls a factory without arguments, from ``CallbackConnector.on_trainer_init`` after
+    it has set the user's callbacks: the connector (and so the Trainer) is found on the stack.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "on_trainer_init":
+            trainer = getattr(frame.f_locals.get("self"), "trainer", None)
+            callbacks = getattr(trainer, "callbacks", None)
+            if isinstance(callbacks, list):
+                return list(callbacks)
+        frame = frame.f_back  # type: ignore[assignment]
+    return None

@@ -10,12 +10,15 @@ the environment asks for costaware, so installing the package changes no one's r
 ``CostMonitor``; ``max_*``, ``on_cap`` of ``BudgetCap``). A ``COSTAWARE_MAX_*`` adds a
 ``BudgetCap`` (which meters the run itself); otherwise ``COSTAWARE=1`` adds a ``CostMonitor``.
 ``COSTAWARE=0`` turns it all off. A misspelt variable or a bad value is an error naming it,
-raised when the Trainer is built, before any compute.
+raised when the Trainer is built, before any compute. A Trainer given a costaware callback in
+code keeps that one: the environment adds nothing to it (a warning says so), as two meters of
+one run would count it twice.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Callable, Mapping, Optional
 
 PREFIX = "COSTAWARE_"
@@ -62,10 +65,17 @@ def settings_from_environment(environ: Mapping[str, str]) -> Optional[dict[str, 
     return settings
 
 
-def callbacks_for(namespace_module: Any, environ: Mapping[str, str]) -> list:
-    """The callbacks the environment asks for, from ``namespace_module`` (costaware or costaware.lightning)."""
+def callbacks_for(namespace_module: Any, environ: Mapping[str, str], given: Optional[list] = None) -> list:
+    """The callbacks the environment asks for, from ``namespace_module`` (costaware or costaware.lightning),
+    none if the callbacks ``given`` to the Trainer in code already hold a costaware one."""
     settings = settings_from_environment(environ)
     if settings is None:
+        return []
+    in_code = sorted({type(cb).__name__ for cb in given or () if type(cb).__module__.startswith("costaware.")})
+    if in_code:
+        warnings.warn(f"costaware: the environment's {_SWITCH}/{PREFIX}* settings are not applied to this Trainer: "
+                      f"it already has {', '.join(in_code)} in code, which meters the run", RuntimeWarning,
+                      stacklevel=2)
         return []
     if any(arg.startswith("max_") for arg in settings):
         cap_args = {k: v for k, v in settings.items() if k in _CAP_ARGS or k in _PRICE_ARGS}
@@ -79,12 +89,14 @@ def callbacks_for(namespace_module: Any, environ: Mapping[str, str]) -> list:
 def pytorch_lightning_callbacks() -> list:
     """Entry point ``pytorch_lightning.callbacks_factory``."""
     import costaware
+    from costaware import _lightning_internals as internals
 
-    return callbacks_for(costaware, os.environ)
+    return callbacks_for(costaware, os.environ, internals.callbacks_given_to_trainer_being_built())
 
 
 def lightning_callbacks() -> list:
     """Entry point ``lightning.pytorch.callbacks_factory``."""
     import costaware.lightning
+    from costaware import _lightning_internals as internals
 
-    return callbacks_for(costaware.lightning, os.environ)
+    return callbacks_for(costaware.lightning, os.environ, internals.callbacks_given_to_trainer_being_built())
