@@ -36,6 +36,10 @@ def test_serving_cost_arithmetic():
     loss = serving_cost("student", _timing(36.0), Deployment(requests=1000, usd_per_hour=0.1), 0.0, 0.3, mode="min",
                         usd_per_point=2.0)
     assert loss.value_usd == pytest.approx(-30 * 2.0 - 0.001)
+    # Points as the policy counts them: with points_per_unit=1 (a loss in nats), 0.3 is 0.3 points.
+    nats = serving_cost("student", _timing(36.0), Deployment(requests=1000, usd_per_hour=0.1), 0.0, 0.3, mode="min",
+                        usd_per_point=2.0, points_per_unit=1.0)
+    assert nats.value_usd == pytest.approx(-0.3 * 2.0 - 0.001)
     fields = cost.to_fields()
     assert fields["lifetime_usd"] == cost.lifetime_usd and fields["role"] == "teacher"
 
@@ -49,7 +53,7 @@ def test_recommend_by_value_and_sla():
     costs = [serving_cost(c.role, _timing(c.latency_ms_per_example), no_sla, c.train_usd, c.metric)
              for c in (teacher, student)]
     role, reason = recommend(costs, no_sla)
-    assert role == "student" and "more than the teacher" in reason and "metric -2.00 points" in reason
+    assert role == "student" and "more than the teacher" in reason and "metric -0.02" in reason
     # At a few requests, serving costs nothing next to the points: the teacher.
     few = Deployment(requests=1000, usd_per_hour=0.10, usd_per_point=1.0)
     costs = [serving_cost(r, _timing(ms), few, usd, m) for r, ms, usd, m in
@@ -120,3 +124,11 @@ def test_measure_serving_many_times_each_model_and_puts_it_back():
 def test_bad_deployment(kwargs, named):
     with pytest.raises(ValueError, match=named):
         Deployment(**{"requests": 1000, "usd_per_hour": 0.1, **kwargs})
+
+
+def test_the_policy_hands_its_points_per_unit_to_the_strategies(ns):
+    """A Deployment values models in the policy's points: a loss watched at points_per_unit=1."""
+    policy = ns.costaware.MarginalGainStopping(monitor="val_loss", mode="min", usd_per_point=2.0, points_per_unit=1.0)
+    trainer = ns.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    context = policy._context(trainer, None)
+    assert (context.usd_per_point, context.points_per_unit) == (2.0, 1.0)

@@ -201,6 +201,26 @@ def test_usd_objective_needs_a_deployment():
         Quantize(objective="usd").apply(nn.Linear(2, 2), None, lambda m, dl: 1.0)
 
 
+def test_usd_objective_without_a_deployment_fails_before_the_fit(ns, tmp_path):
+    """As a policy's strategy, Quantize(objective="usd") has no later chance to get a deployment:
+    the fit is refused at setup, before a batch is trained."""
+    trained = []
+
+    class Model(ns.BoringModel):
+        def training_step(self, batch, batch_idx):
+            trained.append(batch_idx)
+            return super().training_step(batch, batch_idx)
+
+    policy = ns.costaware.MarginalGainStopping(monitor="val_loss", mode="min", usd_per_point=1.0,
+                                               then=Quantize(objective="usd"))
+    monitor = ns.costaware.CostMonitor(usd_per_host_hour=1.0)
+    trainer = ns.Trainer(max_steps=5, callbacks=[monitor, policy], default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="objective='usd'.* needs a deployment"):
+        trainer.fit(Model())
+    assert trained == []
+
+
 def test_too_strict_max_drop_keeps_float_model(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 2))

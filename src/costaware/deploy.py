@@ -53,8 +53,9 @@ class Deployment:
             percentile of measured batch times is compared); None: no SLA.
         threads: torch CPU threads while timing (what one serving instance has); None: leave
             the current setting.
-        usd_per_point: what one point (0.01) of the metric is worth over the model's life,
-            dollars; None: the stopping policy's ``usd_per_point``.
+        usd_per_point: what one point of the metric (0.01 with the policy's default
+            ``points_per_unit``, 100) is worth over the model's life, dollars; None: the stopping
+            policy's ``usd_per_point``.
         examples: validation examples timed (spread over the validation set).
         repeats: timed passes over them; each batch counts its fastest pass.
 
@@ -122,8 +123,9 @@ class ServingCost:
         train_usd: every training dollar this candidate needed (a student's includes its
             teacher's, a quantized model's its float model's and the quantization's).
         lifetime_usd: ``train_usd + serving_usd``.
-        value_usd: metric points x ``usd_per_point`` - ``lifetime_usd`` (points are 100 x the
-            metric, negated for a metric to minimise); None without a price per point or a metric.
+        value_usd: metric points x ``usd_per_point`` - ``lifetime_usd`` (points are the policy's
+            ``points_per_unit``, 100 by default, x the metric, negated for a metric to minimise);
+            None without a price per point or a metric.
         meets_sla: whether ``request_p95_ms <= sla_ms`` (True without an SLA).
     """
 
@@ -247,10 +249,11 @@ def _timing(best_s: list[float], examples: int, device: torch.device, batch_size
 
 def serving_cost(role: str, timing: ServingTiming, deployment: Deployment, train_usd: float,
                  metric: Optional[float], mode: str = "max",
-                 usd_per_point: Optional[float] = None) -> ServingCost:
+                 usd_per_point: Optional[float] = None, points_per_unit: float = 100.0) -> ServingCost:
     """Serving and lifetime dollars of a timed candidate, and its value.
 
-    ``usd_per_point`` is used when ``deployment.usd_per_point`` is None.
+    ``usd_per_point`` is used when ``deployment.usd_per_point`` is None; a point is
+    ``1 / points_per_unit`` of the metric, as the stopping policy counts it.
     """
     usd_per_1k = timing.latency_ms_per_example * deployment.usd_per_hour / 3600.0  # 1000 x ms / 1000 = s
     serving_usd = usd_per_1k * deployment.requests / 1000.0
@@ -258,7 +261,7 @@ def serving_cost(role: str, timing: ServingTiming, deployment: Deployment, train
     price = deployment.usd_per_point if deployment.usd_per_point is not None else usd_per_point
     value = None
     if price is not None and metric is not None and math.isfinite(metric):
-        points = 100.0 * metric if mode == "max" else -100.0 * metric
+        points = points_per_unit * metric if mode == "max" else -points_per_unit * metric
         value = points * price - lifetime_usd
     meets_sla = deployment.sla_ms is None or timing.request_p95_ms <= deployment.sla_ms
     return ServingCost(role=role, metric=metric, latency_ms_per_example=timing.latency_ms_per_example,
@@ -306,7 +309,7 @@ def _sla(deployment: Deployment) -> str:
 def _difference(best: ServingCost, other: ServingCost) -> str:
     parts = []
     if best.metric is not None and other.metric is not None:
-        parts.append(f"metric {100 * (best.metric - other.metric):+.2f} points")
+        parts.append(f"metric {best.metric - other.metric:+.4g}")
     parts.append(f"lifetime {best.lifetime_usd - other.lifetime_usd:+,.4g} $")
     return ", ".join(parts)
 

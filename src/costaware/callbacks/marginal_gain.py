@@ -248,6 +248,8 @@ class MarginalGainStopping(*CALLBACK_BASES):  # a Callback of each installed nam
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        for strategy in self.strategies:
+            getattr(strategy, "check_before_fit", lambda: None)()  # before compute, not after the fit
         self.meter = find_meter(trainer, self)
         self._drives = self.meter is self.own_meter
         if self._drives:
@@ -434,7 +436,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # a Callback of each installed nam
     def _context(self, trainer: Any, pl_module: Any, totals_usd: Optional[float] = None) -> StopContext:
         return StopContext(trainer=trainer, pl_module=pl_module, monitor=self.meter, metric_name=self.monitor,
                            mode=self.mode, budget_left_usd=_budget_left_usd(trainer, totals_usd),
-                           usd_per_point=self.usd_per_point)
+                           usd_per_point=self.usd_per_point, points_per_unit=self.policy.points_per_unit)
 
     def _record(self, trainer: Any, decision: Decision, stop: bool, reason: str, value: float, totals: Any,
                 lr: Optional[float] = None) -> None:

@@ -26,8 +26,9 @@ class StopContext:
         mode: ``"max"`` or ``"min"``.
         budget_left_usd: dollars left under a ``BudgetCap``, or None when uncapped.
         reason: why the run stopped (the policy's decision text).
-        usd_per_point: what one point (0.01) of the metric is worth, dollars (the policy's), or
+        usd_per_point: what one point of the metric is worth, dollars (the policy's), or
             None; a ``Deployment`` prices the models' value with it.
+        points_per_unit: points per unit of the metric (the policy's; 100: accuracy 0.01 is a point).
     """
 
     trainer: Any
@@ -38,6 +39,7 @@ class StopContext:
     budget_left_usd: Optional[float] = None
     reason: str = ""
     usd_per_point: Optional[float] = None
+    points_per_unit: float = 100.0
 
 
 @dataclass
@@ -79,6 +81,10 @@ class StopStrategy:
     """Base class: override ``on_stop`` (at the stop point) and/or ``after_fit`` (after the fit)."""
 
     name = "stop"
+
+    def check_before_fit(self) -> None:
+        """Raise a ValueError for settings that could only fail after the fit (called at setup,
+        before any compute: a strategy used standalone may get them later, a fitted one cannot)."""
 
     def on_stop(self, context: StopContext) -> None:
         """Called once, on every rank, at the step where the run decides to stop."""

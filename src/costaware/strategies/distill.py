@@ -342,7 +342,8 @@ class Distill(StopStrategy):
         self._check_shapes(run.teacher, self.student, to_device(first, run.device), run.device)
         if self.deployment is not None:
             self.judge = LifetimeJudge(self.deployment, run.split, run.val_data, mode=self.metric_mode,
-                                       usd_per_point=run.context.usd_per_point, usd_per_s=run.usd_per_s)
+                                       usd_per_point=run.context.usd_per_point, usd_per_s=run.usd_per_s,
+                                       points_per_unit=run.context.points_per_unit)
             served = served_copy(run.teacher)
             self.judge.add(Candidate("teacher", served, train_usd=run.teacher_usd or 0.0, metric=run.teacher_row.metric,
                                      note="adapters merged for serving" if served is not run.teacher else ""))

@@ -64,11 +64,14 @@ class LifetimeJudge:
         mode: ``"max"`` or ``"min"``, the metric's direction.
         usd_per_point: the policy's price of a point, used unless the deployment has its own.
         usd_per_s: the run's dollars per wall second, to price the timing itself.
+        points_per_unit: the policy's points per unit of the metric, for the value.
     """
 
     def __init__(self, deployment: Deployment, split: Callable, val_data: Optional[Iterable], mode: str = "max",
-                 usd_per_point: Optional[float] = None, usd_per_s: Optional[float] = None) -> None:
+                 usd_per_point: Optional[float] = None, usd_per_s: Optional[float] = None,
+                 points_per_unit: float = 100.0) -> None:
         self.deployment = deployment
+        self.points_per_unit = points_per_unit
         self.mode = mode
         self.usd_per_point = usd_per_point
         self.usd_per_s = usd_per_s
@@ -118,7 +121,7 @@ class LifetimeJudge:
             if candidate.timing is None:
                 continue
             candidate.cost = serving_cost(role, candidate.timing, self.deployment, candidate.train_usd,
-                                          candidate.metric, self.mode, self.usd_per_point)
+                                          candidate.metric, self.mode, self.usd_per_point, self.points_per_unit)
             costs.append(candidate.cost)
         self.recommended, self.reason = recommend(costs, self.deployment) if costs else (None, "nothing timed")
         d = self.deployment

@@ -220,6 +220,12 @@ class Quantize(StopStrategy):
     # As a strategy of MarginalGainStopping
     # ----------------------------------------------------------------------------------------
 
+    def check_before_fit(self) -> None:
+        """In a fit, ``after_fit`` gets no deployment of its own: the ``"usd"`` objective needs one now."""
+        if self.objective == "usd" and self.deployment is None:
+            raise ValueError("Quantize(objective='usd') after a fit needs a deployment: "
+                             "Quantize(objective='usd', deployment=Deployment(...)), set before the fit")
+
     def after_fit(self, context: StopContext) -> list[ModelRow]:
         """Quantize the fitted module on global rank zero; returns the teacher and quantized rows.
 
