@@ -443,10 +443,24 @@ def test_a_dollar_cap_with_nothing_priced_fails_before_compute_naming_the_price(
 
 def test_price_arguments_are_ignored_with_a_warning_when_a_monitor_exists(pl_ns, tmp_path, sclock):
     monitor = _monitor(pl_ns, sclock)
-    trainer = _trainer(pl_ns, tmp_path, [monitor, pl_ns.costaware.BudgetCap(max_flops=550, usd_per_host_hour=99)])
-    with pytest.warns(BudgetWarning, match=r"\['usd_per_host_hour'\] are ignored"):
+    trainer = _trainer(pl_ns, tmp_path, [monitor, pl_ns.costaware.BudgetCap(max_flops=550, usd_per_kwh=0.2)])
+    with pytest.warns(BudgetWarning, match=r"\['usd_per_kwh'\] are ignored"):
         trainer.fit(_model(pl_ns, sclock))
-    assert monitor.prices.usd_per_host_hour == 3.6
+    assert monitor.prices.usd_per_host_hour == 3.6 and monitor.prices.usd_per_kwh == 0.0
+
+
+@pytest.mark.parametrize("with_monitor", [True, False])
+def test_two_prices_for_one_run_are_refused_before_a_batch(pl_ns, tmp_path, sclock, with_monitor):
+    """A price given to the meter of the run and, differently, to another callback: an error at
+    setup (which one is right cannot be known), not a warning that one was ignored."""
+    first = _monitor(pl_ns, sclock) if with_monitor else pl_ns.costaware.BudgetCap(max_flops=550, usd_per_host_hour=3.6)
+    other = pl_ns.costaware.MarginalGainStopping(monitor="val_loss", mode="min", usd_per_point=1.0,
+                                                 monitor_kwargs={"usd_per_host_hour": 99})
+    trainer = _trainer(pl_ns, tmp_path, [first, other])
+    model = _model(pl_ns, sclock)
+    with pytest.raises(ValueError, match=r"different settings \(usd_per_host_hour=99 here, 3.6 there\)"):
+        trainer.fit(model)
+    assert model.batches == 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ def run_meter(trainer: pl.Trainer) -> Optional[CostMeter]:
 def find_meter(trainer: pl.Trainer, me: Any, category: type = UserWarning) -> CostMeter:
     """The run's meter for callback ``me`` (whose ``own_meter`` is used if no other applies).
 
-    Warns when ``me`` was given prices that do not apply because another meter is the run's.
+    Warns when ``me`` was given prices that do not apply because another meter is the run's;
+    a setting given to both with different values is a ValueError (at setup, before compute).
     """
     monitors = [cb for cb in trainer.callbacks if isinstance(cb, CostMonitor)]
     name = type(me).__name__
@@ -56,9 +57,15 @@ def find_meter(trainer: pl.Trainer, me: Any, category: type = UserWarning) -> Co
     meter = run_meter(trainer)
     assert meter is not None  # ``me`` has an own_meter
     if meter is not me.own_meter and _given(me.own_meter):
-        rank_zero_warn(f"costaware: {name}'s monitor arguments {sorted(_given(me.own_meter))} are ignored: the run "
-                       "is metered by " + ("the Trainer's CostMonitor" if monitors else "another costaware callback")
-                       + ", whose prices apply", category=category)
+        metered_by = "the Trainer's CostMonitor" if monitors else "another costaware callback"
+        mine, theirs = _given(me.own_meter), _given(meter)
+        clashes = {k: (v, theirs[k]) for k, v in mine.items() if k in theirs and theirs[k] != v}
+        if clashes:  # two prices for one run: neither can be assumed right
+            detail = "; ".join(f"{k}={a!r} here, {b!r} there" for k, (a, b) in sorted(clashes.items()))
+            raise ValueError(f"costaware: {name} and {metered_by}, which meters the run, were given different "
+                             f"settings ({detail}): give prices once, on the callback that meters the run")
+        rank_zero_warn(f"costaware: {name}'s monitor arguments {sorted(mine)} are ignored: the run is metered by "
+                       f"{metered_by}, whose prices apply", category=category)
     return meter
 
 
