@@ -216,7 +216,7 @@ def test_usd_objective_without_a_deployment_fails_before_the_fit(ns, tmp_path):
     monitor = ns.costaware.CostMonitor(usd_per_host_hour=1.0)
     trainer = ns.Trainer(max_steps=5, callbacks=[monitor, policy], default_root_dir=tmp_path, logger=False,
                          enable_progress_bar=False, enable_model_summary=False)
-    with pytest.raises(ValueError, match="objective='usd'.* needs a deployment"):
+    with pytest.raises(ValueError, match=r"objective='usd'.* needs a deployment"):
         trainer.fit(Model())
     assert trained == []
 
