@@ -101,3 +101,14 @@ def test_run_labels_drop_what_every_run_shares():
     assert run_labels(["/abs/x/ledger.jsonl", "/abs/y/costaware/ledger.jsonl"], ["a", "b"]) == ["x", "y"]
     assert run_labels(["same", "same"], ["0123456789", "abcdefghij"]) == ["same (01234567)", "same (abcdefgh)"]
     assert run_labels(["only/one/run"], ["a"]) == ["only/one/run"]
+
+
+def test_one_metric_is_ranked_in_one_group_whatever_each_run_states():
+    """Runs of one metric, some whose policy states its mode and some without a policy: one group,
+    in the mode stated (was: the runs without a policy were guessed into a second group)."""
+    from costaware.report.compare import _mode_per_metric
+
+    stated = [("score", "min"), ("score", None), ("score", None), ("val_acc", None)]
+    assert _mode_per_metric(stated, None) == {"score": "min", "val_acc": "max"}
+    assert _mode_per_metric([("score", "min"), ("score", "max"), ("score", "max")], None) == {"score": "max"}
+    assert _mode_per_metric(stated, "max") == {"score": "max", "val_acc": "max"}  # --mode wins

@@ -79,13 +79,14 @@ def compare_runs(sources: Sequence[PathLike], metric: Optional[str] = None, mode
     names = run_labels([run["source"] for run in loaded], [run["report"]["run"]["run_id"] for run in loaded])
     groups: dict = {}
     unranked = []
-    for run, name in zip(loaded, names):
-        monitored, policy_mode = _monitored(run, metric)
+    monitored_by = [_monitored(run, metric) for run in loaded]
+    modes = _mode_per_metric(monitored_by, mode)
+    for run, name, (monitored, _) in zip(loaded, names, monitored_by):
         entry = _entry(run, name, monitored)
         if monitored is None:
             unranked.append({**entry, "reason": "no metric recorded"})
             continue
-        entry_mode = mode or policy_mode or guess_mode(monitored)
+        entry_mode = modes[monitored]
         points = [(value, usd, r.step) for r in run["records"] if r.name == monitored
                   for value, usd in [(finite_number(r.value), finite_number(r.usd))]
                   if value is not None and usd is not None]
@@ -128,6 +129,19 @@ def _entry(run: dict, name: str, metric: Optional[str]) -> dict:
             "strategies_usd": next((r["usd"] for r in phases.get("rows") or [] if r["phase"] == "strategies"), 0.0),
             "how": report["outcome"]["how"], "complete": report["ledger"]["complete"],
             "trusted": report["ledger"]["trusted"], "problems": report["problems"]}
+
+
+def _mode_per_metric(monitored_by: list, mode: Optional[str]) -> dict:
+    """One mode per metric, so runs of one metric are ranked in one group: the mode given, else
+    the one most of the runs' policies state for it (the first on a tie), else a guess from its name."""
+    stated: dict = {}
+    for monitored, policy_mode in monitored_by:
+        if monitored is not None:
+            stated.setdefault(monitored, [])
+            if policy_mode is not None:
+                stated[monitored].append(policy_mode)
+    return {m: mode or (max(dict.fromkeys(said), key=said.count) if said else guess_mode(m))
+            for m, said in stated.items()}
 
 
 def _rank(runs: list[dict], mode: str) -> list[dict]:
