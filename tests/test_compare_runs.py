@@ -112,3 +112,17 @@ def test_one_metric_is_ranked_in_one_group_whatever_each_run_states():
     assert _mode_per_metric(stated, None) == {"score": "min", "val_acc": "max"}
     assert _mode_per_metric([("score", "min"), ("score", "max"), ("score", "max")], None) == {"score": "max"}
     assert _mode_per_metric(stated, "max") == {"score": "max", "val_acc": "max"}  # --mode wins
+
+
+def test_an_svg_holds_every_groups_plot(runs, tmp_path):
+    """--out x.svg with runs of two metrics: both plots, stacked in one well-formed SVG."""
+    import xml.etree.ElementTree as ET
+
+    out = tmp_path / "pareto.svg"
+    done = _shell("short", "long", "probe_acc", "--out", str(out), cwd=runs)
+    assert done.returncode == 0, done.stderr
+    root = ET.fromstring(out.read_text())
+    charts = [child for child in root if child.tag.endswith("svg")]
+    assert [c.get("id") for c in charts] == ["chart-pareto-0", "chart-pareto-1"]
+    assert float(charts[1].get("y")) == float(charts[0].get("height")) > 0
+    assert float(root.get("height")) == sum(float(c.get("height")) for c in charts)

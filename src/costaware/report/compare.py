@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 from html import escape
 from pathlib import Path, PurePath
 from typing import Optional, Sequence
@@ -270,9 +271,26 @@ def render_compare_text(result: dict) -> str:
 
 
 def render_compare_svg(result: dict) -> str:
-    """The Pareto plot of the first (largest) group: each run's metric against dollars, its best point, the front."""
-    return _group_svg(result["groups"][0] if result["groups"] else {"metric": result["metric"], "mode": result["mode"],
-                                                                    "runs": []}, 0)
+    """The Pareto plot of every group, stacked (largest group first): each run's metric against
+    dollars, its best point, the front. One group's plot is returned as it is."""
+    groups = result["groups"] or [{"metric": result["metric"], "mode": result["mode"], "runs": []}]
+    charts = [_group_svg(group, i) for i, group in enumerate(groups)]
+    if len(charts) == 1:
+        return charts[0]
+    sizes = [_svg_size(chart) for chart in charts]
+    width, y, parts = max(w for w, _ in sizes), 0, []
+    for chart, (_, height) in zip(charts, sizes):
+        parts.append(chart.replace("<svg ", f'<svg x="0" y="{y}" ', 1))  # a nested svg placed at y
+        y += height
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y}" viewBox="0 0 {width} {y}">'
+            + "".join(parts) + "</svg>")
+
+
+def _svg_size(svg: str) -> tuple[int, int]:
+    """An svg's ``width`` and ``height`` attributes, pixels."""
+    head = svg[:svg.index(">")]
+    width, height = (re.search(rf'\b{name}="(\d+)', head) for name in ("width", "height"))
+    return (int(width.group(1)) if width else 400), (int(height.group(1)) if height else 40)
 
 
 def _group_svg(group: dict, index: int) -> str:
