@@ -150,3 +150,24 @@ def test_a_killed_run_reports_its_phases_to_the_last_validation(ns, tmp_path, cl
     assert rows["training"]["basis"] == "metered, to the last validation"
     assert rows["training"]["elapsed_s"] == pytest.approx(12.0)  # the last validation came after step 6
     assert not any(e["name"] == "phases" for e in report["events"])  # bookkeeping, not a decision
+
+
+def test_a_resumed_run_keeps_the_phases_of_its_earlier_sessions(ns, tmp_path, clock):
+    """Fit 6 steps (2 s each) with a checkpoint, resume to 12: training holds both sessions' 24 s,
+    not the last session's 12 s with the first counted as "other"."""
+    first = CostMonitor(usd_per_host_hour=3.6)
+    first.meter.clock = clock
+    checkpoint = ns.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
+    _fit(ns, tmp_path, clock, [first, checkpoint], max_steps=6)
+    resumed = CostMonitor(usd_per_host_hour=3.6)
+    resumed.meter.clock = clock
+    model = make_clocked_model(ns.BoringModel, clock, step_s=2.0)
+    trainer = ns.Trainer(max_steps=12, val_check_interval=3, limit_val_batches=2, default_root_dir=tmp_path,
+                         callbacks=[resumed], logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False)
+    trainer.fit(model, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=6.ckpt"))
+    end = read_ledger(resumed.ledger.path).end
+    assert end.phases["training"]["elapsed_s"] == pytest.approx(24.0)
+    assert end.totals.elapsed_s == pytest.approx(24.0)
+    rows = {r["phase"]: r for r in build_report(resumed.ledger.path)["phases"]["rows"]}
+    assert rows["other"]["elapsed_s"] == pytest.approx(0.0, abs=1e-9)

@@ -29,7 +29,7 @@ from costaware.ledger import (
     read_ledger,
 )
 from costaware.meters import FlopsCounter, Sampler, open_gpu, open_host, peak_flops_per_s
-from costaware.phases import PhaseClock
+from costaware.phases import PHASE_FIGURES, PhaseClock
 from costaware.prices import make_prices
 from costaware.records import (
     End,
@@ -108,6 +108,7 @@ class CostMeter:
         self._gpus_held: Optional[int] = None  # known at start
         self._ledger_open = False
         self._phases: Optional[PhaseClock] = None
+        self._phases_before: Optional[dict] = None  # a resumed run's phases up to its checkpoint
         self._phase_totals: Optional[dict] = None
 
     # ----------------------------------------------------------------------------------------
@@ -218,6 +219,9 @@ class CostMeter:
         self._totals = self._base
         self._mine_at_refresh = self._base
         self.ledger.totals = self._base
+        for name, figures in (self._phases_before or {}).items():  # a resumed run's earlier sessions
+            if isinstance(figures, dict) and self._phases is not None:
+                self._phases.spent[name] = {k: float(figures.get(k) or 0.0) for k in PHASE_FIGURES}
         self.ledger.record(Header(
             prices=self.prices.to_dict(), meters=self.meter_status(), world_size=trainer.world_size,
             num_nodes=trainer.num_nodes, precision=str(trainer.precision), peak_flops_per_s=self._peak_flops_per_s,
@@ -355,13 +359,17 @@ class CostMeter:
     def state_dict(self) -> dict:
         # Spend up to this moment (between DDP syncs, the estimate BudgetCap uses), not the last log's.
         totals = self.current_totals() if self._sampler is not None else self._totals
+        phases = self._phases.snapshot() if self._phases is not None and self._sampler is not None else None
         return {"run_id": self.ledger.run_id if self.ledger else self._run_id, "totals": totals.to_dict(),
-                "ledger_path": str(self.ledger.path) if self.ledger and self.ledger.path else None}
+                "ledger_path": str(self.ledger.path) if self.ledger and self.ledger.path else None,
+                "phases": phases}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Continue the totals of the checkpointed run, and what its ledger recorded after it."""
         self._run_id = state_dict.get("run_id")
         self._base = Totals.from_dict(state_dict.get("totals", {}))
+        phases = state_dict.get("phases")  # absent in checkpoints of costaware <= 0.1
+        self._phases_before = phases if isinstance(phases, dict) else None
         self._resumed_from = {"run_id": self._run_id, "checkpoint_usd": self._base.usd,
                               "ledger_path": state_dict.get("ledger_path")}
         old = state_dict.get("ledger_path")
@@ -375,6 +383,9 @@ class CostMeter:
                 # The run went on (and paid) after this checkpoint before it stopped.
                 self._base = contents.last_totals
                 self._resumed_from["ledger_usd"] = self._base.usd
+                recorded = [e.phases for e in contents.events if isinstance(e, PhasesEvent) and e.phases]
+                if recorded:  # the phases as far as the ledger went, not the checkpoint's
+                    self._phases_before = recorded[-1]
 
     # ----------------------------------------------------------------------------------------
     # Totals
