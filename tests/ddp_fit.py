@@ -18,6 +18,7 @@ sys.modules["pynvml"] = FakeNVML([FakeGPU(power_w=300.0, uuid="GPU-0"), FakeGPU(
                                  time.monotonic)
 
 import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
 from pytorch_lightning.demos.boring_classes import BoringModel  # noqa: E402
 
 import costaware  # noqa: E402
@@ -46,3 +47,8 @@ if __name__ == "__main__":
                          limit_val_batches=2, val_check_interval=10, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=out, callbacks=[monitor, Record(monitor, out)])
     trainer.fit(BoringModel())
+    # As PyTorch asks of every script: a gloo process group left to interpreter exit can abort the
+    # process ("terminate called without an active exception", pytorch/pytorch#190489), and
+    # torchrun then holds the other node at its exit barrier for 300 s.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
