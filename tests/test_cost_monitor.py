@@ -102,6 +102,24 @@ def test_resume_keeps_cost_spent_after_the_checkpoint(pl_ns, tmp_path, clock):
     assert second.totals.elapsed_s == pytest.approx(10.0 + 4.0)
 
 
+def test_an_unpriced_resume_keeps_the_time_spent_after_the_checkpoint(pl_ns, tmp_path, clock):
+    """The same with nothing priced ($0 throughout): the ledger's later time, energy and batches
+    still count (the run went on, though its dollars did not grow)."""
+    ns = pl_ns
+    first = _monitor(ns, clock, flush_interval_s=0.0, usd_per_host_hour=0.0)
+    ckpt = ns.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=4,
+                                        save_on_train_epoch_end=False)
+    with pytest.warns(RuntimeWarning, match="no price applies"):
+        trainer = _trainer(ns, tmp_path, [first, ckpt], max_steps=10, limit_val_batches=0)
+        trainer.fit(make_clocked_model(ns.BoringModel, clock, step_s=1.0))
+    second = _monitor(ns, clock, usd_per_host_hour=0.0)
+    trainer = _trainer(ns, tmp_path, [second], max_steps=12, limit_val_batches=0)
+    with pytest.warns(RuntimeWarning, match="no price applies"):
+        trainer.fit(make_clocked_model(ns.BoringModel, clock, step_s=1.0), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert second.totals.usd == 0.0 and second.totals.elapsed_s == pytest.approx(10.0 + 4.0)
+    assert second.totals.train_batches == 10 + 4  # steps 9-10 were paid for twice
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

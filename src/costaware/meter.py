@@ -379,8 +379,9 @@ class CostMeter:
             except LedgerError:
                 return
             same_run = contents.header is not None and contents.header.run_id == self._run_id
-            if same_run and contents.last_totals.usd > self._base.usd:
-                # The run went on (and paid) after this checkpoint before it stopped.
+            later = contents.last_totals
+            if same_run and (later.usd > self._base.usd or later.elapsed_s > self._base.elapsed_s):
+                # The run went on after this checkpoint before it stopped (an unpriced run too: $0).
                 self._base = contents.last_totals
                 self._resumed_from["ledger_usd"] = self._base.usd
                 recorded = [e.phases for e in contents.events if isinstance(e, PhasesEvent) and e.phases]
