@@ -408,3 +408,26 @@ def test_a_skipped_after_fit_clears_an_earlier_apply(tmp_path, rank_zero):
     rows = strategy.after_fit(StopContext(trainer=trainer, pl_module=model, metric_name="val_acc"))
     assert rows[0].note.startswith("not quantized: no validation data")
     assert strategy.kept is False and strategy.model is None and strategy.path is None
+
+
+def test_importing_bitsandbytes_calls_no_network():
+    """bitsandbytes >= 0.50 asks the hub for a CPU 4-bit kernel at import (on AVX512-BF16 CPUs, with
+    transformers' ``kernels`` installed): costaware's import of it looks nothing up, even after
+    transformers and the hub client are imported, as in a LoRA script."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent("""
+        import socket
+        import transformers  # noqa: F401  (imports huggingface_hub, as a LoRA script does)
+        looked_up = []
+        real = socket.getaddrinfo
+        socket.getaddrinfo = lambda *a, **k: looked_up.append(a[0]) or real(*a, **k)
+        from costaware.strategies.conversion import import_bitsandbytes
+        import_bitsandbytes()
+        print("LOOKUPS", looked_up)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "LOOKUPS []" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert "kernels-community" not in done.stderr  # bitsandbytes' fallback notice is muted too

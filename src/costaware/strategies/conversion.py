@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,18 +30,42 @@ class QuantizationUnavailableError(ImportError):
 
 
 def import_bitsandbytes() -> Any:
-    """Import bitsandbytes, or raise :class:`QuantizationUnavailableError` saying how to get it."""
+    """Import bitsandbytes, or raise :class:`QuantizationUnavailableError` saying how to get it.
+
+    On a CPU with AVX512-BF16, bitsandbytes >= 0.50 asks the ``kernels`` package (a dependency
+    of transformers) for a 4-bit kernel from the Hugging Face hub when it is imported: a network
+    call, which costaware never makes. ``kernels`` is hidden during the import, so bitsandbytes
+    falls back to its own CPU kernel (its warning that the hub kernel failed is muted).
+    """
+    cpu_ops_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    muted = cpu_ops_log.disabled
     try:
-        with warnings.catch_warnings():
+        cpu_ops_log.disabled = True
+        with warnings.catch_warnings(), _without_module("kernels"):
             warnings.simplefilter("ignore")  # "no GPU support" notices on CPU-only machines
             import bitsandbytes
     except ImportError as err:
         raise QuantizationUnavailableError(
             "Quantize needs bitsandbytes (>= 0.47 for CPU kernels), which cannot be imported: "
             "pip install costaware[quant]") from err
+    finally:
+        cpu_ops_log.disabled = muted
     return bitsandbytes
 
 
+@contextmanager
+def _without_module(name: str) -> Iterator[None]:
+    """``import name`` raises ImportError for the duration (whether or not it was imported before)."""
+    missing = object()
+    before = sys.modules.get(name, missing)
+    sys.modules[name] = None  # type: ignore[assignment]  # None in sys.modules: "import name" fails
+    try:
+        yield
+    finally:
+        if before is missing:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = before  # type: ignore[assignment]
 
 
 def quantize_linear_layers(
