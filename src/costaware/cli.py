@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Rank runs by the best value of their monitored metric against the dollars they spent in total "
                     "(every phase), the Pareto front first; runs that monitor different metrics are ranked in "
                     "separate groups, never against each other. Print the tables, and write them with a Pareto "
-                    "plot (metric against dollars) to --out (.html page, or .svg for the plots alone, one per metric, stacked).")
+                    "plot (metric against dollars) to --out (.html page, or .svg for the plots alone, one per "
+                    "metric, stacked).")
     compare.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="run directories or ledger files")
     compare.add_argument("--metric", help="metric to rank every run by (default: each run's monitored metric, "
                                           "MarginalGainStopping's monitor or else the first metric it recorded, "
