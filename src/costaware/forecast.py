@@ -227,7 +227,7 @@ def check_caps(explicit: Mapping[str, Any], caps: Optional[Mapping[str, Any]] = 
 # ---------------------------------------------------------------------------------------------
 
 
-def _validations_up_to(batch: int, batches_per_epoch: float, val_check_batch: float,
+def _validations_up_to(batch: int, batches_per_epoch: float, val_check_batch: Optional[float],
                        check_val_every_n_epoch: Optional[int]) -> int:
     """Validation runs after training batches 1..``batch`` (1-based, counted over the run)."""
     if batch <= 0 or not val_check_batch or not math.isfinite(val_check_batch):
@@ -245,7 +245,8 @@ def _validations_up_to(batch: int, batches_per_epoch: float, val_check_batch: fl
     return (epochs // k) * per_epoch + partial
 
 
-def validations_between(first_batch: int, last_batch: int, batches_per_epoch: float, val_check_batch: float,
+def validations_between(first_batch: int, last_batch: int, batches_per_epoch: float,
+                        val_check_batch: Optional[float],
                         check_val_every_n_epoch: Optional[int]) -> int:
     """How many validation runs Lightning's schedule puts after batches ``first_batch + 1`` to
     ``last_batch`` (1-based counts over the run).

@@ -83,9 +83,10 @@ class CostMeter:
                  flops_measure_batches: int = 3, cpu_tdp_w: Optional[float] = None,
                  ram_power_w: Optional[float] = None, nvml_index: Optional[int] = None,
                  ledger_dir: Optional[str] = None) -> None:
-        self._price_args = dict(gpu=gpu, usd_per_gpu_hour=usd_per_gpu_hour, usd_per_host_hour=usd_per_host_hour,
-                                usd_per_kwh=usd_per_kwh, pue=pue, mode=mode, country=country, region=region,
-                                cloud_provider=cloud_provider, cloud_region=cloud_region, g_co2_per_kwh=g_co2_per_kwh)
+        self._price_args: dict[str, Any] = dict(
+            gpu=gpu, usd_per_gpu_hour=usd_per_gpu_hour, usd_per_host_hour=usd_per_host_hour, usd_per_kwh=usd_per_kwh,
+            pue=pue, mode=mode, country=country, region=region, cloud_provider=cloud_provider,
+            cloud_region=cloud_region, g_co2_per_kwh=g_co2_per_kwh)
         self.prices = make_prices(**self._price_args)
         self.sample_interval_s = check_amount("sample_interval_s", sample_interval_s, minimum=1e-3)
         self.flush_interval_s = check_amount("flush_interval_s", flush_interval_s)
@@ -203,6 +204,7 @@ class CostMeter:
         if self._ledger_open:
             return
         self._ledger_open = True
+        assert self.ledger is not None, "start() opens the ledger"
         if self._run_id is not None:
             self.ledger.run_id = self._run_id
         path = self.ledger.path
@@ -266,6 +268,7 @@ class CostMeter:
         if trainer.sanity_checking or self._sampler is None:
             return
         self.refresh(trainer, pl_module)
+        assert self.ledger is not None, "start() opens the ledger"
         for name, value in trainer.callback_metrics.items():
             if not name.startswith(("cost/", "throughput/", "gpu/", "host/")) and _is_scalar(value):
                 spent = self.ledger.totals
@@ -295,6 +298,7 @@ class CostMeter:
         self.refresh(trainer, pl_module)
         self._phase_totals = self._phases.snapshot() if self._phases is not None else None
         if trainer.is_global_zero:
+            assert self.ledger is not None and self.ledger.path is not None, "start() gives rank zero a ledger file"
             t = self._totals
             rank_zero_info(
                 f"costaware: run spent ${t.usd:.4f} ({t.kwh:.4f} kWh, {t.co2_kg:.4f} kg CO2, {t.gpu_hours:.3f} "
@@ -328,6 +332,7 @@ class CostMeter:
 
     def finish(self, how: str, trainer: pl.Trainer) -> None:
         """Close the ledger and build the run's report from it (rank zero)."""
+        assert self.ledger is not None, "start() opens the ledger"
         self._note_meter_faults()
         self._totals = self._totals.maximum(self.ledger.max_totals)  # never below a total already recorded
         self.ledger.totals = self._totals
@@ -442,6 +447,7 @@ class CostMeter:
         """This rank's figures since :meth:`start`, from the meters' cached readings."""
         elapsed_s = self.clock() - self._start_s
         gpu, host = self._gpu.latest, self._host.latest
+        assert self._gpus_held is not None, "set by start()"
         gpu_hours = self._gpus_held * elapsed_s / 3600.0
         host_hours = self._counts_host * elapsed_s / 3600.0
         gpu_j = gpu.energy_j or 0.0
@@ -479,6 +485,7 @@ class CostMeter:
         self.readings.update(figures)
         internals.publish_metrics(trainer, figures, prog_bar=("cost/usd",))
         log_at_lightning_step(trainer, figures)
+        assert self.ledger is not None, "start() opens the ledger"
         self.ledger.totals = t
         self.ledger.record(Sample(totals=RecordedTotals.of(t), readings={
             k.replace("/", "_"): v for k, v in readings.items() if not k.startswith("cost/")}))
@@ -491,6 +498,7 @@ class CostMeter:
             readings["throughput/batches_per_s"] = (t.train_batches - self._last_log[1]) / d_elapsed
             flops_per_s = (t.flops - self._last_log[2]) / d_elapsed
             readings["throughput/flops_per_s"] = flops_per_s
+            assert self._gpus_held is not None, "set by start()"
             gpus = r["gpus_reporting"] or self._gpus_held * self._world_size
             if self._peak_flops_per_s and gpus:
                 readings["throughput/mfu_pct"] = 100.0 * flops_per_s / (self._peak_flops_per_s * gpus)
@@ -516,6 +524,7 @@ class CostMeter:
     def _note_meter_faults(self) -> None:
         for name, meter in (("gpu", self._gpu), ("host", self._host)):
             if meter.degraded and name not in self._meter_faults_seen:
+                assert self.ledger is not None, "start() opens the ledger"
                 self._meter_faults_seen.add(name)
                 self.ledger.record(MeterDegradedEvent(meter=name, status=meter.status))
 

@@ -70,7 +70,7 @@ class BudgetWarning(UserWarning):
     """A budget milestone: 50/80/95% of a cap spent, or a forecast over a cap."""
 
 
-class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning namespace
+class BudgetCap(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each installed Lightning namespace
     r"""Stop training before any cap is crossed: dollars, kWh, kg CO2, GPU-hours, FLOPs or time.
 
     Checked after every training batch from the cost monitor's cached totals (no collective, no
@@ -238,6 +238,7 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
             self.meter.start(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.meter is not None and self.meter.ledger is not None, "setup() found and started the run's meter"
         if "max_usd" in self.limits:
             check_priced(self.meter, "BudgetCap", "max_usd")
         self.stopped = None
@@ -248,7 +249,7 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self._drives:
-            self.meter.phase_start("training")
+            self.own_meter.phase_start("training")
         self._reset_session()
         self.planner.start_session()
         self.planner.checkpoint_prior_s = _checkpoint_prior_s(pl_module)
@@ -267,14 +268,15 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._drives:
-            self.meter.begin_batch(pl_module)
+            self.own_meter.begin_batch(pl_module)
         self._close_checkpoint()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        assert self.meter is not None, "setup() found the run's meter"
         self.meter.count_batch(trainer, pl_module)  # metering first: the checks read this batch's cost
         log_now = internals.should_log(trainer)  # as CostMonitor and Lightning's monitors do
         if self._drives and log_now:
-            self.meter.log(trainer, pl_module, on_step=True)
+            self.own_meter.log(trainer, pl_module, on_step=True)
         self._since_forecast += 1
         forecast_due = log_now and self._since_forecast >= _FORECAST_EVERY_BATCHES
         if self._skip_checks > 0 and not forecast_due and self._checkpoint_start is None:
@@ -323,13 +325,13 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self._drives:
-            self.meter.end_epoch()
-            self.meter.log(trainer, pl_module, on_step=False)
+            self.own_meter.end_epoch()
+            self.own_meter.log(trainer, pl_module, on_step=False)
         self._record_forecast = True
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if self._drives:
-            self.meter.phase_start("validation")
+            self.own_meter.phase_start("validation")
         if self.meter is None or (self._mark is None and not trainer.sanity_checking):
             return
         self._close_checkpoint()
@@ -346,8 +348,8 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if self._drives:
-            self.meter.record_validation(trainer, pl_module)
-            self.meter.phase_end("validation")
+            self.own_meter.record_validation(trainer, pl_module)
+            self.own_meter.phase_end("validation")
         if self._validation_start is None:
             return
         cost = subtract(self._now(), self._validation_start)
@@ -364,7 +366,7 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict) -> None:
         if self._drives:
-            self.meter.phase_start("checkpointing")
+            self.own_meter.phase_start("checkpointing")
         if self._saving_stop_checkpoint or self.meter is None or self._mark is None:
             return
         self._close_checkpoint_timing()  # (not the count: this save is one of those that follow a validation)
@@ -374,18 +376,18 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self._drives:
-            self.meter.phase_end("training")
+            self.own_meter.phase_end("training")
         self._close_checkpoint()
         self._mark = None
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self._drives:
-            self.meter.end_fit(trainer, pl_module)
+            self.own_meter.end_fit(trainer, pl_module)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._restore_minimums(trainer)
         if self._drives:
-            self.meter.fail(trainer, exception)
+            self.own_meter.fail(trainer, exception)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
@@ -393,7 +395,7 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
         self._checkpoint_start = None
         self._restore_minimums(trainer)
         if self._drives:
-            self.meter.teardown(trainer)
+            self.own_meter.teardown(trainer)
 
     def state_dict(self) -> dict:
         state = {
@@ -402,7 +404,7 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
             "stopped": self.stopped.to_dict() if self.stopped is not None else None,
         }
         if self._drives:
-            state["meter"] = self.meter.state_dict()
+            state["meter"] = self.own_meter.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -413,13 +415,14 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
         self._saves_per_validation = state_dict.get("saves_per_validation")
         self._previous_stop = state_dict.get("stopped")
         if self._drives and "meter" in state_dict:
-            self.meter.load_state_dict(state_dict["meter"])
+            self.own_meter.load_state_dict(state_dict["meter"])
 
     # ----------------------------------------------------------------------------------------
     # Measuring
     # ----------------------------------------------------------------------------------------
 
     def _now(self) -> dict:
+        assert self.meter is not None, "setup() found the run's meter"
         return cost_of(self.meter.current_totals())
 
     def _close_checkpoint(self) -> None:
@@ -489,8 +492,8 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
         decision = trainer.strategy.reduce_boolean_decision(local, all=False)
         room = self.planner.headroom_batches(spent, plan, self._schedule.batches_per_validation(),
                                              self._schedule.step_saves_per_batch(trainer.accumulate_grad_batches))
-        room = torch.tensor(min(room, 1e12), dtype=torch.float64, device=pl_module.device)
-        room = float(trainer.strategy.reduce(room, reduce_op="min"))
+        mine = torch.tensor(min(room, 1e12), dtype=torch.float64, device=pl_module.device)
+        room = float(trainer.strategy.reduce(mine, reduce_op="min"))
         self._sync_every = int(max(1, min(room // 2, max(trainer.log_every_n_steps, 1))))
         return bool(decision)
 
@@ -499,6 +502,7 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
         trainer.should_stop = True
         self._override_minimums(trainer)
         path = self._stop_checkpoint_path(trainer)
+        assert self.meter is not None and self.meter.ledger is not None, "setup() found and started the run's meter"
         totals = self.meter.current_totals()
         self.meter.ledger.record(BudgetCapHitEvent(
             cap=breach.cap, unit=breach.unit, limit=breach.limit, value=breach.value,
@@ -560,6 +564,7 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
             limit, value = self.limits[cap], spent[CAP_UNITS[cap]]
             rank_zero_warn(f"costaware: {fraction:.0%} of {cap}={describe(cap, limit)} spent "
                            f"({describe(cap, value)}) at step {trainer.global_step}", category=BudgetWarning)
+            assert self.meter is not None and self.meter.ledger is not None, "the run's meter is started"
             self.meter.ledger.record(BudgetWarningEvent(cap=cap, fraction=fraction, limit=limit, value=value,
                                                    step=trainer.global_step))
 
@@ -594,6 +599,7 @@ class BudgetCap(*CALLBACK_BASES):  # a Callback of each installed Lightning name
             # or an epoch if it moved (an event is flushed at once: not at every log interval).
             self._recorded_forecast = forecast
             self._record_forecast = False
+            assert self.meter is not None and self.meter.ledger is not None, "the run's meter is started"
             self.meter.ledger.record(ForecastEvent(
                 forecast_usd=forecast["usd"], forecast=forecast, planned_batches=planned,
                 batches_done=done, over=sorted(over), step=trainer.global_step,

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import pytorch_lightning as pl
 
 
-class CostMonitor(*CALLBACK_BASES):  # a Callback of each installed Lightning namespace
+class CostMonitor(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each installed Lightning namespace
     r"""Measure what a run spends: time, GPU-hours, energy, FLOPs, dollars and CO2.
 
     Meters are read by one background thread; the training hooks only read cached values and

@@ -55,7 +55,7 @@ class MetricNotLoggedError(KeyError, ValueError):
         return self.message
 
 
-class MarginalGainStopping(*CALLBACK_BASES):  # a Callback of each installed namespace
+class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each installed namespace
     r"""Stop training when the metric the next dollar buys is worth less than that dollar.
 
     At every validation end of a fit (not the sanity check) the monitored metric and the run's
@@ -256,6 +256,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # a Callback of each installed nam
             self.meter.start(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.meter is not None and self.meter.ledger is not None, "setup() found and started the run's meter"
         check_priced(self.meter, "MarginalGainStopping", "usd_per_point")
         self.decisions = []
         self.results = []
@@ -270,22 +271,22 @@ class MarginalGainStopping(*CALLBACK_BASES):  # a Callback of each installed nam
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._drives:
-            self.meter.begin_batch(pl_module)
+            self.own_meter.begin_batch(pl_module)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._drives:
-            self.meter.count_batch(trainer, pl_module)
+            self.own_meter.count_batch(trainer, pl_module)
             if internals.should_log(trainer):
-                self.meter.log(trainer, pl_module, on_step=True)
+                self.own_meter.log(trainer, pl_module, on_step=True)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self._drives:
-            self.meter.end_epoch()
-            self.meter.log(trainer, pl_module, on_step=False)
+            self.own_meter.end_epoch()
+            self.own_meter.log(trainer, pl_module, on_step=False)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self._drives:
-            self.meter.phase_start("training")
+            self.own_meter.phase_start("training")
         context = self._context(trainer, pl_module)
         for strategy in self.strategies:
             hook = getattr(strategy, "on_train_start", None)
@@ -294,22 +295,22 @@ class MarginalGainStopping(*CALLBACK_BASES):  # a Callback of each installed nam
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self._drives:
-            self.meter.phase_end("training")
+            self.own_meter.phase_end("training")
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if self._drives:
-            self.meter.phase_start("validation")
+            self.own_meter.phase_start("validation")
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict) -> None:
         if self._drives:
-            self.meter.phase_start("checkpointing")
+            self.own_meter.phase_start("checkpointing")
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.state.fn != "fit" or self.meter is None:
             return
         if self._drives:
-            self.meter.record_validation(trainer, pl_module)
-            self.meter.phase_end("validation")
+            self.own_meter.record_validation(trainer, pl_module)
+            self.own_meter.phase_end("validation")
         metrics = trainer.callback_metrics
         if trainer.sanity_checking:
             # A typo fails here, before training, when the sanity check logged other metrics
@@ -390,6 +391,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # a Callback of each installed nam
         context = self._context(trainer, pl_module, totals_usd=self.meter.totals.usd)
         context.reason = self.stop_reason or "the fit ended without a marginal-gain stop"
         ledger = self.meter.ledger
+        assert ledger is not None, "setup() found and started the run's meter"
         for strategy in self.strategies:
             try:
                 rows = strategy.after_fit(context) or []
@@ -405,11 +407,11 @@ class MarginalGainStopping(*CALLBACK_BASES):  # a Callback of each installed nam
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self._drives:
-            self.meter.fail(trainer, exception)
+            self.own_meter.fail(trainer, exception)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit" and self._drives:
-            self.meter.teardown(trainer)
+            self.own_meter.teardown(trainer)
 
     def state_dict(self) -> dict:
         state = {"policy": self.policy.state_dict(), "seen_monitor": self._seen_monitor,
@@ -417,7 +419,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # a Callback of each installed nam
                  "strategies": [s.state_dict() if callable(getattr(s, "state_dict", None)) else {}
                                 for s in self.strategies]}
         if self._drives:
-            state["meter"] = self.meter.state_dict()
+            state["meter"] = self.own_meter.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -429,7 +431,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # a Callback of each installed nam
             if state and callable(getattr(strategy, "load_state_dict", None)):
                 strategy.load_state_dict(state)
         if self._drives and "meter" in state_dict:
-            self.meter.load_state_dict(state_dict["meter"])
+            self.own_meter.load_state_dict(state_dict["meter"])
 
     # ------------------------------------------------------------------------------------------
 
@@ -442,12 +444,14 @@ class MarginalGainStopping(*CALLBACK_BASES):  # a Callback of each installed nam
                 lr: Optional[float] = None) -> None:
         """The decision into the ledger, and its estimate to the loggers and callback metrics."""
         est = decision.estimate
-        figures = {"gain_points": None, "gain_points_upper": None, "increment_usd": None, "gain_per_usd": None,
-                   "predicted_final": None, "predicted_final_low": None, "predicted_final_high": None,
-                   "usd_to_predicted_final": None, "curve": None}
+        figures: dict[str, Any] = {
+            "gain_points": None, "gain_points_upper": None, "increment_usd": None, "gain_per_usd": None,
+            "predicted_final": None, "predicted_final_low": None, "predicted_final_high": None,
+            "usd_to_predicted_final": None, "curve": None}
         if est is not None:
             figures.update({k: getattr(est, k) for k in figures})
             figures["curve_points"] = {"usd": list(est.curve_usd), "value": list(est.curve_metric)}  # for the report
+        assert self.meter is not None and self.meter.ledger is not None, "the run's meter is started"
         ledger = self.meter.ledger
         ledger.record(MarginalGainDecisionEvent(  # its totals: those the decision used, not the last sample's
             stop=stop, reason=reason, monitor=self.monitor, value=value, usd=totals.usd, step=trainer.global_step,

@@ -36,10 +36,11 @@ def make_own_meter(given: dict, extra: Optional[dict]) -> CostMeter:
 
 def run_meter(trainer: pl.Trainer) -> Optional[CostMeter]:
     """The run's meter: the first CostMonitor's, else the first ``own_meter`` among the callbacks."""
-    for cb in trainer.callbacks:
+    callbacks = _callbacks(trainer)
+    for cb in callbacks:
         if isinstance(cb, CostMonitor):
             return cb.meter
-    return next((cb.own_meter for cb in trainer.callbacks if isinstance(getattr(cb, "own_meter", None), CostMeter)),
+    return next((cb.own_meter for cb in callbacks if isinstance(getattr(cb, "own_meter", None), CostMeter)),
                 None)
 
 
@@ -49,7 +50,7 @@ def find_meter(trainer: pl.Trainer, me: Any, category: type = UserWarning) -> Co
     Warns when ``me`` was given prices that do not apply because another meter is the run's;
     a setting given to both with different values is a ValueError (at setup, before compute).
     """
-    monitors = [cb for cb in trainer.callbacks if isinstance(cb, CostMonitor)]
+    monitors = [cb for cb in _callbacks(trainer) if isinstance(cb, CostMonitor)]
     name = type(me).__name__
     if len(monitors) > 1:
         rank_zero_warn(f"costaware: several CostMonitors in the Trainer's callbacks; {name} reads the first",
@@ -83,3 +84,8 @@ def _given(meter: CostMeter) -> dict:
     defaults = {p.name: p.default for p in inspect.signature(CostMeter.__init__).parameters.values()
                 if p.name in PRICE_ARGS + METER_ARGS}
     return {k: v for k, v in meter.settings().items() if v != defaults.get(k)}
+
+
+def _callbacks(trainer: Any) -> list:
+    """``trainer.callbacks``: Lightning's callback connector sets it, but ``Trainer`` does not declare it."""
+    return trainer.callbacks

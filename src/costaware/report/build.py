@@ -202,7 +202,7 @@ def _build(path: Path, contents: LedgerContents, trusted: bool, max_points: int)
     meters = _meters(end, header)
     prices = _clean_prices(header.prices, problems)
     resumes = [e for e in events if isinstance(e, ResumedEvent)]
-    report = {
+    report: dict[str, Any] = {
         "schema": REPORT_SCHEMA_VERSION,
         "kind": "costaware-report",
         "generated_at": _iso(time.time()),
@@ -326,7 +326,7 @@ def _totals_dict(recorded: RecordedTotals) -> dict:
     """
     out = {key: finite_number(getattr(recorded, key)) for key in TOTAL_KEYS}
     if out["kwh"] is None:
-        parts = [out[k] for k in _ENERGY_KEYS.values() if out[k] is not None]
+        parts = [j for j in (out[k] for k in _ENERGY_KEYS.values()) if j is not None]
         out["kwh"] = sum(parts) / 3.6e6 if parts else None
     return out
 
@@ -369,7 +369,7 @@ def _energy(totals: dict, meters: dict) -> dict:
         "cpu": (host_ok, cpu_status, totals["cpu_energy_j"]),
         "ram": (host_ok, ram_status, totals["ram_energy_j"]),
     }
-    out = {}
+    out: dict[str, Any] = {}
     for name, (ok, status, energy_j) in parts.items():
         if ok and energy_j is None:  # the meter ran, but the ledger's totals hold no figure for it
             ok, status = False, f"{NOT_RECORDED}: the ledger's totals hold no {_ENERGY_KEYS[name]}"
@@ -498,7 +498,7 @@ def _metric_summaries(metrics: list, events: list) -> list[dict]:
     out = []
     for name, records in by_name.items():
         mode = declared.get(name) or guess_mode(name)
-        values = [finite_number(r.value) for r in records]
+        values = [v for v in (finite_number(r.value) for r in records) if v is not None]  # all: filtered above
         best_i = (max if mode == "max" else min)(range(len(values)), key=values.__getitem__)
         out.append({
             "name": name, "count": len(records), "mode": mode,
@@ -596,7 +596,8 @@ def _distill(e: DistillEvent) -> str:
 
 
 def _quantize(e: QuantizeEvent) -> str:
-    verdict = {True: "kept", False: "not kept"}.get(e.kept, "kept or not: not recorded")
+    verdicts: dict[Optional[bool], str] = {True: "kept", False: "not kept"}
+    verdict = verdicts.get(e.kept, "kept or not: not recorded")
     what = f"Quantize ({e.quant_type or '?'}" + (f", the {e.of}" if e.of else "") + ")"
     note = f"; {e.note}" if e.note else ""
     if finite_number(e.float_metric) is None:
@@ -686,7 +687,7 @@ _DESCRIBERS: dict = {
 
 
 def _strategy_rows(events: list) -> list[dict]:
-    rows = []
+    rows: list[dict] = []
     for event in events:
         if isinstance(event, StrategyResultEvent) and isinstance(event.rows, list):
             strategy = event.strategy
@@ -754,9 +755,12 @@ def _steps_estimate(header: Header, totals: dict) -> tuple[Optional[dict], Optio
 
 def _policy_estimate(events: list) -> Optional[dict]:
     for event in events[::-1]:
-        if isinstance(event, MarginalGainDecisionEvent) and finite_number(event.usd_to_predicted_final) is not None:
+        if not isinstance(event, MarginalGainDecisionEvent):
+            continue
+        to_end_usd = finite_number(event.usd_to_predicted_final)
+        if to_end_usd is not None:
             at = finite_number(event.totals.usd if event.totals is not None else None) or 0.0
-            return {"usd": at + finite_number(event.usd_to_predicted_final),
+            return {"usd": at + to_end_usd,
                     "basis": "marginal-gain policy: dollars spent at its last decision plus its dollars to "
                              "the planned end"}
     return None
@@ -948,8 +952,8 @@ def _last_wall_time(end: Optional[End], *groups: list) -> Optional[float]:
     if end is not None and finite_number(end.wall_time_s) is not None:
         return finite_number(end.wall_time_s)
     times = [finite_number(r.wall_time_s) for group in groups for r in group[-1:]]
-    times = [t for t in times if t is not None]
-    return max(times) if times else None
+    known = [t for t in times if t is not None]
+    return max(known) if known else None
 
 
 def _version() -> str:

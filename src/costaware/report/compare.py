@@ -112,8 +112,9 @@ def _monitored(run: dict, metric: Optional[str]) -> tuple[Optional[str], Optiona
     """The metric a run is ranked by, and the mode its policy gave it (None if no policy)."""
     policy = next((e for e in run["events"] if isinstance(e, MarginalGainPolicyEvent) and e.monitor), None)
     if metric is not None:
-        same = policy is not None and policy.monitor == metric and policy.mode in MODES
-        return metric, (policy.mode if same else None)
+        if policy is not None and policy.monitor == metric and policy.mode in MODES:
+            return metric, policy.mode
+        return metric, None
     if policy is not None:
         return policy.monitor, policy.mode if policy.mode in MODES else None
     names = list(dict.fromkeys(r.name for r in run["records"]))

@@ -14,7 +14,6 @@ Example::
 from __future__ import annotations
 
 from html import escape
-from typing import Optional
 
 from costaware.report import text as T
 from costaware.report.plots import PALETTE, Bar, Line, Marker, Rule, bar_chart, line_chart, time_axis
@@ -174,7 +173,7 @@ def _metric_charts(report: dict) -> list[str]:
     return out
 
 
-def _value_at(points: dict, usd: float) -> Optional[float]:
+def _value_at(points: dict, usd: float) -> float:
     """The metric value recorded at or just before ``usd`` (where the forecast starts)."""
     before = [v for u, v in zip(points["usd"], points["value"]) if u <= usd + 1e-12]
     return before[-1] if before else points["value"][0]

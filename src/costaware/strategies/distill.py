@@ -7,7 +7,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Sized, Union
 
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info
@@ -196,7 +196,8 @@ class Distill(StopStrategy):
                          trainer_kwargs=trainer_kwargs)
         self.then = _followers(then)
         self.student: Optional[nn.Module] = student if isinstance(student, nn.Module) else None
-        self.student_factory = None if isinstance(student, nn.Module) else student
+        self.student_factory: Optional[Callable[[nn.Module], nn.Module]] = (
+            None if isinstance(student, nn.Module) else student)
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.max_epochs = max_epochs
@@ -240,7 +241,10 @@ class Distill(StopStrategy):
             batch = next(iter(loader), None)
         if batch is not None:
             device = trainer.strategy.root_device
-            student = self.student if self.student is not None else self.student_factory(context.pl_module)
+            student = self.student
+            if student is None:
+                assert self.student_factory is not None, "__init__ keeps a student or its factory"
+                student = self.student_factory(context.pl_module)
             with trainer.precision_plugin.forward_context():
                 self._check_shapes(context.pl_module, student, to_device(batch, device), device)
 
@@ -337,6 +341,7 @@ class Distill(StopStrategy):
         """Build the student (from the trained teacher, for a factory) and check its shape."""
         if self.student_factory is not None:
             self.student = self.student_factory(run.teacher)
+        assert self.student is not None, "__init__ keeps a student or its factory"
         with _kept_rng():
             first = next(iter(run.train_data))
         self._check_shapes(run.teacher, self.student, to_device(first, run.device), run.device)
@@ -360,6 +365,7 @@ class Distill(StopStrategy):
         saving_usd = self.judge.best_case_saving_usd("teacher", "student")
         if estimate_usd is None or saving_usd is None or saving_usd > estimate_usd:
             return ""
+        assert self.deployment is not None, "a judge exists only with a deployment"
         return (f"not trained: it cannot pay: serving {self.deployment.requests:,} requests with the student "
                 f"saves at most ${saving_usd:.4g}, training it would cost about ${estimate_usd:.4g}")
 
@@ -370,7 +376,7 @@ class Distill(StopStrategy):
         if totals is None or not getattr(totals, "train_batches", 0):
             return None
         try:
-            per_epoch = len(run.student_data)
+            per_epoch = _len(run.student_data)
         except TypeError:
             per_epoch = None
         steps = [s for s in (self.max_steps if self.max_steps > 0 else None,
@@ -384,6 +390,7 @@ class Distill(StopStrategy):
         if run.ledger is not None:
             run.ledger.record(DistillEvent(trained=False, note=note))
         rank_zero_info(f"costaware: Distill: {note}")
+        assert self.student is not None, "built by _prepare_student"
         with cpu_threads(self.latency_threads):
             row = describe_model(self.student, "student", run.val_data, run.split, self.latency_batches,
                                  train_usd=0.0)
@@ -398,6 +405,8 @@ class Distill(StopStrategy):
         started_s = time.perf_counter()
         self._fit_student(run, budget_left_usd)
         seconds = time.perf_counter() - started_s
+        assert self.student is not None and self.student_trainer is not None and self.student_monitor is not None, \
+            "set by _fit_student"
         student_totals = self.student_monitor.totals
         stopped_by_budget = any(getattr(cb, "stopped", None) is not None for cb in self.student_trainer.callbacks
                                 if type(cb).__name__ == "BudgetCap")
@@ -417,7 +426,8 @@ class Distill(StopStrategy):
             f"distilled for {steps} steps (T={self.temperature:g}, alpha={self.alpha:g})",
             "stopped by the budget cap" if stopped_by_budget else "", row.note) if x)
         if self.judge is not None:
-            self.judge.update("student", train_usd=(run.teacher_usd or 0.0) + row.train_usd, metric=row.metric)
+            self.judge.update("student", train_usd=(run.teacher_usd or 0.0) + float(student_totals.usd),
+                              metric=row.metric)
         if run.ledger is not None:
             run.ledger.record(DistillEvent(
                 trained=True, student_usd=float(student_totals.usd), student_totals=student_totals.to_dict(),
@@ -502,6 +512,7 @@ class Distill(StopStrategy):
                 "the same shape (same number of classes)")
 
     def _fit_student(self, run: _Run, budget_left_usd: Optional[float]) -> None:
+        assert self.student is not None, "built by _prepare_student"
         trainer, monitor = run.context.trainer, run.context.monitor
         namespace = _lightning.namespace_of(trainer)
         if namespace is None:
@@ -550,11 +561,12 @@ class _Run:
         trainer, monitor = context.trainer, context.monitor
         self.context = context
         self.teacher = context.pl_module
-        self.train_data = train_dataloader if train_dataloader is not None else train_loader(trainer)
+        train_data = train_dataloader if train_dataloader is not None else train_loader(trainer)
         self.val_data = val_dataloader if val_dataloader is not None else val_loader(trainer)
-        if self.train_data is None:
+        if train_data is None:
             raise ValueError("Distill found no training data: the teacher's Trainer has no train_dataloader; "
                              "pass train_dataloader=")
+        self.train_data: Iterable = train_data
         unlabelled = distill.unlabelled_dataloader
         self.student_data = Interleaved(self.train_data, unlabelled) if unlabelled is not None else self.train_data
         self.device = trainer.strategy.root_device
@@ -581,11 +593,11 @@ class Interleaved:
         self.labelled, self.unlabelled = labelled, unlabelled
 
     def __len__(self) -> int:
-        return len(self.labelled) + len(self.unlabelled)
+        return _len(self.labelled) + _len(self.unlabelled)
 
     def __iter__(self) -> Iterator[Any]:
         first, second = iter(self.labelled), iter(self.unlabelled)
-        n_first, n_second = len(self.labelled), len(self.unlabelled)
+        n_first, n_second = _len(self.labelled), _len(self.unlabelled)
         taken_first = taken_second = 0
         while taken_first < n_first or taken_second < n_second:
             # take from whichever stream is further behind its share
@@ -595,6 +607,14 @@ class Interleaved:
             else:
                 taken_second += 1
                 yield next(second)
+
+
+def _len(data: Iterable) -> int:
+    """``len(data)``, with the TypeError ``len`` raises for an iterable of unknown length (an
+    ``IterableDataset``'s loader raises it from its own ``__len__``)."""
+    if not isinstance(data, Sized):
+        raise TypeError(f"object of type {type(data).__name__!r} has no len()")
+    return len(data)
 
 
 def log_linear_prediction(points: Sequence[tuple[float, float]], examples: float) -> Optional[float]:

@@ -479,7 +479,9 @@ class _Variant:
         """Acceptable: the metric within ``max_drop`` and the objective ``min_gain`` lower, measured."""
         if not self.layers:
             return
-        drop = _worsening(float_row.metric, self.metric, mode) if self.metric is not None else None
+        float_metric = float_row.metric
+        drop = (_worsening(float_metric, self.metric, mode)
+                if float_metric is not None and self.metric is not None else None)
         before, after, unit = _objective(float_row, self, objective, deployment)
         self.measured_objective = after if after is not None else math.inf
         if drop is None:
@@ -631,7 +633,7 @@ class LightningMetric:
             try:
                 trainer.validate(model, dataloaders=dataloader, verbose=False)
             finally:
-                model.trainer = previous
+                model.trainer = previous  # type: ignore[assignment]  # torch stubs Module.__setattr__ as Tensor/Module
         metrics = trainer.callback_metrics
         if self.metric_name not in metrics:
             raise KeyError(f"the module logged no {self.metric_name!r} in validation (it logged "
@@ -693,7 +695,7 @@ def _provider_metric_fn(trainer: Any, metric_name: str) -> Optional[MetricFn]:
         return None
     for callback in getattr(trainer, "callbacks", []):
         if getattr(callback, "log_name", None) == metric_name and callable(getattr(callback, "score", None)):
-            return lambda model, _dataloader, cb=callback: cb.score(model)
+            return lambda model, _dataloader: callback.score(model)
     return None
 
 
