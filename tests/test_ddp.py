@@ -30,3 +30,20 @@ def test_ddp_totals_are_the_sum_of_ranks(tmp_path):
     ledger = read_ledger(ranks[0]["ledger"])
     assert ledger.header["world_size"] == 2
     assert ledger.end["totals"]["usd"] == pytest.approx(run["usd"])
+
+
+@pytest.mark.slow  # two DDP fits of two processes (~40 s)
+def test_a_resumed_ddp_run_starts_every_rank_from_rank_zeros_reading(tmp_path):
+    """Resumed from a checkpoint after which the run went on: rank 0 reads the later spend from
+    the ledger, rank 1 (node-local log dirs) cannot; both must resume from the same totals."""
+    script = Path(__file__).with_name("ddp_resume.py")
+    for phase in ("first", "resume"):
+        result = subprocess.run([sys.executable, str(script), str(tmp_path), phase], capture_output=True, text=True,
+                                timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"resumed_rank{r}.json").read_text()) for r in (0, 1)]
+    run = {k: v for k, v in ranks[0]["totals"].items() if k != "elapsed_s"}
+    assert {k: ranks[1]["totals"][k] for k in run} == pytest.approx(run)
+    # 20 steps x 2 ranks recorded by the first run's ledger, then steps 11-26 x 2 ranks.
+    assert run["train_batches"] == 40 + 32
+    assert ranks[1]["resumed_from"]["ledger_usd"] == pytest.approx(ranks[0]["resumed_from"]["ledger_usd"])

@@ -218,6 +218,11 @@ class CostMeter:
                           f"{self.ledger.path.parent}", RuntimeWarning, stacklevel=2)
         if self.ledger.path is not None:
             OPEN_LEDGER_PATHS.add(self.ledger.path)
+        if self._world_size > 1:  # every rank, resumed or not: a collective none may skip
+            # Where the resumed run stands is rank 0's reading (of the checkpoint and of the old
+            # ledger, which other nodes may not see in node-local log dirs): every rank adopts it.
+            self._base, self._phases_before, self._resumed_from = trainer.strategy.broadcast(
+                (self._base, self._phases_before, self._resumed_from), src=0)
         self._totals = self._base
         self._mine_at_refresh = self._base
         self.ledger.totals = self._base
