@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from costaware.ledger import read_ledger
 from costaware.zero_code import settings_from_environment
@@ -59,8 +60,11 @@ def test_a_trainer_with_a_costaware_callback_in_code_keeps_it(ns, monkeypatch):
             trainer = ns.Trainer(logger=False, callbacks=[in_code])
         ours = [cb for cb in trainer.callbacks if type(cb).__module__.startswith("costaware.")]
         assert ours == [in_code]
-    # Without one in code, the environment's callback is still added.
-    assert [cb for cb in ns.Trainer(logger=False, callbacks=[]).callbacks if isinstance(cb, ns.costaware.CostMonitor)]
+    # Without one in code (an OnlineProbe only reads a meter), the environment's callback is still added.
+    x, y = torch.randn(8, 4), torch.arange(8) % 2
+    probe = ns.costaware.OnlineProbe(train=(x, y), val=(x, y), embed_fn=lambda module, inputs: inputs)
+    added = ns.Trainer(logger=False, callbacks=[probe]).callbacks
+    assert [cb for cb in added if isinstance(cb, ns.costaware.CostMonitor)]
 
 
 @pytest.mark.slow  # subprocess fits (~10 s each): CI runs -m slow

@@ -11,7 +11,7 @@ the environment asks for costaware, so installing the package changes no one's r
 ``BudgetCap`` (which meters the run itself); otherwise ``COSTAWARE=1`` adds a ``CostMonitor``.
 ``COSTAWARE=0`` turns it all off. A misspelt variable or a bad value is an error naming it,
 raised when the Trainer is built, before any compute. A Trainer given a costaware callback in
-code keeps that one: the environment adds nothing to it (a warning says so), as two meters of
+code that meters the run keeps it: the environment adds nothing to it (a warning says so), as two meters of
 one run would count it twice.
 """
 
@@ -67,11 +67,12 @@ def settings_from_environment(environ: Mapping[str, str]) -> Optional[dict[str, 
 
 def callbacks_for(namespace_module: Any, environ: Mapping[str, str], given: Optional[list] = None) -> list:
     """The callbacks the environment asks for, from ``namespace_module`` (costaware or costaware.lightning),
-    none if the callbacks ``given`` to the Trainer in code already hold a costaware one."""
+    none if the callbacks ``given`` to the Trainer in code already meter the run (a ``CostMonitor``,
+    or a callback that can meter alone: ``BudgetCap``, ``MarginalGainStopping``)."""
     settings = settings_from_environment(environ)
     if settings is None:
         return []
-    in_code = sorted({type(cb).__name__ for cb in given or () if type(cb).__module__.startswith("costaware.")})
+    in_code = sorted({type(cb).__name__ for cb in given or () if _meters(cb)})
     if in_code:
         warnings.warn(f"costaware: the environment's {_SWITCH}/{PREFIX}* settings are not applied to this Trainer: "
                       f"it already has {', '.join(in_code)} in code, which meters the run", RuntimeWarning,
@@ -84,6 +85,14 @@ def callbacks_for(namespace_module: Any, environ: Mapping[str, str], given: Opti
     if "on_cap" in settings:
         raise ValueError(f"{PREFIX}ON_CAP is set but no {PREFIX}MAX_* cap is")
     return [namespace_module.CostMonitor(**settings)]
+
+
+def _meters(callback: Any) -> bool:
+    """Whether a callback given in code meters the run (an OnlineProbe, say, only reads a meter)."""
+    from costaware.meter import CostMeter
+
+    return isinstance(getattr(callback, "own_meter", None), CostMeter) or type(callback).__name__ == "CostMonitor" \
+        and type(callback).__module__.startswith("costaware.")
 
 
 def pytorch_lightning_callbacks() -> list:
