@@ -87,7 +87,7 @@ REGRET_PRICES = {
 # cached), then SWEEP_REFINE log-bisection steps between the two grid prices that bracket
 # the loss target: the operating price to within ~3% in a few minutes on two cores.
 SWEEP_PRICES = tuple(float(p) for p in np.round(np.geomspace(0.1, 10.0, 7), 3))
-SWEEP_PRICES_SCRATCH = tuple(float(p) for p in np.round(np.geomspace(0.01, 1.0, 5), 4))
+SWEEP_PRICES_SCRATCH = tuple(float(p) for p in np.round(np.geomspace(0.01, 10.0, 7), 4))
 SWEEP_REFINE = 5
 
 
