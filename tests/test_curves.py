@@ -603,3 +603,20 @@ def test_a_run_at_chance_waits_for_its_schedule_not_for_the_whole_plan():
     i, reason = replay(stuck[0])
     costs = [p[0] for p in stuck[0]["points"]]
     assert reason.startswith("not learning") and 2.0 < costs[i] < 9.0, (costs[i], reason)
+
+
+def test_an_interval_from_a_coarser_cell_of_the_prior_is_wider():
+    from costaware.curve_prior import CurvePrior, run_from_record
+
+    prior = CurvePrior.fit([run_from_record(r) for r in _slow_start_runs(n_runs=200, seed=1)])
+    run = _slow_start_runs(n_runs=1, seed=2)[0]
+    estimates = {}
+    for with_lr in (True, False):
+        policy = MarginalGainPolicy(usd_per_point=1e6, planned_cost_usd=10.0, baseline=0.1, prior=prior)
+        for c, a, r in run["points"][:7]:
+            estimates[with_lr] = policy.observe(c, a, lr=r if with_lr else None).estimate
+    # Without learning rates the stage's cell drops its LR state: the same past runs (they all share one
+    # schedule), pooled as if they might be of other kinds, so the stated interval is wider.
+    assert "/*/" not in estimates[True].interval_from and "/*/" in estimates[False].interval_from
+    width = {k: e.predicted_final_high - e.predicted_final_low for k, e in estimates.items()}
+    assert width[False] > width[True] > 0.0
