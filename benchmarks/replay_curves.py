@@ -80,14 +80,14 @@ MNLI_MATCHED_MAJORITY_ACC = 3479 / 9815
 REGRET_PRICES = {
     "deberta-mnli": (0.03, 0.1, 0.3, 1.0, 3.0),
     "nasbench-nlp": (0.1, 0.3, 1.0, 3.0, 10.0),
-    "digits": (0.01, 0.03, 0.1, 0.3, 1.0),
+    "digits": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),  # up to the operating prices the digits sets choose
 }
 # Prices swept on the tune half to find the operating point for the loss target.
 # A coarse grid (0.1, 1 and 10 are shared with the regret prices, whose replays are
 # cached), then SWEEP_REFINE log-bisection steps between the two grid prices that bracket
 # the loss target: the operating price to within ~3% in a few minutes on two cores.
 SWEEP_PRICES = tuple(float(p) for p in np.round(np.geomspace(0.1, 10.0, 7), 3))
-SWEEP_PRICES_SCRATCH = tuple(float(p) for p in np.round(np.geomspace(0.01, 1.0, 5), 4))
+SWEEP_PRICES_SCRATCH = tuple(float(p) for p in np.round(np.geomspace(0.01, 100.0, 9), 4))
 SWEEP_REFINE = 5
 
 

@@ -573,3 +573,50 @@ def test_a_confidence_below_one_half_is_refused():
     # The stated gain is the median: an interval of less than 50% could leave it outside.
     with pytest.raises(ValueError, match="confidence"):
         MarginalGainPolicy(usd_per_point=1.0, confidence=0.3)
+
+
+def test_a_run_at_chance_waits_for_its_schedule_not_for_the_whole_plan():
+    from costaware.curve_prior import CurvePrior, run_from_record
+
+    # Past runs: 8 of 60 start late (tens of points gained), the rest never leave chance. At the start
+    # the prior's gain is worth less than the whole plan costs, more than the wait until the LR anneals.
+    rng = np.random.default_rng(4)
+    starters = _slow_start_runs(n_runs=8, seed=5, start=0.4)
+    stuck = [{**r, "id": f"stuck-{i}", "points": [[c, float(0.1 - abs(rng.normal(0.0, 0.004))), lr]
+                                                  for c, _, lr in r["points"]]}
+             for i, r in enumerate(_slow_start_runs(n_runs=52, seed=6))]
+    prior = CurvePrior.fit([run_from_record(r) for r in starters + stuck])
+
+    def replay(run: dict) -> tuple[int, str]:
+        policy = MarginalGainPolicy(usd_per_point=1.0, planned_cost_usd=10.0, baseline=0.1, prior=prior)
+        for i, (c, a, r) in enumerate(run["points"]):
+            d = policy.observe(c, a, lr=r)
+            if d.stop:
+                return i, d.reason
+        return len(run["points"]), "ran to the end"
+
+    late = _slow_start_runs(n_runs=1, seed=8, start=0.4)[0]
+    flat = int(np.argmax(np.asarray([p[1] for p in late["points"]]) > 0.2))
+    i, reason = replay(late)
+    assert i > flat + 3 and not reason.startswith("not learning"), (i, flat, reason)
+    # One that never starts is stopped as not learning once past runs say it will not start, long before its end.
+    i, reason = replay(stuck[0])
+    costs = [p[0] for p in stuck[0]["points"]]
+    assert reason.startswith("not learning") and 2.0 < costs[i] < 9.0, (costs[i], reason)
+
+
+def test_an_interval_from_a_coarser_cell_of_the_prior_is_wider():
+    from costaware.curve_prior import CurvePrior, run_from_record
+
+    prior = CurvePrior.fit([run_from_record(r) for r in _slow_start_runs(n_runs=200, seed=1)])
+    run = _slow_start_runs(n_runs=1, seed=2)[0]
+    estimates = {}
+    for with_lr in (True, False):
+        policy = MarginalGainPolicy(usd_per_point=1e6, planned_cost_usd=10.0, baseline=0.1, prior=prior)
+        for c, a, r in run["points"][:7]:
+            estimates[with_lr] = policy.observe(c, a, lr=r if with_lr else None).estimate
+    # Without learning rates the stage's cell drops its LR state: the same past runs (they all share one
+    # schedule), pooled as if they might be of other kinds, so the stated interval is wider.
+    assert "/*/" not in estimates[True].interval_from and "/*/" in estimates[False].interval_from
+    width = {k: e.predicted_final_high - e.predicted_final_low for k, e in estimates.items()}
+    assert width[False] > width[True] > 0.0

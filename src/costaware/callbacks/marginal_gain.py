@@ -78,7 +78,9 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
     Give ``policy_kwargs={"baseline": ...}``, the metric of a model that learned nothing (the
     majority class's share of the validation set, for accuracy), and a run stuck at that level
     (diverged before its first validation) stops after a short, priced wait instead of sampling
-    noise for a lucky best.
+    noise for a lucky best -- unless, with the curve prior, its learning rate is still warming up or
+    at its peak and past runs at that stage gained more than waiting for it to anneal costs (a
+    slow start, as from scratch or in self-supervised pretraining).
 
     Cost comes from the meter of the ``CostMonitor`` among the Trainer's callbacks; without one,
     this callback meters the run itself (:attr:`own_meter`, built from ``monitor_kwargs``),
