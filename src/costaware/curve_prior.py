@@ -88,7 +88,7 @@ class PriorRun:
     metric_range: tuple[float, float] | None = None
 
 
-def lr_state(lrs: Sequence[float] | None, anneals: bool) -> str:
+def lr_state(lrs: Sequence[float] | np.ndarray | None, anneals: bool) -> str:
     """The learning rate's state at the last of ``lrs`` (see the module's docstring)."""
     if not anneals:
         return "constant"
@@ -108,8 +108,8 @@ def prior_cell(plan_fraction: float, state: str, progress: float, momentum: floa
 
 
 def stage(costs_usd: Sequence[float] | np.ndarray, points: Sequence[float] | np.ndarray,
-          lo: float, hi: float, base: float,
-          planned_cost_usd: float, lrs: Sequence[float] | None, anneals: bool) -> tuple[tuple, float, float]:
+          lo: float, hi: float, base: float, planned_cost_usd: float,
+          lrs: Sequence[float] | np.ndarray | None, anneals: bool) -> tuple[tuple, float, float]:
     """The stage of a run after its last evaluation: (cell, best so far, headroom), in points.
 
     ``points``: the metric so far, higher is better (NaN where not finite), in the same units as

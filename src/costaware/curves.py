@@ -572,8 +572,8 @@ class MarginalGainPolicy:
         cost_now = self._costs_usd[-1]
         if self.prior is None or plan is None or cost_now >= plan or not (math.isfinite(lo) and math.isfinite(hi)):
             return None
-        lrs = np.asarray(self._lrs, dtype=float)
-        lrs = None if np.isnan(lrs).any() else lrs
+        all_lrs = np.asarray(self._lrs, dtype=float)
+        lrs = None if np.isnan(all_lrs).any() else all_lrs
         base = lo if self.baseline is None else min(max(self._sign * self.points_per_unit * self.baseline, lo), hi)
         points = self._sign * self.points_per_unit * np.asarray(self._metrics, dtype=float)
         cell, best, headroom = stage(self._costs_usd, np.where(np.isfinite(points), points, np.nan), lo, hi, base,
@@ -593,6 +593,7 @@ class MarginalGainPolicy:
         """Why to go on, when past runs at this stage gained more by their end than the rest of the plan costs."""
         if view is None:
             return None
+        assert self.planned_cost_usd is not None, "a prior view needs a plan"
         left_usd = self.planned_cost_usd - self._costs_usd[-1]
         worth_usd = view.gain_upper * self.usd_per_point
         if worth_usd <= left_usd:
@@ -612,6 +613,7 @@ class MarginalGainPolicy:
         """
         if view is None or self.anneal_fraction is None:
             return None
+        assert self.planned_cost_usd is not None, "a prior view needs a plan"
         lrs = np.asarray(self._lrs, dtype=float)
         state = lr_state(None if np.isnan(lrs).any() else lrs, self.anneals)
         if state == "annealing":
@@ -664,12 +666,12 @@ class MarginalGainPolicy:
             max_usd = remaining_usd
         else:
             max_usd = max(increment_usd, _LOOKAHEAD_FRACTION * cost_now)
-        horizons_usd = [increment_usd]
-        while horizons_usd[-1] * 2.0 < max_usd:
-            horizons_usd.append(horizons_usd[-1] * 2.0)
-        if max_usd > horizons_usd[-1]:
-            horizons_usd.append(max_usd)
-        horizons_usd = np.asarray(horizons_usd)
+        horizon_list = [increment_usd]
+        while horizon_list[-1] * 2.0 < max_usd:
+            horizon_list.append(horizon_list[-1] * 2.0)
+        if max_usd > horizon_list[-1]:
+            horizon_list.append(max_usd)
+        horizons_usd = np.asarray(horizon_list)
         fit = _fit_ensemble(x, u, _local_noise_points(costs, points))
         rng = np.random.default_rng(self.seed + len(costs))
         draws = fit.sample(rng, self.n_samples)
