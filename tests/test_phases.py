@@ -171,3 +171,34 @@ def test_a_resumed_run_keeps_the_phases_of_its_earlier_sessions(ns, tmp_path, cl
     assert end.totals.elapsed_s == pytest.approx(24.0)
     rows = {r["phase"]: r for r in build_report(resumed.ledger.path)["phases"]["rows"]}
     assert rows["other"]["elapsed_s"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_resume_from_an_earlier_checkpoint_takes_the_phases_as_far_as_the_ledger_went(ns, tmp_path, clock):
+    """Checkpoint at step 4, validations at 3 and 6, the first fit ends at 8; resumed from step 4
+    to 10: training holds the first fit's 16 s (its end record, later than any validation's
+    record) plus 12 s, and nothing is left to "other"."""
+    first = CostMonitor(usd_per_host_hour=3.6)
+    first.meter.clock = clock
+    checkpoint = ns.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    _fit(ns, tmp_path, clock, [first, checkpoint], max_steps=8)
+    resumed = CostMonitor(usd_per_host_hour=3.6)
+    resumed.meter.clock = clock
+    trainer = ns.Trainer(max_steps=10, val_check_interval=3, limit_val_batches=2, default_root_dir=tmp_path,
+                         callbacks=[resumed], logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False)
+    trainer.fit(make_clocked_model(ns.BoringModel, clock, step_s=2.0),
+                ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
+    end = read_ledger(resumed.ledger.path).end
+    assert end.phases["training"]["elapsed_s"] == pytest.approx(16.0 + 12.0)
+    assert end.totals.elapsed_s == pytest.approx(28.0)
+
+
+def test_a_second_fit_of_one_monitor_adds_to_its_phases(ns, tmp_path, clock):
+    """A later fit with the same CostMonitor continues the run: its phases too, not only its totals."""
+    monitor = CostMonitor(usd_per_host_hour=3.6)
+    monitor.meter.clock = clock
+    _fit(ns, tmp_path, clock, [monitor], max_steps=3, enable_checkpointing=False)
+    _fit(ns, tmp_path, clock, [monitor], max_steps=3, enable_checkpointing=False)
+    end = read_ledger(monitor.ledger.path).end
+    assert end.totals.elapsed_s == pytest.approx(12.0)
+    assert end.phases["training"]["elapsed_s"] == pytest.approx(12.0)

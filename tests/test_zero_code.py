@@ -67,6 +67,34 @@ def test_a_trainer_with_a_costaware_callback_in_code_keeps_it(ns, monkeypatch):
     assert [cb for cb in added if isinstance(cb, ns.costaware.CostMonitor)]
 
 
+def test_a_cap_from_the_environment_is_kept_with_a_meter_in_code(ns, monkeypatch):
+    """COSTAWARE_MAX_USD with a CostMonitor in the script: the cap is still enforced (a BudgetCap
+    that reads the script's meter), the environment's price is not applied; with a BudgetCap in
+    code, that one applies and the environment adds nothing."""
+    monkeypatch.setenv("COSTAWARE_MAX_USD", "5")
+    monkeypatch.setenv("COSTAWARE_USD_PER_HOST_HOUR", "0.3")
+    monitor = ns.costaware.CostMonitor(usd_per_host_hour=1.0)
+    with pytest.warns(RuntimeWarning, match="COSTAWARE_USD_PER_HOST_HOUR not applied"):
+        trainer = ns.Trainer(logger=False, callbacks=[monitor])
+    (cap,) = [cb for cb in trainer.callbacks if isinstance(cb, ns.costaware.BudgetCap)]
+    assert cap.limits == {"max_usd": 5.0} and not [cb for cb in trainer.callbacks
+                                                   if isinstance(cb, ns.costaware.CostMonitor) and cb is not monitor]
+    mine = ns.costaware.BudgetCap(max_usd=1, usd_per_host_hour=1.0)
+    with pytest.warns(RuntimeWarning, match="the BudgetCap in code applies"):
+        trainer = ns.Trainer(logger=False, callbacks=[mine])
+    assert [cb for cb in trainer.callbacks if isinstance(cb, ns.costaware.BudgetCap)] == [mine]
+
+
+def test_a_trainer_costaware_builds_itself_gets_nothing_from_the_environment(ns, monkeypatch):
+    """Distill's student Trainer (built inside costaware.strategies) is not the user's script's run."""
+    monkeypatch.setenv("COSTAWARE", "1")
+    code = "def build(Trainer):\n    return Trainer(logger=False)\n"
+    scope = {"__name__": "costaware.strategies.student_fit"}
+    exec(compile(code, "<student>", "exec"), scope)
+    trainer = scope["build"](ns.Trainer)
+    assert not [cb for cb in trainer.callbacks if isinstance(cb, ns.costaware.CostMonitor)]
+
+
 @pytest.mark.slow  # subprocess fits (~10 s each): CI runs -m slow
 @pytest.mark.parametrize("namespace", ["pytorch_lightning", "lightning.pytorch"])
 def test_nothing_happens_without_the_environment(tmp_path, namespace):

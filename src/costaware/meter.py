@@ -345,6 +345,7 @@ class CostMeter:
                                phases=self._phase_totals, **self._metered_span()))
         # A later fit with this meter continues the same run, from what it has spent.
         self._run_id, self._base = self.ledger.run_id, self._totals
+        self._phases_before = self._phase_totals  # ... and its phases
         self._resumed_from = {"run_id": self._run_id, "previous_fit_usd": self._totals.usd}
         if self.ledger.path is None:
             return
@@ -391,12 +392,14 @@ class CostMeter:
             same_run = contents.header is not None and contents.header.run_id == self._run_id
             later = contents.last_totals
             if same_run and (later.usd > self._base.usd or later.elapsed_s > self._base.elapsed_s):
-                # The run went on after this checkpoint before it stopped (an unpriced run too: $0).
-                self._base = contents.last_totals
+                # The run went on after this checkpoint before it stopped (an unpriced run too: $0):
+                # field by field the larger (a DDP checkpoint holds an extrapolated estimate).
+                self._base = self._base.maximum(later)
                 self._resumed_from["ledger_usd"] = self._base.usd
                 recorded = [e.phases for e in contents.events if isinstance(e, PhasesEvent) and e.phases]
-                if recorded:  # the phases as far as the ledger went, not the checkpoint's
-                    self._phases_before = recorded[-1]
+                if contents.end is not None and contents.end.phases:
+                    recorded.append(contents.end.phases)
+                self._phases_before = _latest_phases([self._phases_before, *recorded])
 
     # ----------------------------------------------------------------------------------------
     # Totals
@@ -549,3 +552,18 @@ def _is_scalar(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return value.numel() == 1 and math.isfinite(float(value))
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _latest_phases(snapshots: list) -> Optional[dict]:
+    """Per phase and figure, the largest of several cumulative snapshots of one run's phases (the
+    latest, whichever record holds it: a checkpoint, a validation's event, the end record)."""
+    out: dict[str, dict[str, float]] = {}
+    for snapshot in snapshots:
+        for name, figures in (snapshot or {}).items():
+            if isinstance(figures, dict):
+                mine = out.setdefault(name, dict.fromkeys(PHASE_FIGURES, 0.0))
+                for key in PHASE_FIGURES:
+                    value = figures.get(key)
+                    if isinstance(value, (int, float)) and value > mine[key]:
+                        mine[key] = float(value)
+    return out or None

@@ -10,14 +10,16 @@ the environment asks for costaware, so installing the package changes no one's r
 ``CostMonitor``; ``max_*``, ``on_cap`` of ``BudgetCap``). A ``COSTAWARE_MAX_*`` adds a
 ``BudgetCap`` (which meters the run itself); otherwise ``COSTAWARE=1`` adds a ``CostMonitor``.
 ``COSTAWARE=0`` turns it all off. A misspelt variable or a bad value is an error naming it,
-raised when the Trainer is built, before any compute. A Trainer given a costaware callback in
-code that meters the run keeps it: the environment adds nothing to it (a warning says so), as two meters of
-one run would count it twice.
+raised when the Trainer is built, before any compute. A Trainer whose code already meters the run
+(a costaware callback) keeps its meter and prices, as two meters would count the run twice: the
+environment's prices are not applied (a warning says so), its caps are (unless the code has a
+``BudgetCap``). A Trainer that costaware builds itself (Distill's student) gets nothing.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import Any, Callable, Mapping, Optional
 
@@ -66,33 +68,55 @@ def settings_from_environment(environ: Mapping[str, str]) -> Optional[dict[str, 
 
 
 def callbacks_for(namespace_module: Any, environ: Mapping[str, str], given: Optional[list] = None) -> list:
-    """The callbacks the environment asks for, from ``namespace_module`` (costaware or costaware.lightning),
-    none if the callbacks ``given`` to the Trainer in code already meter the run (a ``CostMonitor``,
-    or a callback that can meter alone: ``BudgetCap``, ``MarginalGainStopping``)."""
+    """The callbacks the environment asks for, from ``namespace_module`` (costaware or costaware.lightning).
+
+    With a callback in ``given`` (the Trainer's, from code) that meters the run already (a
+    ``CostMonitor``, or one that can meter alone: ``BudgetCap``, ``MarginalGainStopping``), its
+    prices apply: the environment's price and ledger settings are not, and a cap the environment
+    asks for is added as a ``BudgetCap`` that reads that meter (unless the code has a cap already).
+    """
     settings = settings_from_environment(environ)
     if settings is None:
         return []
-    in_code = sorted({type(cb).__name__ for cb in given or () if _meters(cb)})
-    if in_code:
-        warnings.warn(f"costaware: the environment's {_SWITCH}/{PREFIX}* settings are not applied to this Trainer: "
-                      f"it already has {', '.join(in_code)} in code, which meters the run", RuntimeWarning,
-                      stacklevel=2)
-        return []
-    if any(arg.startswith("max_") for arg in settings):
-        cap_args = {k: v for k, v in settings.items() if k in _CAP_ARGS or k in _PRICE_ARGS}
-        monitor_args = {k: v for k, v in settings.items() if k in _MONITOR_ONLY_ARGS}
-        return [namespace_module.BudgetCap(**cap_args, monitor_kwargs=monitor_args or None)]
-    if "on_cap" in settings:
+    caps = {k: v for k, v in settings.items() if k in _CAP_ARGS}
+    if "on_cap" in caps and not any(arg.startswith("max_") for arg in caps):
         raise ValueError(f"{PREFIX}ON_CAP is set but no {PREFIX}MAX_* cap is")
-    return [namespace_module.CostMonitor(**settings)]
+    metering = sorted({type(cb).__name__ for cb in given or () if _meters(cb)})
+    if not metering:
+        if caps:
+            monitor_args = {k: v for k, v in settings.items() if k in _MONITOR_ONLY_ARGS}
+            prices = {k: v for k, v in settings.items() if k in _PRICE_ARGS}
+            return [namespace_module.BudgetCap(**caps, **prices, monitor_kwargs=monitor_args or None)]
+        return [namespace_module.CostMonitor(**settings)]
+    from costaware.callbacks.budget_cap import BudgetCap
+
+    capped = any(isinstance(cb, BudgetCap) for cb in given or ())
+    added = [namespace_module.BudgetCap(**caps)] if caps and not capped else []
+    not_applied = sorted(PREFIX + k.upper() for k in settings if k not in _CAP_ARGS or capped)
+    if not_applied:
+        warnings.warn(f"costaware: this Trainer already has {', '.join(metering)} in code, which meters the run: "
+                      f"{', '.join(not_applied)} not applied" + (" (the BudgetCap in code applies)" if capped and caps
+                                                                 else ""), RuntimeWarning, stacklevel=2)
+    return added
 
 
 def _meters(callback: Any) -> bool:
     """Whether a callback given in code meters the run (an OnlineProbe, say, only reads a meter)."""
+    from costaware.callbacks.cost_monitor import CostMonitor
     from costaware.meter import CostMeter
 
-    return isinstance(getattr(callback, "own_meter", None), CostMeter) or type(callback).__name__ == "CostMonitor" \
-        and type(callback).__module__.startswith("costaware.")
+    return isinstance(callback, CostMonitor) or isinstance(getattr(callback, "own_meter", None), CostMeter)
+
+
+def _built_by_costaware() -> bool:
+    """Whether costaware itself is building this Trainer (Distill's student fit): the environment
+    is the user's script's business, not the student's."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if str(frame.f_globals.get("__name__", "")).startswith("costaware.strategies"):
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
 
 
 def pytorch_lightning_callbacks() -> list:
@@ -100,6 +124,8 @@ def pytorch_lightning_callbacks() -> list:
     import costaware
     from costaware import _lightning_internals as internals
 
+    if _built_by_costaware():
+        return []
     return callbacks_for(costaware, os.environ, internals.callbacks_given_to_trainer_being_built())
 
 
@@ -108,4 +134,6 @@ def lightning_callbacks() -> list:
     import costaware.lightning
     from costaware import _lightning_internals as internals
 
+    if _built_by_costaware():
+        return []
     return callbacks_for(costaware.lightning, os.environ, internals.callbacks_given_to_trainer_being_built())

@@ -106,7 +106,8 @@ class BudgetCap(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each in
     predicted_next, next_batch, reserve, step, epoch, checkpoint, totals).
 
     One BudgetCap per Trainer takes any number of caps. It reads the ``CostMonitor``'s meter
-    when the Trainer has one (its price arguments below are then ignored, with a warning);
+    when the Trainer has one (its price arguments below are then ignored, with a warning, and a
+    price that differs from the monitor's is a ValueError at setup);
     without one it meters the run itself (:attr:`own_meter`, built from the price arguments and
     ``monitor_kwargs``), logging ``cost/*`` and writing the ledger and report as CostMonitor does.
     A ``max_usd`` with no price at all (no GPU price, ``usd_per_host_hour`` 0, no energy price)

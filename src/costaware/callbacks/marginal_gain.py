@@ -128,7 +128,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
             ``baseline``, ``collapse_points``, ``seed``...).
         monitor_kwargs: ``CostMonitor`` arguments for the meter this callback drives when the
             Trainer has none (``{"usd_per_host_hour": 0.1, "country": "USA"}``); ignored, with a
-            warning, when there is one.
+            warning, when there is one (a price that differs from its is a ValueError at setup).
         verbose: print each decision on rank zero (stops are always printed).
         prior: what past runs say about how a run goes on: ``"default"`` (the prior shipped with
             costaware), the path of a JSON file from ``costaware prior fit LEDGERS... -o prior.json``
