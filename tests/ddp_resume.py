@@ -9,21 +9,18 @@ recorded after the checkpoint, which rank 0 can.
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fake_nvml import FakeGPU, FakeNVML
+import ddp_fit  # noqa: F401  (installs the same two fake GPUs before Lightning is imported)
 
-sys.modules["pynvml"] = FakeNVML([FakeGPU(power_w=300.0, uuid="GPU-0"), FakeGPU(power_w=500.0, uuid="GPU-1")],
-                                 time.monotonic)
+# isort: split
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.demos.boring_classes import BoringModel
 
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-from pytorch_lightning.demos.boring_classes import BoringModel  # noqa: E402
-
-import costaware  # noqa: E402
+import costaware
 
 
 class Record(pl.Callback):

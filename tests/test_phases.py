@@ -54,13 +54,27 @@ def test_phase_clock_charges_the_innermost_phase_once():
     assert sum(v["elapsed_s"] for v in clock.snapshot().values()) == 20
 
 
-def _fit(ns, tmp_path, clock, callbacks, max_steps=6, **trainer_kwargs):
+def _fit(ns, tmp_path, clock, callbacks, max_steps=6, ckpt_path=None, **trainer_kwargs):
     model = make_clocked_model(ns.BoringModel, clock, step_s=2.0)
     trainer = ns.Trainer(max_steps=max_steps, val_check_interval=3, limit_val_batches=2, default_root_dir=tmp_path,
                          callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
                          **trainer_kwargs)
-    trainer.fit(model)
+    trainer.fit(model, ckpt_path=ckpt_path)
     return trainer
+
+
+def _fit_then_resume(ns, tmp_path, clock, every, first_steps, resume_steps):
+    """A fit of ``first_steps`` checkpointing every ``every`` steps, then a new monitor resumed from
+    the step-``every`` checkpoint to ``resume_steps``; the resumed monitor's ledger end record."""
+    first = CostMonitor(usd_per_host_hour=3.6)
+    first.meter.clock = clock
+    checkpoint = ns.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_top_k=-1)
+    _fit(ns, tmp_path, clock, [first, checkpoint], max_steps=first_steps)
+    resumed = CostMonitor(usd_per_host_hour=3.6)
+    resumed.meter.clock = clock
+    _fit(ns, tmp_path, clock, [resumed], max_steps=resume_steps, enable_checkpointing=False,
+         ckpt_path=str(tmp_path / "ckpt" / f"epoch=0-step={every}.ckpt"))
+    return resumed, read_ledger(resumed.ledger.path).end
 
 
 @pytest.mark.parametrize("driver", ["CostMonitor", "BudgetCap", "MarginalGainStopping"])
@@ -155,18 +169,7 @@ def test_a_killed_run_reports_its_phases_to_the_last_validation(ns, tmp_path, cl
 def test_a_resumed_run_keeps_the_phases_of_its_earlier_sessions(ns, tmp_path, clock):
     """Fit 6 steps (2 s each) with a checkpoint, resume to 12: training holds both sessions' 24 s,
     not the last session's 12 s with the first counted as "other"."""
-    first = CostMonitor(usd_per_host_hour=3.6)
-    first.meter.clock = clock
-    checkpoint = ns.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
-    _fit(ns, tmp_path, clock, [first, checkpoint], max_steps=6)
-    resumed = CostMonitor(usd_per_host_hour=3.6)
-    resumed.meter.clock = clock
-    model = make_clocked_model(ns.BoringModel, clock, step_s=2.0)
-    trainer = ns.Trainer(max_steps=12, val_check_interval=3, limit_val_batches=2, default_root_dir=tmp_path,
-                         callbacks=[resumed], logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False)
-    trainer.fit(model, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=6.ckpt"))
-    end = read_ledger(resumed.ledger.path).end
+    resumed, end = _fit_then_resume(ns, tmp_path, clock, every=6, first_steps=6, resume_steps=12)
     assert end.phases["training"]["elapsed_s"] == pytest.approx(24.0)
     assert end.totals.elapsed_s == pytest.approx(24.0)
     rows = {r["phase"]: r for r in build_report(resumed.ledger.path)["phases"]["rows"]}
@@ -177,18 +180,7 @@ def test_a_resume_from_an_earlier_checkpoint_takes_the_phases_as_far_as_the_ledg
     """Checkpoint at step 4, validations at 3 and 6, the first fit ends at 8; resumed from step 4
     to 10: training holds the first fit's 16 s (its end record, later than any validation's
     record) plus 12 s, and nothing is left to "other"."""
-    first = CostMonitor(usd_per_host_hour=3.6)
-    first.meter.clock = clock
-    checkpoint = ns.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
-    _fit(ns, tmp_path, clock, [first, checkpoint], max_steps=8)
-    resumed = CostMonitor(usd_per_host_hour=3.6)
-    resumed.meter.clock = clock
-    trainer = ns.Trainer(max_steps=10, val_check_interval=3, limit_val_batches=2, default_root_dir=tmp_path,
-                         callbacks=[resumed], logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False)
-    trainer.fit(make_clocked_model(ns.BoringModel, clock, step_s=2.0),
-                ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
-    end = read_ledger(resumed.ledger.path).end
+    _, end = _fit_then_resume(ns, tmp_path, clock, every=4, first_steps=8, resume_steps=10)
     assert end.phases["training"]["elapsed_s"] == pytest.approx(16.0 + 12.0)
     assert end.totals.elapsed_s == pytest.approx(28.0)
 
