@@ -226,9 +226,8 @@ class CostMeter:
         self._totals = self._base
         self._mine_at_refresh = self._base
         self.ledger.totals = self._base
-        for name, figures in (self._phases_before or {}).items():  # a resumed run's earlier sessions
-            if isinstance(figures, dict) and self._phases is not None:
-                self._phases.spent[name] = {k: float(figures.get(k) or 0.0) for k in PHASE_FIGURES}
+        if self._phases is not None:  # a resumed run's earlier sessions (normalised by _latest_phases)
+            self._phases.spent.update(_latest_phases([self._phases_before]) or {})
         self.ledger.record(Header(
             prices=self.prices.to_dict(), meters=self.meter_status(), world_size=trainer.world_size,
             num_nodes=trainer.num_nodes, precision=str(trainer.precision), peak_flops_per_s=self._peak_flops_per_s,
