@@ -85,6 +85,43 @@ def test_resume_continues_totals(ns, tmp_path, clock):
     assert header["resumed_from"]["checkpoint_usd"] == pytest.approx(0.008)
 
 
+def _restoring_after_fit_start(ns):
+    """A CPU strategy that restores a checkpoint after ``on_fit_start``, as FSDP and DeepSpeed do."""
+    from importlib import import_module
+
+    class LateRestore(import_module(f"{ns.name}.strategies").SingleDeviceStrategy):
+        @property
+        def restore_checkpoint_after_setup(self) -> bool:
+            return True
+
+    return LateRestore(device="cpu")
+
+
+@pytest.mark.parametrize("until", [12, 8])
+def test_resume_under_a_strategy_that_restores_after_fit_start(ns, tmp_path, clock, until):
+    """FSDP and DeepSpeed hand callbacks their checkpointed state only after on_fit_start: the ledger's
+    header, the caps and the policy are recorded once it is there (until=8: the checkpoint is at max_steps
+    already, so no training starts, and the ledger is still whole)."""
+    first = _monitor(ns, clock)
+    ckpt = ns.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=4)
+    trainer = _trainer(ns, tmp_path, [first, ckpt], max_steps=8, val_check_interval=4)
+    trainer.fit(make_clocked_model(ns.BoringModel, clock, step_s=1.0))
+
+    monitor = _monitor(ns, clock)
+    cap = ns.costaware.BudgetCap(max_usd=100.0)
+    policy = ns.costaware.MarginalGainStopping(monitor="val_loss", mode="min", usd_per_point=1.0, min_points=50)
+    trainer = _trainer(ns, tmp_path, [monitor, cap, policy], max_steps=until, val_check_interval=4,
+                       strategy=_restoring_after_fit_start(ns))
+    trainer.fit(make_clocked_model(ns.BoringModel, clock, step_s=1.0), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert monitor.totals.elapsed_s == pytest.approx(until)
+    contents = read_ledger(monitor.ledger.path)
+    assert contents.header["resumed_from"]["checkpoint_usd"] == pytest.approx(0.008)
+    assert contents.end is not None and contents.end.totals.elapsed_s == pytest.approx(until)
+    kinds = [e.NAME for e in contents.events]
+    assert kinds.count("budget_caps") == 1, contents.events
+    assert kinds.count("marginal_gain_policy") == 1, kinds
+
+
 def test_resume_keeps_cost_spent_after_the_checkpoint(pl_ns, tmp_path, clock):
     """A run killed after its last checkpoint paid for those steps: its ledger says so."""
     ns = pl_ns

@@ -620,3 +620,20 @@ def test_an_interval_from_a_coarser_cell_of_the_prior_is_wider():
     assert "/*/" not in estimates[True].interval_from and "/*/" in estimates[False].interval_from
     width = {k: e.predicted_final_high - e.predicted_final_low for k, e in estimates.items()}
     assert width[False] > width[True] > 0.0
+
+
+def test_a_run_at_chance_whose_learning_rate_never_anneals_does_not_wait_to_the_end():
+    from costaware.curves import _PriorView
+
+    # Plan $10, anneal_fraction 0.5: with the learning rate still at its peak past $5, the wait for a slow start
+    # lasts until $7.5, a fixed point. Past runs' gain here is worth $1.8: at $6 the $1.5 wait to $7.5 is worth it,
+    # at $8 there is no wait left (a horizon of half what is left, recomputed at every evaluation, never ends).
+    view = _PriorView("test cell", gain_upper=1.8, final_low=10.0, final_median=10.0, final_high=10.0)
+    reasons = {}
+    for cost_now in (6.0, 8.0):
+        policy = MarginalGainPolicy(usd_per_point=1.0, planned_cost_usd=10.0, baseline=0.1, prior=None)
+        for c in np.linspace(0.5, cost_now, 8):
+            policy.observe(float(c), 0.1, lr=0.1)
+        reasons[cost_now] = policy._prior_says_wait_at_chance(view)
+    assert reasons[6.0] is not None and "until $7.5" in reasons[6.0], reasons
+    assert reasons[8.0] is None

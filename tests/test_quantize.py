@@ -221,6 +221,22 @@ def test_usd_objective_without_a_deployment_fails_before_the_fit(ns, tmp_path):
     assert trained == []
 
 
+def test_usd_objective_after_distill_is_checked_before_the_fit(ns, tmp_path):
+    """Quantize(objective="usd") in Distill's ``then`` runs after two trainings: a missing deployment is refused
+    at setup, and Distill's own deployment counts as one."""
+    from costaware.strategies.distill import Distill
+
+    without = Distill(then=Quantize(objective="usd"))
+    policy = ns.costaware.MarginalGainStopping(monitor="val_loss", mode="min", usd_per_point=1.0, then=without)
+    trainer = ns.Trainer(max_steps=5, callbacks=[ns.costaware.CostMonitor(usd_per_host_hour=1.0), policy],
+                         default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"objective='usd'.* needs a deployment"):
+        trainer.fit(ns.BoringModel())
+    assert trainer.global_step == 0
+    Distill(then=Quantize(objective="usd"), deployment=Deployment(requests=1000, usd_per_hour=0.1)).check_before_fit()
+
+
 def test_too_strict_max_drop_keeps_float_model(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 2))

@@ -49,6 +49,16 @@ def write_minimums(trainer: Any, minimums: tuple[Optional[int], Optional[int]]) 
     trainer.fit_loop.min_epochs, trainer.fit_loop.epoch_loop.min_steps = minimums
 
 
+def restores_after_fit_start(trainer: Any) -> bool:
+    """Whether a resumed fit's checkpoint reaches callbacks only after ``on_fit_start``.
+
+    Strategies that restore after their own setup (FSDP, DeepSpeed, model parallel) call
+    ``load_state_dict`` between ``on_fit_start`` and the sanity check; whether a checkpoint is
+    given is not known yet in ``on_fit_start`` (``trainer.ckpt_path`` is set by the restore).
+    """
+    return bool(getattr(getattr(trainer, "strategy", None), "restore_checkpoint_after_setup", False))
+
+
 def checkpoint_every_n_epochs(checkpoint: Any) -> int:
     """``ModelCheckpoint``'s epoch interval (0: it does not save at epoch ends)."""
     return int(getattr(checkpoint, "_every_n_epochs", 1) or 0)

@@ -608,8 +608,9 @@ class MarginalGainPolicy:
 
         A slow start (from scratch, self-supervised) sits at chance while the learning rate warms up or stays at
         its peak, then rises. Waiting needs no commitment to the whole plan, only to the point where a start would
-        show: ``anneal_fraction`` of the plan (or, with the learning rate still at its peak past it, half of what
-        is left). The wait is priced with the prior's gain against the cost of that wait alone.
+        show: ``anneal_fraction`` of the plan (or, with the learning rate still at its peak past it, halfway from
+        there to the plan's end: a fixed point, so that a schedule that never anneals does not wait to the end).
+        The wait is priced with the prior's gain against the cost of that wait alone.
         """
         if view is None or self.anneal_fraction is None:
             return None
@@ -621,9 +622,9 @@ class MarginalGainPolicy:
         plan, cost_now = self.planned_cost_usd, self._costs_usd[-1]
         horizon_usd = self.anneal_fraction * plan
         if cost_now >= horizon_usd:
-            if state not in ("warming", "high"):
+            horizon_usd += 0.5 * (plan - horizon_usd)
+            if state not in ("warming", "high") or cost_now >= horizon_usd:
                 return None
-            horizon_usd = cost_now + 0.5 * (plan - cost_now)
         wait_usd = horizon_usd - cost_now
         worth_usd = view.gain_upper * self.usd_per_point
         if worth_usd <= wait_usd:

@@ -199,8 +199,9 @@ class CostMeter:
                           "counted for it", RuntimeWarning, stacklevel=3)
 
     def open_ledger(self, trainer: pl.Trainer) -> None:
-        """Write the ledger's header, once per fit: any holder may call it in ``on_fit_start`` (a
-        checkpoint is restored by then) before recording; later calls do nothing."""
+        """Write the ledger's header, once per fit, before any record: a holder calls it once a
+        resumed run's checkpoint is restored (``on_fit_start``; with a strategy that restores later,
+        ``on_sanity_check_start``, ``on_train_start`` or ``on_fit_end``); later calls do nothing."""
         if self._ledger_open:
             return
         self._ledger_open = True

@@ -205,6 +205,7 @@ class BudgetCap(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each in
         self._saved_minimums: Optional[tuple] = None
         self._previous_stop: Optional[dict] = None
         self._saves_per_validation: Optional[int] = None
+        self._begun = False  # the caps recorded in this fit's ledger (see _begin)
         self._reset_session()
 
     def _reset_session(self) -> None:
@@ -244,11 +245,26 @@ class BudgetCap(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each in
             check_priced(self.meter, "BudgetCap", "max_usd")
         self.stopped = None
         self._saved_minimums = internals.read_minimums(trainer)
+        self._begun = False
+        if not internals.restores_after_fit_start(trainer):
+            self._begin(trainer)
+
+    def on_sanity_check_start(self, trainer: Any, pl_module: Any) -> None:
+        self._begin(trainer)
+
+    def _begin(self, trainer: Any) -> None:
+        """Record the caps, with what a resumed run's checkpoint says: in ``on_fit_start``, or at the first hook
+        after a strategy that restores late (FSDP, DeepSpeed) has restored."""
+        if self._begun:
+            return
+        self._begun = True
+        assert self.meter is not None and self.meter.ledger is not None, "setup() found and started the run's meter"
         self.meter.open_ledger(trainer)  # (once per fit, whoever asks first)
         self.meter.ledger.record(BudgetCapsEvent(caps=dict(self.limits), on_cap=self.on_cap,
                                                  predictive=self.predictive, previous_stop=self._previous_stop))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._begin(trainer)
         if self._drives:
             self.own_meter.phase_start("training")
         self._reset_session()
@@ -382,6 +398,7 @@ class BudgetCap(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each in
         self._mark = None
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._begin(trainer)  # (a resume that had nothing left to train started no training)
         if self._drives:
             self.own_meter.end_fit(trainer, pl_module)
 

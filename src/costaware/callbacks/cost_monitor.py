@@ -141,7 +141,11 @@ class CostMonitor(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each 
                            f"CO2 are still measured): {PRICE_HINT}", category=RuntimeWarning)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.meter.open_ledger(trainer)
+        if not internals.restores_after_fit_start(trainer):
+            self.meter.open_ledger(trainer)
+
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.meter.open_ledger(trainer)  # (once per fit) a strategy that restores late has restored by now
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -158,6 +162,7 @@ class CostMonitor(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each 
         self.meter.log(trainer, pl_module, on_step=False)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.meter.open_ledger(trainer)
         self.meter.phase_start("training")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -176,6 +181,7 @@ class CostMonitor(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The ledger stays open until teardown: callbacks later in the list (the marginal-gain
         # policy's strategies) still record their results in their own on_fit_end.
+        self.meter.open_ledger(trainer)  # (a resume that had nothing left to train started no training)
         self.meter.end_fit(trainer, pl_module)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -189,6 +189,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
         self.policy_kwargs = dict(policy_kwargs or {})
         self._user_plan = self.policy_kwargs.get("planned_cost_usd") is not None
         self._user_anneals = "anneals" in self.policy_kwargs
+        self._begun = False  # the policy recorded in this fit's ledger (see _begin)
         for key in ("mode", "usd_per_point", "min_gain_per_usd", "confidence", "min_points", "points_per_unit",
                     "prior"):
             if key in self.policy_kwargs:
@@ -262,6 +263,20 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
         check_priced(self.meter, "MarginalGainStopping", "usd_per_point")
         self.decisions = []
         self.results = []
+        self._begun = False
+        if not internals.restores_after_fit_start(trainer):
+            self._begin(trainer)
+
+    def on_sanity_check_start(self, trainer: Any, pl_module: Any) -> None:
+        self._begin(trainer)
+
+    def _begin(self, trainer: Any) -> None:
+        """Record the policy, with the points a resumed run's checkpoint holds: in ``on_fit_start``, or at the first
+        hook after a strategy that restores late (FSDP, DeepSpeed) has restored."""
+        if self._begun:
+            return
+        self._begun = True
+        assert self.meter is not None and self.meter.ledger is not None, "setup() found and started the run's meter"
         self.meter.open_ledger(trainer)  # (once per fit, whoever asks first)
         self.meter.ledger.record(MarginalGainPolicyEvent(
             monitor=self.monitor, mode=self.mode, usd_per_point=self.usd_per_point,
@@ -287,6 +302,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
             self.own_meter.log(trainer, pl_module, on_step=False)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._begin(trainer)
         if self._drives:
             self.own_meter.phase_start("training")
         context = self._context(trainer, pl_module)
@@ -387,6 +403,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self.meter is None:
             return
+        self._begin(trainer)  # (a resume that had nothing left to train started no training)
         # The teacher's metering ends before the strategies, wherever the CostMonitor is listed
         # (every rank runs this hook: the refresh's collective is safe; later calls do nothing).
         self.meter.end_fit(trainer, pl_module)

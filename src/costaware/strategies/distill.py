@@ -227,6 +227,18 @@ class Distill(StopStrategy):
     # Hooks called by MarginalGainStopping
     # ------------------------------------------------------------------------------------------
 
+    def check_before_fit(self) -> None:
+        """The ``then`` strategies run after the teacher and the student have trained: check them now, with the
+        deployment Distill will pass them."""
+        for follower in self.then:
+            check = getattr(follower, "check_before_fit", None)
+            if check is None:
+                continue
+            if self.deployment is not None and _accepts(check, "deployment"):
+                check(deployment=self.deployment)
+            else:
+                check()
+
     def on_train_start(self, context: StopContext) -> None:
         """Fail before the teacher trains: one process only, and a student of the right shape."""
         trainer = context.trainer

@@ -220,9 +220,12 @@ class Quantize(StopStrategy):
     # As a strategy of MarginalGainStopping
     # ----------------------------------------------------------------------------------------
 
-    def check_before_fit(self) -> None:
-        """In a fit, ``after_fit`` gets no deployment of its own: the ``"usd"`` objective needs one now."""
-        if self.objective == "usd" and self.deployment is None:
+    def check_before_fit(self, deployment: Optional[Deployment] = None) -> None:
+        """In a fit, ``after_fit`` gets no deployment of its own: the ``"usd"`` objective needs one now.
+
+        ``deployment``: the one a caller will pass to ``apply`` (``Distill`` passes its own).
+        """
+        if self.objective == "usd" and self.deployment is None and deployment is None:
             raise ValueError("Quantize(objective='usd') after a fit needs a deployment: "
                              "Quantize(objective='usd', deployment=Deployment(...)), set before the fit")
 
