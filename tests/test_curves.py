@@ -637,3 +637,22 @@ def test_a_run_at_chance_whose_learning_rate_never_anneals_does_not_wait_to_the_
         reasons[cost_now] = policy._prior_says_wait_at_chance(view)
     assert reasons[6.0] is not None and "until $7.5" in reasons[6.0], reasons
     assert reasons[8.0] is None
+
+
+def test_a_learning_rate_still_at_its_peak_is_not_judged_converged_on_its_plateau():
+    """A step schedule that drops late (at 75% of the plan): on the high-LR plateau the fit sees convergence.
+    Past anneal_fraction of the plan, the policy without learning rates trusts it and stops; with them, it
+    sees a rate not annealed yet and waits (up to anneal_points' worth), so it reaches the drop's gain."""
+    t = np.linspace(0.04, 1.0, 25)
+    acc = np.where(t < 0.75, 0.80 - 0.3 * np.exp(-t / 0.05), 0.88) + np.random.default_rng(0).normal(0, 0.001, t.size)
+    lr = np.where(t < 0.75, 0.1, 0.01)
+    stops = {}
+    for with_lr in (False, True):
+        policy = MarginalGainPolicy(usd_per_point=20.0, planned_cost_usd=10.0, prior=None)
+        stops[with_lr] = None
+        for c, a, r in zip(10.0 * t, acc, lr):
+            if policy.observe(float(c), float(a), lr=float(r) if with_lr else None).stop:
+                stops[with_lr] = float(c)
+                break
+    assert stops[False] is not None and 5.0 <= stops[False] < 7.5, stops
+    assert stops[True] is None, stops

@@ -215,7 +215,9 @@ class MarginalGainPolicy:
     converged. With a plan, the policy does not stop on the fit before ``anneal_fraction``
     of the planned cost, as long as that wait costs less than ``anneal_points`` points are
     worth: it trusts the fit once the cost so far reaches
-    ``min(anneal_fraction * planned_cost_usd, anneal_points * usd_per_point)``. A run that
+    ``min(anneal_fraction * planned_cost_usd, anneal_points * usd_per_point)``; with learning rates
+    given to :meth:`observe`, a run whose rate is still warming up or at its peak waits up to the
+    second figure whatever part of the plan it has spent (a step schedule may drop late). A run that
     does not anneal (``anneals=False``: a constant learning rate) has nothing to wait for.
 
     A curve fit cannot see a steep rise that has not begun (a from-scratch or self-supervised
@@ -634,10 +636,19 @@ class MarginalGainPolicy:
                 f"of waiting until ${horizon_usd:.4g} for a slow start")
 
     def _anneal_wait_usd(self) -> float:
-        """Cost before which the fit alone does not stop a run with a plan (0 without one)."""
+        """Cost before which the fit alone does not stop a run with a plan (0 without one).
+
+        With learning rates given, a run whose rate is still warming up or at its peak has not annealed, whatever
+        fraction of the plan it has spent (a step schedule may drop late): the wait lasts while it costs less than
+        ``anneal_points`` are worth, not only up to ``anneal_fraction`` of the plan.
+        """
         if self.anneal_fraction is None or self.planned_cost_usd is None or not self.anneals:
             return 0.0
-        return min(self.anneal_fraction * self.planned_cost_usd, self.anneal_points * self.usd_per_point)
+        cap_usd = self.anneal_points * self.usd_per_point
+        lrs = np.asarray(self._lrs, dtype=float)
+        if lr_state(None if np.isnan(lrs).any() else lrs, self.anneals) in ("warming", "high"):
+            return min(self.planned_cost_usd, cap_usd)
+        return min(self.anneal_fraction * self.planned_cost_usd, cap_usd)
 
     def _estimate(
         self, costs: np.ndarray, points: np.ndarray, best: float, remaining_usd: float | None
