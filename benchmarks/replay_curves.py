@@ -28,6 +28,11 @@ format, one run a line::
      "planned_cost_usd": 12.5,        # optional, total planned cost
      "baseline": 0.354}               # optional, the metric of a model that learned nothing
 
+The repository's own corpora, made on this machine, are replayed too when present:
+``benchmarks/curves/digits.jsonl`` (``make_curves.py``: from scratch and SSL, three data sets)
+and ``benchmarks/curves/lora_sst2.jsonl`` (``make_lora_curves.py``: LoRA fine-tuning, never
+used to tune anything); ``--no-corpus`` leaves them out.
+
 ``--generic FILE`` replays such a file instead (``--write-generic DIR`` writes the
 converted shared data sets in that format).
 
@@ -65,6 +70,8 @@ PATIENCES = (1, 2, 3, 5, 10)
 TARGET_LOSS_POINTS = 0.30
 TARGET_SAVED = 0.40
 CORPUS = _REPO / "benchmarks" / "curves" / "digits.jsonl"  # made here by benchmarks/make_curves.py
+# LoRA fine-tuning on SST-2, made here by benchmarks/make_lora_curves.py; never used to tune anything.
+LORA_CORPUS = _REPO / "benchmarks" / "curves" / "lora_sst2.jsonl"
 CORPUS_LEARNS_ABOVE = 0.10  # a corpus run learns when its best beats the majority share by 10 accuracy points
 
 # Dollars for the DeBERTa runs, which record steps, not time: examples seen ->
@@ -81,6 +88,7 @@ REGRET_PRICES = {
     "deberta-mnli": (0.03, 0.1, 0.3, 1.0, 3.0),
     "nasbench-nlp": (0.1, 0.3, 1.0, 3.0, 10.0),
     "digits": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),  # up to the operating prices the digits sets choose
+    "lora-sst2": (0.03, 0.1, 0.3, 1.0, 3.0),  # runs of about a dollar, as DeBERTa's
 }
 # Prices swept on the tune half to find the operating point for the loss target.
 # A coarse grid (0.1, 1 and 10 are shared with the regret prices, whose replays are
@@ -572,7 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the summary as JSON to this file")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--quick", action="store_true", help="only the first 120 runs of each data set")
-    parser.add_argument("--no-corpus", action="store_true", help="leave out benchmarks/curves/digits.jsonl")
+    parser.add_argument("--no-corpus", action="store_true",
+                        help="leave out benchmarks/curves/digits.jsonl and lora_sst2.jsonl")
     parser.add_argument("--only", help="replay only the data sets whose name contains this")
     args = parser.parse_args(argv)
 
@@ -585,8 +594,10 @@ def main(argv: list[str] | None = None) -> int:
         "with the shipped curve prior; price per point varied). Points: metric x 100. Halves fixed by",
         "crc32(id) % 2; settings, the operating price and the shipped prior (tune halves of DeBERTa and the",
         "digits corpus) come from 'tune'; 'test' is held out. The loss/savings target is the issue's for",
-        "fine-tuning (DeBERTa); for NAS-Bench-NLP and the digits sets it is shown for reference.",
+        "fine-tuning (DeBERTa, LoRA-SST2); for NAS-Bench-NLP and the digits sets it is shown for reference.",
         "digits-*: benchmarks/curves/digits.jsonl (make_curves.py), FLOPs at a nominal $1e6/PFLOP.",
+        "lora-sst2: benchmarks/curves/lora_sst2.jsonl (make_lora_curves.py), FLOPs at a nominal $1000/PFLOP;",
+        "never used to tune anything (not in the prior): both its halves are held out but for its operating price.",
         f"DeBERTa cost: examples seen / {DEBERTA_EXAMPLES_PER_GPU_SECOND:g} examples per GPU-second x "
         f"${USD_PER_GPU_HOUR:g}/GPU-hour (= ${usd_per_example * 1e6:.3f} per million examples); "
         f"NAS-Bench-NLP: wall time x ${USD_PER_GPU_HOUR:g}/GPU-hour.",
@@ -618,6 +629,12 @@ def main(argv: list[str] | None = None) -> int:
                 datasets.append((f"digits-{kind}", [r for r in corpus if r["kind"] == kind], REGRET_PRICES["digits"],
                                  lambda r: r.has_finite
                                  and np.nanmax(r.metrics) > (r.baseline or 0.0) + CORPUS_LEARNS_ABOVE))
+        if LORA_CORPUS.is_file() and not args.no_corpus:
+            with open(LORA_CORPUS) as f:
+                lora = [json.loads(line) for line in f if line.strip()]
+            datasets.append(("lora-sst2", lora, REGRET_PRICES["lora-sst2"],
+                             lambda r: r.has_finite
+                             and np.nanmax(r.metrics) > (r.baseline or 0.0) + CORPUS_LEARNS_ABOVE))
         if args.write_generic:
             args.write_generic.mkdir(parents=True, exist_ok=True)
             for name, recs, _, _ in datasets:
