@@ -656,3 +656,21 @@ def test_a_learning_rate_still_at_its_peak_is_not_judged_converged_on_its_platea
                 break
     assert stops[False] is not None and 5.0 <= stops[False] < 7.5, stops
     assert stops[True] is None, stops
+
+
+@pytest.mark.parametrize(("corpus", "runs", "kinds"), [("digits.jsonl", 400, {"scratch", "scratch-hard", "ssl"}),
+                                                       ("lora_sst2.jsonl", 64, {"lora"})])
+def test_the_committed_corpora_replay_as_generic_runs_with_their_plan_and_learning_rates(corpus, runs, kinds):
+    """The corpora made by make_curves.py / make_lora_curves.py load through the replay's own validation:
+    costs rise to the plan, every point carries its learning rate, accuracies lie in [0, 1]."""
+    rc = _benchmark_module()
+    records = [json.loads(line) for line in (REPO / "benchmarks" / "curves" / corpus).read_text().splitlines()]
+    assert len(records) == runs and {r["kind"] for r in records} == kinds
+    for record in records:
+        run = rc.run_from_generic(record)
+        assert np.all(np.diff(run.costs_usd) > 0), run.id
+        assert run.planned_cost_usd == pytest.approx(run.costs_usd[-1], rel=1e-3), run.id
+        assert run.lrs is not None and np.all(np.isfinite(run.lrs)) and np.all(run.lrs >= 0), run.id
+        finite = run.metrics[np.isfinite(run.metrics)]
+        assert np.all((finite >= 0.0) & (finite <= 1.0)) and 0.0 < run.baseline < 1.0, run.id
+        assert run.anneals == (record["config"]["schedule"] != "constant"), run.id
