@@ -10,7 +10,9 @@ points and it is at least 5% faster. The script prints teacher / quantized: prob
 parameters, size on disk, CPU latency per example and training cost. Then, if the run was stopped,
 it trains the model on to the planned ``--max-epochs`` (a real counterfactual, priced by its own
 CostMonitor) and says plainly whether stopping paid: the points the extra epochs bought, at
-``--usd-per-point``, against their cost.
+``--usd-per-point``, against their cost. A run never stopped (what the default price, a point
+worth more than the whole toy run, gives) says instead what its second half bought, from the
+points it recorded.
 
 Offline: the digits ship with scikit-learn (1797 images of 8x8 pixels). The encoder is an MLP
 (its linear layers are what bitsandbytes quantizes); the two views of each digit are random
@@ -303,8 +305,10 @@ def did_stopping_pay(args: argparse.Namespace, model: pl.LightningModule, data: 
     kept, with its own CostMonitor at the same price, and the best probe accuracy it reaches is
     priced at ``--usd-per-point`` against what the extra epochs cost.
     """
-    if stopping.stopped_step is None or epochs_done >= args.max_epochs or args.no_check:
-        return "the run was not stopped early (or --no-check): nothing to compare"
+    if args.no_check:
+        return "--no-check: not compared"
+    if stopping.stopped_step is None or epochs_done >= args.max_epochs:
+        return did_going_on_pay(args, stopping)
     best_at_stop = max(m for m in stopping.policy.state_dict()["metrics"] if math.isfinite(m))
     extra_monitor = costaware.CostMonitor(usd_per_host_hour=args.usd_per_host_hour, country="USA")
     recorder = _ProbeRecorder()
@@ -324,6 +328,31 @@ def did_stopping_pay(args: argparse.Namespace, model: pl.LightningModule, data: 
             f"worth ${worth_usd:.6f} at ${args.usd_per_point:g}/point): stopping "
             + (f"PAID (saved ${extra_usd - worth_usd:.6f} net)" if paid
                else f"did NOT pay (it gave up ${worth_usd - extra_usd:.6f} net)"))
+
+
+def did_going_on_pay(args: argparse.Namespace, stopping: Any) -> str:
+    """For a run the policy never stopped: what its second half (by cost) bought, from the recorded points.
+
+    No counterfactual to train: the run went on, and the (cost, probe accuracy) points the policy saw
+    say what a stop at half the cost would have given up, priced at ``--usd-per-point``.
+    """
+    state = stopping.policy.state_dict()
+    points = [(c, m) for c, m in zip(state["costs_usd"], state["metrics"]) if math.isfinite(m)]
+    half_usd = points[-1][0] / 2.0 if points else 0.0
+    first_half = [m for c, m in points if c <= half_usd]
+    if not first_half or len(first_half) == len(points):
+        return "the run was not stopped, and too few validations were recorded to compare its halves"
+    best_half, best_end = max(first_half), max(m for _, m in points)
+    from_usd = points[len(first_half) - 1][0]
+    spent_usd = points[-1][0] - from_usd
+    gained_points = 100.0 * (best_end - best_half)
+    worth_usd = gained_points * args.usd_per_point
+    return (f"not stopped: every validation was judged worth its cost. From the last validation in the first half of "
+            f"its cost (${from_usd:.6f}) on, the rest cost ${spent_usd:.6f} and moved the best probe accuracy from "
+            f"{best_half:.4f} to {best_end:.4f} ({gained_points:+.2f} points, worth ${worth_usd:.6f} at "
+            f"${args.usd_per_point:g}/point): going on "
+            + (f"PAID (${worth_usd - spent_usd:.6f} net)" if worth_usd >= spent_usd
+               else f"did NOT pay (a stop at half the cost would have saved ${spent_usd - worth_usd:.6f} net)"))
 
 
 def _fmt(value: Any, spec: str, suffix: str = "") -> str:

@@ -21,6 +21,8 @@ def test_ssl_digits_probes_stops_and_quantizes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = result.stdout[result.stdout.index("== SimCLR on digits: summary =="):]
     assert "teacher" in summary and "quantized" in summary and "raw pixels" in summary
+    verdict = next(line for line in summary.splitlines() if line.startswith("did it pay?"))
+    assert "PAID" in verdict or "did NOT pay" in verdict, verdict  # stopped or not, it says plainly
     run_dir = next(tmp_path.glob("lightning_logs/version_*/costaware"))
     shell = subprocess.run([sys.executable, "-m", "costaware.cli", "report", str(run_dir)], capture_output=True,
                            text=True, timeout=120)
