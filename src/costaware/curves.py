@@ -567,6 +567,11 @@ class MarginalGainPolicy:
         lo, hi = (self.points_per_unit * b for b in bounds)
         return (lo, hi) if self.mode == "max" else (-hi, -lo)
 
+    def _lr_history(self) -> np.ndarray | None:
+        """The learning rates given with every evaluation so far, or None where any is missing (unknown)."""
+        lrs = np.asarray(self._lrs, dtype=float)
+        return None if np.isnan(lrs).any() else lrs
+
     def _prior_view(self) -> _PriorView | None:
         """What past runs at this stage went on to gain, when the prior applies (bounded metric, a plan)."""
         lo, hi = self._range_points()
@@ -574,12 +579,10 @@ class MarginalGainPolicy:
         cost_now = self._costs_usd[-1]
         if self.prior is None or plan is None or cost_now >= plan or not (math.isfinite(lo) and math.isfinite(hi)):
             return None
-        all_lrs = np.asarray(self._lrs, dtype=float)
-        lrs = None if np.isnan(all_lrs).any() else all_lrs
         base = lo if self.baseline is None else min(max(self._sign * self.points_per_unit * self.baseline, lo), hi)
         points = self._sign * self.points_per_unit * np.asarray(self._metrics, dtype=float)
         cell, best, headroom = stage(self._costs_usd, np.where(np.isfinite(points), points, np.nan), lo, hi, base,
-                                     plan, lrs, self.anneals)
+                                     plan, self._lr_history(), self.anneals)
         key, _ = self.prior.lookup(cell)
         c = self.confidence
         tail = _PRIOR_TAIL * (_FALLBACK_TAIL if "*" in key else 1.0) * (1.0 - c) / 2.0
@@ -617,8 +620,7 @@ class MarginalGainPolicy:
         if view is None or self.anneal_fraction is None:
             return None
         assert self.planned_cost_usd is not None, "a prior view needs a plan"
-        lrs = np.asarray(self._lrs, dtype=float)
-        state = lr_state(None if np.isnan(lrs).any() else lrs, self.anneals)
+        state = lr_state(self._lr_history(), self.anneals)
         if state == "annealing":
             return None
         plan, cost_now = self.planned_cost_usd, self._costs_usd[-1]
@@ -645,8 +647,7 @@ class MarginalGainPolicy:
         if self.anneal_fraction is None or self.planned_cost_usd is None or not self.anneals:
             return 0.0
         cap_usd = self.anneal_points * self.usd_per_point
-        lrs = np.asarray(self._lrs, dtype=float)
-        if lr_state(None if np.isnan(lrs).any() else lrs, self.anneals) in ("warming", "high"):
+        if lr_state(self._lr_history(), self.anneals) in ("warming", "high"):
             return min(self.planned_cost_usd, cap_usd)
         return min(self.anneal_fraction * self.planned_cost_usd, cap_usd)
 
