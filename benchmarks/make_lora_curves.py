@@ -25,12 +25,13 @@ Output: the generic JSONL of ``make_curves.py`` (points ``[cumulative_cost_usd, 
 
 Usage::
 
-    nice -n 10 python benchmarks/make_lora_curves.py --out benchmarks/curves/lora_sst2.jsonl   # ~40 min, 2 cores
+    nice -n 10 python benchmarks/make_lora_curves.py --out benchmarks/curves/lora_sst2.jsonl   # ~50 min, 2 cores
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -53,6 +54,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from data import LengthGroupedBatchSampler, PadCollate, TokenizedDataset, read_sst2, sst2_dir  # noqa: E402
+from lora_sst2 import SST2Classifier, model_dir, warmup_linear_decay  # noqa: E402
+from make_curves import lr_at as digits_lr_at  # noqa: E402
+
 SEED = 20261205
 RUNS = 64
 USD_PER_PFLOP = 1000.0  # nominal: puts a typical run at about $1 (see the docstring)
@@ -64,10 +69,7 @@ HEAD_LR_FACTOR = 3.0  # the fresh head learns at this multiple of the adapters' 
 def lr_at(schedule: str, step: int, total: int, peak: float) -> float:
     """Learning rate at ``step`` of ``total``; ``linear`` is examples/lora_sst2.py's (10% warmup, decay to 0)."""
     if schedule == "linear":
-        warmup = max(int(0.1 * total), 1)
-        return peak * min((step + 1) / warmup, max(total - step, 0) / max(total - warmup, 1))
-    from make_curves import lr_at as digits_lr_at
-
+        return peak * warmup_linear_decay(step, total, 0.1)
     return digits_lr_at(schedule, step, total, peak)
 
 
@@ -91,16 +93,12 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
     from transformers import AutoModel, AutoTokenizer
 
-    from data import TokenizedDataset, read_sst2, sst2_dir
-    from lora_sst2 import model_dir
-
-    folder = model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    folder = str(model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     train = read_sst2(sst2_dir() / "train.tsv", limit=TRAIN_POOL, seed=SEED)
     val = read_sst2(sst2_dir() / "dev.tsv", limit=VAL_SAMPLES, seed=SEED)
-    _WORKER.update(folder=folder, tokenizer=tokenizer, base=AutoModel.from_pretrained(str(folder)),
-                   train=TokenizedDataset(tokenizer, *train), val=TokenizedDataset(tokenizer, *val),
-                   val_labels=torch.tensor(val[1]))
+    _WORKER.update(tokenizer=tokenizer, base=AutoModel.from_pretrained(folder),
+                   train=TokenizedDataset(tokenizer, *train), val=TokenizedDataset(tokenizer, *val))
 
 
 def run_one(args: tuple[int, dict, int]) -> dict:
@@ -108,9 +106,6 @@ def run_one(args: tuple[int, dict, int]) -> dict:
     index, config, seed = args
     from peft import LoraConfig, get_peft_model
     from torch.utils.data import DataLoader
-
-    from data import LengthGroupedBatchSampler, PadCollate
-    from lora_sst2 import SST2Classifier
 
     t0 = time.time()
     torch.manual_seed(seed)
@@ -142,7 +137,7 @@ def run_one(args: tuple[int, dict, int]) -> dict:
                 group["lr"] = lr * group["peak"] / config["lr"]
             shape = tuple(batch["input_ids"].shape)
             counter = FlopCounterMode(display=False) if shape not in flops_by_shape else None
-            with counter if counter is not None else torch.enable_grad():
+            with counter if counter is not None else contextlib.nullcontext():
                 loss, _ = model._loss_and_acc(batch)
                 opt.zero_grad()
                 loss.backward()
@@ -154,9 +149,9 @@ def run_one(args: tuple[int, dict, int]) -> dict:
             if step in eval_at:
                 points.append([spent_flops, evaluate(model, val_loader), float(f"{lr:.4g}")])
                 model.train()
-    # The plan: the spend per step so far, times the planned steps (the run ends at them exactly).
+    # The plan is the planned steps' cost: the run spends exactly that (it ends at them).
     usd_per_flop = USD_PER_PFLOP / 1e15
-    labels = _WORKER["val_labels"]
+    labels = _WORKER["val"].labels
     baseline = float(torch.bincount(labels).max()) / len(labels)
     return {
         "id": f"lora-{index:03d}", "mode": "max", "planned_cost_usd": round(spent_flops * usd_per_flop, 6),

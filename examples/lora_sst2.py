@@ -114,6 +114,13 @@ def lora_encoder(folder: Path, r: int = 8, lora_alpha: int = 16, lora_dropout: f
     return get_peft_model(encoder, config)
 
 
+def warmup_linear_decay(step: int, total: int, warmup_fraction: float) -> float:
+    """The learning rate's multiple at ``step`` of ``total``: linear warm-up over ``warmup_fraction`` of the
+    steps, then linear decay to zero at the last step."""
+    warmup = max(int(warmup_fraction * total), 1)
+    return min((step + 1) / warmup, max(total - step, 0) / max(total - warmup, 1))
+
+
 class SST2Classifier(pl.LightningModule):
     """Sentiment classifier: a (LoRA-adapted) encoder, mean pooling, dropout, a linear head.
 
@@ -181,12 +188,9 @@ class SST2Classifier(pl.LightningModule):
         # Linear warm-up over the first tenth, then linear decay to zero: a short run can then
         # afford the high learning rate that LoRA's few parameters want.
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = max(int(self.hparams.warmup_fraction * total), 1)
-
-        def scale(step: int) -> float:
-            return min((step + 1) / warmup, max(total - step, 0) / max(total - warmup, 1))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
+        fraction = self.hparams.warmup_fraction
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_linear_decay(step, total,
+                                                                                                   fraction))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
