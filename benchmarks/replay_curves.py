@@ -125,6 +125,11 @@ class Run:
         return bool(np.isfinite(self.metrics).any())
 
 
+def corpus_run_learns(run: Run) -> bool:
+    """A run of this repository's corpora learns when its best beats the majority share by CORPUS_LEARNS_ABOVE."""
+    return run.has_finite and np.nanmax(run.metrics) > (run.baseline or 0.0) + CORPUS_LEARNS_ABOVE
+
+
 def run_from_generic(record: dict) -> Run:
     """Builds a :class:`Run` from one generic-JSONL record (validating it)."""
     mode = record.get("mode", "max")
@@ -627,14 +632,11 @@ def main(argv: list[str] | None = None) -> int:
                 corpus = [json.loads(line) for line in f if line.strip()]
             for kind in dict.fromkeys(r["kind"] for r in corpus):
                 datasets.append((f"digits-{kind}", [r for r in corpus if r["kind"] == kind], REGRET_PRICES["digits"],
-                                 lambda r: r.has_finite
-                                 and np.nanmax(r.metrics) > (r.baseline or 0.0) + CORPUS_LEARNS_ABOVE))
+                                 corpus_run_learns))
         if LORA_CORPUS.is_file() and not args.no_corpus:
             with open(LORA_CORPUS) as f:
                 lora = [json.loads(line) for line in f if line.strip()]
-            datasets.append(("lora-sst2", lora, REGRET_PRICES["lora-sst2"],
-                             lambda r: r.has_finite
-                             and np.nanmax(r.metrics) > (r.baseline or 0.0) + CORPUS_LEARNS_ABOVE))
+            datasets.append(("lora-sst2", lora, REGRET_PRICES["lora-sst2"], corpus_run_learns))
         if args.write_generic:
             args.write_generic.mkdir(parents=True, exist_ok=True)
             for name, recs, _, _ in datasets:
