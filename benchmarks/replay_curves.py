@@ -354,6 +354,12 @@ def interval_checks(run: Run, policy_kwargs: dict) -> list[tuple[bool, float, fl
     return out
 
 
+def ended_better(run: Run, check: tuple[bool, float, float]) -> bool:
+    """Whether the run's final metric lies beyond the better end of a stated interval (a miss of a pessimistic fit)."""
+    sign = 1.0 if run.mode == "max" else -1.0
+    return sign * float(run.metrics[-1]) > max(sign * check[1], sign * check[2]) + 1e-9
+
+
 def _coverage_job(args: tuple) -> list:
     runs, kwargs = args
     return [interval_checks(r, kwargs) for r in runs]
@@ -555,24 +561,37 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
                                   "patience3_evals_mean": float(np.mean(p3)),
                                   "patience3_usd_spent_mean": float(np.mean(p3_spent)), "stop_reasons": kinds,
                                   "learners_stopped_as_not_learning": {h: len(v) for h, v in false_stops.items()}}
-    # 5. The stated interval for the final metric: how often does it hold the run's real final value?
+    # 5. The stated interval for the final metric: how often does it hold the run's real final value? The policy as
+    # shipped, then the curve fit alone (no prior): which side its misses fall on shows whether it is biased.
     conf = MarginalGainPolicy().confidence
-    say()
-    say(f"coverage of the stated {conf:.0%} interval for the final metric (target: 70-90% at 25% of the run), "
-        f"runs that learn, at ${op_price:g}/point:")
-    result["coverage"] = {}
-    for h in ("tune", "test"):
-        checks = coverage(learners[h], {**policy_kwargs, "usd_per_point": op_price}, workers)
-        row = []
-        for k, at in enumerate(COVERAGE_AT):
-            got = [c[k] for c in checks if c[k] is not None]
-            inside = float(np.mean([g[0] for g in got])) if got else float("nan")
-            width = float(np.mean([abs(g[2] - g[1]) for g in got])) * POINTS_PER_UNIT if got else float("nan")
-            row.append(f"at {at:.0%}: {inside:.0%} of {len(got)} (width {width:.2f} points)")
-            result["coverage"].setdefault(h, {})[f"{at:g}"] = {"coverage": inside, "runs": len(got),
-                                                            "no_interval_yet": len(checks) - len(got),
-                                                            "mean_width_points": width}
-        say(f"{h:5} " + "; ".join(row))
+    result["coverage"], result["coverage_fit_alone"] = {}, {}
+    shipped: dict = {}
+    for key, extra, what in (("coverage", {}, "runs that learn"),
+                             ("coverage_fit_alone", {"prior": None}, "runs that learn, the curve fit alone (prior=None)")):
+        say()
+        say(f"coverage of the stated {conf:.0%} interval for the final metric (target: 70-90% at 25% of the run), "
+            f"{what}, at ${op_price:g}/point:")
+        for h in ("tune", "test"):
+            checks = coverage(learners[h], {**policy_kwargs, "usd_per_point": op_price, **extra}, workers)
+            shipped.setdefault(h, checks)
+            if key == "coverage_fit_alone" and checks == shipped[h]:
+                say(f"{h:5} the same: the prior applies to none of these runs (it needs a bounded metric and a plan)")
+                result[key][h] = result["coverage"][h]
+                continue
+            row = []
+            for k, at in enumerate(COVERAGE_AT):
+                got = [(r, c[k]) for r, c in zip(learners[h], checks) if c[k] is not None]
+                inside = float(np.mean([g[0] for _, g in got])) if got else float("nan")
+                width = float(np.mean([abs(g[2] - g[1]) for _, g in got])) * POINTS_PER_UNIT if got else float("nan")
+                better = float(np.mean([ended_better(r, g) for r, g in got])) if got else float("nan")
+                worse = max(1.0 - inside - better, 0.0)  # not -0% from rounding
+                row.append(f"at {at:.0%}: {inside:.0%} of {len(got)} (width {width:.2f} points; misses: ended better "
+                           f"{better:.0%}, worse {worse:.0%})")
+                result[key].setdefault(h, {})[f"{at:g}"] = {"coverage": inside, "runs": len(got),
+                                                           "no_interval_yet": len(checks) - len(got),
+                                                           "mean_width_points": width,
+                                                           "ended_better": better, "ended_worse": worse}
+            say(f"{h:5} " + "; ".join(row))
     say()
     return result
 
