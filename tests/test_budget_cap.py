@@ -353,6 +353,19 @@ def test_resume_after_a_stop_with_a_larger_cap(pl_ns, tmp_path, sclock):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_each_warning_comes_at_the_step_that_reaches_its_share(pl_ns, tmp_path, sclock):
+    """Far from the cap BudgetCap skips its decision for a few batches; it stops skipping before the next
+    50/80/95% share, so the warning is given at the step that reaches it (not up to 7 steps later)."""
+    ns = pl_ns
+    monitor = _monitor(ns, sclock)
+    trainer = _trainer(ns, tmp_path, [monitor, ns.costaware.BudgetCap(max_time=100.5)], max_steps=99)
+    with pytest.warns(BudgetWarning):
+        trainer.fit(_model(ns, sclock))
+    warned = {e["fraction"]: e["step"] for e in _events(monitor, "budget_warning")}
+    # One second a step: 50.25 s are reached at step 51, 80.4 s at 81, 95.475 s at 96.
+    assert warned == {0.5: 51, 0.8: 81, 0.95: 96}
+
+
 def test_forecast_is_logged_and_warned_when_it_does_not_fit(pl_ns, tmp_path, sclock):
     monitor = _monitor(pl_ns, sclock)
     budget = pl_ns.costaware.BudgetCap(max_usd=0.05)

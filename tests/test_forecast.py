@@ -387,6 +387,22 @@ def test_safe_skips_only_far_from_every_cap():
     planner.observe_checkpoint(_cost(0.2))
     plan = StopPlan(saves_per_validation=1, saves_on_stop=2)
     assert planner.safe_skips(_cost(1.0), plan, most=7) == 7
+    planner.new_warnings(_cost(97.0))  # as BudgetCap does at every checked batch: 50/80/95% warned
     assert planner.safe_skips(_cost(97.0), plan, most=7) == 0
     skips = [planner.safe_skips(_cost(spent), plan, most=7) for spent in (60.0, 70.0, 80.0, 90.0, 97.0)]
     assert skips == sorted(skips, reverse=True) and any(0 < n < 7 for n in skips)  # fewer, nearer the cap
+
+
+def test_safe_skips_stop_short_of_a_warning_not_given_yet():
+    """Far from the cap, the skipped span still ends before the next 50/80/95% share: its warning comes at
+    the batch that reaches it. Once given, that share no longer limits the span."""
+    planner = BudgetPlanner({"max_usd": 100.0}, warmup_batches=0)
+    for _ in range(5):
+        planner.observe_batch(_cost(0.1))
+    plan = StopPlan()
+    assert planner.safe_skips(_cost(10.0), plan, most=7) == 7  # 400 batches from 50%
+    near = [planner.safe_skips(_cost(spent), plan, most=7) for spent in (49.0, 49.5, 49.8, 49.95)]
+    assert near == sorted(near, reverse=True) and near[-1] == 0, near
+    assert planner.safe_skips(_cost(50.2), plan, most=7) == 0  # reached, not warned yet: check now
+    assert planner.new_warnings(_cost(50.2)) == [("max_usd", 0.5)]
+    assert planner.safe_skips(_cost(50.2), plan, most=7) == 7  # the next share, 80%, is far

@@ -617,15 +617,29 @@ class BudgetPlanner:
         batch can bring a cap within reach, so the decision is taken again after at most ``most``
         batches, and at every batch once near a cap. The skipped batches' costs are observed at the
         next checked batch (their mean, once per batch); none is skipped before
-        ``FORECAST_MIN_BATCHES`` post-warm-up batches are measured.
+        ``FORECAST_MIN_BATCHES`` post-warm-up batches are measured. The same half-room rule holds
+        for the next :data:`WARN_FRACTIONS` share of each cap not warned yet, so that its warning
+        comes at the batch that reaches it, not up to ``most`` batches later.
         """
         if self.mean_batch() is None or any(self.next_batch()[CAP_UNITS[cap]] <= 0 for cap in self.limits):
             return 0  # too few batches measured past warm-up, or a capped unit not measured yet (FLOPs)
         per_validation = plan.saves_per_validation
         step_saves = max(plan.saves_now, plan.saves_next, 1)
         worst = replace(plan, validation_now=True, saves_now=per_validation + step_saves, saves_next=step_saves)
-        room = self.headroom_batches(spent, worst, 1.0, float(step_saves))
+        room = min(self.headroom_batches(spent, worst, 1.0, float(step_saves)), self._batches_to_next_warning(spent))
         return int(max(0.0, min(room / 2.0 - 1.0, float(most))))
+
+    def _batches_to_next_warning(self, spent: Mapping[str, float]) -> float:
+        """Batches (at the next batch's estimate) until a cap's next share not warned yet is spent; ``inf`` if none."""
+        nxt = self.next_batch()
+        room = math.inf
+        for cap, limit in self.limits.items():
+            unit = CAP_UNITS[cap]
+            warned = self.warned.get(cap, {}).get("fractions", [])
+            ahead = [f * limit - spent[unit] for f in WARN_FRACTIONS if f not in warned]
+            if ahead and nxt[unit] > 0:
+                room = min(room, max(min(ahead), 0.0) / nxt[unit])
+        return room
 
     # --- forecasts and warnings ----------------------------------------------------------------
 
