@@ -566,8 +566,9 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
     conf = MarginalGainPolicy().confidence
     result["coverage"], result["coverage_fit_alone"] = {}, {}
     shipped: dict = {}
-    for key, extra, what in (("coverage", {}, "runs that learn"),
-                             ("coverage_fit_alone", {"prior": None}, "runs that learn, the curve fit alone (prior=None)")):
+    blocks = (("coverage", {}, "runs that learn"),
+              ("coverage_fit_alone", {"prior": None}, "runs that learn, the curve fit alone (prior=None)"))
+    for key, extra, what in blocks:
         say()
         say(f"coverage of the stated {conf:.0%} interval for the final metric (target: 70-90% at 25% of the run), "
             f"{what}, at ${op_price:g}/point:")
