@@ -92,7 +92,7 @@ def test_a_steady_rise_worth_more_than_it_costs_is_rarely_stopped(margin, most_s
     stopped = 0
     for seed in range(30):
         rng = np.random.default_rng(seed)
-        steps = np.arange(5, 150, 5)  # an evaluation every 5 steps of $0.001: 0.5 points a step pay for it
+        steps = np.arange(5, 150, 5)  # an evaluation every 5 steps of $0.001: 0.5 points an evaluation pay for it
         acc = 0.001 * margin * steps + rng.normal(0.0, 0.002, steps.size)
         policy = MarginalGainPolicy(min_gain_per_usd=100.0, planned_cost_usd=0.15)
         stop, _ = _replay(policy, 0.001 * steps, acc)
