@@ -30,6 +30,7 @@ cost), ``baseline`` (the validation set's majority-class share: a model that lea
 Usage::
 
     nice -n 10 python benchmarks/make_curves.py --out benchmarks/curves/digits.jsonl   # ~24 min on 2 busy cores
+    python benchmarks/make_curves.py --late-step --out benchmarks/curves/digits_late_step.jsonl
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ SEED = 20261204
 USD_PER_PFLOP = 1e6  # nominal (real compute costs ~$0.01/PFLOP): puts a typical run at ~$10 (see the docstring)
 EVALS_PER_RUN = (20, 40)  # evaluations per run, drawn per run
 KIND_COUNTS = {"scratch": 150, "scratch-hard": 120, "ssl": 130}
+# --late-step: this many runs of each kind, all with the late-step schedule, from their own seed.
+LATE_STEP_COUNTS = {"scratch": 40, "ssl": 40}
 
 
 # ---------------------------------------------------------------------- data
@@ -130,6 +133,8 @@ def lr_at(schedule: str, step: int, total: int, peak: float) -> float:
         return peak * (1 + math.cos(math.pi * (t - 0.05) / 0.95)) / 2
     if schedule == "step":  # x0.1 at 50% and 75%
         return peak * (0.1 ** int(t >= 0.5)) * (0.1 ** int(t >= 0.75))
+    if schedule == "late-step":  # x0.1 at 80% (--late-step): a high-LR plateau past half the plan
+        return peak * (0.1 ** int(t >= 0.8))
     return peak  # constant
 
 
@@ -228,20 +233,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "curves" / "digits.jsonl")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the number of runs of each kind")
+    parser.add_argument("--late-step", action="store_true",
+                        help="instead: scratch and SSL runs whose learning rate drops x0.1 at 80%% of the plan only "
+                             "(kind 'late-step'; replay_curves.py's digits-late-step set)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    rng = np.random.default_rng(SEED)
+    rng = np.random.default_rng(SEED + 7 if args.late_step else SEED)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     datasets = {hard: digits_splits(hard, np.random.default_rng(SEED + 1)) for hard in (False, True)}
     with open(args.out, "w") as f:
-        for kind, count in KIND_COUNTS.items():
+        for kind, count in (LATE_STEP_COUNTS if args.late_step else KIND_COUNTS).items():
             for i in range(max(1, round(count * args.scale))):
                 config = draw_config(kind, rng)
+                if args.late_step:
+                    config["schedule"] = "late-step"
                 seed = int(rng.integers(2**31))
                 t1 = time.time()
                 record = run_one(config, datasets[kind == "scratch-hard"], seed)
-                record = {"id": f"{kind}-{i:03d}", "mode": "max", **record, "kind": kind,
+                name = f"late-step-{kind}" if args.late_step else kind
+                record = {"id": f"{name}-{i:03d}", "mode": "max", **record,
+                          "kind": "late-step" if args.late_step else kind,
                           "anneals": config["schedule"] != "constant",  # as MarginalGainStopping sets it
                           "config": {k: v for k, v in config.items() if v is not None}}
                 f.write(json.dumps(record, separators=(",", ":")) + "\n")

@@ -53,7 +53,7 @@ import time
 import zipfile
 import zlib
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +72,9 @@ TARGET_SAVED = 0.40
 CORPUS = _REPO / "benchmarks" / "curves" / "digits.jsonl"  # made here by benchmarks/make_curves.py
 # LoRA fine-tuning on SST-2, made here by benchmarks/make_lora_curves.py; never used to tune anything.
 LORA_CORPUS = _REPO / "benchmarks" / "curves" / "lora_sst2.jsonl"
+# From-scratch and SSL runs whose learning rate drops only at 80% of the plan (make_curves.py --late-step): a
+# high-LR plateau past half the plan, where the policy must read the learning rate. Never used to tune anything.
+LATE_STEP_CORPUS = _REPO / "benchmarks" / "curves" / "digits_late_step.jsonl"
 CORPUS_LEARNS_ABOVE = 0.10  # a corpus run learns when its best beats the majority share by 10 accuracy points
 
 # Dollars for the DeBERTa runs, which record steps, not time: examples seen ->
@@ -472,6 +475,10 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
             rows[f"oracle(allowed {x} points/run)"] = summarize(rs, [oracle_stop_index(r, x) for r in rs])
         pol = policy_on(h, op_price)
         rows[f"MarginalGainPolicy(${op_price:g}/point)"] = summarize(rs, [i for i, _ in pol])
+        if any(r.lrs is not None for r in rs):  # what reading the learning rate is worth: the same runs without
+            blind = replay_policy([replace(r, lrs=None) for r in rs], {**policy_kwargs, "usd_per_point": op_price},
+                                  workers)
+            rows["policy, learning rates withheld"] = summarize(rs, [i for i, _ in blind])
         for label, s in rows.items():
             say(f"{h:5} {label:34} {s['runs']:5d} {s['points_lost_mean']:9.3f} {s['points_lost_p90']:9.3f} "
                 f"{s['cost_saved_mean']:7.1%}")
@@ -623,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         "digits-*: benchmarks/curves/digits.jsonl (make_curves.py), FLOPs at a nominal $1e6/PFLOP.",
         "lora-sst2: benchmarks/curves/lora_sst2.jsonl (make_lora_curves.py), FLOPs at a nominal $1000/PFLOP;",
         "never used to tune anything (not in the prior): both its halves are held out but for its operating price.",
+        "digits-late-step: benchmarks/curves/digits_late_step.jsonl (make_curves.py --late-step), scratch and SSL runs",
+        "whose learning rate drops x0.1 at 80% of the plan only; never used to tune anything, as lora-sst2.",
         f"DeBERTa cost: examples seen / {DEBERTA_EXAMPLES_PER_GPU_SECOND:g} examples per GPU-second x "
         f"${USD_PER_GPU_HOUR:g}/GPU-hour (= ${usd_per_example * 1e6:.3f} per million examples); "
         f"NAS-Bench-NLP: wall time x ${USD_PER_GPU_HOUR:g}/GPU-hour.",
@@ -653,6 +662,10 @@ def main(argv: list[str] | None = None) -> int:
             for kind in dict.fromkeys(r["kind"] for r in corpus):
                 datasets.append((f"digits-{kind}", [r for r in corpus if r["kind"] == kind], REGRET_PRICES["digits"],
                                  corpus_run_learns))
+        if LATE_STEP_CORPUS.is_file() and not args.no_corpus:
+            with open(LATE_STEP_CORPUS) as f:
+                late = [json.loads(line) for line in f if line.strip()]
+            datasets.append(("digits-late-step", late, REGRET_PRICES["digits"], corpus_run_learns))
         if LORA_CORPUS.is_file() and not args.no_corpus:
             with open(LORA_CORPUS) as f:
                 lora = [json.loads(line) for line in f if line.strip()]

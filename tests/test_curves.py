@@ -668,6 +668,23 @@ def test_a_run_at_chance_whose_learning_rate_never_anneals_does_not_wait_to_the_
     assert reasons[8.0] is None
 
 
+def test_a_run_at_chance_waits_one_doubling_at_a_time():
+    """The wait for a slow start is judged one doubling of the spend at a time: at 12% of a $10 plan, past runs'
+    gain worth $2 does not pay the $3.8 wait until half the plan, but pays the $1.2 one until $2.4; by $3 the next
+    step (to $5) costs $2, as much as the gain is worth: no more waiting."""
+    from costaware.curves import _PriorView
+
+    view = _PriorView("test cell", gain_upper=2.0, final_low=10.0, final_median=10.0, final_high=10.0)
+    reasons = {}
+    for cost_now in (1.2, 3.0):
+        policy = MarginalGainPolicy(usd_per_point=1.0, planned_cost_usd=10.0, baseline=0.1, prior=None)
+        for c in np.linspace(0.2, cost_now, 6):
+            policy.observe(float(c), 0.1, lr=0.1)
+        reasons[cost_now] = policy._prior_says_wait_at_chance(view)
+    assert reasons[1.2] is not None and "until $2.4" in reasons[1.2], reasons
+    assert reasons[3.0] is None, reasons
+
+
 def test_a_learning_rate_still_at_its_peak_is_not_judged_converged_on_its_plateau():
     """A step schedule that drops late (at 75% of the plan): on the high-LR plateau the fit sees convergence.
     Past anneal_fraction of the plan, the policy without learning rates trusts it and stops; with them, it
@@ -688,6 +705,7 @@ def test_a_learning_rate_still_at_its_peak_is_not_judged_converged_on_its_platea
 
 
 @pytest.mark.parametrize(("corpus", "runs", "kinds"), [("digits.jsonl", 400, {"scratch", "scratch-hard", "ssl"}),
+                                                       ("digits_late_step.jsonl", 80, {"late-step"}),
                                                        ("lora_sst2.jsonl", 64, {"lora"})])
 def test_the_committed_corpora_replay_as_generic_runs_with_their_plan_and_learning_rates(corpus, runs, kinds):
     """The corpora made by make_curves.py / make_lora_curves.py load through the replay's own validation:
