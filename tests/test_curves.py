@@ -651,19 +651,23 @@ def test_an_interval_from_a_coarser_cell_of_the_prior_is_wider():
     assert width[False] > width[True] > 0.0
 
 
-def test_a_run_at_chance_whose_learning_rate_never_anneals_does_not_wait_to_the_end():
+def _wait_at_chance(gain_upper: float, start_usd: float, cost_now: float, evals: int) -> str | None:
+    """Why a run at chance (LR at its peak, $10 plan, $1/point) would wait at ``cost_now``, past runs' gain worth
+    ``gain_upper`` points; None if it would not."""
     from costaware.curves import _PriorView
 
+    view = _PriorView("test cell", gain_upper=gain_upper, final_low=10.0, final_median=10.0, final_high=10.0)
+    policy = MarginalGainPolicy(usd_per_point=1.0, planned_cost_usd=10.0, baseline=0.1, prior=None)
+    for c in np.linspace(start_usd, cost_now, evals):
+        policy.observe(float(c), 0.1, lr=0.1)
+    return policy._prior_says_wait_at_chance(view)
+
+
+def test_a_run_at_chance_whose_learning_rate_never_anneals_does_not_wait_to_the_end():
     # Plan $10, anneal_fraction 0.5: with the learning rate still at its peak past $5, the wait for a slow start
     # lasts until $7.5, a fixed point. Past runs' gain here is worth $1.8: at $6 the $1.5 wait to $7.5 is worth it,
     # at $8 there is no wait left (a horizon of half what is left, recomputed at every evaluation, never ends).
-    view = _PriorView("test cell", gain_upper=1.8, final_low=10.0, final_median=10.0, final_high=10.0)
-    reasons = {}
-    for cost_now in (6.0, 8.0):
-        policy = MarginalGainPolicy(usd_per_point=1.0, planned_cost_usd=10.0, baseline=0.1, prior=None)
-        for c in np.linspace(0.5, cost_now, 8):
-            policy.observe(float(c), 0.1, lr=0.1)
-        reasons[cost_now] = policy._prior_says_wait_at_chance(view)
+    reasons = {cost_now: _wait_at_chance(1.8, 0.5, cost_now, 8) for cost_now in (6.0, 8.0)}
     assert reasons[6.0] is not None and "until $7.5" in reasons[6.0], reasons
     assert reasons[8.0] is None
 
@@ -672,15 +676,7 @@ def test_a_run_at_chance_waits_one_doubling_at_a_time():
     """The wait for a slow start is judged one doubling of the spend at a time: at 12% of a $10 plan, past runs'
     gain worth $2 does not pay the $3.8 wait until half the plan, but pays the $1.2 one until $2.4; by $3 the next
     step (to $5) costs $2, as much as the gain is worth: no more waiting."""
-    from costaware.curves import _PriorView
-
-    view = _PriorView("test cell", gain_upper=2.0, final_low=10.0, final_median=10.0, final_high=10.0)
-    reasons = {}
-    for cost_now in (1.2, 3.0):
-        policy = MarginalGainPolicy(usd_per_point=1.0, planned_cost_usd=10.0, baseline=0.1, prior=None)
-        for c in np.linspace(0.2, cost_now, 6):
-            policy.observe(float(c), 0.1, lr=0.1)
-        reasons[cost_now] = policy._prior_says_wait_at_chance(view)
+    reasons = {cost_now: _wait_at_chance(2.0, 0.2, cost_now, 6) for cost_now in (1.2, 3.0)}
     assert reasons[1.2] is not None and "until $2.4" in reasons[1.2], reasons
     assert reasons[3.0] is None, reasons
 
