@@ -13,6 +13,10 @@ bundled ``digits`` (1,797 8x8 images, no download):
   or CNN encoder, watched through an online linear probe (a linear head on the detached
   features, trained on the same batches, as ``costaware.callbacks.OnlineProbe`` does): the
   metric is the probe's validation accuracy, which starts at chance.
+* ``pairs`` (``--pairs``, a separate corpus): from scratch on two digits of the harder version
+  side by side (8x16 images, 100 classes: 10 x first + second; chance 1%). Top-1 needs both digits right, about
+  the product of two per-digit accuracies, so it crawls near chance before it rises: the slow
+  start of from-scratch runs on many classes (the issue's top-1 0.006 at 10% of a plan).
 
 Cost: training compute in FLOPs (forward x 3 for forward+backward, counted once per
 architecture with ``torch.utils.flop_counter``; evaluation not counted), in dollars at a
@@ -31,6 +35,7 @@ Usage::
 
     nice -n 10 python benchmarks/make_curves.py --out benchmarks/curves/digits.jsonl   # ~24 min on 2 busy cores
     python benchmarks/make_curves.py --late-step --out benchmarks/curves/digits_late_step.jsonl
+    python benchmarks/make_curves.py --pairs --out benchmarks/curves/digits_pairs.jsonl
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ EVALS_PER_RUN = (20, 40)  # evaluations per run, drawn per run
 KIND_COUNTS = {"scratch": 150, "scratch-hard": 120, "ssl": 130}
 # --late-step: this many runs of each kind, all with the late-step schedule, from their own seed.
 LATE_STEP_COUNTS = {"scratch": 40, "ssl": 40}
+# --pairs: runs on the 100-class pairs task, from their own seed; pairs per split (train from the train images).
+PAIRS_COUNTS = {"pairs": 120}
+PAIRS_PER_SPLIT = {"train": 6000, "val": 1000}
 
 
 # ---------------------------------------------------------------------- data
@@ -74,6 +82,20 @@ def digits_splits(hard: bool, rng: np.random.Generator) -> tuple[torch.Tensor, .
         y_train[wrong] = rng.integers(0, 10, int(wrong.sum()))
     t = torch.from_numpy
     return t(x[:n_train, None]), t(y_train), t(x[n_train:, None]), t(y[n_train:])
+
+
+def pairs_splits(rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+    """(x_train, y_train, x_val, y_val) of the pairs task: two 8x8 digits side by side, label 10 a + b.
+
+    The digits are the harder version's (shifted, noisy, 10% of the training labels wrong); training pairs
+    are drawn from the training images only and validation pairs from the others.
+    """
+    x_train, y_train, x_val, y_val = digits_splits(True, rng)
+    out = []
+    for x, y, n in ((x_train, y_train, PAIRS_PER_SPLIT["train"]), (x_val, y_val, PAIRS_PER_SPLIT["val"])):
+        a, b = (torch.from_numpy(rng.integers(0, len(y), n)) for _ in range(2))
+        out += [torch.cat([x[a], x[b]], dim=3), 10 * y[a] + y[b]]
+    return tuple(out)
 
 
 def _shift(x: np.ndarray, rng: np.random.Generator, most: int) -> np.ndarray:
@@ -96,11 +118,11 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- models
-def encoder(arch: str, width: int, depth: int) -> tuple[nn.Module, int]:
-    """An MLP or a small CNN on 1x8x8 images; returns (module, feature size)."""
+def encoder(arch: str, width: int, depth: int, image_width: int = 8) -> tuple[nn.Module, int]:
+    """An MLP or a small CNN on 1x8x8 images (1x8x16 for pairs); returns (module, feature size)."""
     if arch == "mlp":
         layers: list[nn.Module] = [nn.Flatten()]
-        size = 64
+        size = 8 * image_width
         for _ in range(depth):
             layers += [nn.Linear(size, width), nn.ReLU()]
             size = width
@@ -109,7 +131,7 @@ def encoder(arch: str, width: int, depth: int) -> tuple[nn.Module, int]:
     for _ in range(depth - 1):
         layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
     layers += [nn.MaxPool2d(2), nn.Flatten()]
-    return nn.Sequential(*layers), width * 16
+    return nn.Sequential(*layers), width * 2 * image_width
 
 
 def train_flops_per_example(model: nn.Module, example: torch.Tensor) -> float:
@@ -161,8 +183,9 @@ def run_one(config: dict, data: tuple, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     x_train, y_train, x_val, y_val = data
     ssl = config["kind"] == "ssl"
-    body, feat = encoder(config["arch"], config["width"], config["depth"])
-    head = nn.Sequential(nn.Linear(feat, 64), nn.ReLU(), nn.Linear(64, 32)) if ssl else nn.Linear(feat, 10)
+    classes = int(y_val.max()) + 1 if config["kind"] == "pairs" else 10
+    body, feat = encoder(config["arch"], config["width"], config["depth"], x_train.shape[-1])
+    head = nn.Sequential(nn.Linear(feat, 64), nn.ReLU(), nn.Linear(64, 32)) if ssl else nn.Linear(feat, classes)
     probe = nn.Linear(feat, 10) if ssl else None
     params = list(body.parameters()) + list(head.parameters())
     if config["optimizer"] == "sgd":
@@ -233,17 +256,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "curves" / "digits.jsonl")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the number of runs of each kind")
+    parser.add_argument("--pairs", action="store_true",
+                        help="instead: from-scratch runs on the 100-class pairs task (kind 'pairs'; replay_curves.py's "
+                             "digits-pairs set)")
     parser.add_argument("--late-step", action="store_true",
                         help="instead: scratch and SSL runs whose learning rate drops x0.1 at 80%% of the plan only "
                              "(kind 'late-step'; replay_curves.py's digits-late-step set)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    rng = np.random.default_rng(SEED + 7 if args.late_step else SEED)
+    rng = np.random.default_rng(SEED + 7 if args.late_step else SEED + 11 if args.pairs else SEED)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     datasets = {hard: digits_splits(hard, np.random.default_rng(SEED + 1)) for hard in (False, True)}
+    if args.pairs:
+        datasets[False] = pairs_splits(np.random.default_rng(SEED + 1))
+    counts = LATE_STEP_COUNTS if args.late_step else PAIRS_COUNTS if args.pairs else KIND_COUNTS
     with open(args.out, "w") as f:
-        for kind, count in (LATE_STEP_COUNTS if args.late_step else KIND_COUNTS).items():
+        for kind, count in counts.items():
             for i in range(max(1, round(count * args.scale))):
                 config = draw_config(kind, rng)
                 if args.late_step:
