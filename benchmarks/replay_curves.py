@@ -62,6 +62,7 @@ _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO / "src") not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(_REPO / "src"))
 
+from costaware.curve_prior import CurvePrior, PriorRun  # noqa: E402
 from costaware.curves import MarginalGainPolicy  # noqa: E402
 
 DEFAULT_DATA = _REPO.parent / "shared" / "data"
@@ -402,6 +403,25 @@ def decision_time_ms(n_points: int = 1000, repeats: int = 20) -> float:
     return 1000.0 * float(np.median(times))
 
 
+def team_prior(runs: list[Run]) -> CurvePrior | None:
+    """A prior fitted on ``runs`` alone, as ``costaware prior fit`` would on a team's past runs of one kind.
+
+    ``None`` where none of them has a bounded metric (a loss).
+    """
+    past = [PriorRun(r.costs_usd, r.metrics, r.mode, r.planned_cost_usd, r.lrs, r.anneals, r.baseline) for r in runs]
+    try:
+        return CurvePrior.fit(past, source=f"{len(past)} runs of the tune half")
+    except ValueError:
+        return None
+
+
+def _regret_wins(runs: list[Run], stops: dict[float, list[int]]) -> list[bool]:
+    """At each price of ``stops`` (price -> stop indices): lower mean regret than the best patience?"""
+    pat_idx = {p: [patience_stop_index(r, p) for r in runs] for p in PATIENCES}
+    return [mean_regret(runs, idx, price) < min(mean_regret(runs, pidx, price) for pidx in pat_idx.values())
+            for price, idx in stops.items()]
+
+
 # ---------------------------------------------------------------------- report
 def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tuple, workers: int,
                      learns: callable, out: list[str], from_scratch: bool = False) -> dict:
@@ -603,6 +623,34 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
                                                            "mean_width_points": width,
                                                            "ended_better": better, "ended_worse": worse}
             say(f"{h:5} " + "; ".join(row))
+
+    # 6. A team's own prior (issue 12: past runs of the same kind are the best predictor a team has): fitted on this
+    # set's tune half alone, non-learning runs included, and replayed on the test half against the shipped prior.
+    team = team_prior(halves["tune"])
+    if team is not None:
+        rs = learners["test"]
+        own = {p: [i for i, _ in replay_policy(rs, {**policy_kwargs, "usd_per_point": p, "prior": team}, workers)]
+               for p in dict.fromkeys((op_price, *prices))}
+        s_own, s_shipped = summarize(rs, own[op_price]), summarize(rs, [i for i, _ in policy_on("test", op_price)])
+        wins_own = _regret_wins(rs, {p: own[p] for p in prices})
+        wins_shipped = [row["policy_better"] for row in result["halves"]["test"]["regret"]]
+        checks = coverage(rs, {**policy_kwargs, "usd_per_point": op_price, "prior": team}, workers)
+        cov = []
+        for k in range(len(COVERAGE_AT)):
+            got = [c[k][0] for c in checks if c[k] is not None]
+            cov.append(float(np.mean(got)) if got else float("nan"))
+        shipped_cov = [result["coverage"]["test"][f"{at:g}"]["coverage"] for at in COVERAGE_AT]
+        say()
+        say(f"a team's own prior ({team.source}, {len(team.cells)} cells), test half, against the shipped prior:")
+        say(f"test  at ${op_price:g}/point: {s_own['points_lost_mean']:.3f} points lost, "
+            f"{s_own['cost_saved_mean']:.1%} saved (shipped: {s_shipped['points_lost_mean']:.3f}, "
+            f"{s_shipped['cost_saved_mean']:.1%}); regret below the best patience at {sum(wins_own)} of "
+            f"{len(prices)} prices (shipped: {sum(wins_shipped)}); coverage at "
+            + " / ".join(f"{at:.0%}" for at in COVERAGE_AT) + ": " + " / ".join(f"{c:.0%}" for c in cov)
+            + " (shipped: " + " / ".join(f"{c:.0%}" for c in shipped_cov) + ")")
+        result["team_prior"] = {"cells": len(team.cells), "points_lost_mean": s_own["points_lost_mean"],
+                                "cost_saved_mean": s_own["cost_saved_mean"], "regret_wins": sum(wins_own),
+                                "coverage": {f"{at:g}": c for at, c in zip(COVERAGE_AT, cov)}}
     say()
     return result
 
@@ -636,7 +684,8 @@ def main(argv: list[str] | None = None) -> int:
         "digits-late-step: benchmarks/curves/digits_late_step.jsonl (make_curves.py --late-step), scratch and SSL runs",
         "whose learning rate drops x0.1 at 80% of the plan only; never used to tune anything, as lora-sst2.",
         "digits-pairs: benchmarks/curves/digits_pairs.jsonl (make_curves.py --pairs), from scratch on 100 classes (two",
-        "digits side by side; chance 1%), top-1 crawling near chance before it rises; never used to tune anything.",
+        "digits side by side; chance 1%), top-1 crawling near chance before it rises; FLOPs at a nominal $2.5e5/PFLOP",
+        "(mean run $18, as the issue's image classifiers); never used to tune anything.",
         f"DeBERTa cost: examples seen / {DEBERTA_EXAMPLES_PER_GPU_SECOND:g} examples per GPU-second x "
         f"${USD_PER_GPU_HOUR:g}/GPU-hour (= ${usd_per_example * 1e6:.3f} per million examples); "
         f"NAS-Bench-NLP: wall time x ${USD_PER_GPU_HOUR:g}/GPU-hour.",

@@ -383,6 +383,24 @@ def _benchmark_module():
     return module
 
 
+def test_the_replays_team_prior_is_fitted_on_the_runs_it_is_given_and_skips_a_loss():
+    """A team's own prior (the replay's last line per set) learns from the tune half alone: runs that all rise
+    late give a prior in which a run at chance early gains more than in one fitted on runs that never start."""
+    rc = _benchmark_module()
+    t = np.linspace(0.05, 1.0, 20)
+
+    def run(i: int, rises: bool) -> object:
+        acc = 0.1 + (0.8 / (1.0 + np.exp(-(t - 0.5) * 20.0)) if rises else 0.0) + 0.002 * np.sin(i + 7 * t)
+        return rc.Run(f"r{i}", "max", 10.0 * t, acc, 10.0, 0.1)
+
+    late = rc.team_prior([run(i, True) for i in range(20)])
+    never = rc.team_prior([run(i, False) for i in range(20)])
+    cell = (1, "unknown", 0, 0)  # 10-25% of the plan, no learning rates, at chance, flat
+    assert late.gain_mean(cell) > 0.5 > 0.05 > never.gain_mean(cell)
+    loss = rc.Run("l", "min", np.arange(1.0, 6.0), np.array([3.0, 2.5, 2.2, 2.1, 2.05]), 5.0)
+    assert rc.team_prior([loss]) is None
+
+
 def test_the_replay_tells_which_side_of_the_interval_a_final_metric_missed_on():
     rc = _benchmark_module()
     acc = rc.run_from_generic({"id": "a", "mode": "max", "points": [[1.0, 0.5], [2.0, 0.8]]})
@@ -702,6 +720,7 @@ def test_a_learning_rate_still_at_its_peak_is_not_judged_converged_on_its_platea
 
 @pytest.mark.parametrize(("corpus", "runs", "kinds"), [("digits.jsonl", 400, {"scratch", "scratch-hard", "ssl"}),
                                                        ("digits_late_step.jsonl", 80, {"late-step"}),
+                                                       ("digits_pairs.jsonl", 120, {"pairs"}),
                                                        ("lora_sst2.jsonl", 64, {"lora"})])
 def test_the_committed_corpora_replay_as_generic_runs_with_their_plan_and_learning_rates(corpus, runs, kinds):
     """The corpora made by make_curves.py / make_lora_curves.py load through the replay's own validation:
