@@ -14,9 +14,10 @@ bundled ``digits`` (1,797 8x8 images, no download):
   features, trained on the same batches, as ``costaware.callbacks.OnlineProbe`` does): the
   metric is the probe's validation accuracy, which starts at chance.
 * ``pairs`` (``--pairs``, a separate corpus): from scratch on two digits of the harder version
-  side by side (8x16 images, 100 classes: 10 x first + second; chance 1%). Top-1 needs both digits right, about
-  the product of two per-digit accuracies, so it crawls near chance before it rises: the slow
-  start of from-scratch runs on many classes (the issue's top-1 0.006 at 10% of a plan).
+  side by side (8x16 images, 100 classes: 10 x first + second; chance 1%). Top-1 needs both
+  digits right, about the product of two per-digit accuracies, so it crawls near chance before
+  it rises: the slow start of from-scratch runs on many classes (the issue's top-1 0.006 at 10%
+  of a plan).
 
 Cost: training compute in FLOPs (forward x 3 for forward+backward, counted once per
 architecture with ``torch.utils.flop_counter``; evaluation not counted), in dollars at a

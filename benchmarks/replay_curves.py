@@ -29,9 +29,13 @@ format, one run a line::
      "baseline": 0.354}               # optional, the metric of a model that learned nothing
 
 The repository's own corpora, made on this machine, are replayed too when present:
-``benchmarks/curves/digits.jsonl`` (``make_curves.py``: from scratch and SSL, three data sets)
-and ``benchmarks/curves/lora_sst2.jsonl`` (``make_lora_curves.py``: LoRA fine-tuning, never
-used to tune anything); ``--no-corpus`` leaves them out.
+``benchmarks/curves/digits.jsonl`` (``make_curves.py``: from scratch and SSL, three data sets),
+and, never used to tune anything, ``digits_late_step.jsonl`` and ``digits_pairs.jsonl``
+(``make_curves.py --late-step`` / ``--pairs``) and ``lora_sst2.jsonl`` (``make_lora_curves.py``:
+LoRA fine-tuning); ``--no-corpus`` leaves them out.
+
+Per data set with a bounded metric, a last line replays the test half with a team's own prior,
+fitted on the tune half alone (what ``costaware prior fit`` does with a team's past runs).
 
 ``--generic FILE`` replays such a file instead (``--write-generic DIR`` writes the
 converted shared data sets in that format).
