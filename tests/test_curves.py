@@ -583,6 +583,27 @@ def test_the_prior_states_a_calibrated_interval_on_runs_like_its_own():
     assert 0.65 <= np.mean(inside) <= 0.95
 
 
+def test_the_shipped_prior_leaves_the_stated_interval_to_the_fit_and_a_teams_own_states_it():
+    """The shipped prior pools kinds of runs: its spread at a stage is not one run's, so the interval comes from
+    the fit. The same cells as a team's own file state it. Either way the decisions are the same: the interval is
+    what the policy says, not what it decides on."""
+    from costaware.curve_prior import CurvePrior, load_prior
+
+    shipped = load_prior("default")
+    own = CurvePrior.from_dict(shipped.to_dict())
+    assert not shipped.states_interval and own.states_interval
+    run = _slow_start_runs(n_runs=1, seed=2)[0]
+    said, stops = {}, {}
+    for name, prior in (("shipped", "default"), ("own", own)):
+        policy = MarginalGainPolicy(usd_per_point=3.0, planned_cost_usd=10.0, baseline=0.1, prior=prior)
+        decisions = [policy.observe(c, a, lr=r) for c, a, r in run["points"]]
+        said[name] = [d.estimate.interval_from for d in decisions if d.estimate is not None]
+        stops[name] = [d.stop for d in decisions]
+    assert said["shipped"] and set(said["shipped"]) == {"the curve fit"}
+    assert all(s.startswith("past runs") for s in said["own"][:-1])  # the last evaluation is at the plan's end
+    assert stops["shipped"] == stops["own"]
+
+
 def test_lr_is_kept_in_the_state_and_read_back():
     policy = MarginalGainPolicy(usd_per_point=1.0)
     for i in range(4):

@@ -189,6 +189,10 @@ class CurvePrior:
     def __init__(self, cells: dict[str, dict], source: str = "") -> None:
         self.cells = cells
         self.source = source
+        #: Whether a policy states its interval for the final metric from this prior (else from its curve fit).
+        #: False for the packaged prior only: it pools fine-tuning, from-scratch and SSL runs, and the spread of
+        #: that mixture at a stage is not one kind's (see ``costaware.curves._PRIOR_TAIL``).
+        self.states_interval = True
 
     @classmethod
     def fit(cls, runs: Iterable[PriorRun], source: str = "") -> CurvePrior:
@@ -265,7 +269,9 @@ def _settings() -> dict[str, Any]:
 def _packaged_prior() -> CurvePrior:
     """The prior shipped in the package, read once per process (policies only read it)."""
     packaged = resources.files("costaware") / "data" / "curve_prior.json"
-    return CurvePrior.from_dict(json.loads(packaged.read_text(encoding="utf-8")))
+    prior = CurvePrior.from_dict(json.loads(packaged.read_text(encoding="utf-8")))
+    prior.states_interval = False
+    return prior
 
 
 def load_prior(prior: Any) -> CurvePrior | None:
