@@ -419,13 +419,6 @@ def team_prior(runs: list[Run]) -> CurvePrior | None:
         return None
 
 
-def _regret_wins(runs: list[Run], stops: dict[float, list[int]]) -> list[bool]:
-    """At each price of ``stops`` (price -> stop indices): lower mean regret than the best patience?"""
-    pat_idx = {p: [patience_stop_index(r, p) for r in runs] for p in PATIENCES}
-    return [mean_regret(runs, idx, price) < min(mean_regret(runs, pidx, price) for pidx in pat_idx.values())
-            for price, idx in stops.items()]
-
-
 # ---------------------------------------------------------------------- report
 def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tuple, workers: int,
                      learns: callable, out: list[str], from_scratch: bool = False) -> dict:
@@ -639,8 +632,10 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
         own = {p: [i for i, _ in replay_policy(rs, {**policy_kwargs, "usd_per_point": p, "prior": team}, workers)]
                for p in dict.fromkeys((op_price, *prices))}
         s_own, s_shipped = summarize(rs, own[op_price]), summarize(rs, [i for i, _ in policy_on("test", op_price)])
-        wins_own = _regret_wins(rs, {p: own[p] for p in prices})
-        wins_shipped = [row["policy_better"] for row in result["halves"]["test"]["regret"]]
+        regret_rows = result["halves"]["test"]["regret"]  # the best patience's regret at each price, from step 3
+        wins_own = [mean_regret(rs, own[row["usd_per_point"]], row["usd_per_point"])
+                    < row["best_patience_excess_regret_usd"] for row in regret_rows]
+        wins_shipped = [row["policy_better"] for row in regret_rows]
         checks = coverage(rs, {**policy_kwargs, "usd_per_point": op_price, "prior": team}, workers)
         cov = []
         for k in range(len(COVERAGE_AT)):
