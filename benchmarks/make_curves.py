@@ -187,7 +187,7 @@ def run_one(config: dict, data: tuple, seed: int, usd_per_pflop: float = USD_PER
     gen = torch.Generator().manual_seed(seed)
     x_train, y_train, x_val, y_val = data
     ssl = config["kind"] == "ssl"
-    classes = int(y_val.max()) + 1 if config["kind"] == "pairs" else 10
+    classes = int(torch.cat([y_train, y_val]).max()) + 1  # 10 digits, or 100 pairs of them
     body, feat = encoder(config["arch"], config["width"], config["depth"], x_train.shape[-1])
     head = nn.Sequential(nn.Linear(feat, 64), nn.ReLU(), nn.Linear(64, 32)) if ssl else nn.Linear(feat, classes)
     probe = nn.Linear(feat, 10) if ssl else None
