@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -466,6 +467,52 @@ def test_benchmark_script_on_a_tiny_generic_file(tmp_path):
     assert ds["runs"] == 4
     assert set(ds["halves"]) == {"tune", "test"}
     assert math.isfinite(ds["operating_usd_per_point"])
+    assert "DeBERTa" not in proc.stdout and "digits-pairs" not in proc.stdout  # the header is about this file
+    assert "target is 0.3 points lost" in proc.stdout
+
+
+def test_generic_replay_of_from_scratch_runs_at_a_team_s_prices(tmp_path):
+    """A user's own from-scratch runs get the from-scratch loss target and their prices; a run at its baseline is
+    scored apart as one that does not learn."""
+    t = np.linspace(0.05, 1.0, 30)
+    runs = [{"id": f"r{i}", "mode": "max", "baseline": 0.1, "planned_cost_usd": 10.0,
+             "points": [[10.0 * c, 0.1 + 0.8 / (1.0 + np.exp(-(c - 0.5) * 12.0)) + 0.003 * np.sin(i + 9 * c)]
+                        for c in t]} for i in range(8)]
+    runs.append({"id": "dead", "mode": "max", "baseline": 0.1, "planned_cost_usd": 10.0,
+                 "points": [[10.0 * c, 0.1 + 0.001 * np.sin(5 * c)] for c in t]})
+    data = tmp_path / "scratch.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    out = tmp_path / "summary.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--generic", str(data), "--from-scratch", "--prices", "0.5", "2",
+         "--json", str(out), "--workers", "1"], capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "patience 10's mean loss on tune" in proc.stdout
+    ds = json.loads(out.read_text())["datasets"]["scratch"]
+    assert sum(ds["learners"].values()) == 8 and ds["non_learning"]["runs"] == 1
+    assert [row["usd_per_point"] for row in ds["halves"]["test"]["regret"]] == [0.5, 2.0]
+
+
+@pytest.mark.parametrize("argv, complaint", [
+    (["--generic", "x.jsonl", "--prices", "-1"], "--prices must be positive"),
+    (["--from-scratch"], "apply to a --generic file only"),
+])
+def test_the_replay_refuses_bad_flags_before_replaying(argv, complaint, capsys):
+    rc = _benchmark_module()
+    with pytest.raises(SystemExit):
+        rc.main(argv)
+    assert complaint in capsys.readouterr().err
+
+
+def test_a_run_learns_when_its_best_beats_its_baseline_in_either_direction():
+    rc = _benchmark_module()
+    acc = rc.Run("a", "max", np.arange(1.0, 4.0), np.array([0.1, 0.15, 0.25]), baseline=0.1)
+    loss = rc.Run("l", "min", np.arange(1.0, 4.0), np.array([2.3, 2.25, 2.1]), baseline=2.3)
+    assert rc.run_learns(acc) and not rc.run_learns(acc, above_points=20.0)
+    assert rc.run_learns(loss) and not rc.run_learns(loss, above_points=25.0)
+    assert rc.run_learns(replace(acc, baseline=None))  # no baseline: any finite metric
+    assert not rc.run_learns(replace(acc, metrics=np.full(3, np.nan)))
 
 
 # ---------------------------------------------------------------------- bounded metrics, explanations
