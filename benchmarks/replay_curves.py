@@ -12,8 +12,9 @@ Each run's (cumulative cost, validation metric) points are fed one at a time to
   minus the least such value any stopping point of that run could achieve (the oracle).
 
 Baselines: Lightning-style ``EarlyStopping(patience=p, min_delta=0)`` (stop after ``p``
-evaluations without improvement) and an oracle that may lose X points per run (stops at
-the earliest evaluation within X of the run's best).
+evaluations without improvement), an oracle that may lose X points per run (stops at
+the earliest evaluation within X of the run's best), and one that may lose 0.3 points on
+average over a half's runs, put where they save most (the bound for the loss target).
 
 Every data set is split in two fixed halves by a hash of the run id: the policy's
 defaults and its operating price are chosen on the ``tune`` half; figures on the
@@ -272,6 +273,38 @@ def oracle_stop_index(run: Run, allowed_points: float) -> int:
     return int(np.argmax(np.nan_to_num(p, nan=-np.inf) >= best - allowed_points - 1e-9))
 
 
+def mean_loss_oracle_stop_indices(runs: list[Run], mean_points: float) -> list[int]:
+    """Stopping points, chosen with the whole runs in view, that save the most cost on average while losing at
+    most ``mean_points`` on average: about the most any rule can save under a mean-loss target (the Lagrange
+    solution is exact on the convex hull of what the stopping points can reach).
+
+    Unlike :func:`oracle_stop_index` (the same loss allowed on every run), the loss may go where it saves most.
+    Found by Lagrange: each run stops where ``lam * points_lost - fraction_saved`` is least; the mean loss falls
+    as ``lam`` grows, and the least ``lam`` (bisected in log) whose mean loss is within the target saves most.
+    """
+    lost = [np.nan_to_num(points_lost_at(r), nan=np.inf) for r in runs]
+    saved = [1.0 - r.costs_usd / r.costs_usd[-1] if r.costs_usd[-1] > 0 else np.zeros(len(r.costs_usd))
+             for r in runs]
+
+    def stops(log_lam: float) -> tuple[bool, list[int]]:
+        idx = [int(np.argmin(math.exp(log_lam) * lo - sa)) for lo, sa in zip(lost, saved)]
+        return bool(np.mean([lo[i] for lo, i in zip(lost, idx)]) <= mean_points + 1e-9), idx
+
+    lo, hi = math.log(1e-6), math.log(1e6)  # points per unit of cost saved: 1e6 loses nothing anywhere
+    ok, idx = stops(lo)
+    if ok:
+        return idx
+    best = stops(hi)[1]
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        ok, idx = stops(mid)
+        if ok:
+            hi, best = mid, idx
+        else:
+            lo = mid
+    return best
+
+
 # ---------------------------------------------------------------------- scoring
 def points_lost_at(run: Run) -> np.ndarray:
     """Points lost if stopped at each index (best kept so far vs best of the run)."""
@@ -505,6 +538,8 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
             rows[f"EarlyStopping(patience={p})"] = summarize(rs, [patience_stop_index(r, p) for r in rs])
         for x in (0.35, 0.7):
             rows[f"oracle(allowed {x} points/run)"] = summarize(rs, [oracle_stop_index(r, x) for r in rs])
+        rows[f"oracle(mean loss <= {TARGET_LOSS_POINTS:g} points)"] = summarize(
+            rs, mean_loss_oracle_stop_indices(rs, TARGET_LOSS_POINTS))
         pol = policy_on(h, op_price)
         rows[f"MarginalGainPolicy(${op_price:g}/point)"] = summarize(rs, [i for i, _ in pol])
         if any(r.lrs is not None for r in rs):  # what reading the learning rate is worth: the same runs without

@@ -402,6 +402,18 @@ def test_the_replays_team_prior_is_fitted_on_the_runs_it_is_given_and_skips_a_lo
     assert rc.team_prior([loss]) is None
 
 
+def test_the_mean_loss_oracle_puts_the_allowed_loss_where_it_saves_most():
+    """The bound for a mean-loss target: a run that loses 0.6 points by stopping at once and a flat one both stop at
+    once (mean 0.3), where an oracle allowed 0.3 points on every run keeps the first to its end."""
+    rc = _benchmark_module()
+    costs = np.arange(1.0, 11.0)
+    rising = rc.Run("a", "max", costs, np.r_[0.800, np.full(9, 0.806)])
+    flat = rc.Run("b", "max", costs, np.full(10, 0.800))
+    assert [rc.oracle_stop_index(r, 0.3) for r in (rising, flat)] == [1, 0]
+    assert rc.mean_loss_oracle_stop_indices([rising, flat], 0.3) == [0, 0]
+    assert rc.mean_loss_oracle_stop_indices([rising, flat], 0.1) == [1, 0]
+
+
 def test_the_replay_tells_which_side_of_the_interval_a_final_metric_missed_on():
     rc = _benchmark_module()
     acc = rc.run_from_generic({"id": "a", "mode": "max", "points": [[1.0, 0.5], [2.0, 0.8]]})
