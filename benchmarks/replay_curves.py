@@ -671,35 +671,45 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
                                                            "ended_better": better, "ended_worse": worse}
             say(f"{h:5} " + "; ".join(row))
 
-    # 6. A team's own prior (issue 12: past runs of the same kind are the best predictor a team has): fitted on this
-    # set's tune half alone, non-learning runs included, and replayed on the test half against the shipped prior.
-    team = team_prior(halves["tune"])
-    if team is not None:
+    # 6. Other priors, replayed on the test half against the shipped one. A team's own (issue 12: past runs of the
+    # same kind are the best predictor a team has), fitted on this set's tune half alone, non-learning runs included;
+    # on from-scratch sets, the packaged from-scratch prior too (prior="from-scratch").
+    others = [("team_prior", "a team's own prior", team_prior(halves["tune"]))]
+    if from_scratch:
+        others.append(("from_scratch_prior", "the packaged prior='from-scratch'", load_prior("from-scratch")))
+    for key, label, other in others:
+        if other is None:
+            continue
         rs = learners["test"]
-        own = {p: [i for i, _ in replay_policy(rs, {**policy_kwargs, "usd_per_point": p, "prior": team}, workers)]
+        own = {p: [i for i, _ in replay_policy(rs, {**policy_kwargs, "usd_per_point": p, "prior": other}, workers)]
                for p in dict.fromkeys((op_price, *prices))}
         s_own, s_shipped = summarize(rs, own[op_price]), summarize(rs, [i for i, _ in policy_on("test", op_price)])
         regret_rows = result["halves"]["test"]["regret"]  # the best patience's regret at each price, from step 3
         wins_own = [mean_regret(rs, own[row["usd_per_point"]], row["usd_per_point"])
                     < row["best_patience_excess_regret_usd"] for row in regret_rows]
         wins_shipped = [row["policy_better"] for row in regret_rows]
-        checks = coverage(rs, {**policy_kwargs, "usd_per_point": op_price, "prior": team}, workers)
+        checks = coverage(rs, {**policy_kwargs, "usd_per_point": op_price, "prior": other}, workers)
         cov = []
         for k in range(len(COVERAGE_AT)):
             got = [c[k][0] for c in checks if c[k] is not None]
             cov.append(float(np.mean(got)) if got else float("nan"))
         shipped_cov = [result["coverage"]["test"][f"{at:g}"]["coverage"] for at in COVERAGE_AT]
         say()
-        say(f"a team's own prior ({team.source}, {len(team.cells)} cells), test half, against the shipped prior:")
+        say(f"{label} ({other.source}, {len(other.cells)} cells), test half, against the shipped prior:")
         say(f"test  at ${op_price:g}/point: {s_own['points_lost_mean']:.3f} points lost, "
             f"{s_own['cost_saved_mean']:.1%} saved (shipped: {s_shipped['points_lost_mean']:.3f}, "
             f"{s_shipped['cost_saved_mean']:.1%}); regret below the best patience at {sum(wins_own)} of "
             f"{len(prices)} prices (shipped: {sum(wins_shipped)}); coverage at "
             + " / ".join(f"{at:.0%}" for at in COVERAGE_AT) + ": " + " / ".join(f"{c:.0%}" for c in cov)
             + " (shipped: " + " / ".join(f"{c:.0%}" for c in shipped_cov) + ")")
-        result["team_prior"] = {"cells": len(team.cells), "points_lost_mean": s_own["points_lost_mean"],
-                                "cost_saved_mean": s_own["cost_saved_mean"], "regret_wins": sum(wins_own),
-                                "coverage": {f"{at:g}": c for at, c in zip(COVERAGE_AT, cov)}}
+        lost_by_price = {row["usd_per_point"]: (summarize(rs, own[row["usd_per_point"]])["points_lost_mean"],
+                                                row["policy_points_lost_mean"]) for row in regret_rows}
+        say("test  points lost by price: " + ", ".join(f"${p:g}: {mine:.2f} (shipped {theirs:.2f})"
+                                                      for p, (mine, theirs) in lost_by_price.items()))
+        result[key] = {"cells": len(other.cells), "points_lost_mean": s_own["points_lost_mean"],
+                       "cost_saved_mean": s_own["cost_saved_mean"], "regret_wins": sum(wins_own),
+                       "coverage": {f"{at:g}": c for at, c in zip(COVERAGE_AT, cov)},
+                       "points_lost_by_price": {f"{p:g}": v[0] for p, v in lost_by_price.items()}}
     say()
     return result
 

@@ -206,6 +206,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help="what one point (0.01) of probe accuracy is worth, dollars; scaled to this toy run")
     cost.add_argument("--min-points", type=int, default=8,
                       help="validations before the policy may stop (the probe often dips while training starts)")
+    cost.add_argument("--prior", default="from-scratch",
+                      help="what past runs say: 'from-scratch' (the shipped from-scratch and SSL runs), 'default' "
+                           "(those and fine-tuning runs), or a prior JSON from `costaware prior fit`")
     cost.add_argument("--bits", type=int, default=8, choices=(8, 4), help="quantize to int8 or NF4")
     cost.add_argument("--max-drop", type=float, default=0.02,
                       help="largest probe-accuracy drop the quantized model may show")
@@ -240,7 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     quantize = make_quantize(args)
     # then=None: MarginalGainStopping's default, EarlyStop (keep the best weights).
     stopping = costaware.MarginalGainStopping(monitor="probe/acc", mode="max", usd_per_point=args.usd_per_point,
-                                              min_points=args.min_points, then=quantize)
+                                              min_points=args.min_points, prior=args.prior, then=quantize)
     callbacks: list = [monitor, probe, stopping]
     model = SimCLR(lr=args.lr)
     trainer = pl.Trainer(max_epochs=args.max_epochs, check_val_every_n_epoch=args.val_every, accelerator="cpu",

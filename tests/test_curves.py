@@ -696,6 +696,31 @@ def test_the_shipped_prior_loads():
     assert "tune halves" in policy.prior.source
 
 
+def test_the_packaged_from_scratch_prior_expects_more_from_a_run_at_chance():
+    """prior="from-scratch" holds from-scratch and SSL runs alone: at chance between 10% and 50% of the plan, its
+    runs went on to gain more than the default's, where diverged fine-tuning runs sit at chance for good."""
+    from costaware.curve_prior import PACKAGED_PRIORS, load_prior
+
+    default, scratch = load_prior("default"), load_prior("from-scratch")
+    assert "digits corpus" in scratch.source and "DeBERTa" not in scratch.source
+    assert not scratch.states_interval and set(PACKAGED_PRIORS) == {"default", "from-scratch"}
+    for cell in ((1, "unknown", 0, 0), (2, "unknown", 0, 0), (2, "high", 0, 0)):
+        assert scratch.gain_mean(cell) > 2.0 * default.gain_mean(cell), cell
+    assert MarginalGainPolicy(prior="from-scratch").prior is scratch
+    with pytest.raises(ValueError, match="'default' or 'from-scratch'"):
+        MarginalGainPolicy(prior="scratch")
+
+
+def test_the_packaged_from_scratch_prior_is_what_its_script_fits_on_the_tune_half():
+    from costaware.curve_prior import CurvePrior, load_prior, run_from_record
+
+    rc = _benchmark_module()
+    with open(rc.CORPUS) as f:
+        tune = [r for r in map(json.loads, f) if rc.half_of(str(r["id"])) == "tune"]
+    refit = CurvePrior.fit([run_from_record(r) for r in tune])
+    assert refit.to_dict()["cells"] == load_prior("from-scratch").to_dict()["cells"]
+
+
 def test_a_confidence_below_one_half_is_refused():
     # The stated gain is the median: an interval of less than 50% could leave it outside.
     with pytest.raises(ValueError, match="confidence"):

@@ -26,8 +26,8 @@ The stage is a cell of four features a policy knows at every evaluation:
 Each run weighs the same (its evaluations share one unit of weight). Cells with fewer than
 ``MIN_RUNS`` runs fall back to coarser ones (without the learning-rate state, then without the
 plan fraction, then the progress alone, then all). Stored as a small JSON file; the package
-ships one fitted on the tune halves of the replay's data sets (``costaware/data/curve_prior.json``),
-and ``costaware prior fit`` fits a team's own from its ledgers or generic JSONL.
+ships two fitted on the tune halves of the replay's data sets (:data:`PACKAGED_PRIORS`: ``"default"``
+and ``"from-scratch"``), and ``costaware prior fit`` fits a team's own from its ledgers or generic JSONL.
 
 No Lightning import: the replay benchmark and the callback share it.
 """
@@ -265,33 +265,45 @@ def _settings() -> dict[str, Any]:
             "lr_rising": LR_RISING, "headroom_floor": HEADROOM_FLOOR, "quantile_levels": list(QUANTILE_LEVELS)}
 
 
-@functools.lru_cache(maxsize=1)
-def _packaged_prior() -> CurvePrior:
-    """The prior shipped in the package, read once per process (policies only read it)."""
-    packaged = resources.files("costaware") / "data" / "curve_prior.json"
+#: The priors packaged with costaware, by the name ``prior=`` takes, and their files under ``costaware/data``
+#: (both made by ``benchmarks/fit_default_prior.py`` from tune halves only). ``"default"`` pools fine-tuning
+#: (DeBERTa-MNLI), from-scratch and SSL runs; ``"from-scratch"`` holds the from-scratch and SSL runs alone, whose
+#: runs at chance start more often than a fine-tuning run at chance (which has mostly diverged).
+PACKAGED_PRIORS = {"default": "curve_prior.json", "from-scratch": "curve_prior_from_scratch.json"}
+
+
+@functools.lru_cache(maxsize=len(PACKAGED_PRIORS))
+def _packaged_prior(name: str) -> CurvePrior:
+    """A prior shipped in the package, read once per process (policies only read it).
+
+    It states no interval for the final metric (``states_interval``): it pools several kinds of runs, whose spread
+    at a stage is not one run's.
+    """
+    packaged = resources.files("costaware") / "data" / PACKAGED_PRIORS[name]
     prior = CurvePrior.from_dict(json.loads(packaged.read_text(encoding="utf-8")))
     prior.states_interval = False
     return prior
 
 
 def load_prior(prior: Any) -> CurvePrior | None:
-    """``None``, ``"default"`` (the packaged prior), a path to a JSON file, a dict, or a CurvePrior."""
+    """``None``, a packaged prior's name (:data:`PACKAGED_PRIORS`), a path to a JSON file, a dict, or a CurvePrior."""
     if prior is None or isinstance(prior, CurvePrior):
         return prior
     if isinstance(prior, dict):
         return CurvePrior.from_dict(prior)
+    names = " or ".join(repr(name) for name in PACKAGED_PRIORS)
     if isinstance(prior, (str, Path)):
-        if str(prior) == "default":
-            return _packaged_prior()
+        if str(prior) in PACKAGED_PRIORS:
+            return _packaged_prior(str(prior))
         path = Path(prior)
         if not path.is_file():
-            raise ValueError(f"`prior` must be None, 'default', a CurvePrior, a dict or the path of a prior JSON "
+            raise ValueError(f"`prior` must be None, {names}, a CurvePrior, a dict or the path of a prior JSON "
                              f"file; no file at {str(path)!r}")
         try:
             return CurvePrior.from_dict(json.loads(path.read_text()))
         except json.JSONDecodeError as err:
             raise ValueError(f"`prior`: {prior!s} is not JSON ({err})") from err
-    raise ValueError(f"`prior` must be None, 'default', a CurvePrior, a dict or a path, got {prior!r}")
+    raise ValueError(f"`prior` must be None, {names}, a CurvePrior, a dict or a path, got {prior!r}")
 
 
 # ---------------------------------------------------------------------- reading past runs

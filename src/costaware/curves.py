@@ -288,7 +288,9 @@ class MarginalGainPolicy:
             ``None``: unbounded.
         prior: What past runs say about how a run goes on (see above): ``"default"`` (the
             prior shipped with costaware, fitted on recorded fine-tuning, from-scratch and
-            self-supervised runs), the path of a JSON file from ``costaware prior fit``, a
+            self-supervised runs), ``"from-scratch"`` (the shipped from-scratch and
+            self-supervised runs alone: a run at chance is more often a slow start there than a
+            diverged fine-tuning run), the path of a JSON file from ``costaware prior fit``, a
             :class:`~costaware.curve_prior.CurvePrior`, or ``None`` (the fit alone). Used
             when the metric is bounded on both sides and the run has a plan.
         n_samples: Monte-Carlo draws from the fitted ensemble for the gain distribution.

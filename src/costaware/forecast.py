@@ -635,11 +635,15 @@ class BudgetPlanner:
         room = math.inf
         for cap, limit in self.limits.items():
             unit = CAP_UNITS[cap]
-            warned = self.warned.get(cap, {}).get("fractions", [])
-            ahead = [f * limit - spent[unit] for f in WARN_FRACTIONS if f not in warned]
+            ahead = [f * limit - spent[unit] for f in self._unwarned_fractions(cap)]
             if ahead and nxt[unit] > 0:
                 room = min(room, max(min(ahead), 0.0) / nxt[unit])
         return room
+
+    def _unwarned_fractions(self, cap: str) -> list[float]:
+        """The :data:`WARN_FRACTIONS` shares of ``cap`` not warned yet."""
+        warned = self.warned.get(cap, {}).get("fractions", [])
+        return [f for f in WARN_FRACTIONS if f not in warned]
 
     # --- forecasts and warnings ----------------------------------------------------------------
 
@@ -661,8 +665,8 @@ class BudgetPlanner:
         for cap, limit in self.limits.items():
             seen = self.warned.setdefault(cap, {"limit": limit, "fractions": []})
             used = spent[CAP_UNITS[cap]] / limit
-            for fraction in WARN_FRACTIONS:
-                if used >= fraction and fraction not in seen["fractions"]:
+            for fraction in self._unwarned_fractions(cap):
+                if used >= fraction:
                     seen["fractions"].append(fraction)
                     out.append((cap, fraction))
         return out

@@ -131,7 +131,8 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
             warning, when there is one (a price that differs from its is a ValueError at setup).
         verbose: print each decision on rank zero (stops are always printed).
         prior: what past runs say about how a run goes on: ``"default"`` (the prior shipped with
-            costaware), the path of a JSON file from ``costaware prior fit LEDGERS... -o prior.json``
+            costaware), ``"from-scratch"`` (its from-scratch and SSL runs alone: for pretraining or
+            training from scratch), the path of a JSON file from ``costaware prior fit LEDGERS... -o prior.json``
             (your own past runs: the best predictor), or ``None`` (the curve fit alone). See
             :class:`costaware.curves.MarginalGainPolicy`.
 
