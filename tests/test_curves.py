@@ -707,7 +707,7 @@ def test_the_packaged_from_scratch_prior_expects_more_from_a_run_at_chance():
     for cell in ((1, "unknown", 0, 0), (2, "unknown", 0, 0), (2, "high", 0, 0)):
         assert scratch.gain_mean(cell) > 2.0 * default.gain_mean(cell), cell
     assert MarginalGainPolicy(prior="from-scratch").prior is scratch
-    with pytest.raises(ValueError, match="'default' or 'from-scratch'"):
+    with pytest.raises(ValueError, match="'default', 'from-scratch', a CurvePrior"):
         MarginalGainPolicy(prior="scratch")
 
 

@@ -291,7 +291,7 @@ def load_prior(prior: Any) -> CurvePrior | None:
         return prior
     if isinstance(prior, dict):
         return CurvePrior.from_dict(prior)
-    names = " or ".join(repr(name) for name in PACKAGED_PRIORS)
+    names = ", ".join(repr(name) for name in PACKAGED_PRIORS)
     if isinstance(prior, (str, Path)):
         if str(prior) in PACKAGED_PRIORS:
             return _packaged_prior(str(prior))
