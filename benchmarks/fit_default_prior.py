@@ -25,6 +25,14 @@ import replay_curves as rc
 from costaware.curve_prior import PACKAGED_PRIORS, CurvePrior, run_from_record
 
 DATA = rc._REPO / "src" / "costaware" / "data"
+FROM_SCRATCH_WHAT = "the digits corpus (from scratch and SSL)"
+
+
+def fit_tune_half(records: list[dict], name: str, what: str) -> CurvePrior:
+    """The packaged prior ``name``: fitted on the tune half of ``records`` (generic-JSONL records) alone."""
+    tune = [r for r in records if rc.half_of(str(r["id"])) == "tune"]
+    return CurvePrior.fit([run_from_record(r) for r in tune],
+                          source=f"costaware {name}: tune halves of {what}, {len(tune)} runs")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,10 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.corpus) as f:
         digits = [json.loads(line) for line in f if line.strip()]
     for name, records, what in (("default", deberta + digits, "DeBERTa-MNLI and the digits corpus"),
-                                ("from-scratch", digits, "the digits corpus (from scratch and SSL)")):
-        tune = [r for r in records if rc.half_of(str(r["id"])) == "tune"]
-        prior = CurvePrior.fit([run_from_record(r) for r in tune],
-                               source=f"costaware {name}: tune halves of {what}, {len(tune)} runs")
+                                ("from-scratch", digits, FROM_SCRATCH_WHAT)):
+        prior = fit_tune_half(records, name, what)
         out = DATA / PACKAGED_PRIORS[name]
         out.parent.mkdir(parents=True, exist_ok=True)
         prior.save(out)

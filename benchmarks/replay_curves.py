@@ -111,7 +111,7 @@ REGRET_PRICES = {
 SWEEP_PRICES = tuple(float(p) for p in np.round(np.geomspace(0.1, 10.0, 7), 3))
 SWEEP_PRICES_SCRATCH = tuple(float(p) for p in np.round(np.geomspace(0.01, 100.0, 9), 4))
 SWEEP_REFINE = 5
-GENERIC_PRICES = [0.1, 1.0, 10.0]  # $/point tried on a --generic file unless --prices says otherwise
+GENERIC_PRICES = (0.1, 1.0, 10.0)  # $/point tried on a --generic file unless --prices says otherwise
 
 
 # ---------------------------------------------------------------------- data
@@ -287,8 +287,8 @@ def mean_loss_oracle_stop_indices(runs: list[Run], mean_points: float) -> list[i
              for r in runs]
 
     def stops(log_lam: float) -> tuple[bool, list[int]]:
-        idx = [int(np.argmin(math.exp(log_lam) * lo - sa)) for lo, sa in zip(lost, saved)]
-        return bool(np.mean([lo[i] for lo, i in zip(lost, idx)]) <= mean_points + 1e-9), idx
+        idx = [int(np.argmin(math.exp(log_lam) * run_lost - run_saved)) for run_lost, run_saved in zip(lost, saved)]
+        return bool(np.mean([run_lost[i] for run_lost, i in zip(lost, idx)]) <= mean_points + 1e-9), idx
 
     lo, hi = math.log(1e-6), math.log(1e6)  # points per unit of cost saved: 1e6 loses nothing anywhere
     ok, idx = stops(lo)
@@ -688,20 +688,23 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
         wins_own = [mean_regret(rs, own[row["usd_per_point"]], row["usd_per_point"])
                     < row["best_patience_excess_regret_usd"] for row in regret_rows]
         wins_shipped = [row["policy_better"] for row in regret_rows]
-        checks = coverage(rs, {**policy_kwargs, "usd_per_point": op_price, "prior": other}, workers)
-        cov = []
-        for k in range(len(COVERAGE_AT)):
-            got = [c[k][0] for c in checks if c[k] is not None]
-            cov.append(float(np.mean(got)) if got else float("nan"))
         shipped_cov = [result["coverage"]["test"][f"{at:g}"]["coverage"] for at in COVERAGE_AT]
+        cov = shipped_cov  # a prior that states no interval leaves it to the curve fit, as the shipped one does
+        if other.states_interval:
+            checks = coverage(rs, {**policy_kwargs, "usd_per_point": op_price, "prior": other}, workers)
+            cov = []
+            for k in range(len(COVERAGE_AT)):
+                got = [c[k][0] for c in checks if c[k] is not None]
+                cov.append(float(np.mean(got)) if got else float("nan"))
         say()
         say(f"{label} ({other.source}, {len(other.cells)} cells), test half, against the shipped prior:")
         say(f"test  at ${op_price:g}/point: {s_own['points_lost_mean']:.3f} points lost, "
             f"{s_own['cost_saved_mean']:.1%} saved (shipped: {s_shipped['points_lost_mean']:.3f}, "
             f"{s_shipped['cost_saved_mean']:.1%}); regret below the best patience at {sum(wins_own)} of "
             f"{len(prices)} prices (shipped: {sum(wins_shipped)}); coverage at "
-            + " / ".join(f"{at:.0%}" for at in COVERAGE_AT) + ": " + " / ".join(f"{c:.0%}" for c in cov)
-            + " (shipped: " + " / ".join(f"{c:.0%}" for c in shipped_cov) + ")")
+            + " / ".join(f"{at:.0%}" for at in COVERAGE_AT) + ": "
+            + (" / ".join(f"{c:.0%}" for c in cov) + " (shipped: " + " / ".join(f"{c:.0%}" for c in shipped_cov) + ")"
+               if other.states_interval else "the curve fit's interval, as shipped"))
         lost_by_price = {row["usd_per_point"]: (summarize(rs, own[row["usd_per_point"]])["points_lost_mean"],
                                                 row["policy_points_lost_mean"]) for row in regret_rows}
         say("test  points lost by price: " + ", ".join(f"${p:g}: {mine:.2f} (shipped {theirs:.2f})"
@@ -722,11 +725,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --generic: the runs train from scratch or pretrain (SSL), so the operating price's "
                              "loss target is EarlyStopping(patience=10)'s mean loss on the tune half, not "
                              f"{TARGET_LOSS_POINTS} points")
-    parser.add_argument("--prices", type=float, nargs="+", default=GENERIC_PRICES, metavar="USD_PER_POINT",
-                        help="with --generic: the prices of one point tried in the regret table (default: %(default)s)")
-    parser.add_argument("--learns-above", type=float, default=LEARNS_ABOVE_POINTS, metavar="POINTS",
+    parser.add_argument("--prices", type=float, nargs="+", metavar="USD_PER_POINT",
+                        help=f"with --generic: the prices of one point tried in the regret table (default: "
+                             f"{' '.join(f'{p:g}' for p in GENERIC_PRICES)})")
+    parser.add_argument("--learns-above", type=float, metavar="POINTS",
                         help="with --generic: a run with a baseline learns when its best beats it by this many points "
-                             "(default: %(default)s); the others are scored apart")
+                             f"(default: {LEARNS_ABOVE_POINTS:g}); the others are scored apart")
     parser.add_argument("--write-generic", type=Path, help="write the converted data sets as generic JSONL here")
     parser.add_argument("--json", type=Path, help="write the summary as JSON to this file")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
@@ -735,11 +739,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave out benchmarks/curves/digits.jsonl and lora_sst2.jsonl")
     parser.add_argument("--only", help="replay only the data sets whose name contains this")
     args = parser.parse_args(argv)
-    if any(p <= 0 or not math.isfinite(p) for p in args.prices):
+    if args.prices and any(p <= 0 or not math.isfinite(p) for p in args.prices):
         parser.error(f"--prices must be positive dollars per point, got {args.prices}")
-    if not args.generic and (args.from_scratch or args.prices != GENERIC_PRICES
-                             or args.learns_above != LEARNS_ABOVE_POINTS):
+    if not args.generic and (args.from_scratch or args.prices is not None or args.learns_above is not None):
         parser.error("--from-scratch, --prices and --learns-above apply to a --generic file only")
+    learns_above = LEARNS_ABOVE_POINTS if args.learns_above is None else args.learns_above
 
     t0 = time.time()
     lines: list[str] = []
@@ -756,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
             "crc32(id) % 2; the operating price comes from 'tune', 'test' is held out (the policy's settings and",
             "its shipped prior were chosen on this repository's data sets, never on this file).",
             f"{args.generic}: the operating price's loss target is {target};",
-            f"runs with a baseline learn when their best beats it by {args.learns_above:g} points.",
+            f"runs with a baseline learn when their best beats it by {learns_above:g} points.",
         ]
     else:
         header += [
@@ -788,40 +792,41 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     lines += header
 
-    datasets: list[tuple[str, list[dict], tuple, callable]] = []
+    # (name, records, regret prices, which runs learn, whether the runs train from scratch / pretrain)
+    datasets: list[tuple[str, list[dict], tuple, callable, bool]] = []
     if args.generic:
         with open(args.generic) as f:
             records = [json.loads(line) for line in f if line.strip()]
-        datasets.append((args.generic.stem, records, tuple(args.prices),
-                         lambda r: run_learns(r, args.learns_above)))
+        datasets.append((args.generic.stem, records, tuple(args.prices or GENERIC_PRICES),
+                         lambda r: run_learns(r, learns_above), args.from_scratch))
     else:
         curves = args.data / "curves"
         deb = deberta_records(curves / "deberta-mnli" / "deberta-base_tuning.results.jsonl", usd_per_example)
         nas = nasbench_records(curves / "nasbench-nlp-wikitext2" / "logs.zip", USD_PER_GPU_HOUR)
         datasets.append(("deberta-mnli", deb, REGRET_PRICES["deberta-mnli"],
-                         lambda r: np.nanmax(r.metrics) > DEBERTA_LEARNS_ABOVE))
-        datasets.append(("nasbench-nlp", nas, REGRET_PRICES["nasbench-nlp"], lambda r: r.has_finite))
+                         lambda r: np.nanmax(r.metrics) > DEBERTA_LEARNS_ABOVE, False))
+        datasets.append(("nasbench-nlp", nas, REGRET_PRICES["nasbench-nlp"], lambda r: r.has_finite, False))
         if CORPUS.is_file() and not args.no_corpus:
             with open(CORPUS) as f:
                 corpus = [json.loads(line) for line in f if line.strip()]
             for kind in dict.fromkeys(r["kind"] for r in corpus):
                 datasets.append((f"digits-{kind}", [r for r in corpus if r["kind"] == kind], REGRET_PRICES["digits"],
-                                 run_learns))
+                                 run_learns, True))
         if LATE_STEP_CORPUS.is_file() and not args.no_corpus:
             with open(LATE_STEP_CORPUS) as f:
                 late = [json.loads(line) for line in f if line.strip()]
-            datasets.append(("digits-late-step", late, REGRET_PRICES["digits"], run_learns))
+            datasets.append(("digits-late-step", late, REGRET_PRICES["digits"], run_learns, True))
         if PAIRS_CORPUS.is_file() and not args.no_corpus:
             with open(PAIRS_CORPUS) as f:
                 pairs = [json.loads(line) for line in f if line.strip()]
-            datasets.append(("digits-pairs", pairs, REGRET_PRICES["digits"], run_learns))
+            datasets.append(("digits-pairs", pairs, REGRET_PRICES["digits"], run_learns, True))
         if LORA_CORPUS.is_file() and not args.no_corpus:
             with open(LORA_CORPUS) as f:
                 lora = [json.loads(line) for line in f if line.strip()]
-            datasets.append(("lora-sst2", lora, REGRET_PRICES["lora-sst2"], run_learns))
+            datasets.append(("lora-sst2", lora, REGRET_PRICES["lora-sst2"], run_learns, False))
         if args.write_generic:
             args.write_generic.mkdir(parents=True, exist_ok=True)
-            for name, recs, _, _ in datasets:
+            for name, recs, *_ in datasets:
                 with open(args.write_generic / f"{name}.jsonl", "w") as f:
                     for rec in recs:
                         f.write(json.dumps(rec) + "\n")
@@ -829,15 +834,14 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {"policy_kwargs": policy_kwargs, "usd_per_gpu_hour": USD_PER_GPU_HOUR,
                      "deberta_examples_per_gpu_second": DEBERTA_EXAMPLES_PER_GPU_SECOND,
                      "points_per_unit": POINTS_PER_UNIT, "datasets": {}}
-    for name, records, prices, learns in datasets:
+    for name, records, prices, learns, from_scratch in datasets:
         if args.only and args.only not in name:
             continue
         runs = [run_from_generic(r) for r in records]
         if args.quick:
             runs = runs[:120]
         summary["datasets"][name] = evaluate_dataset(name, runs, policy_kwargs, prices, args.workers, learns, lines,
-                                                     from_scratch=args.from_scratch if args.generic
-                                                     else name.startswith("digits"))
+                                                     from_scratch=from_scratch)
     ms = decision_time_ms()
     say_line = f"decision time with 1,000 evaluations seen (median of 20, a run with a plan and LRs): {ms:.2f} ms"
     print(say_line)

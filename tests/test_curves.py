@@ -712,13 +712,15 @@ def test_the_packaged_from_scratch_prior_expects_more_from_a_run_at_chance():
 
 
 def test_the_packaged_from_scratch_prior_is_what_its_script_fits_on_the_tune_half():
-    from costaware.curve_prior import CurvePrior, load_prior, run_from_record
+    from costaware.curve_prior import load_prior
 
     rc = _benchmark_module()
+    spec = importlib.util.spec_from_file_location("fit_default_prior", BENCHMARK.parent / "fit_default_prior.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
     with open(rc.CORPUS) as f:
-        tune = [r for r in map(json.loads, f) if rc.half_of(str(r["id"])) == "tune"]
-    refit = CurvePrior.fit([run_from_record(r) for r in tune])
-    assert refit.to_dict()["cells"] == load_prior("from-scratch").to_dict()["cells"]
+        refit = script.fit_tune_half([json.loads(line) for line in f], "from-scratch", script.FROM_SCRATCH_WHAT)
+    assert refit.to_dict() == load_prior("from-scratch").to_dict()
 
 
 def test_a_confidence_below_one_half_is_refused():
