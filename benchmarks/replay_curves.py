@@ -7,7 +7,9 @@ Each run's (cumulative cost, validation metric) points are fed one at a time to
 * points lost: the run's best metric minus the best metric seen up to the stop (the
   best checkpoint so far is kept), in points (``points_per_unit`` = 100: accuracy 0.01
   or loss 0.01 is one point);
-* cost saved: the fraction of the run's total cost not spent;
+* cost saved: the fraction of the run's total cost not spent (averaged over runs, as the issue's
+  target); "$ saved": the share of all the runs' dollars not spent (what a team's bill shows: an
+  expensive run saved counts for more);
 * regret at a price of ``usd_per_point``: ``usd_per_point * points_lost + usd_spent``
   minus the least such value any stopping point of that run could achieve (the oracle).
 
@@ -57,6 +59,7 @@ import sys
 import time
 import zipfile
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -68,7 +71,7 @@ if str(_REPO / "src") not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(_REPO / "src"))
 
 from costaware.curve_prior import CurvePrior, PriorRun, load_prior  # noqa: E402
-from costaware.curves import MarginalGainPolicy  # noqa: E402
+from costaware.curves import Decision, MarginalGainPolicy  # noqa: E402
 
 DEFAULT_DATA = _REPO.parent / "shared" / "data"
 POINTS_PER_UNIT = 100.0
@@ -232,19 +235,29 @@ def half_of(run_id: str) -> str:
 
 
 # ---------------------------------------------------------------------- stopping rules
-def policy_stop_index(run: Run, policy_kwargs: dict, use_plan: bool = True) -> tuple[int, str]:
-    """Feeds the run to a fresh policy one point at a time; returns (stop index, reason)."""
+def policy_for(run: Run, policy_kwargs: dict, planned_cost_usd: float | None) -> MarginalGainPolicy:
+    """A fresh policy for the run, as the callback would set it up (the given settings win)."""
     kwargs = dict(policy_kwargs)
     kwargs.setdefault("mode", run.mode)
     kwargs.setdefault("points_per_unit", POINTS_PER_UNIT)
-    if use_plan and run.planned_cost_usd is not None:
-        kwargs.setdefault("planned_cost_usd", run.planned_cost_usd)
+    if planned_cost_usd is not None:
+        kwargs.setdefault("planned_cost_usd", planned_cost_usd)
     if run.baseline is not None:
         kwargs.setdefault("baseline", run.baseline)
     kwargs.setdefault("anneals", run.anneals)
-    policy = MarginalGainPolicy(**kwargs)
-    for i, (cost_usd, metric) in enumerate(zip(run.costs_usd, run.metrics)):
-        decision = policy.observe(cost_usd, metric, lr=None if run.lrs is None else float(run.lrs[i]))
+    return MarginalGainPolicy(**kwargs)
+
+
+def observe(policy: MarginalGainPolicy, run: Run, i: int) -> Decision:
+    """Feeds the run's ``i``-th evaluation to the policy."""
+    return policy.observe(run.costs_usd[i], run.metrics[i], lr=None if run.lrs is None else float(run.lrs[i]))
+
+
+def policy_stop_index(run: Run, policy_kwargs: dict, use_plan: bool = True) -> tuple[int, str]:
+    """Feeds the run to a fresh policy one point at a time; returns (stop index, reason)."""
+    policy = policy_for(run, policy_kwargs, run.planned_cost_usd if use_plan else None)
+    for i in range(len(run.metrics)):
+        decision = observe(policy, run, i)
         if decision.stop:
             return i, decision.reason
     return len(run.metrics) - 1, "ran to the end"
@@ -327,23 +340,28 @@ def excess_regret_usd(run: Run, index: int, usd_per_point: float) -> float:
 
 
 # ---------------------------------------------------------------------- replay
-def _policy_job(args: tuple) -> list[tuple[int, str]]:
-    runs, kwargs, use_plan = args
-    return [policy_stop_index(r, kwargs, use_plan) for r in runs]
+def _chunk_job(args: tuple) -> list:
+    per_run, runs, extra = args
+    return [per_run(r, *extra) for r in runs]
+
+
+def for_each_run(per_run: Callable, runs: list[Run], extra: tuple, workers: int) -> list:
+    """``per_run(run, *extra)`` for every run, in parallel over ``workers`` processes, in the runs' order."""
+    if workers <= 1 or len(runs) < 32:
+        return _chunk_job((per_run, runs, extra))
+    n_chunks = workers * 4
+    with ProcessPoolExecutor(workers) as pool:
+        parts = list(pool.map(_chunk_job, [(per_run, runs[i::n_chunks], extra) for i in range(n_chunks)]))
+    out: list = [None] * len(runs)
+    for i, part in enumerate(parts):
+        for j, res in enumerate(part):
+            out[i + j * n_chunks] = res
+    return out
 
 
 def replay_policy(runs: list[Run], kwargs: dict, workers: int, use_plan: bool = True) -> list[tuple[int, str]]:
     """Stop indices of the policy on every run, in parallel over ``workers`` processes."""
-    if workers <= 1 or len(runs) < 32:
-        return _policy_job((runs, kwargs, use_plan))
-    chunks = [runs[i::workers * 4] for i in range(workers * 4)]
-    with ProcessPoolExecutor(workers) as pool:
-        parts = list(pool.map(_policy_job, [(c, kwargs, use_plan) for c in chunks]))
-    out: list = [None] * len(runs)
-    for i, part in enumerate(parts):
-        for j, res in enumerate(part):
-            out[i + j * workers * 4] = res
-    return out
+    return for_each_run(policy_stop_index, runs, (kwargs, use_plan), workers)
 
 
 def summarize(runs: list[Run], indices: list[int]) -> dict:
@@ -353,7 +371,15 @@ def summarize(runs: list[Run], indices: list[int]) -> dict:
         "points_lost_mean": float(np.mean(lost)) if runs else float("nan"),
         "points_lost_p90": float(np.percentile(lost, 90)) if runs else float("nan"),
         "cost_saved_mean": float(np.mean(saved)) if runs else float("nan"),
+        "dollars_saved_share": dollars_saved_share(runs, indices),
     }
+
+
+def dollars_saved_share(runs: list[Run], indices: list[int]) -> float:
+    """The share of all the runs' dollars not spent when each stops at its index."""
+    total = sum(float(r.costs_usd[-1]) for r in runs)
+    spent = sum(float(r.costs_usd[i]) for r, i in zip(runs, indices))
+    return 1.0 - spent / total if total > 0 else float("nan")
 
 
 def mean_regret(runs: list[Run], indices: list[int], usd_per_point: float) -> float:
@@ -384,14 +410,7 @@ def interval_checks(run: Run, policy_kwargs: dict) -> list[tuple[bool, float, fl
     told its real end as the plan here, so the interval is about the same final value. ``None``
     where the policy had no estimate yet (too few points).
     """
-    kwargs = dict(policy_kwargs)
-    kwargs.setdefault("mode", run.mode)
-    kwargs.setdefault("points_per_unit", POINTS_PER_UNIT)
-    kwargs.setdefault("planned_cost_usd", run.planned_cost_usd or float(run.costs_usd[-1]))
-    if run.baseline is not None:
-        kwargs.setdefault("baseline", run.baseline)
-    kwargs.setdefault("anneals", run.anneals)
-    policy = MarginalGainPolicy(**kwargs)
+    policy = policy_for(run, policy_kwargs, run.planned_cost_usd or float(run.costs_usd[-1]))
     final = float(run.metrics[-1])
     out: list = []
     estimate = None
@@ -400,7 +419,7 @@ def interval_checks(run: Run, policy_kwargs: dict) -> list[tuple[bool, float, fl
         for i in range(policy.num_points, len(run.metrics) - 1):
             if run.costs_usd[i] > at * total:
                 break
-            d = policy.observe(run.costs_usd[i], run.metrics[i], lr=None if run.lrs is None else float(run.lrs[i]))
+            d = observe(policy, run, i)
             estimate = d.estimate if d.estimate is not None else estimate
         if estimate is None or not math.isfinite(final):
             out.append(None)
@@ -416,22 +435,31 @@ def ended_better(run: Run, check: tuple[bool, float, float]) -> bool:
     return sign * float(run.metrics[-1]) > max(sign * check[1], sign * check[2]) + 1e-9
 
 
-def _coverage_job(args: tuple) -> list:
-    runs, kwargs = args
-    return [interval_checks(r, kwargs) for r in runs]
-
-
 def coverage(runs: list[Run], kwargs: dict, workers: int) -> list[list]:
     """interval_checks for every run, in parallel."""
-    if workers <= 1 or len(runs) < 32:
-        return _coverage_job((runs, kwargs))
-    chunks = [runs[i::workers * 4] for i in range(workers * 4)]
-    with ProcessPoolExecutor(workers) as pool:
-        parts = list(pool.map(_coverage_job, [(c, kwargs) for c in chunks]))
-    out: list = [None] * len(runs)
-    for i, part in enumerate(parts):
-        for j, res in enumerate(part):
-            out[i + j * workers * 4] = res
+    return for_each_run(interval_checks, runs, (kwargs,), workers)
+
+
+GAIN_PARTS = (0.25, 0.5, 0.75, 1.0)  # the stated gain is checked by quarter of each run's cost
+
+
+def gain_checks(run: Run, policy_kwargs: dict) -> list[tuple[float, float, float]]:
+    """Every gain the policy states over the run, fed every point (it is not allowed to stop): (fraction of the
+    run's cost, the stated median gain of the kept best over the stated increment, the gain the run then made by
+    the end of that increment), in points. Increments that reach past the run's end are left out.
+    """
+    policy = policy_for(run, policy_kwargs, run.planned_cost_usd)
+    points = np.nan_to_num(run.points, nan=-np.inf)
+    best = np.maximum.accumulate(points)
+    total = float(run.costs_usd[-1])
+    out = []
+    for i in range(len(run.metrics)):
+        estimate = observe(policy, run, i).estimate
+        until = float(run.costs_usd[i]) + (estimate.increment_usd if estimate is not None else math.inf)
+        if estimate is None or until > total * (1.0 + 1e-9) or not math.isfinite(best[i]):
+            continue
+        j = int(np.searchsorted(run.costs_usd, until * (1.0 + 1e-9), side="right")) - 1
+        out.append((float(run.costs_usd[i]) / total, estimate.gain_points, float(best[j] - best[i])))
     return out
 
 
@@ -530,7 +558,7 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
 
     # 2. Loss / savings table on both halves.
     say()
-    say(f"{'half':5} {'rule':34} {'runs':>5} {'pts lost':>9} {'p90 lost':>9} {'saved':>7}")
+    say(f"{'half':5} {'rule':34} {'runs':>5} {'pts lost':>9} {'p90 lost':>9} {'saved':>7} {'$ saved':>8}")
     for h in ("tune", "test"):
         rs = learners[h]
         rows = {}
@@ -548,7 +576,7 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
             rows["policy, learning rates withheld"] = summarize(rs, [i for i, _ in blind])
         for label, s in rows.items():
             say(f"{h:5} {label:34} {s['runs']:5d} {s['points_lost_mean']:9.3f} {s['points_lost_p90']:9.3f} "
-                f"{s['cost_saved_mean']:7.1%}")
+                f"{s['cost_saved_mean']:7.1%} {s['dollars_saved_share']:8.1%}")
         pol_s = rows[f"MarginalGainPolicy(${op_price:g}/point)"]
         pol_scores = [score(r, i) for r, (i, _) in zip(rs, pol)]
         pol_s["points_lost_se"] = standard_error([lost for lost, _ in pol_scores])
@@ -564,7 +592,8 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
         say(f"{h:5} target (<= {TARGET_LOSS_POINTS} points lost and >= {TARGET_SAVED:.0%} saved): "
             f"{'MET' if result['halves'][h]['target_met'] else 'NOT met'} (policy: "
             f"{pol_s['points_lost_mean']:.3f} +- {pol_s['points_lost_se']:.3f} points lost, "
-            f"{pol_s['cost_saved_mean']:.1%} +- {pol_s['cost_saved_se']:.1%} saved; +- one standard error)")
+            f"{pol_s['cost_saved_mean']:.1%} +- {pol_s['cost_saved_se']:.1%} saved; +- one standard error; "
+            f"{pol_s['dollars_saved_share']:.1%} of all the runs' dollars)")
 
     # 3. Regret against the oracle at each price, policy priced at that price.
     say()
@@ -670,6 +699,26 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
                                                            "mean_width_points": width,
                                                            "ended_better": better, "ended_worse": worse}
             say(f"{h:5} " + "; ".join(row))
+
+    # 5b. The gain the policy states, against what the runs then made: a stated gain that runs high keeps runs going
+    # that do not pay (the policy prices the next increment with it).
+    say()
+    say(f"the stated gain (the median gain of the kept best over the stated increment) against what the run then "
+        f"made, mean points per estimate, runs that learn, at ${op_price:g}/point, by part of the run:")
+    result["gain_calibration"] = {}
+    for h in ("tune", "test"):
+        per_run = for_each_run(gain_checks, learners[h], ({**policy_kwargs, "usd_per_point": op_price},), workers)
+        checks = [c for run_checks in per_run for c in run_checks]
+        row, lo = [], 0.0
+        for hi in GAIN_PARTS:
+            got = np.asarray([(stated, made) for at, stated, made in checks if lo <= at < hi]).reshape(-1, 2)
+            stated, made = (float(np.mean(got[:, k])) if len(got) else float("nan") for k in (0, 1))
+            ratio = f"{stated / made:.2f}x" if made > 0 else "-"
+            row.append(f"{lo:.0%}-{hi:.0%}: {stated:.3f} stated, {made:.3f} made ({ratio}, {len(got)})")
+            result["gain_calibration"].setdefault(h, {})[f"{lo:g}-{hi:g}"] = {
+                "estimates": len(got), "stated_points_mean": stated, "made_points_mean": made}
+            lo = hi
+        say(f"{h:5} " + "; ".join(row))
 
     # 6. Other priors, replayed on the test half against the shipped one. A team's own (issue 12: past runs of the
     # same kind are the best predictor a team has), fitted on this set's tune half alone, non-learning runs included;

@@ -103,6 +103,21 @@ _FALLBACK_TAIL = 0.5
 # A run at chance waits for a slow start one step at a time, each up to this many times the cost so far: a
 # doubling strategy, the usual answer to a wait whose end is unknown.
 _AT_CHANCE_WAIT_GROWTH = 2.0
+# The evaluation noise that prices the next evaluations pools the fit window's residuals with the whole run's
+# scatter, weighted as this many evaluations. The whole run's scatter used as a floor (as it still is for the
+# final metric's interval) overstates the noise once early evaluations at a high learning rate have scattered
+# more, and with it what the next evaluation may add to the best: on DeBERTa's tune half the stated gain was
+# 1.52x / 2.27x what the runs then made in the third / last quarter of a run, pooled 1.35x / 1.85x (no higher in
+# the second half of the runs on any replayed set; replay_curves.py prints it). Regret fell at 85 of the 89
+# (set, half, price) cells it changed. 2 had a lower regret than 4 at every price of that half; 0 (the window's
+# residuals alone) trusted fits through three or four points that happened to lie on a curve (NAS-Bench-NLP:
+# losses of 100+ points at $10/point).
+_HISTORY_NOISE_EVALS = 2.0
+# A window of fewer evaluations than this cannot measure its own scatter (a curve through three or four points
+# may fit them by chance): there the whole run's scatter stays the floor. Pooled from the first evaluation, a
+# single glitch 46 points down stopped a run at $100/point, and a straight rise worth twice its cost was stopped
+# at its fifth evaluation.
+_POOLED_MIN_EVALS = 8
 # Points of the fitted curve kept in an estimate (and the ledger) for plots.
 _CURVE_POINTS = 24
 
@@ -189,9 +204,11 @@ class MarginalGainPolicy:
     part of the run. It then predicts the expected improvement of the *best* value seen
     so far (the checkpoint you would keep) if the run spends its next increment, taking
     evaluation noise into account (a noisy run may still beat its best; a run below its
-    best must first climb back). It looks at the next increment and at doubling horizons
-    up to the planned end (or, without a plan, up to the cost spent so far again), since
-    learning-rate annealing and recoveries from a dip pay off over several evaluations.
+    best must first climb back): the scatter about the curve where it is fitted, steadied by
+    the whole run's (early evaluations at a high learning rate scatter more). It looks at the
+    next increment and at doubling horizons up to the planned end (or, without a plan, up to
+    the cost spent so far again), since learning-rate annealing and recoveries from a dip pay
+    off over several evaluations.
     With ``confidence`` c, it stops when, for every horizon, the c-quantile of that gain
     (over the fit's uncertainty) is worth less than the horizon costs::
 
@@ -705,7 +722,11 @@ class MarginalGainPolicy:
         if max_usd > horizon_list[-1]:
             horizon_list.append(max_usd)
         horizons_usd = np.asarray(horizon_list)
-        fit = _fit_ensemble(x, u, _local_noise_points(costs, points))
+        # Two noise estimates, one per question. What the next evaluations bring: the scatter about the curve in
+        # the fit window, pooled with the whole history's (which steadies a window of few points). The final
+        # metric, an extrapolation the ensemble is too sure of: the whole history's scatter as a floor.
+        history_noise = _local_noise_points(costs, points)
+        fit = _fit_ensemble(x, u, history_noise, history_weight_evals=_HISTORY_NOISE_EVALS)
         rng = np.random.default_rng(self.seed + len(costs))
         draws = fit.sample(rng, self.n_samples)
         # Expected improvement of the kept (best) value, over evaluation noise, per draw.
@@ -720,8 +741,11 @@ class MarginalGainPolicy:
         gain_points = float(gain_median[h])
         gain_upper = float(gain_upper_all[h])
         # The final metric: the curve at the planned end (or its asymptote) plus evaluation noise.
-        final_mean = draws.value_at(x_final) if x_final is not None else draws.asymptote()
-        final = np.clip(final_mean + fit.noise_points * rng.standard_normal(final_mean.shape), lo, hi)
+        final_fit = _fit_ensemble(x, u, history_noise)
+        rng = np.random.default_rng(self.seed + len(costs))
+        final_draws = final_fit.sample(rng, self.n_samples)
+        final_mean = final_draws.value_at(x_final) if x_final is not None else final_draws.asymptote()
+        final = np.clip(final_mean + final_fit.noise_points * rng.standard_normal(final_mean.shape), lo, hi)
         c = self.confidence
         final_low, final_points, final_high = np.quantile(final, [(1.0 - c) / 2.0, 0.5, (1.0 + c) / 2.0])
         # The fitted curve, for plots: the ensemble mean from the fit window to the horizon.
@@ -885,11 +909,15 @@ def _local_noise_points(costs: np.ndarray, points: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(dev) / inflation))
 
 
-def _fit_ensemble(x: np.ndarray, u: np.ndarray, noise_floor_points: float = 0.0) -> _EnsembleFit:
+def _fit_ensemble(
+    x: np.ndarray, u: np.ndarray, history_noise_points: float = 0.0, history_weight_evals: float | None = None,
+) -> _EnsembleFit:
     """Fits u = a + b g_k(x) for every component k, robustly, and weights them.
 
     Each component is linear in (a, b), so its fit is closed-form; one robust pass drops
-    points with residuals beyond 4 robust SDs of the best fit (single glitches).
+    points with residuals beyond 4 robust SDs of the best fit (single glitches). The noise
+    SD pools the residuals with ``history_noise_points`` as ``history_weight_evals`` more
+    evaluations would; with ``None``, that figure is a floor instead.
     """
     g = _basis(x)
     w = np.ones_like(u)
@@ -923,7 +951,12 @@ def _fit_ensemble(x: np.ndarray, u: np.ndarray, noise_floor_points: float = 0.0)
     dof = max(n_eff - 3.0, 1.0)
     sse_min = float(sse[k_best])
     scale_u = max(float(np.max(np.abs(u))), 1.0)
-    noise_var = max(sse_min / dof, noise_floor_points**2, (1e-6 * scale_u) ** 2)
+    if history_weight_evals is None or n_eff < _POOLED_MIN_EVALS:  # the history's scatter as a floor
+        noise_var, pooled = max(sse_min / dof, history_noise_points**2), 0.0
+    else:  # pooled, as that many more evaluations
+        pooled = float(history_weight_evals)
+        noise_var = (sse_min + pooled * history_noise_points**2) / (dof + pooled)
+    noise_var = max(noise_var, (1e-6 * scale_u) ** 2)
     loglik = -0.5 * (sse - sse_min) / noise_var
     logpost = np.where(np.isfinite(loglik), loglik, -np.inf) + _LOG_FAMILY_PRIOR
     post = np.exp(logpost - np.max(logpost))
