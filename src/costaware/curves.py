@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 #: Default price of one point of the metric, in dollars: near the operating price the
-#: DeBERTa-MNLI replay chose on its tuning half ($0.49 at 400 examples/s on a $2/GPU-hour
+#: DeBERTa-MNLI replay chose on its tuning half ($0.55 at 400 examples/s on a $2/GPU-hour
 #: GPU; see benchmarks/replay_curves.py). Only a starting point: set your own price.
 DEFAULT_USD_PER_POINT = 0.5
 
