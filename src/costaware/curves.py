@@ -723,8 +723,8 @@ class MarginalGainPolicy:
             horizon_list.append(max_usd)
         horizons_usd = np.asarray(horizon_list)
         # Two noise estimates, one per question. What the next evaluations bring: the scatter about the curve in
-        # the fit window, pooled with the whole history's (which steadies a window of few points). The final
-        # metric, an extrapolation the ensemble is too sure of: the whole history's scatter as a floor.
+        # the fit window, pooled with the whole history's (a floor while the window is too short to measure its
+        # own). The final metric, an extrapolation the ensemble is too sure of: the whole history's as a floor.
         history_noise = _local_noise_points(costs, points)
         fit = _fit_ensemble(x, u, history_noise, history_weight_evals=_HISTORY_NOISE_EVALS)
         rng = np.random.default_rng(self.seed + len(costs))
@@ -742,7 +742,7 @@ class MarginalGainPolicy:
         gain_upper = float(gain_upper_all[h])
         # The final metric: the curve at the planned end (or its asymptote) plus evaluation noise.
         final_fit = _fit_ensemble(x, u, history_noise)
-        rng = np.random.default_rng(self.seed + len(costs))
+        rng = np.random.default_rng(self.seed + len(costs))  # seeded as the gain's: the same points, the same interval
         final_draws = final_fit.sample(rng, self.n_samples)
         final_mean = final_draws.value_at(x_final) if x_final is not None else final_draws.asymptote()
         final = np.clip(final_mean + final_fit.noise_points * rng.standard_normal(final_mean.shape), lo, hi)
@@ -952,10 +952,9 @@ def _fit_ensemble(
     sse_min = float(sse[k_best])
     scale_u = max(float(np.max(np.abs(u))), 1.0)
     if history_weight_evals is None or n_eff < _POOLED_MIN_EVALS:  # the history's scatter as a floor
-        noise_var, pooled = max(sse_min / dof, history_noise_points**2), 0.0
+        noise_var = max(sse_min / dof, history_noise_points**2)
     else:  # pooled, as that many more evaluations
-        pooled = float(history_weight_evals)
-        noise_var = (sse_min + pooled * history_noise_points**2) / (dof + pooled)
+        noise_var = (sse_min + history_weight_evals * history_noise_points**2) / (dof + history_weight_evals)
     noise_var = max(noise_var, (1e-6 * scale_u) ** 2)
     loglik = -0.5 * (sse - sse_min) / noise_var
     logpost = np.where(np.isfinite(loglik), loglik, -np.inf) + _LOG_FAMILY_PRIOR
