@@ -472,6 +472,23 @@ def test_replay_on_real_deberta_runs():
     assert healthy.lrs is not None and healthy.lrs[-1] == 0.0 and max(healthy.lrs) <= 6.69e-06
 
 
+def test_the_replay_checks_the_stated_gain_and_counts_dollars_saved():
+    """gain_checks pairs each gain the policy states with what the kept best then made by the end of the stated
+    increment (none past the run's end); dollars_saved_share weighs each run by its dollars."""
+    rc = _benchmark_module()
+    costs = 0.01 * np.arange(1, 41)
+    rising = rc.Run("r", "max", costs, 0.5 + 0.3 * (1 - np.exp(-costs / 0.1)), float(costs[-1]))
+    checks = rc.gain_checks(rising, {"usd_per_point": 1.0})
+    assert checks and all(0 < at < 1 and stated >= 0 for at, stated, _ in checks)
+    assert all(made > 0 for _, _, made in checks)  # a clean rise: every increment raises the best
+    flat = rc.Run("f", "max", costs, np.full(40, 0.8), float(costs[-1]))
+    assert all(made == 0 for _, _, made in rc.gain_checks(flat, {"usd_per_point": 1.0}))
+    cheap = rc.Run("c", "max", np.array([1.0, 2.0]), np.array([0.5, 0.6]))
+    dear = rc.Run("d", "max", np.array([10.0, 20.0]), np.array([0.5, 0.6]))
+    assert rc.dollars_saved_share([cheap, dear], [1, 0]) == pytest.approx(10.0 / 22.0)  # spent 2 + 10 of 22
+    assert rc.summarize([cheap, dear], [1, 0])["cost_saved_mean"] == pytest.approx(0.25)  # per run: 0 and 50%
+
+
 def test_benchmark_script_on_a_tiny_generic_file(tmp_path):
     cost_usd, _, noisy = _saturating(n=40, seed=9)
     runs = [
