@@ -455,8 +455,10 @@ def gain_checks(run: Run, policy_kwargs: dict) -> list[tuple[float, float, float
     out = []
     for i in range(len(run.metrics)):
         estimate = observe(policy, run, i).estimate
-        until = float(run.costs_usd[i]) + (estimate.increment_usd if estimate is not None else math.inf)
-        if estimate is None or until > total * (1.0 + 1e-9) or not math.isfinite(best[i]):
+        if estimate is None or not math.isfinite(best[i]):
+            continue
+        until = float(run.costs_usd[i]) + estimate.increment_usd
+        if until > total * (1.0 + 1e-9):
             continue
         j = int(np.searchsorted(run.costs_usd, until * (1.0 + 1e-9), side="right")) - 1
         out.append((float(run.costs_usd[i]) / total, estimate.gain_points, float(best[j] - best[i])))

@@ -109,9 +109,10 @@ _AT_CHANCE_WAIT_GROWTH = 2.0
 # more, and with it what the next evaluation may add to the best: on DeBERTa's tune half the stated gain was
 # 1.52x / 2.27x what the runs then made in the third / last quarter of a run, pooled 1.35x / 1.85x (no higher in
 # the second half of the runs on any replayed set; replay_curves.py prints it). Regret fell at 85 of the 89
-# (set, half, price) cells it changed. 2 had a lower regret than 4 at every price of that half; 0 (the window's
-# residuals alone) trusted fits through three or four points that happened to lie on a curve (NAS-Bench-NLP:
-# losses of 100+ points at $10/point).
+# (set, half, price) cells it changed. With pooling from the first evaluation, 2 had a lower regret than 4 at
+# every price of that half; 0 (the window's residuals alone) trusted fits through three or four points that
+# happened to lie on a curve (NAS-Bench-NLP at $10/point: runs stopped at their 4th-5th evaluation, one losing 127
+# points).
 _HISTORY_NOISE_EVALS = 2.0
 # A window of fewer evaluations than this cannot measure its own scatter (a curve through three or four points
 # may fit them by chance): there the whole run's scatter stays the floor. Pooled from the first evaluation, a
@@ -741,9 +742,11 @@ class MarginalGainPolicy:
         gain_points = float(gain_median[h])
         gain_upper = float(gain_upper_all[h])
         # The final metric: the curve at the planned end (or its asymptote) plus evaluation noise.
-        final_fit = _fit_ensemble(x, u, history_noise)
-        rng = np.random.default_rng(self.seed + len(costs))  # seeded as the gain's: the same points, the same interval
-        final_draws = final_fit.sample(rng, self.n_samples)
+        final_fit, final_draws = fit, draws  # a window too short to pool: the gain's fit had the floor already
+        if fit.pooled:
+            final_fit = _fit_ensemble(x, u, history_noise)
+            rng = np.random.default_rng(self.seed + len(costs))  # seeded as the gain's: the same interval either way
+            final_draws = final_fit.sample(rng, self.n_samples)
         final_mean = final_draws.value_at(x_final) if x_final is not None else final_draws.asymptote()
         final = np.clip(final_mean + final_fit.noise_points * rng.standard_normal(final_mean.shape), lo, hi)
         c = self.confidence
@@ -861,6 +864,7 @@ class _EnsembleFit:
     level_sd: float
     noise_points: float
     noise_dof: float
+    pooled: bool  # the noise pools the window's scatter with the history's (else the history's is a floor)
 
     def sample(self, rng: np.random.Generator, n: int) -> _Draws:
         comp = rng.choice(self.weights.size, size=n, p=self.weights)
@@ -951,10 +955,11 @@ def _fit_ensemble(
     dof = max(n_eff - 3.0, 1.0)
     sse_min = float(sse[k_best])
     scale_u = max(float(np.max(np.abs(u))), 1.0)
-    if history_weight_evals is None or n_eff < _POOLED_MIN_EVALS:  # the history's scatter as a floor
-        noise_var = max(sse_min / dof, history_noise_points**2)
-    else:  # pooled, as that many more evaluations
+    pooled = history_weight_evals is not None and n_eff >= _POOLED_MIN_EVALS
+    if pooled and history_weight_evals is not None:  # pooled, as that many more evaluations
         noise_var = (sse_min + history_weight_evals * history_noise_points**2) / (dof + history_weight_evals)
+    else:  # the history's scatter as a floor
+        noise_var = max(sse_min / dof, history_noise_points**2)
     noise_var = max(noise_var, (1e-6 * scale_u) ** 2)
     loglik = -0.5 * (sse - sse_min) / noise_var
     logpost = np.where(np.isfinite(loglik), loglik, -np.inf) + _LOG_FAMILY_PRIOR
@@ -972,4 +977,5 @@ def _fit_ensemble(
         # The draw's degrees of freedom: n - 2, chosen on the replay's tune half (rather than
         # n - 3, the variance estimate's own).
         noise_dof=max(n_eff - 2.0, 1.0),
+        pooled=pooled,
     )
