@@ -127,19 +127,23 @@ def test_a_run_below_its_curve_is_priced_lower_while_the_learning_rate_anneals(m
     costs = 0.01 * np.arange(1, n + 1)
     acc = 0.9 - 0.2 * np.exp(-costs / 0.1) + 0.001 * np.sin(7.0 * np.arange(n))
 
-    def gain(shift: float, anneals: bool) -> float:
+    def estimate(shift: float, anneals: bool):
         policy = MarginalGainPolicy(usd_per_point=1.0, planned_cost_usd=0.8, anneals=anneals, prior=None)
         metrics = acc.copy()
         metrics[-3:] += shift  # 0.3 points off a curve scattering 0.1
         lrs = np.linspace(1e-3, 5e-4, n) if anneals else np.full(n, 1e-3)
         for c, m, lr in zip(costs, metrics, lrs):
             decision = policy.observe(float(c), float(m), lr=float(lr))
-        return decision.estimate.gain_points_upper
+        return decision.estimate
 
-    below, above, flat = gain(-0.003, True), gain(+0.003, True), gain(-0.003, False)
+    below, above, flat = estimate(-0.003, True), estimate(+0.003, True), estimate(-0.003, False)
     monkeypatch.setattr(curves, "_RESIDUAL_CARRY", 0.0)
-    assert below < 0.5 * gain(-0.003, True) and above > 1.2 * gain(+0.003, True)
-    assert flat == gain(-0.003, False)
+    below_curve, above_curve = estimate(-0.003, True), estimate(+0.003, True)
+    assert below.gain_points_upper < 0.5 * below_curve.gain_points_upper
+    assert above.gain_points_upper > 1.2 * above_curve.gain_points_upper
+    # The stated final metric carries it too: one curve behind both figures.
+    assert below.predicted_final < below_curve.predicted_final and above.predicted_final > above_curve.predicted_final
+    assert flat == estimate(-0.003, False)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

@@ -224,10 +224,10 @@ class MarginalGainPolicy:
     best must first climb back): the scatter about the curve where it is fitted, steadied by
     the whole run's (early evaluations at a high learning rate scatter more). A run that has sat
     above or below its fitted curve for its last three evaluations is expected to stay there in part
-    (half of it, within two noise SDs), unless it trains at a constant learning rate, where a dip
-    mean-reverts. It looks at the next increment and at doubling horizons up to the planned end
-    (or, without a plan, up to the cost spent so far again), since learning-rate annealing and
-    recoveries from a dip pay off over several evaluations.
+    (half of it, within two noise SDs; the stated final metric too), unless it trains at a constant
+    learning rate, where a dip mean-reverts. It looks at the next increment and at doubling
+    horizons up to the planned end (or, without a plan, up to the cost spent so far again), since
+    learning-rate annealing and recoveries from a dip pay off over several evaluations.
     With ``confidence`` c, it stops when, for every horizon, the c-quantile of that gain
     (over the fit's uncertainty) is worth less than the horizon costs::
 
@@ -781,6 +781,7 @@ class MarginalGainPolicy:
             rng = np.random.default_rng(self.seed + len(costs))  # seeded as the gain's: the same interval either way
             final_draws = final_fit.sample(rng, self.n_samples)
         final_mean = final_draws.value_at(x_final) if x_final is not None else final_draws.asymptote()
+        final_mean = final_mean + self._carried_deviation(x, u, final_draws, final_fit.noise_points)  # as the gain's
         final = np.clip(final_mean + final_fit.noise_points * rng.standard_normal(final_mean.shape), lo, hi)
         c = self.confidence
         final_low, final_points, final_high = np.quantile(final, [(1.0 - c) / 2.0, 0.5, (1.0 + c) / 2.0])
