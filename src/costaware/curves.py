@@ -765,8 +765,8 @@ class MarginalGainPolicy:
         # Expected improvement of the kept (best) value, over evaluation noise, per draw.
         x_h = 1.0 + horizons_usd / cost_now
         lo, hi = self._range_points()
-        means = draws.value_at(x_h) + self._carried_deviation(x, u, draws, fit.noise_points)
-        means = np.clip(means, lo, hi)  # (horizons, samples); a bounded metric stays in its range
+        carried = self._carried_deviation(x, u, draws, fit.noise_points)
+        means = np.clip(draws.value_at(x_h) + carried, lo, hi)  # (horizons, samples); a bounded metric stays in range
         gains = _expected_improvement(means, fit.noise_points, best)
         gain_median = np.median(gains, axis=1)
         gain_upper_all = np.quantile(gains, self.confidence, axis=1)
@@ -775,13 +775,15 @@ class MarginalGainPolicy:
         gain_points = float(gain_median[h])
         gain_upper = float(gain_upper_all[h])
         # The final metric: the curve at the planned end (or its asymptote) plus evaluation noise.
-        final_fit, final_draws = fit, draws  # a window too short to pool: the gain's fit had the floor already
+        # A window too short to pool: the gain's fit had the floor already, and its draws carry the same deviation.
+        final_fit, final_draws, final_carried = fit, draws, carried
         if fit.pooled:
             final_fit = _fit_ensemble(x, u, history_noise)
             rng = np.random.default_rng(self.seed + len(costs))  # seeded as the gain's: the same interval either way
             final_draws = final_fit.sample(rng, self.n_samples)
+            final_carried = self._carried_deviation(x, u, final_draws, final_fit.noise_points)
         final_mean = final_draws.value_at(x_final) if x_final is not None else final_draws.asymptote()
-        final_mean = final_mean + self._carried_deviation(x, u, final_draws, final_fit.noise_points)  # as the gain's
+        final_mean = final_mean + final_carried  # one curve behind the gain and the final metric
         final = np.clip(final_mean + final_fit.noise_points * rng.standard_normal(final_mean.shape), lo, hi)
         c = self.confidence
         final_low, final_points, final_high = np.quantile(final, [(1.0 - c) / 2.0, 0.5, (1.0 + c) / 2.0])
