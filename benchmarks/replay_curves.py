@@ -245,7 +245,21 @@ def policy_for(run: Run, policy_kwargs: dict, planned_cost_usd: float | None) ->
     if run.baseline is not None:
         kwargs.setdefault("baseline", run.baseline)
     kwargs.setdefault("anneals", run.anneals)
+    if planned_cost_usd is not None:
+        kwargs.setdefault("lr_schedule", lr_schedule_of(run, planned_cost_usd))
     return MarginalGainPolicy(**kwargs)
+
+
+def lr_schedule_of(run: Run, planned_cost_usd: float) -> list[tuple[float, float]] | None:
+    """The run's learning rates as the schedule the callback reads off the Trainer's scheduler: (fraction of the
+    plan, lr) at every evaluation (schedules are functions of the step, known ahead); ``None`` without rates."""
+    if run.lrs is None or planned_cost_usd <= 0:
+        return None
+    pairs: list[tuple[float, float]] = []
+    for cost, lr in zip(run.costs_usd, run.lrs):
+        if not pairs or cost / planned_cost_usd > pairs[-1][0]:
+            pairs.append((float(cost / planned_cost_usd), float(lr)))
+    return pairs if len(pairs) >= 2 else None
 
 
 def observe(policy: MarginalGainPolicy, run: Run, i: int) -> Decision:

@@ -164,6 +164,28 @@ def test_the_annealing_wait_follows_the_lr_scheduler(pl_ns, tmp_path, clock):
     assert stopping.policy.anneals is False and stopping.stopped_step == stops[False]
 
 
+def test_the_schedule_ahead_is_read_off_the_scheduler_once_and_leaves_training_alone(pl_ns, tmp_path, clock):
+    model = _curve_model(pl_ns.BoringModel, clock, _saturating)
+
+    def linear_decay(model=model):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / 300)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
+
+    model.configure_optimizers = linear_decay
+    stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=0.01)
+    trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, clock), stopping], logger=False)
+    trainer.fit(model)
+    decisions = [e for e in read_ledger(stopping.meter.ledger.path).events if e["name"] == "marginal_gain_decision"]
+    schedule = decisions[0]["lr_schedule"]  # read at the first validation (step 5), kept by the policy
+    assert [d["lr_schedule"] for d in decisions[1:]] == [None] * (len(decisions) - 1)
+    assert schedule[0][0] == pytest.approx(5 / 300) and schedule[-1][0] == pytest.approx(1.0)
+    assert all(lr == pytest.approx(0.1 * (1.0 - f), abs=1e-9) for f, lr in schedule)
+    assert stopping.policy.lr_schedule is not None
+    # The real scheduler went on as if never read: the rate at each validation is the schedule's.
+    assert [d["lr"] for d in decisions] == pytest.approx([0.1 * (1.0 - d["step"] / 300) for d in decisions])
+
+
 def test_still_improving_run_is_not_stopped(ns, tmp_path, clock):
     # 0.2 points a step = 200 points a dollar, worth $2 at $0.01/point: always worth it.
     stopping = ns.costaware.MarginalGainStopping(monitor="val_acc", min_gain_per_usd=100.0)

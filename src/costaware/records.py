@@ -391,8 +391,9 @@ class MarginalGainDecisionEvent(Event):
         gain in points over the next ``increment_usd`` dollars; gain_per_usd: points per dollar;
         predicted_final: the fitted final value, with its stated interval ``predicted_final_low`` ..
         ``predicted_final_high``; usd_to_predicted_final: dollars more to reach it; lr: the
-        learning rate at this evaluation; curve: the fitted curve, in words; curve_points:
-        ``{"usd": [...], "value": [...]}``.
+        learning rate at this evaluation; lr_schedule: the rates the scheduler sets from here to the
+        planned end, ``[[fraction of the planned cost, lr], ...]``, on the decision that first used
+        them; curve: the fitted curve, in words; curve_points: ``{"usd": [...], "value": [...]}``.
     """
 
     NAME: ClassVar[str] = "marginal_gain_decision"
@@ -415,6 +416,7 @@ class MarginalGainDecisionEvent(Event):
     predicted_final_high: Optional[float] = None
     usd_to_predicted_final: Optional[float] = None
     lr: Optional[float] = None
+    lr_schedule: Optional[list] = None
     curve: Optional[str] = None
     curve_points: Optional[dict] = None
 

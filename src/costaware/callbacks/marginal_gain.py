@@ -14,6 +14,7 @@ from costaware._lightning import CALLBACK_BASES
 from costaware.callbacks.budget_cap import BudgetCap
 from costaware.callbacks.metering import check_priced, find_meter, make_own_meter
 from costaware.curves import Decision, MarginalGainPolicy
+from costaware.lr_schedule import probe_schedule
 from costaware.meter import CostMeter, log_at_lightning_step
 from costaware.records import (
     MarginalGainDecisionEvent,
@@ -75,6 +76,11 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
     (``anneal_fraction``, ``anneal_points``) when the fit has a learning-rate scheduler (at a
     constant learning rate there is no annealing to wait for); give
     ``policy_kwargs={"planned_cost_usd": ..., "anneals": ...}`` to set either yourself.
+    At its first validation of a fit it reads the learning rates the Trainer's scheduler will set
+    until the planned end off a copy of the scheduler (the real one is not touched; not for
+    ``ReduceLROnPlateau``, which follows the metric): the policy then prices the gain on a curve fitted
+    against the area under the learning rate, so the end of a schedule that anneals to zero is not
+    priced as if the run still learned at its peak rate (``policy_kwargs={"lr_schedule": ...}`` to give it yourself).
     Give ``policy_kwargs={"baseline": ...}``, the metric of a model that learned nothing (the
     majority class's share of the validation set, for accuracy), and a run stuck at that level
     (diverged before its first validation) stops after a short, priced wait instead of sampling
@@ -92,6 +98,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
     Each decision, with its reason and the policy's figures, is written to the run's ledger as a
     ``marginal_gain_decision`` event (``stop``, ``reason``, ``monitor``, ``value``,
     ``usd``, ``step``, ``lr`` (the first optimizer's learning rate, which the policy uses too),
+    ``lr_schedule`` (on the decision that first used the schedule read off the scheduler),
     ``gain_points``, ``gain_points_upper``, ``increment_usd``, ``gain_per_usd``,
     ``predicted_final`` with ``predicted_final_low`` and ``predicted_final_high`` (its
     ``confidence`` interval), ``usd_to_predicted_final``, ``curve``, and
@@ -190,6 +197,8 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
         self.policy_kwargs = dict(policy_kwargs or {})
         self._user_plan = self.policy_kwargs.get("planned_cost_usd") is not None
         self._user_anneals = "anneals" in self.policy_kwargs
+        self._user_schedule = self.policy_kwargs.get("lr_schedule") is not None
+        self._schedule_read = False  # the scheduler's rates ahead read in this fit (see _lr_schedule)
         self._begun = False  # the policy recorded in this fit's ledger (see _begin)
         for key in ("mode", "usd_per_point", "min_gain_per_usd", "confidence", "min_points", "points_per_unit",
                     "prior"):
@@ -265,6 +274,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
         self.decisions = []
         self.results = []
         self._begun = False
+        self._schedule_read = False
         if not internals.restores_after_fit_start(trainer):
             self._begin(trainer)
 
@@ -352,8 +362,9 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
             if callable(hook):
                 hook(context, value)
         lr = _learning_rate(trainer)
+        schedule = self._lr_schedule(trainer)
         decision = self.policy.observe(totals.usd, value, planned_cost_usd=self._planned_cost_usd(trainer, totals.usd),
-                                       anneals=self._anneals(trainer), lr=lr)
+                                       anneals=self._anneals(trainer), lr=lr, lr_schedule=schedule)
         self.decisions.append(decision)
         stop = bool(trainer.strategy.reduce_boolean_decision(decision.stop, all=False))
         if totals.usd <= 0 and self.policy.num_points >= self.min_points and not self._warned_free:
@@ -364,7 +375,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
         reason = decision.reason
         if stop and not decision.stop:
             reason = f"another rank decided to stop (here: {decision.reason})"
-        self._record(trainer, decision, stop, reason, value, totals, lr)
+        self._record(trainer, decision, stop, reason, value, totals, lr, schedule)
         if stop:
             trainer.should_stop = True  # (again, if min_steps/min_epochs made Lightning go on)
         if stop and self.stopped_step is None:
@@ -384,6 +395,18 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
         Any scheduler counts (a warmup-only one too: the wait stays bounded by ``anneal_points``).
         """
         return self.policy.anneals if self._user_anneals else bool(trainer.lr_scheduler_configs)
+
+    def _lr_schedule(self, trainer: Any) -> Optional[list]:
+        """The rates the scheduler sets from now to the planned end, read once a fit (also after a resume: the
+        policy keeps the rates it saw); ``None`` after that, when the user gave a schedule, or when unknowable."""
+        if self._user_schedule or self._schedule_read:
+            return None
+        self._schedule_read = True
+        try:
+            planned_steps = float(trainer.estimated_stepping_batches)
+        except Exception:  # noqa: BLE001 - an unsized data loader: no plan, no schedule ahead
+            return None
+        return probe_schedule(trainer, planned_steps)
 
     def _planned_cost_usd(self, trainer: Any, spent_usd: float) -> Optional[float]:
         """The run's planned cost: dollars per optimizer step so far times the planned steps.
@@ -461,7 +484,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
                            usd_per_point=self.usd_per_point, points_per_unit=self.policy.points_per_unit)
 
     def _record(self, trainer: Any, decision: Decision, stop: bool, reason: str, value: float, totals: Any,
-                lr: Optional[float] = None) -> None:
+                lr: Optional[float] = None, lr_schedule: Optional[list] = None) -> None:
         """The decision into the ledger, and its estimate to the loggers and callback metrics."""
         est = decision.estimate
         figures: dict[str, Any] = {
@@ -475,7 +498,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
         ledger = self.meter.ledger
         ledger.record(MarginalGainDecisionEvent(  # its totals: those the decision used, not the last sample's
             stop=stop, reason=reason, monitor=self.monitor, value=value, usd=totals.usd, step=trainer.global_step,
-            lr=lr,
+            lr=lr, lr_schedule=None if lr_schedule is None else [list(pair) for pair in lr_schedule],
             points=self.policy.num_points, usd_per_point=self.usd_per_point, totals=RecordedTotals.of(totals),
             **figures))
         if est is None:
