@@ -165,10 +165,11 @@ class GainEstimate:
         interval_from: Where that interval comes from: ``"the curve fit"`` (curve
             uncertainty plus evaluation noise) or the prior's past runs at this stage.
         usd_to_predicted_final: Dollars from now to the planned end, or ``None`` without a plan.
-        curve: Curve families in the ensemble with their posterior weights.
+        curve: Curve families in the ensemble that priced the gain, with their posterior weights.
         curve_usd: Costs (dollars) at which the fitted curve is sampled, from the start of
             the fit window to the farthest horizon judged (or the planned end), for plots.
-        curve_metric: The ensemble's mean metric at those costs, in the metric's own units.
+        curve_metric: The mean metric at those costs of the fit behind the predicted final (against
+            dollars), in the metric's own units.
     """
 
     gain_points: float
@@ -819,9 +820,10 @@ class MarginalGainPolicy:
         final = np.clip(final_mean + final_fit.noise_points * rng.standard_normal(final_mean.shape), lo, hi)
         c = self.confidence
         final_low, final_points, final_high = np.quantile(final, [(1.0 - c) / 2.0, 0.5, (1.0 + c) / 2.0])
-        # The fitted curve, for plots: the ensemble mean from the fit window to the horizon.
+        # The fitted curve, for plots: the ensemble mean from the fit window to the horizon, the fit behind the
+        # predicted final (against dollars), so that the plotted curve ends where the stated final metric is.
         curve_usd = np.linspace(float(costs[max(start, 0)]), cost_now + float(horizons_usd[-1]), _CURVE_POINTS)
-        curve_points = np.clip(draws.value_at(axis(curve_usd)), lo, hi).mean(axis=1)
+        curve_points = np.clip(final_draws.value_at(curve_usd / cost_now), lo, hi).mean(axis=1)
         ends = sorted((self._to_metric(float(final_low)), self._to_metric(float(final_high))), key=self._key)
         return GainEstimate(
             predicted_final_low=ends[0],
