@@ -402,11 +402,8 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
         if self._user_schedule or self._schedule_read:
             return None
         self._schedule_read = True
-        try:
-            planned_steps = float(trainer.estimated_stepping_batches)
-        except Exception:  # noqa: BLE001 - an unsized data loader: no plan, no schedule ahead
-            return None
-        return probe_schedule(trainer, planned_steps)
+        planned_steps = _planned_steps(trainer)
+        return None if planned_steps is None else probe_schedule(trainer, planned_steps)
 
     def _planned_cost_usd(self, trainer: Any, spent_usd: float) -> Optional[float]:
         """The run's planned cost: dollars per optimizer step so far times the planned steps.
@@ -416,11 +413,8 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
         """
         if self._user_plan or spent_usd <= 0 or trainer.global_step <= 0:
             return None
-        try:
-            planned_steps = float(trainer.estimated_stepping_batches)
-        except Exception:  # noqa: BLE001 - an unsized data loader: no plan, judged without one
-            return None
-        if not math.isfinite(planned_steps) or planned_steps <= trainer.global_step:
+        planned_steps = _planned_steps(trainer)
+        if planned_steps is None or planned_steps <= trainer.global_step:
             return None
         return spent_usd * planned_steps / trainer.global_step
 
@@ -526,6 +520,15 @@ def _strategies(then: Any) -> list:
             raise ValueError(f"then must hold costaware.strategies.StopStrategy objects (EarlyStop, Distill, "
                              f"Quantize), got {item!r}")
     return items
+
+
+def _planned_steps(trainer: Any) -> Optional[float]:
+    """The optimizer steps the Trainer plans, or None when it plans no end (``max_steps=-1``, ``max_epochs=-1``)."""
+    try:
+        planned_steps = float(trainer.estimated_stepping_batches)
+    except Exception:  # noqa: BLE001 - an unsized data loader: no plan, judged without one
+        return None
+    return planned_steps if math.isfinite(planned_steps) else None
 
 
 def _learning_rate(trainer: Any) -> Optional[float]:
