@@ -816,7 +816,9 @@ def main(argv: list[str] | None = None) -> int:
     usd_per_example = USD_PER_GPU_HOUR / 3600.0 / DEBERTA_EXAMPLES_PER_GPU_SECOND
     header = [
         "Replay of recorded learning curves through costaware.curves.MarginalGainPolicy (default settings,",
-        "with the shipped curve prior; price per point varied). Points: metric x 100. Halves fixed by",
+        "with the shipped curve prior; price per point varied). Points: metric x 100. A run with a plan and a",
+        "learning rate at every point gets its recorded rates as the schedule ahead (what MarginalGainStopping",
+        "reads off the Trainer's scheduler). Halves fixed by",
     ]
     if args.generic:
         target = ("EarlyStopping(patience=10)'s mean loss on tune (--from-scratch)" if args.from_scratch

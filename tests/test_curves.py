@@ -172,6 +172,21 @@ def test_collapse_is_detected():
     assert stop is None
 
 
+def test_collapse_is_judged_against_the_runs_own_scatter():
+    """A percentage logged with points_per_unit=100 scatters by 100+ points between evaluations: a dip of that
+    size three times in a row is its noise, not a collapse; its fall to chance still is one."""
+    rng = np.random.default_rng(0)
+    percent = 100 * (0.80 - 0.3 * np.exp(-np.arange(1, 21) / 4.0)) + rng.normal(0.0, 1.0, 20)
+    percent[14:17] = percent[:14].max() - 1.5  # 150 points below the best, three evaluations running
+    policy = MarginalGainPolicy(usd_per_point=100.0, planned_cost_usd=1.0)
+    _, decisions = _replay(policy, 0.01 * np.arange(1, 21), list(percent))
+    assert not any(d.reason.startswith("collapse") for d in decisions)
+    fallen = list(percent[:14]) + [33.0, 34.0, 33.5]
+    policy = MarginalGainPolicy(usd_per_point=100.0, planned_cost_usd=1.0)
+    stop, decisions = _replay(policy, 0.01 * np.arange(1, 18), fallen)
+    assert stop == 16 and decisions[-1].reason.startswith("collapse")
+
+
 def test_declining_run_stops_soon_after_min_points():
     cost_usd = 0.01 * np.arange(1, 40)
     acc = 0.82 - 0.004 * np.arange(39)  # overfitting / too high a learning rate

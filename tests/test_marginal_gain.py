@@ -490,3 +490,24 @@ def test_a_prior_fitted_on_the_ledger_of_a_real_fit(pl_ns, tmp_path, clock, caps
     assert main(["prior", "fit", str(ledger.parent), "-o", str(out)]) == 0
     assert "prior fitted on 1 of 1 runs" in capsys.readouterr().out
     assert pl_ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=1.0, prior=str(out)).policy.prior
+
+
+def test_an_accuracy_logged_as_a_percentage_is_pointed_out_once(ns, tmp_path, clock):
+    """With points_per_unit=100, a val_acc of 63.2 is 6,320 points: the price set per percentage point would be 100x
+    off. The callback says so, once, and names the fix; a percentage watched with points_per_unit=1 is quiet."""
+    import warnings
+
+    def percent(step):
+        return 100 * _saturating(step)
+
+    for points_per_unit, expected in ((100.0, 1), (1.0, 0)):
+        stopping = ns.costaware.MarginalGainStopping(monitor="val_acc", mode="max", usd_per_point=0.01,
+                                                     points_per_unit=points_per_unit)
+        trainer = _trainer(ns, tmp_path, [_monitor(ns, clock), stopping], max_steps=30)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(_curve_model(ns.BoringModel, clock, percent))
+        said = [str(w.message) for w in caught if "percentage" in str(w.message)]
+        assert len(said) == expected, said
+        if expected:
+            assert "val_acc=" in said[0] and "points_per_unit=1" in said[0]

@@ -81,6 +81,8 @@ _FAMILY_PRIOR = {"power": 0.4, "exp": 0.4, "loglogistic": 0.1, "weibull": 0.1}
 _NO_PLAN_HORIZON = 10.0
 # A collapse is this many consecutive evaluations far below the best (one is a glitch).
 _COLLAPSE_EVALS = 3
+# ... and more than this many noise SDs (of the evaluations before them) below it.
+_COLLAPSE_NOISE_SDS = 4.0
 # Without a planned cost, look ahead at most this fraction of the cost spent so far.
 _LOOKAHEAD_FRACTION = 1.0
 # Robust pass: points this many robust SDs *worse* than the fit are glitches.
@@ -241,7 +243,8 @@ class MarginalGainPolicy:
 
     A non-finite metric (NaN/inf: the run diverged) stops at once, even before
     ``min_points``; so does a collapse (three consecutive evaluations more than
-    ``collapse_points`` below the best; a single glitch is ignored, also by the fit).
+    ``collapse_points`` below the best, and more than four times the run's evaluation noise before them: a metric on
+    another scale scatters by more; a single glitch is ignored, also by the fit).
 
     A run whose best is still within ``start_fraction`` of its first evaluation
     (relative to that value) has not started learning, and a fit cannot tell that
@@ -525,11 +528,17 @@ class MarginalGainPolicy:
         k = _COLLAPSE_EVALS
         if self.collapse_points is not None and n >= k and np.all(finite[-k:]):
             drop = best - points[-k:]
-            if np.all(drop > self.collapse_points):
+            # Far below the best for this run: a metric on another scale (a percentage with points_per_unit=100)
+            # scatters by more than collapse_points from one evaluation to the next without collapsing.
+            before = finite.copy()
+            before[-k:] = False  # the scatter before the fall: the fall itself is not noise
+            noise_points = _local_noise_points(costs[before], points[before])
+            threshold = max(self.collapse_points, _COLLAPSE_NOISE_SDS * noise_points)
+            if np.all(drop > threshold):
                 return Decision(
                     True,
                     f"collapse: last {k} evaluations {drop.min():.2f}+ points below the best "
-                    f"(threshold {self.collapse_points:g})",
+                    f"(threshold {threshold:.4g})",
                     None,
                 )
         if n < self.min_points:

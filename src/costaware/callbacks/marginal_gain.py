@@ -226,6 +226,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
         self.results: list[ModelRow] = []  # the strategies' rows, after the fit
         self._seen_monitor = False
         self._warned_free = False
+        self._warned_percent = False
 
     # The policy holds the knobs (validated there); these read them, so no copy can drift.
 
@@ -330,6 +331,18 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
         if self._drives:
             self.own_meter.phase_start("validation")
 
+    def _warn_if_percent(self, value: float) -> None:
+        """Once: an accuracy logged as a percentage is 100x the points the price was set for."""
+        policy = self.policy
+        if (self._warned_percent or policy.mode != "max" or policy.points_per_unit != 100.0
+                or not 1.0 < value <= 100.0 or policy.metric_range != "auto"):
+            return
+        self._warned_percent = True
+        rank_zero_warn(f"costaware: MarginalGainStopping sees {self.monitor}={value:g}, above 1: with "
+                       "points_per_unit=100 a point is 0.01 of the metric, a percentage point of an accuracy in "
+                       "[0, 1]. If it is a percentage, pass points_per_unit=1 (and metric_range=(0, 100)) so that "
+                       "usd_per_point prices one percentage point.")
+
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict) -> None:
         if self._drives:
             self.own_meter.phase_start("checkpointing")
@@ -355,6 +368,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
             return  # logged at other validations: nothing to decide on this one
         self._seen_monitor = True
         value = float(metrics[self.monitor])
+        self._warn_if_percent(value)
         totals = self.meter.refresh(trainer, pl_module)  # a collective: every rank validates
         context = self._context(trainer, pl_module, totals_usd=totals.usd)
         for strategy in self.strategies:
