@@ -185,6 +185,12 @@ def test_collapse_is_judged_against_the_runs_own_scatter():
     policy = MarginalGainPolicy(usd_per_point=100.0, planned_cost_usd=1.0)
     stop, decisions = _replay(policy, 0.01 * np.arange(1, 18), fallen)
     assert stop == 16 and decisions[-1].reason.startswith("collapse")
+    # A noisy SSL probe (ssl-123 of benchmarks/curves/digits.jsonl): 25 points down for three evaluations, then it
+    # went on to 0.84. Its scatter before the dip was as large: it was stopped here, 8.4 points short.
+    ssl = [0.206, 0.082, 0.420, 0.412, 0.276, 0.362, 0.655, 0.737, 0.764, 0.670, 0.673, 0.719, 0.491, 0.451, 0.509]
+    policy = MarginalGainPolicy(usd_per_point=10.0, planned_cost_usd=0.4)
+    _, decisions = _replay(policy, 0.01 * np.arange(1, 16), ssl)
+    assert not any(d.reason.startswith("collapse") for d in decisions)
 
 
 def test_declining_run_stops_soon_after_min_points():

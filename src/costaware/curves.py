@@ -243,8 +243,8 @@ class MarginalGainPolicy:
 
     A non-finite metric (NaN/inf: the run diverged) stops at once, even before
     ``min_points``; so does a collapse (three consecutive evaluations more than
-    ``collapse_points`` below the best, and more than four times the run's evaluation noise before them: a metric on
-    another scale scatters by more; a single glitch is ignored, also by the fit).
+    ``collapse_points`` below the best, and more than four times the run's evaluation noise before them: a noisy
+    run, or a metric on another scale, dips by more; a single glitch is ignored, also by the fit).
 
     A run whose best is still within ``start_fraction`` of its first evaluation
     (relative to that value) has not started learning, and a fit cannot tell that
@@ -528,8 +528,8 @@ class MarginalGainPolicy:
         k = _COLLAPSE_EVALS
         if self.collapse_points is not None and n >= k and np.all(finite[-k:]):
             drop = best - points[-k:]
-            # Far below the best for this run: a metric on another scale (a percentage with points_per_unit=100)
-            # scatters by more than collapse_points from one evaluation to the next without collapsing.
+            # Far below the best for this run: a noisy run (an SSL probe early on) or a metric on another scale (a
+            # percentage with points_per_unit=100) dips by more than collapse_points without collapsing.
             before = finite.copy()
             before[-k:] = False  # the scatter before the fall: the fall itself is not noise
             noise_points = _local_noise_points(costs[before], points[before])
