@@ -3,6 +3,7 @@
 import csv
 import math
 import random
+import warnings
 
 import pytest
 import torch
@@ -495,8 +496,6 @@ def test_a_prior_fitted_on_the_ledger_of_a_real_fit(pl_ns, tmp_path, clock, caps
 def test_an_accuracy_logged_as_a_percentage_is_pointed_out_once(ns, tmp_path, clock):
     """With points_per_unit=100, a val_acc of 63.2 is 6,320 points: the price set per percentage point would be 100x
     off. The callback says so, once, and names the fix; a percentage watched with points_per_unit=1 is quiet."""
-    import warnings
-
     def percent(step):
         return 100 * _saturating(step)
 

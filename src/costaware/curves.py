@@ -812,12 +812,14 @@ class MarginalGainPolicy:
             final_carried = self._carried_deviation(x_cost, u, final_draws, final_fit.noise_points)
         x_final = 1.0 + remaining_usd / cost_now if remaining_usd is not None else None
         # Expected improvement of the kept (best) value, over evaluation noise, per draw.
-        x_h = axis(cost_now + horizons_usd)
-        means = np.clip(draws.value_at(x_h) + carried, lo, hi)  # (horizons, samples); a bounded metric stays in range
-        gains = _expected_improvement(means, fit.noise_points, best)
-        if area is not None and x_final is not None:  # the last horizon is the planned end
-            end_means = np.clip(final_draws.value_at(x_final) + final_carried, lo, hi)
-            gains[-1] = _expected_improvement(end_means, fit.noise_points, best)  # the same evaluation noise
+        # With the area as the axis, the last horizon (the planned end) is priced on the curve against dollars.
+        end_on_cost = area is not None and x_final is not None
+        x_h = axis(cost_now + (horizons_usd[:-1] if end_on_cost else horizons_usd))
+        means = draws.value_at(x_h) + carried  # (horizons, samples)
+        if end_on_cost:
+            means = np.vstack([means, final_draws.value_at(np.array([x_final])) + final_carried])
+        means = np.clip(means, lo, hi)  # a bounded metric stays in range
+        gains = _expected_improvement(means, fit.noise_points, best)  # the same evaluation noise at every horizon
         gain_median = np.median(gains, axis=1)
         gain_upper_all = np.quantile(gains, self.confidence, axis=1)
         h = int(np.argmax(gain_upper_all / horizons_usd))
