@@ -172,6 +172,25 @@ def test_collapse_is_detected():
     assert stop is None
 
 
+def test_a_fall_back_to_chance_is_a_collapse_after_two_evaluations():
+    """With a baseline, two evaluations back at chance are enough (a diverged classifier); one is not, nor are two
+    that fell far but stayed above chance."""
+    cost_usd = 0.01 * np.arange(1, 9)
+    stop, decisions = _replay(MarginalGainPolicy(usd_per_point=100.0, baseline=0.33), cost_usd,
+                              [0.70, 0.75, 0.78, 0.80, 0.34, 0.33, 0.35, 0.33])
+    assert stop == 5 and "back at chance" in decisions[-1].reason
+    stop, _ = _replay(MarginalGainPolicy(usd_per_point=100.0, baseline=0.33), cost_usd,
+                      [0.70, 0.75, 0.78, 0.80, 0.34, 0.79, 0.81, 0.82])
+    assert stop is None
+    stop, decisions = _replay(MarginalGainPolicy(usd_per_point=100.0, baseline=0.33), cost_usd,
+                              [0.70, 0.75, 0.78, 0.80, 0.45, 0.44, 0.45, 0.44])
+    assert stop == 6 and "back at chance" not in decisions[-1].reason  # 35 points down, three times: the old rule
+    # A run that never got collapse_points above its baseline is judged by the fit, not as fallen.
+    stop, decisions = _replay(MarginalGainPolicy(usd_per_point=100.0, baseline=0.33), cost_usd,
+                              [0.40, 0.45, 0.48, 0.50, 0.34, 0.33, 0.34, 0.33])
+    assert not any("back at chance" in d.reason for d in decisions)
+
+
 def test_collapse_is_judged_against_the_runs_own_scatter():
     """A percentage logged with points_per_unit=100 scatters by 100+ points between evaluations: a dip of that
     size three times in a row is its noise, not a collapse; its fall to chance still is one."""
@@ -501,7 +520,7 @@ def test_replay_on_real_deberta_runs():
     healthy, collapsed = by_id["deberta-1"], by_id["deberta-2"]
     assert healthy.planned_cost_usd == pytest.approx(healthy.costs_usd[-1])
     i, reason = rc.policy_stop_index(collapsed, {"usd_per_point": 1.0})
-    assert i <= 3, reason
+    assert i == 2 and "back at chance" in reason, reason  # 72.5, then 35.4 and 31.8: two at chance
     for run in (healthy, by_id["deberta-3"], by_id["deberta-5"]):
         i, _ = rc.policy_stop_index(run, {"usd_per_point": 1.0})
         lost, saved = rc.score(run, i)
