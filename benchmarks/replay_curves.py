@@ -16,7 +16,9 @@ Each run's (cumulative cost, validation metric) points are fed one at a time to
 Baselines: Lightning-style ``EarlyStopping(patience=p, min_delta=0)`` (stop after ``p``
 evaluations without improvement), an oracle that may lose X points per run (stops at
 the earliest evaluation within X of the run's best), and one that may lose 0.3 points on
-average over a half's runs, put where they save most (the bound for the loss target).
+average over a half's runs, put where they save most (the bound for the loss target), and the
+one the regret is measured against at the operating price (each run stopped where its regret is
+least: what pricing points exactly would do with foresight).
 
 Every data set is split in two fixed halves by a hash of the run id: the policy's
 defaults and its operating price are chosen on the ``tune`` half; figures on the
@@ -300,6 +302,13 @@ def oracle_stop_index(run: Run, allowed_points: float) -> int:
     return int(np.argmax(np.nan_to_num(p, nan=-np.inf) >= best - allowed_points - 1e-9))
 
 
+def priced_oracle_stop_index(run: Run, usd_per_point: float) -> int:
+    """The stop with the least regret at ``usd_per_point`` (points lost priced, plus dollars spent), with
+    foresight: what the policy's regret is measured against, and what a policy that prices points exactly so would
+    do if it knew each run's future."""
+    return int(np.argmin(usd_per_point * points_lost_at(run) + run.costs_usd))
+
+
 def mean_loss_oracle_stop_indices(runs: list[Run], mean_points: float) -> list[int]:
     """Stopping points, chosen with the whole runs in view, that save the most cost on average while losing at
     most ``mean_points`` on average: about the most any rule can save under a mean-loss target (the Lagrange
@@ -350,7 +359,7 @@ def score(run: Run, index: int) -> tuple[float, float]:
 def excess_regret_usd(run: Run, index: int, usd_per_point: float) -> float:
     """Value lost against the best stopping point of this run, in dollars."""
     total = usd_per_point * points_lost_at(run) + run.costs_usd
-    return float(total[index] - total.min())
+    return float(total[index] - total[priced_oracle_stop_index(run, usd_per_point)])
 
 
 # ---------------------------------------------------------------------- replay
@@ -584,6 +593,8 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
             rows[f"oracle(allowed {x} points/run)"] = summarize(rs, [oracle_stop_index(r, x) for r in rs])
         rows[f"oracle(mean loss <= {TARGET_LOSS_POINTS:g} points)"] = summarize(
             rs, mean_loss_oracle_stop_indices(rs, TARGET_LOSS_POINTS))
+        rows[f"oracle(least regret, ${op_price:g}/pt)"] = summarize(
+            rs, [priced_oracle_stop_index(r, op_price) for r in rs])
         pol = policy_on(h, op_price)
         rows[f"MarginalGainPolicy(${op_price:g}/point)"] = summarize(rs, [i for i, _ in pol])
         if any(r.lrs is not None for r in rs):  # what reading the learning rate is worth: the same runs without

@@ -499,6 +499,16 @@ def test_the_mean_loss_oracle_puts_the_allowed_loss_where_it_saves_most():
     assert rc.mean_loss_oracle_stop_indices([rising, flat], 0.1) == [1, 0]
 
 
+def test_the_priced_oracle_stops_where_the_regret_is_least():
+    """The stop the regret is measured against: 0.6 points for $1 more are worth it at $2/point, not at $1."""
+    rc = _benchmark_module()
+    rising = rc.Run("a", "max", np.arange(1.0, 11.0), np.r_[0.800, np.full(9, 0.806)])
+    assert rc.priced_oracle_stop_index(rising, 2.0) == 1
+    assert rc.priced_oracle_stop_index(rising, 1.0) == 0
+    assert rc.excess_regret_usd(rising, 0, 1.0) == 0.0
+    assert rc.excess_regret_usd(rising, 9, 1.0) == pytest.approx(10.0 - 1.6)
+
+
 def test_the_replay_tells_which_side_of_the_interval_a_final_metric_missed_on():
     rc = _benchmark_module()
     acc = rc.run_from_generic({"id": "a", "mode": "max", "points": [[1.0, 0.5], [2.0, 0.8]]})
