@@ -533,25 +533,9 @@ class MarginalGainPolicy:
         points = self._sign * self.points_per_unit * np.asarray(self._metrics, dtype=float)
         finite = np.isfinite(points)
         best = float(np.max(points[finite]))
-        fell = self._fell_to_chance(points, finite, best)
-        if fell is not None:
-            return Decision(True, fell, None)
-        k = _COLLAPSE_EVALS
-        if self.collapse_points is not None and n >= k and np.all(finite[-k:]):
-            drop = best - points[-k:]
-            # Far below the best for this run: a noisy run (an SSL probe early on) or a metric on another scale (a
-            # percentage with points_per_unit=100) dips by more than collapse_points without collapsing.
-            before = finite.copy()
-            before[-k:] = False  # the scatter before the fall: the fall itself is not noise
-            noise_points = _local_noise_points(costs[before], points[before])
-            threshold = max(self.collapse_points, _COLLAPSE_NOISE_SDS * noise_points)
-            if np.all(drop > threshold):
-                return Decision(
-                    True,
-                    f"collapse: last {k} evaluations {drop.min():.2f}+ points below the best "
-                    f"(threshold {threshold:.4g})",
-                    None,
-                )
+        collapsed = self._collapse(costs, points, finite, best)
+        if collapsed is not None:
+            return Decision(True, collapsed, None)
         if n < self.min_points:
             return Decision(False, f"{n} of {self.min_points} evaluations needed before deciding", None)
         costs, points = costs[finite], points[finite]
@@ -631,21 +615,31 @@ class MarginalGainPolicy:
             return Decision(True, f"not worth it: {figures}", estimate)
         return Decision(False, f"worth it: {figures}", estimate)
 
-    def _fell_to_chance(self, points: np.ndarray, finite: np.ndarray, best: float) -> str | None:
-        """Why the run collapsed, when it learned (``collapse_points`` above the baseline) and its last two
-        evaluations are back at chance: a diverged model predicting one class, sooner than three far below the best.
-        """
+    def _collapse(self, costs: np.ndarray, points: np.ndarray, finite: np.ndarray, best: float) -> str | None:
+        """Why the run collapsed, or None: its last three evaluations far below the best, or (with a baseline) its
+        last two back at chance after it learned (a diverged model predicting one class)."""
+        if self.collapse_points is None:
+            return None
         m = _CHANCE_EVALS
-        if self.baseline is None or self.collapse_points is None or len(points) < m or not np.all(finite[-m:]):
+        if self.baseline is not None and len(points) >= m and np.all(finite[-m:]):
+            base = self._sign * self.points_per_unit * self.baseline
+            if best - base >= self.collapse_points and np.all(points[-m:] <= base + _AT_CHANCE_SHARE * (best - base)):
+                return (f"collapse: last {m} evaluations back at chance (within {_AT_CHANCE_SHARE:.0%} of the way "
+                        f"from the baseline {self.baseline:g} to the best {self._to_metric(best):.4g})")
+        k = _COLLAPSE_EVALS
+        if len(points) < k or not np.all(finite[-k:]):
             return None
-        base = self._sign * self.points_per_unit * self.baseline
-        if best - base < self.collapse_points:
+        drop = best - points[-k:]
+        if np.any(drop <= self.collapse_points):
             return None
-        ceiling = base + _AT_CHANCE_SHARE * (best - base)
-        if np.any(points[-m:] > ceiling):
+        # Far below the best for this run: a noisy run (an SSL probe early on) or a metric on another scale (a
+        # percentage with points_per_unit=100) dips by more than collapse_points without collapsing.
+        before = finite.copy()
+        before[-k:] = False  # the scatter before the fall: the fall itself is not noise
+        threshold = max(self.collapse_points, _COLLAPSE_NOISE_SDS * _local_noise_points(costs[before], points[before]))
+        if np.any(drop <= threshold):
             return None
-        return (f"collapse: last {m} evaluations back at chance (within {_AT_CHANCE_SHARE:.0%} of the way from the "
-                f"baseline {self.baseline:g} to the best {self._to_metric(best):.4g})")
+        return f"collapse: last {k} evaluations {drop.min():.2f}+ points below the best (threshold {threshold:.4g})"
 
     # ------------------------------------------------------------------ range and prior
     def _key(self, metric: float) -> float:
