@@ -231,6 +231,19 @@ def nasbench_records(path: Path, usd_per_gpu_hour: float) -> list[dict]:
     return records
 
 
+def degraded(record: dict, every: int = 1, no_plan: bool = False) -> dict:
+    """A generic record with only every ``every``-th evaluation kept (and the last), and without its planned cost
+    and learning rates when ``no_plan``: how the policy fares on records sparser or barer than ours."""
+    points = record["points"]
+    if every > 1:
+        points = points[every - 1::every] + ([points[-1]] if len(points) % every else [])
+    if no_plan:
+        points = [p[:2] for p in points]
+    out = {k: v for k, v in record.items() if not (no_plan and k == "planned_cost_usd")}
+    out["points"] = points
+    return out
+
+
 def half_of(run_id: str) -> str:
     """Fixed split by a hash of the id: 'tune' (choose settings) or 'test' (report)."""
     return "tune" if zlib.crc32(run_id.encode()) % 2 == 0 else "test"
@@ -814,7 +827,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-corpus", action="store_true",
                         help="leave out benchmarks/curves/digits.jsonl and lora_sst2.jsonl")
     parser.add_argument("--only", help="replay only the data sets whose name contains this")
+    parser.add_argument("--every", type=int, default=1, metavar="K",
+                        help="robustness: keep every K-th evaluation of each run (and its last), as if it had been "
+                             "validated K times less often")
+    parser.add_argument("--no-plan", action="store_true",
+                        help="robustness: drop each run's planned cost and learning rates, as a record that has "
+                             "only its points")
     args = parser.parse_args(argv)
+    if args.every < 1:
+        parser.error(f"--every must be a positive number of evaluations, got {args.every}")
     if args.prices and any(p <= 0 or not math.isfinite(p) for p in args.prices):
         parser.error(f"--prices must be positive dollars per point, got {args.prices}")
     if not args.generic and (args.from_scratch or args.prices is not None or args.learns_above is not None):
@@ -860,6 +881,10 @@ def main(argv: list[str] | None = None) -> int:
             f"${USD_PER_GPU_HOUR:g}/GPU-hour (= ${usd_per_example * 1e6:.3f} per million examples); "
             f"NAS-Bench-NLP: wall time x ${USD_PER_GPU_HOUR:g}/GPU-hour.",
         ]
+    if args.every > 1 or args.no_plan:
+        header.append("Robustness run: every run " + " and ".join(
+            ([f"keeps only every {args.every}th evaluation (and its last)"] if args.every > 1 else [])
+            + (["has no planned cost and no learning rates"] if args.no_plan else [])) + ".")
     header += [
         f"Run {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.node() or 'unknown host'} "
         f"({platform.platform()}, {os.cpu_count()} CPUs, {args.workers} worker(s)), Python "
@@ -915,7 +940,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, records, prices, learns, from_scratch in datasets:
         if args.only and args.only not in name:
             continue
-        runs = [run_from_generic(r) for r in records]
+        runs = [run_from_generic(degraded(r, args.every, args.no_plan)) for r in records]
         if args.quick:
             runs = runs[:120]
         summary["datasets"][name] = evaluate_dataset(name, runs, policy_kwargs, prices, args.workers, learns, lines,

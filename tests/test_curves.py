@@ -250,13 +250,16 @@ def test_a_baseline_stops_a_run_that_never_learns_once_its_priced_wait_is_over()
     # still yield a lucky best: the run goes on well past the baseline's priced wait below ($0.177).
     stop, _ = _replay(MarginalGainPolicy(prior=None, usd_per_point=0.5, planned_cost_usd=3.0), cost_usd, acc)
     assert stop is None or cost_usd[stop] >= 0.5
-    # With the majority share as baseline it has not started: it waits 1% of 35.4 = 0.354
-    # points, worth $0.177 at $0.5/point, then stops.
+    # With the majority share as baseline it has not started: it waits 1% of 35.4 = 0.354 points, worth $0.177 at
+    # $0.5/point; with no past runs to ask whether it will start, as long as the annealing wait (1 point, $0.50,
+    # before half the plan), then stops.
     policy = MarginalGainPolicy(prior=None, usd_per_point=0.5, planned_cost_usd=3.0, baseline=0.354)
     stop, decisions = _replay(policy, cost_usd, acc)
-    assert stop is not None and 0.177 <= cost_usd[stop] < 0.177 + 0.05
+    assert stop is not None and 0.5 <= cost_usd[stop] < 0.5 + 0.05
     assert decisions[2].reason.startswith("not started learning") and "the baseline 0.354" in decisions[2].reason
+    assert "with no past runs to say whether it will start" in decisions[5].reason  # $0.30
     assert decisions[-1].reason.startswith("not learning: the best, 0.354,")
+    assert "(waited up to $0.5)" in decisions[-1].reason
     # The same start from chance that breaks out before the wait is over learns on.
     rising = np.concatenate([acc[:2], 0.40 + 0.4 * (1.0 - np.exp(-0.2 * np.arange(58)))])
     stop, decisions = _replay(MarginalGainPolicy(prior=None, usd_per_point=0.5, planned_cost_usd=3.0, baseline=0.354),
@@ -269,6 +272,22 @@ def test_a_baseline_stops_a_run_that_never_learns_once_its_priced_wait_is_over()
                             cost_usd, acc)
     without = _replay(MarginalGainPolicy(prior=None, usd_per_point=0.5, planned_cost_usd=2.0), cost_usd, acc)
     assert [d.reason for d in with_baseline[1]] == [d.reason for d in without[1]]
+
+
+def test_without_past_runs_a_run_at_chance_waits_as_long_as_the_annealing_wait():
+    # From scratch on 10 classes, no plan and no prior (nothing to say whether it will start): at chance (one class's
+    # share, the majority's 0.104 at most) until $2.10, then it learns. The start threshold alone (1% of 10.4 points,
+    # worth $0.31 at $3/point) stopped it at $0.40.
+    cost_usd = 0.1 * np.arange(1, 61)
+    flat = np.array([0.096, 0.1, 0.104])[np.random.default_rng(7).integers(0, 3, 60)]
+    acc = flat + 0.8 * (1.0 - np.exp(-0.15 * np.clip(np.arange(60) - 20, 0, None)))
+    stop, decisions = _replay(MarginalGainPolicy(prior=None, usd_per_point=3.0, baseline=0.104), cost_usd, acc)
+    assert not any(d.reason.startswith("not learning") for d in decisions)
+    assert stop is None or acc[stop] > 0.8, (stop, decisions[-1].reason)
+    assert "with no past runs to say whether it will start" in decisions[10].reason
+    # One that never starts stops once one point's worth ($3.00) is spent.
+    stop, decisions = _replay(MarginalGainPolicy(prior=None, usd_per_point=3.0, baseline=0.104), cost_usd, flat)
+    assert stop is not None and 3.0 <= cost_usd[stop] < 3.1 and decisions[-1].reason.startswith("not learning")
 
 
 def test_a_baseline_for_a_loss_is_a_ceiling():
@@ -499,6 +518,20 @@ def test_the_mean_loss_oracle_puts_the_allowed_loss_where_it_saves_most():
     assert rc.mean_loss_oracle_stop_indices([rising, flat], 0.1) == [1, 0]
 
 
+def test_a_degraded_record_keeps_every_kth_evaluation_and_its_last_and_drops_its_plan():
+    rc = _benchmark_module()
+    record = {"id": "r", "mode": "max", "planned_cost_usd": 5.0, "baseline": 0.1,
+              "points": [[c, 0.1 * c, 1e-3 / c] for c in (1.0, 2.0, 3.0, 4.0, 5.0)]}
+    assert [p[0] for p in rc.degraded(record, every=2)["points"]] == [2.0, 4.0, 5.0]
+    assert [p[0] for p in rc.degraded(record, every=5)["points"]] == [5.0]
+    bare = rc.degraded(record, every=3, no_plan=True)
+    assert bare["points"] == [[3.0, 0.30000000000000004], [5.0, 0.5]] and "planned_cost_usd" not in bare
+    assert bare["baseline"] == 0.1 and record["planned_cost_usd"] == 5.0 and len(record["points"]) == 5
+    run = rc.run_from_generic(bare)
+    assert run.planned_cost_usd is None and run.lrs is None
+    assert rc.degraded(record) == record
+
+
 def test_the_priced_oracle_stops_where_the_regret_is_least():
     """The stop the regret is measured against: 0.6 points for $1 more are worth it at $2/point, not at $1."""
     rc = _benchmark_module()
@@ -541,12 +574,13 @@ def test_replay_on_real_deberta_runs():
     assert rc.patience_stop_index(healthy, 1) <= rc.patience_stop_index(healthy, 10)
     # Iteration 14 diverged before its first evaluation: it predicts one class, so its accuracy
     # jumps between class shares. With the majority share as baseline it stops as not learning.
-    # (The fit and the baseline alone: with the shipped prior, past runs decide how long to wait.)
+    # (The fit and the baseline alone: with the shipped prior, past runs decide how long to wait; without, the
+    # annealing wait, one point's worth: $0.50.)
     stuck = by_id["deberta-14"]
     assert stuck.baseline == pytest.approx(0.354457, abs=1e-6) == np.nanmax(stuck.metrics)
     i, reason = rc.policy_stop_index(stuck, {"usd_per_point": 0.5, "prior": None})
-    assert reason.startswith("not learning") and i < 10, (i, reason)
-    assert rc.policy_stop_index(stuck, {"usd_per_point": 0.5, "baseline": None, "prior": None})[0] > 2 * i
+    assert reason.startswith("not learning") and 0.5 <= stuck.costs_usd[i] < 0.55, (i, reason)
+    assert rc.policy_stop_index(stuck, {"usd_per_point": 0.5, "baseline": None, "prior": None})[0] > i
     # The schedule's learning rate rides along: warmup, then linear decay to 0 at the planned end.
     assert healthy.lrs is not None and healthy.lrs[-1] == 0.0 and max(healthy.lrs) <= 6.69e-06
 

@@ -269,7 +269,10 @@ class MarginalGainPolicy:
     better than the baseline, and if it has not when that priced wait is over, it stops
     as not learning (typically a run that diverged before its first evaluation: its
     jumps between class shares would otherwise look like noise that may still yield a
-    lucky best). A run that starts above the baseline is judged as without one.
+    lucky best). Where no past runs can say whether it will start (no prior, no plan), that
+    wait is at least the annealing wait below (up to ``anneal_points`` worth without a plan):
+    a slow start takes longer than the value of its start threshold. A run that starts above
+    the baseline is judged as without one.
 
     A run with a planned cost usually anneals its learning rate towards it, and annealing
     pays late: early on, the fit sees a noisy plateau at a high learning rate and calls it
@@ -561,6 +564,15 @@ class MarginalGainPolicy:
                 chance_go = self._prior_says_wait_at_chance(view)
                 if chance_go is not None:
                     return Decision(False, chance_go, None)
+                if view is None:  # no past runs to ask: the wait a slow start needs, priced as the annealing wait
+                    wait_usd = max(wait_usd, self._blind_wait_at_chance_usd())
+                    if costs[-1] < wait_usd:
+                        return Decision(
+                            False,
+                            f"at {what} ({best - reference:.2f} points better, < {start_points:.3g}) with no past runs "
+                            f"to say whether it will start; waiting up to ${wait_usd:.4g} for it to start",
+                            None,
+                        )
                 return Decision(
                     True,
                     f"not learning: the best, {self._sign * best / self.points_per_unit:.6g}, is not "
@@ -742,6 +754,18 @@ class MarginalGainPolicy:
         return (f"at chance, learning rate {state}: past runs at this stage ({view.cell}) gained up to "
                 f"{view.gain_upper:.3g} points by their end, worth ${worth_usd:.4g}, more than the ${wait_usd:.4g} "
                 f"of waiting until ${horizon_usd:.4g} for a slow start")
+
+    def _blind_wait_at_chance_usd(self) -> float:
+        """Cost up to which a run at its baseline waits to start when no past runs can be asked (no prior, no plan,
+        or a metric without bounds): the annealing wait, or without a plan, up to ``anneal_points`` worth.
+
+        The start threshold alone (``start_fraction`` of the baseline: a tenth of a point for accuracy at 10%) prices
+        a wait far shorter than a slow start takes: on the digits corpus replayed without its plans, runs that
+        would have learned 30-80 points were stopped at their third evaluation.
+        """
+        if self.planned_cost_usd is None:
+            return self.anneal_points * self.usd_per_point
+        return self._anneal_wait_usd()
 
     def _anneal_wait_usd(self) -> float:
         """Cost before which the fit alone does not stop a run with a plan (0 without one).
