@@ -52,7 +52,8 @@ def test_saturating_curve_stops_near_the_break_even_point(seed):
     cost_usd, clean, noisy = _saturating(seed=seed)
     usd_per_point = 1.0
     target = _best_stop_cost(cost_usd, clean, usd_per_point)
-    stop, decisions = _replay(MarginalGainPolicy(usd_per_point=usd_per_point), cost_usd, noisy)
+    # The fit alone (without a plan the policy otherwise waits up to a point's worth: tested below).
+    stop, decisions = _replay(MarginalGainPolicy(usd_per_point=usd_per_point, anneal_fraction=None), cost_usd, noisy)
     assert stop is not None, "a saturated curve must stop"
     # Noise and the confidence margin make it stop somewhat after break-even, never far off.
     assert 0.5 * target <= cost_usd[stop] <= 3.0 * target, (cost_usd[stop], target)
@@ -215,8 +216,12 @@ def test_collapse_is_judged_against_the_runs_own_scatter():
 def test_declining_run_stops_soon_after_min_points():
     cost_usd = 0.01 * np.arange(1, 40)
     acc = 0.82 - 0.004 * np.arange(39)  # overfitting / too high a learning rate
-    stop, _ = _replay(MarginalGainPolicy(usd_per_point=5.0, start_fraction=None), cost_usd, acc)
+    stop, _ = _replay(MarginalGainPolicy(usd_per_point=5.0, start_fraction=None, anneal_fraction=None), cost_usd, acc)
     assert stop is not None and stop <= 6
+    # Without a plan, where its schedule stands is unknown: the fit is trusted once a point's worth is spent.
+    stop, decisions = _replay(MarginalGainPolicy(usd_per_point=0.1, start_fraction=None), cost_usd, acc)
+    assert stop is not None and 0.1 <= cost_usd[stop] < 0.11 + 1e-9
+    assert decisions[5].reason.startswith("waiting for the annealing to an end not planned until $0.1 ")
 
 
 def test_run_that_has_not_started_learning_gets_a_priced_wait():
@@ -324,9 +329,10 @@ def test_a_planned_run_waits_for_its_annealing_up_to_what_it_is_worth():
     stop, decisions = _replay(cheap, cost_usd, acc)
     assert stop is not None and cost_usd[stop] < 0.2
     assert not any(d.reason.startswith("waiting") for d in decisions)
-    # Without a plan there is no annealing to wait for.
-    _, decisions = _replay(MarginalGainPolicy(prior=None, usd_per_point=0.5), cost_usd, acc)
-    assert not any(d.reason.startswith("waiting") for d in decisions)
+    # Without a plan, where the schedule stands is unknown: the same wait, up to a point's worth.
+    stop, decisions = _replay(MarginalGainPolicy(prior=None, usd_per_point=0.5), cost_usd, acc)
+    assert stop is None or cost_usd[stop] >= 0.5 - 1e-12
+    assert any(d.reason.startswith("waiting for the annealing to an end not planned") for d in decisions)
     # Nor at a constant learning rate: the run is judged on the fit alone, as without the wait.
     constant = MarginalGainPolicy(prior=None, usd_per_point=0.5, planned_cost_usd=2.0, anneals=False)
     fresh_no_wait = MarginalGainPolicy(prior=None, usd_per_point=0.5, planned_cost_usd=2.0, anneal_fraction=None)
@@ -354,9 +360,10 @@ def test_min_points_is_respected(min_points):
 def test_mode_min_mirrors_mode_max():
     cost_usd, _, noisy = _saturating(seed=4)
     # The not-started test is relative to the metric's magnitude (not mirror-symmetric): off.
-    stop_max, dec_max = _replay(MarginalGainPolicy(mode="max", usd_per_point=1.0, start_fraction=None), cost_usd, noisy)
+    fit_alone = {"usd_per_point": 1.0, "start_fraction": None, "anneal_fraction": None}
+    stop_max, dec_max = _replay(MarginalGainPolicy(mode="max", **fit_alone), cost_usd, noisy)
     loss = 3.0 - noisy  # the same curve as a loss to minimise
-    stop_min, dec_min = _replay(MarginalGainPolicy(mode="min", usd_per_point=1.0, start_fraction=None), cost_usd, loss)
+    stop_min, dec_min = _replay(MarginalGainPolicy(mode="min", **fit_alone), cost_usd, loss)
     assert stop_max == stop_min is not None
     assert dec_min[-1].estimate.gain_points == pytest.approx(dec_max[-1].estimate.gain_points, rel=1e-6, abs=1e-9)
     assert dec_min[-1].estimate.predicted_final == pytest.approx(3.0 - dec_max[-1].estimate.predicted_final)

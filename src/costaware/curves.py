@@ -281,8 +281,9 @@ class MarginalGainPolicy:
     worth: it trusts the fit once the cost so far reaches
     ``min(anneal_fraction * planned_cost_usd, anneal_points * usd_per_point)``; with learning rates
     given to :meth:`observe`, a run whose rate is still warming up or at its peak waits up to the
-    second figure whatever part of the plan it has spent (a step schedule may drop late). A run that
-    does not anneal (``anneals=False``: a constant learning rate) has nothing to wait for.
+    second figure whatever part of the plan it has spent (a step schedule may drop late). Without a
+    plan, where the schedule stands is unknown: the wait is the second figure. A run that does not
+    anneal (``anneals=False``: a constant learning rate) has nothing to wait for.
 
     With the schedule's learning rates ahead (``lr_schedule``) and a plan, the curve is fitted against the area
     under the learning rate (the sum of rate x dollars), not against dollars: progress goes with the distance the
@@ -620,8 +621,10 @@ class MarginalGainPolicy:
         if estimate.gain_per_usd < self.min_gain_per_usd:
             wait_usd = self._anneal_wait_usd()
             if costs[-1] < wait_usd:
-                return Decision(False, f"waiting for the annealing to the planned ${self.planned_cost_usd:.4g} "
-                                f"until ${wait_usd:.4g} before trusting the fit ({figures})", estimate)
+                to_what = ("to an end not planned" if self.planned_cost_usd is None
+                           else f"to the planned ${self.planned_cost_usd:.4g}")
+                return Decision(False, f"waiting for the annealing {to_what} until ${wait_usd:.4g} before trusting the "
+                                f"fit ({figures})", estimate)
             if prior_go is not None:
                 return Decision(False, f"{prior_go}; the fit alone would stop ({figures})", estimate)
             return Decision(True, f"not worth it: {figures}", estimate)
@@ -763,20 +766,24 @@ class MarginalGainPolicy:
         a wait far shorter than a slow start takes: on the digits corpus replayed without its plans, runs that
         would have learned 30-80 points were stopped at their third evaluation.
         """
-        if self.planned_cost_usd is None:
+        if self.planned_cost_usd is None:  # whether or not it anneals
             return self.anneal_points * self.usd_per_point
         return self._anneal_wait_usd()
 
     def _anneal_wait_usd(self) -> float:
-        """Cost before which the fit alone does not stop a run with a plan (0 without one).
+        """Cost before which the fit alone does not stop a run (0 for one that does not anneal).
 
-        With learning rates given, a run whose rate is still warming up or at its peak has not annealed, whatever
-        fraction of the plan it has spent (a step schedule may drop late): the wait lasts while it costs less than
-        ``anneal_points`` are worth, not only up to ``anneal_fraction`` of the plan.
+        Without a plan, where the schedule stands is unknown (it may anneal at any time, or a slow start may be
+        ahead): up to ``anneal_points`` worth. With learning rates given, a run whose rate is still warming up or at
+        its peak has not annealed, whatever fraction of the plan it has spent (a step schedule may drop late): the
+        wait lasts while it costs less than ``anneal_points`` are worth, not only up to ``anneal_fraction`` of the
+        plan.
         """
-        if self.anneal_fraction is None or self.planned_cost_usd is None or not self.anneals:
+        if self.anneal_fraction is None or not self.anneals:
             return 0.0
         cap_usd = self.anneal_points * self.usd_per_point
+        if self.planned_cost_usd is None:  # the schedule ahead is unknown: as long as the wait costs at most that
+            return cap_usd
         if lr_state(self._lr_history(), self.anneals) in ("warming", "high"):
             return min(self.planned_cost_usd, cap_usd)
         return min(self.anneal_fraction * self.planned_cost_usd, cap_usd)
