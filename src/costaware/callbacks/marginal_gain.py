@@ -74,7 +74,8 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
     ``trainer.estimated_stepping_batches`` (none when the Trainer plans no end). It anchors the
     predicted final metric and lets the policy wait for the gains of learning-rate annealing
     (``anneal_fraction``, ``anneal_points``) when the fit has a learning-rate scheduler (at a
-    constant learning rate there is no annealing to wait for); give
+    constant learning rate there is no annealing to wait for; with a scheduler and no planned end, where
+    the schedule stands is unknown: the wait is what ``anneal_points`` are worth); give
     ``policy_kwargs={"planned_cost_usd": ..., "anneals": ...}`` to set either yourself.
     At its first validation of a fit it reads the learning rates the Trainer's scheduler will set
     until the planned end off a copy of the scheduler (the real one is not touched; not for
