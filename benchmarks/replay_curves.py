@@ -883,7 +883,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     if args.every > 1 or args.no_plan:
         header.append("Robustness run: every run " + " and ".join(
-            ([f"keeps only every {args.every}th evaluation (and its last)"] if args.every > 1 else [])
+            ([f"keeps only every {args.every}-th evaluation (and its last)"] if args.every > 1 else [])
             + (["has no planned cost and no learning rates"] if args.no_plan else [])) + ".")
     header += [
         f"Run {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.node() or 'unknown host'} "
