@@ -532,7 +532,7 @@ def test_a_degraded_record_keeps_every_kth_evaluation_and_its_last_and_drops_its
     assert [p[0] for p in rc.degraded(record, every=2)["points"]] == [2.0, 4.0, 5.0]
     assert [p[0] for p in rc.degraded(record, every=5)["points"]] == [5.0]
     bare = rc.degraded(record, every=3, no_plan=True)
-    assert bare["points"] == [[3.0, 0.30000000000000004], [5.0, 0.5]] and "planned_cost_usd" not in bare
+    assert bare["points"] == [[3.0, 0.1 * 3.0], [5.0, 0.1 * 5.0]] and "planned_cost_usd" not in bare
     assert bare["baseline"] == 0.1 and record["planned_cost_usd"] == 5.0 and len(record["points"]) == 5
     run = rc.run_from_generic(bare)
     assert run.planned_cost_usd is None and run.lrs is None

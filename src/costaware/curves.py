@@ -554,26 +554,21 @@ class MarginalGainPolicy:
             start_points = self.start_fraction * abs(reference)
             started = np.flatnonzero(points - reference >= start_points)
             wait_usd = start_points * self.usd_per_point
+            blind = at_baseline and view is None  # no past runs to say whether a run at chance will start
+            if blind:
+                wait_usd = max(wait_usd, self._blind_wait_at_chance_usd())
             if started.size == 0 and costs[-1] < wait_usd:
                 return Decision(
                     False,
                     f"not started learning: {best - reference:.2f} points better than {what} "
-                    f"(< {start_points:.3g}); waiting up to ${wait_usd:.4g} for it to start",
+                    f"(< {start_points:.3g}); waiting up to ${wait_usd:.4g} for it to start"
+                    + (" (with no past runs to say whether it will start: the annealing wait)" if blind else ""),
                     None,
                 )
             if started.size == 0 and at_baseline and prior_go is None:
                 chance_go = self._prior_says_wait_at_chance(view)
                 if chance_go is not None:
                     return Decision(False, chance_go, None)
-                if view is None:  # no past runs to ask: the wait a slow start needs, priced as the annealing wait
-                    wait_usd = max(wait_usd, self._blind_wait_at_chance_usd())
-                    if costs[-1] < wait_usd:
-                        return Decision(
-                            False,
-                            f"at {what} ({best - reference:.2f} points better, < {start_points:.3g}) with no past runs "
-                            f"to say whether it will start; waiting up to ${wait_usd:.4g} for it to start",
-                            None,
-                        )
                 return Decision(
                     True,
                     f"not learning: the best, {self._sign * best / self.points_per_unit:.6g}, is not "
@@ -764,7 +759,7 @@ class MarginalGainPolicy:
 
         The start threshold alone (``start_fraction`` of the baseline: a tenth of a point for accuracy at 10%) prices
         a wait far shorter than a slow start takes: on the digits corpus replayed without its plans, runs that
-        would have learned 30-80 points were stopped at their third evaluation.
+        would have learned 30-80 points were stopped at their third or fourth evaluation.
         """
         if self.planned_cost_usd is None:  # whether or not it anneals
             return self.anneal_points * self.usd_per_point
