@@ -592,6 +592,25 @@ def test_replay_on_real_deberta_runs():
     assert healthy.lrs is not None and healthy.lrs[-1] == 0.0 and max(healthy.lrs) <= 6.69e-06
 
 
+@pytest.mark.skipif(not DEBERTA.exists(), reason="shared DeBERTa-MNLI curves not available")
+def test_the_deberta_runs_scored_on_mismatched_validation_keep_their_costs_and_take_that_sets_majority():
+    """--mismatched: the same runs and dollars, the other validation set's accuracy and its majority-class baseline
+    (the share a run that predicts one class scores there: checked on iteration 14, which does)."""
+    rc = _benchmark_module()
+    matched = {r["id"]: r for r in rc.deberta_records(DEBERTA, usd_per_example=1e-6)}
+    mismatched = {r["id"]: r for r in rc.deberta_records(DEBERTA, usd_per_example=1e-6, validation="mismatched")}
+    assert matched.keys() == mismatched.keys()
+    a, b = rc.run_from_generic(matched["deberta-1"]), rc.run_from_generic(mismatched["deberta-1"])
+    np.testing.assert_array_equal(a.costs_usd, b.costs_usd)
+    np.testing.assert_array_equal(a.lrs, b.lrs)
+    assert a.planned_cost_usd == b.planned_cost_usd and not np.array_equal(a.metrics, b.metrics)
+    stuck = rc.run_from_generic(mismatched["deberta-14"])
+    assert stuck.baseline == rc.MNLI_MISMATCHED_MAJORITY_ACC == np.nanmax(stuck.metrics)
+    assert stuck.baseline != rc.MNLI_MATCHED_MAJORITY_ACC
+    with pytest.raises(SystemExit):
+        rc.main(["--generic", str(DEBERTA), "--mismatched"])
+
+
 def test_the_replay_checks_the_stated_gain_and_counts_dollars_saved():
     """gain_checks pairs each gain the policy states with what the kept best then made by the end of the stated
     increment (none past the run's end); dollars_saved_share weighs each run by its dollars."""
