@@ -921,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
         deb = deberta_records(curves / "deberta-mnli" / "deberta-base_tuning.results.jsonl", usd_per_example,
                               validation)
         nas = nasbench_records(curves / "nasbench-nlp-wikitext2" / "logs.zip", USD_PER_GPU_HOUR)
-        deb_name = "deberta-mnli" + ("-mismatched" if args.mismatched else "")
+        deb_name = "deberta-mnli" if validation == "matched" else f"deberta-mnli-{validation}"
         datasets.append((deb_name, deb, REGRET_PRICES["deberta-mnli"],
                          lambda r: np.nanmax(r.metrics) > DEBERTA_LEARNS_ABOVE, False))
         datasets.append(("nasbench-nlp", nas, REGRET_PRICES["nasbench-nlp"], lambda r: r.has_finite, False))
