@@ -25,7 +25,8 @@ Output: the generic JSONL of ``make_curves.py`` (points ``[cumulative_cost_usd, 
 
 Usage::
 
-    nice -n 10 python benchmarks/make_lora_curves.py --out benchmarks/curves/lora_sst2.jsonl   # ~50 min, 2 cores
+    nice -n 10 python benchmarks/make_lora_curves.py --out benchmarks/curves/lora_sst2.jsonl   # ~100 min, 2 cores
+    nice -n 10 python benchmarks/make_lora_curves.py --resume   # appends the runs a shorter corpus lacks
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from lora_sst2 import SST2Classifier, model_dir, warmup_linear_decay  # noqa: E4
 from make_curves import lr_at as digits_lr_at  # noqa: E402
 
 SEED = 20261205
-RUNS = 64
+RUNS = 128  # the committed corpus: 64 first, then 64 more with --resume (same draws)
 USD_PER_PFLOP = 1000.0  # nominal: puts a typical run at about $1 (see the docstring)
 TRAIN_POOL = 20_000  # training phrases drawn from train.tsv (every run samples its batches from them)
 VAL_SAMPLES = 300  # dev.tsv phrases every evaluation scores
@@ -175,19 +176,37 @@ def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader) -> flo
     return round(correct / seen, 5)
 
 
+def kept_runs(path: Path, jobs: list[tuple[int, dict, int]]) -> int:
+    """How many runs ``path`` already holds: they must be the first of ``jobs``, in order (the same seed and
+    configurations), else the corpus would mix two draws."""
+    if not path.is_file():
+        return 0
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    if len(records) > len(jobs):
+        raise SystemExit(f"{path} holds {len(records)} runs, more than --runs {len(jobs)}")
+    for record, (index, config, _) in zip(records, jobs):
+        if record.get("id") != f"lora-{index:03d}" or record.get("config") != config:
+            raise SystemExit(f"{path}: run {record.get('id')} is not draw {index} of seed {SEED}; not resuming")
+    return len(records)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "curves" / "lora_sst2.jsonl")
     parser.add_argument("--runs", type=int, default=RUNS)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in --out (the first of the same draws) and append the rest")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(SEED)
     jobs = [(i, draw_config(rng), int(rng.integers(2**31))) for i in range(args.runs)]
+    done = kept_runs(args.out, jobs) if args.resume else 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with multiprocessing.get_context("spawn").Pool(args.workers, initializer=_init_worker) as pool, \
-            open(args.out, "w") as f:
-        for record in pool.imap(run_one, jobs):  # in order: the file is the same whatever the workers
+            open(args.out, "a" if done else "w") as f:
+        for record in pool.imap(run_one, jobs[done:]):  # in order: the file is the same whatever the workers
             seconds = record.pop("seconds")
             f.write(json.dumps(record, separators=(",", ":")) + "\n")
             f.flush()

@@ -747,6 +747,9 @@ def test_bad_metric_range_lr_and_prior_raise_naming_the_argument(tmp_path):
     (tmp_path / "bad.json").write_text('{"cells": {}}')
     with pytest.raises(ValueError, match="version"):
         MarginalGainPolicy(prior=str(tmp_path / "bad.json"))
+    (tmp_path / "v1.json").write_text('{"version": 1, "cells": {"*/*/*/*": {}}}')  # before `next` was recorded
+    with pytest.raises(ValueError, match=r"version 1: this costaware reads version 2 .*costaware prior fit"):
+        MarginalGainPolicy(prior=str(tmp_path / "v1.json"))
 
 
 # ---------------------------------------------------------------------- slow starts and the prior
@@ -798,6 +801,66 @@ def test_a_prior_from_past_runs_keeps_a_slow_start_going(tmp_path):
     # worth more at $1/point than the rest of the plan costs: it goes on past the rise.
     assert stop_at(str(path)) > flat + 3
     assert stop_at(CurvePrior.from_dict(json.loads(path.read_text()))) == stop_at(prior)
+
+
+def test_the_prior_records_what_the_next_doubling_of_the_spend_brought():
+    """``next``: the best by the time the spend has doubled (at most to the plan's end) against the best so far, as a
+    fraction of the headroom; ``gain`` is the same to the run's end."""
+    from costaware.curve_prior import PriorRun, stage_samples
+
+    costs = np.array([1.0, 2.0, 3.0, 4.0, 8.0])
+    samples = stage_samples(PriorRun(costs, np.array([0.5, 0.6, 0.55, 0.7, 0.9]), planned_cost_usd=8.0))
+    assert [s[3] for s in samples[:3]] == pytest.approx([0.1 / 0.5, 0.1 / 0.4, 0.1 / 0.4])  # by $2, $4, $6
+    assert samples[3][3] == pytest.approx(samples[3][1]) == pytest.approx(0.2 / 0.3)  # by $8: the plan's end
+
+
+def _prior_with_next(fraction: float):
+    """A prior fitted on slow starts whose every cell says the next doubling of the spend brought ``fraction`` of
+    the headroom."""
+    from costaware.curve_prior import CurvePrior, run_from_record
+
+    fitted = CurvePrior.fit([run_from_record(r) for r in _slow_start_runs(seed=0)])
+    return CurvePrior({key: {**cell, "next": [fraction] * len(cell["next"]), "next_mean": fraction}
+                       for key, cell in fitted.cells.items()})
+
+
+def test_past_runs_weigh_in_on_the_rate_as_far_as_the_fit_is_unsure():
+    from costaware.curves import _past_weight
+
+    cost_usd, _, noisy = _saturating(n=40, noise=0.01, seed=1)
+    estimates = {}
+    for fraction in (0.0, 0.5):
+        policy = MarginalGainPolicy(usd_per_point=1.0, planned_cost_usd=1.0, baseline=0.5,
+                                    prior=_prior_with_next(fraction))
+        decisions = [policy.observe(c, a) for c, a in zip(cost_usd, noisy)]
+        estimates[fraction] = decisions[-1].estimate
+        reason = decisions[-1].reason
+        assert "past runs at this stage gained up to" in reason and "on past runs" in reason
+    nothing, much = estimates[0.0], estimates[0.5]
+    assert nothing.past_gain_points_upper == 0.0 and much.past_gain_points_upper > 0.0
+    assert nothing.gain_per_usd < much.gain_per_usd
+    # Recomputable from the estimate's own figures: the weighted geometric mean of the two rates.
+    w = _past_weight(much)
+    assert 0.0 < w <= 0.5
+    fit_rate = much.gain_points_upper / much.increment_usd
+    assert much.gain_per_usd == pytest.approx(
+        fit_rate ** (1 - w) * (much.past_gain_points_upper / much.past_increment_usd) ** w)
+    # A fit that knows its gain (a clean straight rise) keeps it: past runs get almost no weight.
+    policy = MarginalGainPolicy(min_gain_per_usd=100.0, planned_cost_usd=0.3, prior=_prior_with_next(0.0))
+    for c in 0.001 * np.arange(5, 150, 5):
+        decision = policy.observe(c, 0.0015 * c / 0.001)
+    assert decision.estimate.past_gain_points_upper == 0.0 and _past_weight(decision.estimate) < 0.01
+    assert not decision.stop
+
+
+def test_past_runs_are_not_asked_for_the_rate_near_chance():
+    """Within a tenth of the way from the baseline to the ceiling, the shipped prior pools fine-tunes that diverged
+    with slow starts: the fit alone prices the next stretch."""
+    policy = MarginalGainPolicy(usd_per_point=1.0, planned_cost_usd=10.0, baseline=0.1, prior=_prior_with_next(0.0))
+    for c, a in zip(np.linspace(0.5, 3.0, 12), np.linspace(0.10, 0.15, 12)):
+        decision = policy.observe(float(c), float(a), lr=0.1)
+    assert decision.estimate is not None and decision.estimate.past_gain_points_upper is None
+    assert "past runs at this stage gained up to" not in decision.reason
 
 
 def test_the_prior_states_a_calibrated_interval_on_runs_like_its_own():
@@ -954,7 +1017,8 @@ def _wait_at_chance(gain_upper: float, start_usd: float, cost_now: float, evals:
     ``gain_upper`` points; None if it would not."""
     from costaware.curves import _PriorView
 
-    view = _PriorView("test cell", gain_upper=gain_upper, final_low=10.0, final_median=10.0, final_high=10.0)
+    view = _PriorView("test cell", gain_upper=gain_upper, final_low=10.0, final_median=10.0, final_high=10.0,
+                      next_gain_upper=0.0, next_usd=0.0)
     policy = MarginalGainPolicy(usd_per_point=1.0, planned_cost_usd=10.0, baseline=0.1, prior=None)
     for c in np.linspace(start_usd, cost_now, evals):
         policy.observe(float(c), 0.1, lr=0.1)
@@ -999,10 +1063,30 @@ def test_a_learning_rate_still_at_its_peak_is_not_judged_converged_on_its_platea
     assert stops[True] is None or stops[True] >= 7.5, stops
 
 
+def test_the_lora_corpus_resumes_only_from_the_first_runs_of_the_same_draws(tmp_path):
+    """`make_lora_curves.py --resume` appends to a corpus whose runs are the first of the same seeded draws, in
+    order; a file from other draws (another seed, an edited configuration) is refused rather than mixed in."""
+    spec = importlib.util.spec_from_file_location("make_lora_curves", REPO / "benchmarks" / "make_lora_curves.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rng = np.random.default_rng(module.SEED)
+    jobs = [(i, module.draw_config(rng), int(rng.integers(2**31))) for i in range(6)]
+    out = tmp_path / "lora.jsonl"
+    assert module.kept_runs(out, jobs) == 0  # nothing yet: a fresh corpus
+    out.write_text("".join(json.dumps({"id": f"lora-{i:03d}", "config": c}) + "\n" for i, c, _ in jobs[:4]))
+    assert module.kept_runs(out, jobs) == 4
+    with pytest.raises(SystemExit, match="more than --runs 3"):
+        module.kept_runs(out, jobs[:3])
+    edited = [{"id": f"lora-{i:03d}", "config": {**c, "lr": 0.1} if i == 2 else c} for i, c, _ in jobs[:4]]
+    out.write_text("".join(json.dumps(r) + "\n" for r in edited))
+    with pytest.raises(SystemExit, match="lora-002 is not draw 2"):
+        module.kept_runs(out, jobs)
+
+
 @pytest.mark.parametrize(("corpus", "runs", "kinds"), [("digits.jsonl", 400, {"scratch", "scratch-hard", "ssl"}),
                                                        ("digits_late_step.jsonl", 80, {"late-step"}),
                                                        ("digits_pairs.jsonl", 120, {"pairs"}),
-                                                       ("lora_sst2.jsonl", 64, {"lora"})])
+                                                       ("lora_sst2.jsonl", 128, {"lora"})])
 def test_the_committed_corpora_replay_as_generic_runs_with_their_plan_and_learning_rates(corpus, runs, kinds):
     """The corpora made by make_curves.py / make_lora_curves.py load through the replay's own validation:
     costs rise to the plan, every point carries its learning rate, accuracies lie in [0, 1]."""

@@ -8,6 +8,8 @@ what the rest of the run brought, measured on recorded runs:
 
 * ``gain``: (best metric of the whole run - best so far) / headroom (quantiles and mean),
 * ``final``: (metric at the end of the run - best so far) / headroom,
+* ``next``: (best metric by the time the spend has doubled, at most to the plan's end - best so far) /
+  headroom: what the next stretch brought, the horizon a stopping decision is about (quantiles and mean),
 
 where the headroom is what is left of a bounded metric's range (accuracy: ``1 - best so far``),
 at least ``HEADROOM_FLOOR`` (5%) of the range.
@@ -47,7 +49,7 @@ import numpy as np
 __all__ = ["HEADROOM_FLOOR", "CurvePrior", "PriorRun", "load_prior", "lr_state", "prior_cell", "run_from_record",
            "runs_from_jsonl", "runs_from_ledger", "stage"]
 
-PRIOR_VERSION = 1
+PRIOR_VERSION = 2  # 2: ``next`` (the gain over the next doubling of the spend)
 PLAN_EDGES = (0.1, 0.25, 0.5, 0.75)
 PROGRESS_EDGES = (0.1, 0.4, 0.7, 0.9)
 MOMENTUM_EDGES = (0.05, 0.3, 1.0)
@@ -137,8 +139,9 @@ def _bounded(values: np.ndarray, mode: str, metric_range: tuple[float, float] | 
     return None
 
 
-def stage_samples(run: PriorRun) -> list[tuple[tuple, float, float]]:
-    """(cell, gain / headroom, final - best so far / headroom) at each evaluation of ``run``."""
+def stage_samples(run: PriorRun) -> list[tuple[tuple, float, float, float]]:
+    """(cell, gain, final, next) at each evaluation of ``run`` but its last, as fractions of the headroom (see the
+    module's docstring)."""
     values = np.asarray(run.metrics, dtype=float)
     bounds = _bounded(values, run.mode, run.metric_range)
     if bounds is None or not np.isfinite(values).any() or len(values) < 2:
@@ -152,13 +155,16 @@ def stage_samples(run: PriorRun) -> list[tuple[tuple, float, float]]:
         return []  # stopped before its plan's end: what the rest of the plan brings is unknown
     best_all = float(np.nanmax(u))
     final = u[-1] if np.isfinite(u[-1]) else lo
+    costs = np.asarray(run.costs_usd, dtype=float)
     out = []
     for i in range(len(u) - 1):
         if not np.isfinite(u[: i + 1]).any() or planned <= 0:
             continue
         lrs = None if run.lrs is None else [float(v) for v in run.lrs[: i + 1]]
         cell, best, headroom = stage(run.costs_usd[: i + 1], u[: i + 1], lo, hi, base, planned, lrs, run.anneals)
-        out.append((cell, (best_all - best) / headroom, (final - best) / headroom))
+        doubled = u[: int(np.searchsorted(costs, min(2.0 * costs[i], planned), side="right"))]
+        best_next = max(float(np.nanmax(doubled)), best)  # the evaluations up to then, this one included
+        out.append((cell, (best_all - best) / headroom, (final - best) / headroom, (best_next - best) / headroom))
     return out
 
 
@@ -205,21 +211,23 @@ class CurvePrior:
                 continue
             n_runs += 1
             weight = 1.0 / len(samples)
-            for cell, gain, final in samples:
+            for cell, *outcomes in samples:
                 for key in _keys(cell):
-                    groups.setdefault(key, []).append((run_index, weight, gain, final))
+                    groups.setdefault(key, []).append((run_index, weight, *outcomes))
         if not n_runs:
             raise ValueError("no run with a bounded metric (accuracy-like, in [0, 1]) and at least two evaluations "
                              "to fit a prior on")
         cells = {}
         for key, rows in groups.items():
-            runs_in = len({r for r, _, _, _ in rows})
+            runs_in = len({row[0] for row in rows})
             if runs_in < MIN_RUNS and key != "*/*/*/*":
                 continue
-            arr = np.asarray([(w, g, f) for _, w, g, f in rows], dtype=float)
-            cells[key] = {"runs": runs_in, "gain_mean": round(float(np.average(arr[:, 1], weights=arr[:, 0])), 5),
-                          "gain": _weighted_quantiles(arr[:, 1], arr[:, 0]),
-                          "final": _weighted_quantiles(arr[:, 2], arr[:, 0])}
+            arr = np.asarray([row[1:] for row in rows], dtype=float)  # weight, gain, final, next
+            w = arr[:, 0]
+            cells[key] = {"runs": runs_in, "gain_mean": round(float(np.average(arr[:, 1], weights=w)), 5),
+                          "gain": _weighted_quantiles(arr[:, 1], w), "final": _weighted_quantiles(arr[:, 2], w),
+                          "next_mean": round(float(np.average(arr[:, 3], weights=w)), 5),
+                          "next": _weighted_quantiles(arr[:, 3], w)}
         return cls(cells, source or f"fitted on {n_runs} runs")
 
     def lookup(self, cell: tuple) -> tuple[str, dict]:
@@ -230,12 +238,17 @@ class CurvePrior:
         raise KeyError(cell)
 
     def quantile(self, what: str, cell: tuple, level: float) -> float:
-        """The ``level`` quantile of ``what`` (``"gain"`` or ``"final"``) in ``cell``, as a fraction of headroom."""
+        """The ``level`` quantile of ``what`` (``"gain"``, ``"final"`` or ``"next"``) in ``cell``, as a fraction of
+        headroom."""
         return float(np.interp(level, QUANTILE_LEVELS, self.lookup(cell)[1][what]))
 
     def gain_mean(self, cell: tuple) -> float:
         """The mean gain by the end in ``cell``, as a fraction of headroom (a rare late start counts in full)."""
         return float(self.lookup(cell)[1]["gain_mean"])
+
+    def next_mean(self, cell: tuple) -> float:
+        """The mean gain over the next doubling of the spend in ``cell``, as a fraction of headroom."""
+        return float(self.lookup(cell)[1]["next_mean"])
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": PRIOR_VERSION, "source": self.source, **_settings(), "cells": self.cells}
@@ -246,7 +259,8 @@ class CurvePrior:
             raise ValueError("a curve prior must be a JSON object with 'cells' (as `costaware prior fit` writes)")
         version = data.get("version")
         if version != PRIOR_VERSION:
-            raise ValueError(f"curve prior version {version!r}: this costaware reads version {PRIOR_VERSION}")
+            raise ValueError(f"curve prior version {version!r}: this costaware reads version {PRIOR_VERSION} (refit it "
+                             "from the same runs with `costaware prior fit`)")
         if any(data.get(key) != value for key, value in _settings().items()):
             raise ValueError("curve prior made with other cell edges or quantile levels: refit it with "
                              "`costaware prior fit`")

@@ -388,7 +388,9 @@ class MarginalGainDecisionEvent(Event):
 
     Attributes:
         value: the metric then; usd: dollars spent then; gain_points(_upper): the expected (upper)
-        gain in points over the next ``increment_usd`` dollars; gain_per_usd: points per dollar;
+        gain in points over the next ``increment_usd`` dollars; gain_per_usd: the points per dollar the
+        decision compared with the price (with ``past_gain_points_upper`` over ``past_increment_usd``:
+        the geometric mean of that rate and the fit's, see ``costaware.curves.GainEstimate``);
         predicted_final: the fitted final value, with its stated interval ``predicted_final_low`` ..
         ``predicted_final_high``; usd_to_predicted_final: dollars more to reach it; lr: the
         learning rate at this evaluation; lr_schedule: the rates the scheduler sets from here to the
@@ -411,6 +413,8 @@ class MarginalGainDecisionEvent(Event):
     gain_points_upper: Optional[float] = None
     increment_usd: Optional[float] = None
     gain_per_usd: Optional[float] = None
+    past_gain_points_upper: Optional[float] = None
+    past_increment_usd: Optional[float] = None
     predicted_final: Optional[float] = None
     predicted_final_low: Optional[float] = None
     predicted_final_high: Optional[float] = None

@@ -101,8 +101,9 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
     ``marginal_gain_decision`` event (``stop``, ``reason``, ``monitor``, ``value``,
     ``usd``, ``step``, ``lr`` (the first optimizer's learning rate, which the policy uses too),
     ``lr_schedule`` (on the decision that first used the schedule read off the scheduler),
-    ``gain_points``, ``gain_points_upper``, ``increment_usd``, ``gain_per_usd``,
-    ``predicted_final`` with ``predicted_final_low`` and ``predicted_final_high`` (its
+    ``gain_points``, ``gain_points_upper``, ``increment_usd``, ``gain_per_usd`` (the rate the decision
+    compared with the price), ``past_gain_points_upper`` and ``past_increment_usd`` (where past runs at
+    this stage were asked), ``predicted_final`` with ``predicted_final_low`` and ``predicted_final_high`` (its
     ``confidence`` interval), ``usd_to_predicted_final``, ``curve``, and
     ``curve_points``: the fitted curve sampled against dollars, which the report draws), and the
     estimate goes to the loggers as ``cost/marginal_gain_per_usd`` (points per dollar),
@@ -499,6 +500,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
         est = decision.estimate
         figures: dict[str, Any] = {
             "gain_points": None, "gain_points_upper": None, "increment_usd": None, "gain_per_usd": None,
+            "past_gain_points_upper": None, "past_increment_usd": None,
             "predicted_final": None, "predicted_final_low": None, "predicted_final_high": None,
             "usd_to_predicted_final": None, "curve": None}
         if est is not None:
