@@ -926,6 +926,32 @@ def test_prior_fit_command_on_generic_jsonl(tmp_path, capsys):
     assert "no run with a bounded metric" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("line", "says"), [
+    ('{"id": "a", "points": [[0.1, 0.5], [0.3, 0.6], [0.2, 0.7]]}',
+     "line 2: run 'a': cumulative costs must not decrease (point 2: 0.2 after 0.3)"),
+    ('{"id": "a", "mode": "maximize", "points": [[0.1, 0.5]]}', "line 2: run 'a': mode must be 'max' or 'min'"),
+    ('{"id": "a", "points": []}', "line 2: run 'a': 'points' must be a non-empty list"),
+    ('{"id": "a", "points": [[0.1]]}', "line 2: run 'a': every point must be [cumulative_cost_usd, metric(, lr)]"),
+    ('{"id": "a", "points": [[-0.1, 0.5]]}', "line 2: run 'a': costs must be finite and not negative"),
+    ('{"id": "a", "points": [[0.1, 0.5]], "planned_cost_usd": 0}', "run 'a': planned_cost_usd must be a positive"),
+    ('{"id": "a", "points": [[0.1, 0.5]], "metric_range": [1, 0]}', "run 'a': metric_range must be [low, high]"),
+    ('{"id": "a", "points": [[0.1, 0.5]', "line 2: not JSON"),
+])
+def test_prior_fit_names_the_line_and_the_problem_of_a_corrupt_record(tmp_path, capsys, line, says):
+    """A prior fitted on a corrupt record would mislead every decision made with it: refused, exit code 1 (bad
+    input), naming the file, the line, the run and what is wrong; no prior file is written."""
+    from costaware.cli import main
+
+    good = json.dumps(_slow_start_runs(n_runs=1)[0])
+    data = tmp_path / "runs.jsonl"
+    data.write_text(good + "\n" + line + "\n")
+    out = tmp_path / "prior.json"
+    code = main(["prior", "fit", str(data), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and f"{data}: " in err and says in err, err
+    assert not out.exists()
+
+
 def test_the_shipped_prior_loads():
     policy = MarginalGainPolicy()
     assert policy.prior is not None and "*/*/*/*" in policy.prior.cells

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -322,21 +323,59 @@ def load_prior(prior: Any) -> CurvePrior | None:
 
 # ---------------------------------------------------------------------- reading past runs
 def run_from_record(record: dict) -> PriorRun:
-    """A generic-JSONL record (``benchmarks/replay_curves.py``'s format) as a PriorRun."""
-    points = record["points"]
-    costs = np.asarray([float(p[0]) for p in points], dtype=float)
-    metrics = np.asarray([float("nan") if p[1] is None else float(p[1]) for p in points], dtype=float)
-    has_lr = points and all(len(p) > 2 and p[2] is not None for p in points)
-    lrs = np.asarray([float(p[2]) for p in points]) if has_lr else None
+    """A generic-JSONL record (``benchmarks/replay_curves.py``'s format) as a PriorRun.
+
+    Raises ValueError naming the run and what is wrong with it: a prior fitted on a corrupt record
+    (costs that go down, a mode that is neither max nor min) would mislead every decision made with it.
+    """
+    name = f"run {record.get('id')!r}" if isinstance(record, dict) else "a record"
+    if not isinstance(record, dict):
+        raise ValueError(f"{name} is not a JSON object")
+    points = record.get("points")
+    if not isinstance(points, list) or not points:
+        raise ValueError(f"{name}: 'points' must be a non-empty list of [cumulative_cost_usd, metric(, lr)]")
+    mode = record.get("mode", "max")
+    if mode not in ("max", "min"):
+        raise ValueError(f"{name}: mode must be 'max' or 'min', got {mode!r}")
+    try:
+        costs = np.asarray([float(p[0]) for p in points], dtype=float)
+        metrics = np.asarray([float("nan") if p[1] is None else float(p[1]) for p in points], dtype=float)
+        has_lr = all(len(p) > 2 and p[2] is not None for p in points)
+        lrs = np.asarray([float(p[2]) for p in points]) if has_lr else None
+    except (TypeError, ValueError, IndexError) as err:
+        raise ValueError(f"{name}: every point must be [cumulative_cost_usd, metric(, lr)] ({err})") from None
+    if not np.all(np.isfinite(costs)) or np.any(costs < 0):
+        raise ValueError(f"{name}: costs must be finite and not negative")
+    drops = np.flatnonzero(np.diff(costs) < 0)
+    if drops.size:
+        i = int(drops[0]) + 1
+        raise ValueError(f"{name}: cumulative costs must not decrease (point {i}: {costs[i]:g} after {costs[i - 1]:g})")
+    planned = record.get("planned_cost_usd")
+    if planned is not None and not (isinstance(planned, (int, float)) and math.isfinite(planned) and planned > 0):
+        raise ValueError(f"{name}: planned_cost_usd must be a positive number, got {planned!r}")
     rng = record.get("metric_range")
-    return PriorRun(costs, metrics, record.get("mode", "max"), record.get("planned_cost_usd"), lrs,
-                    bool(record.get("anneals", True)), record.get("baseline"),
+    if rng is not None and not (isinstance(rng, (list, tuple)) and len(rng) == 2 and float(rng[0]) < float(rng[1])):
+        raise ValueError(f"{name}: metric_range must be [low, high] with low < high, got {rng!r}")
+    return PriorRun(costs, metrics, mode, planned, lrs, bool(record.get("anneals", True)), record.get("baseline"),
                     None if rng is None else (float(rng[0]), float(rng[1])))
 
 
 def runs_from_jsonl(path: str | Path) -> list[PriorRun]:
+    """The runs of a generic-JSONL file; a bad line raises ValueError naming the line."""
+    runs = []
     with open(path) as f:
-        return [run_from_record(json.loads(line)) for line in f if line.strip()]
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"line {number}: not JSON ({err.msg} at column {err.colno})") from None
+            try:
+                runs.append(run_from_record(record))
+            except ValueError as err:
+                raise ValueError(f"line {number}: {err}") from None
+    return runs
 
 
 def runs_from_ledger(path: str | Path) -> list[PriorRun]:
