@@ -72,7 +72,7 @@ _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO / "src") not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(_REPO / "src"))
 
-from costaware.curve_prior import CurvePrior, PriorRun, load_prior  # noqa: E402
+from costaware.curve_prior import CurvePrior, PriorRun, load_prior, run_from_record  # noqa: E402
 from costaware.curves import Decision, MarginalGainPolicy  # noqa: E402
 
 DEFAULT_DATA = _REPO.parent / "shared" / "data"
@@ -164,23 +164,13 @@ def run_learns(run: Run, above_points: float = LEARNS_ABOVE_POINTS) -> bool:
 
 
 def run_from_generic(record: dict) -> Run:
-    """Builds a :class:`Run` from one generic-JSONL record (validating it)."""
-    mode = record.get("mode", "max")
-    if mode not in ("max", "min"):
-        raise ValueError(f"run {record.get('id')!r}: mode must be 'max' or 'min', got {mode!r}")
-    pts = np.asarray(
-        [[float(p[0]), float("nan") if p[1] is None else float(p[1])] for p in record["points"]], dtype=float
-    ).reshape(-1, 2)
-    has_lr = all(len(p) > 2 and p[2] is not None for p in record["points"])
-    lrs = np.asarray([float(p[2]) for p in record["points"]]) if has_lr and record["points"] else None
-    if pts.shape[0] == 0:
-        raise ValueError(f"run {record.get('id')!r} has no points")
-    if np.any(np.diff(pts[:, 0]) < 0):
-        raise ValueError(f"run {record.get('id')!r}: cumulative costs must not decrease")
-    planned = record.get("planned_cost_usd")
+    """Builds a :class:`Run` from one generic-JSONL record, validated as ``costaware prior fit`` validates it
+    (``costaware.curve_prior.run_from_record``: costs that go down, a bad mode, no points are refused)."""
+    run = run_from_record(record)
     baseline = record.get("baseline")
-    return Run(str(record["id"]), mode, pts[:, 0], pts[:, 1], None if planned is None else float(planned),
-               None if baseline is None else float(baseline), lrs, bool(record.get("anneals", True)))
+    return Run(str(record["id"]), run.mode, run.costs_usd, run.metrics,
+               None if run.planned_cost_usd is None else float(run.planned_cost_usd),
+               None if baseline is None else float(baseline), run.lrs, run.anneals)
 
 
 def deberta_records(path: Path, usd_per_example: float, validation: str = "matched") -> list[dict]:
