@@ -935,6 +935,8 @@ def test_prior_fit_command_on_generic_jsonl(tmp_path, capsys):
     ('{"id": "a", "points": [[-0.1, 0.5]]}', "line 2: run 'a': costs must be finite and not negative"),
     ('{"id": "a", "points": [[0.1, 0.5]], "planned_cost_usd": 0}', "run 'a': planned_cost_usd must be a positive"),
     ('{"id": "a", "points": [[0.1, 0.5]], "metric_range": [1, 0]}', "run 'a': metric_range must be [low, high]"),
+    ('{"id": "a", "points": [[0.1, 0.5]], "metric_range": ["0", 1]}', "run 'a': metric_range must be [low, high]"),
+    ('{"id": "a", "points": [[0.1, 0.5]], "baseline": "chance"}', "run 'a': baseline must be a number"),
     ('{"id": "a", "points": [[0.1, 0.5]', "line 2: not JSON"),
 ])
 def test_prior_fit_names_the_line_and_the_problem_of_a_corrupt_record(tmp_path, capsys, line, says):

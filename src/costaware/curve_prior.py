@@ -350,14 +350,21 @@ def run_from_record(record: dict) -> PriorRun:
     if drops.size:
         i = int(drops[0]) + 1
         raise ValueError(f"{name}: cumulative costs must not decrease (point {i}: {costs[i]:g} after {costs[i - 1]:g})")
-    planned = record.get("planned_cost_usd")
-    if planned is not None and not (isinstance(planned, (int, float)) and math.isfinite(planned) and planned > 0):
+    planned, baseline = record.get("planned_cost_usd"), record.get("baseline")
+    if planned is not None and not (_is_number(planned) and math.isfinite(planned) and planned > 0):
         raise ValueError(f"{name}: planned_cost_usd must be a positive number, got {planned!r}")
+    if baseline is not None and not (_is_number(baseline) and math.isfinite(baseline)):
+        raise ValueError(f"{name}: baseline must be a number, got {baseline!r}")
     rng = record.get("metric_range")
-    if rng is not None and not (isinstance(rng, (list, tuple)) and len(rng) == 2 and float(rng[0]) < float(rng[1])):
+    if rng is not None and not (isinstance(rng, (list, tuple)) and len(rng) == 2 and all(map(_is_number, rng))
+                                and rng[0] < rng[1]):
         raise ValueError(f"{name}: metric_range must be [low, high] with low < high, got {rng!r}")
-    return PriorRun(costs, metrics, mode, planned, lrs, bool(record.get("anneals", True)), record.get("baseline"),
+    return PriorRun(costs, metrics, mode, planned, lrs, bool(record.get("anneals", True)), baseline,
                     None if rng is None else (float(rng[0]), float(rng[1])))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def runs_from_jsonl(path: str | Path) -> list[PriorRun]:
