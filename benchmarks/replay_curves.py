@@ -167,10 +167,8 @@ def run_from_generic(record: dict) -> Run:
     """Builds a :class:`Run` from one generic-JSONL record, validated as ``costaware prior fit`` validates it
     (``costaware.curve_prior.run_from_record``: costs that go down, a bad mode, no points are refused)."""
     run = run_from_record(record)
-    baseline = record.get("baseline")
-    return Run(str(record["id"]), run.mode, run.costs_usd, run.metrics,
-               None if run.planned_cost_usd is None else float(run.planned_cost_usd),
-               None if baseline is None else float(baseline), run.lrs, run.anneals)
+    return Run(str(record["id"]), run.mode, run.costs_usd, run.metrics, run.planned_cost_usd, run.baseline, run.lrs,
+               run.anneals)
 
 
 def deberta_records(path: Path, usd_per_example: float, validation: str = "matched") -> list[dict]:

@@ -131,15 +131,16 @@ _POOLED_MIN_EVALS = 8
 # Where past runs are asked (a prior, a plan, a bounded metric), the rate a decision compares with the price is a
 # weighted geometric mean of the fit's (its gain over the horizon most worth its cost) and the past runs' at this
 # stage (the confidence quantile or the mean, where larger, of what the next doubling of the spend brought them).
-# The fit alone overstates what the next stretch buys (1.3-2.4x on DeBERTa's tune half, up to 20x late in LoRA-SST2
-# runs), and past runs at the same stage know as much: on DeBERTa's test half at 25-50% of a run, Spearman to the
+# The fit alone overstates what the next stretch buys (its median gain in a run's last quarter, against what the run
+# then made, in the committed replay: DeBERTa 1.2-1.5x, digits 1.2-4.7x, LoRA-SST2 7-11x), and past runs at the same
+# stage know as much: on DeBERTa's test half at 25-50% of a run, Spearman to the
 # gain over the next doubling 0.503 for the fit, 0.546 for the prior, 0.563 for the two ranks summed. The weight is
 # inverse-variance on the log rate: the fit's spread is ln(its gain's confidence quantile / its median), the past
 # runs' this figure; past runs never weigh more than the run's own fit (at most _PRIOR_RATE_MAX_WEIGHT). A fit that
-# knows its gain (a clean straight rise, quantile 1.02x the median) keeps it: at a fixed half, 20 of 30 such rises
-# worth 1.5x their cost were stopped. Against the fit alone (replay, both halves): regret lower at 66 of the 87 cells
-# it changed, higher at 21 by at most 14% (LoRA-SST2 and digits-ssl at $3-$10); LoRA-SST2 (never used for tuning)
-# below the best patience at 8 of 10 cells, 3 with the fit alone.
+# knows its gain (a clean straight rise, quantile 1.02x the median) keeps it: with a fixed weight of a half, 20 of 30
+# such rises worth 1.5x their cost were stopped. Against the fit alone (replay, both halves): regret lower at 66 of
+# the 87 cells it changed, higher at 21 by at most 14% (LoRA-SST2 and digits-ssl at $3-$10); LoRA-SST2 (never used
+# for tuning) below the best patience at 8 of 10 cells, 3 with the fit alone.
 _PRIOR_RATE_SPREAD = math.log(2.0)
 _PRIOR_RATE_MAX_WEIGHT = 0.5
 # ... but not before the run has come this far from its baseline to the ceiling: near chance, the shipped prior pools
