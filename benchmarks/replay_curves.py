@@ -67,6 +67,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import spearmanr
 
 _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO / "src") not in sys.path:  # run from a checkout without installing
@@ -472,15 +473,23 @@ def coverage(runs: list[Run], kwargs: dict, workers: int) -> list[list]:
 GAIN_PARTS = (0.25, 0.5, 0.75, 1.0)  # the stated gain is checked by quarter of each run's cost
 
 
-def gain_checks(run: Run, policy_kwargs: dict) -> list[tuple[float, float, float]]:
+def gain_checks(run: Run, policy_kwargs: dict) -> list[tuple[float, ...]]:
     """Every gain the policy states over the run, fed every point (it is not allowed to stop): (fraction of the
     run's cost, the stated median gain of the kept best over the stated increment, the gain the run then made by
     the end of that increment), in points. Increments that reach past the run's end are left out.
+
+    Where past runs priced the next stretch, three more: the fit's rate, past runs' rate and the rate the policy
+    used (points/$), and a fourth, the rate the run then made over that stretch (the next doubling of the spend);
+    NaN where past runs were not asked.
     """
     policy = policy_for(run, policy_kwargs, run.planned_cost_usd)
     points = np.nan_to_num(run.points, nan=-np.inf)
     best = np.maximum.accumulate(points)
     total = float(run.costs_usd[-1])
+
+    def best_at(usd: float) -> int:
+        return int(np.searchsorted(run.costs_usd, usd * (1.0 + 1e-9), side="right")) - 1
+
     out = []
     for i in range(len(run.metrics)):
         estimate = observe(policy, run, i).estimate
@@ -489,8 +498,15 @@ def gain_checks(run: Run, policy_kwargs: dict) -> list[tuple[float, float, float
         until = float(run.costs_usd[i]) + estimate.increment_usd
         if until > total * (1.0 + 1e-9):
             continue
-        j = int(np.searchsorted(run.costs_usd, until * (1.0 + 1e-9), side="right")) - 1
-        out.append((float(run.costs_usd[i]) / total, estimate.gain_points, float(best[j] - best[i])))
+        rates = (float("nan"),) * 4
+        past_usd = estimate.past_increment_usd
+        if past_usd is not None and estimate.past_gain_points_upper is not None:
+            k = best_at(min(float(run.costs_usd[i]) + past_usd, total))
+            made_rate = float(best[k] - best[i]) / past_usd
+            rates = (estimate.gain_points_upper / estimate.increment_usd,
+                     estimate.past_gain_points_upper / past_usd, estimate.gain_per_usd, made_rate)
+        out.append((float(run.costs_usd[i]) / total, estimate.gain_points, float(best[best_at(until)] - best[i]),
+                    *rates))
     return out
 
 
@@ -744,7 +760,7 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
         checks = [c for run_checks in per_run for c in run_checks]
         row, lo = [], 0.0
         for hi in GAIN_PARTS:
-            got = np.asarray([(stated, made) for at, stated, made in checks if lo <= at < hi]).reshape(-1, 2)
+            got = np.asarray([c[1:3] for c in checks if lo <= c[0] < hi]).reshape(-1, 2)
             stated, made = (float(np.mean(got[:, k])) if len(got) else float("nan") for k in (0, 1))
             ratio = f"{stated / made:.2f}x" if made > 0 else "-"
             row.append(f"{lo:.0%}-{hi:.0%}: {stated:.3f} stated, {made:.3f} made ({ratio}, {len(got)})")
@@ -752,6 +768,16 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
                 "estimates": len(got), "stated_points_mean": stated, "made_points_mean": made}
             lo = hi
         say(f"{h:5} " + "; ".join(row))
+        # How well each rate ranks what the next doubling of the spend then brought, early in a run (25-50%), where
+        # past runs price the next stretch: why the policy blends the two (costaware.curves._PRIOR_RATE_SPREAD).
+        early = np.asarray([c[3:] for c in checks if 0.25 <= c[0] < 0.5 and math.isfinite(c[3])]).reshape(-1, 4)
+        if len(early) >= 10:
+            rho = [float(spearmanr(early[:, k], early[:, 3]).statistic) for k in range(3)]
+            say(f"{h:5} rank correlation (Spearman) with the rate the next doubling of the spend then made, 25%-50% "
+                f"of a run, {len(early)} estimates: the fit's rate {rho[0]:.3f}, past runs' {rho[1]:.3f}, "
+                f"the rate used (weighted) {rho[2]:.3f}")
+            result["gain_calibration"][h]["spearman_25-50"] = {"estimates": len(early), "fit": rho[0],
+                                                               "past_runs": rho[1], "used": rho[2]}
 
     # 6. Other priors, replayed on the test half against the shipped one. A team's own (issue 12: past runs of the
     # same kind are the best predictor a team has), fitted on this set's tune half alone, non-learning runs included;

@@ -1046,7 +1046,7 @@ def _wait_at_chance(gain_upper: float, start_usd: float, cost_now: float, evals:
     from costaware.curves import _PriorView
 
     view = _PriorView("test cell", gain_upper=gain_upper, final_low=10.0, final_median=10.0, final_high=10.0,
-                      next_gain_upper=0.0, next_usd=0.0)
+                      next_gain_upper=0.0, next_usd=None)
     policy = MarginalGainPolicy(usd_per_point=1.0, planned_cost_usd=10.0, baseline=0.1, prior=None)
     for c in np.linspace(start_usd, cost_now, evals):
         policy.observe(float(c), 0.1, lr=0.1)

@@ -1,10 +1,11 @@
 """The shared argument checks and the one "device of a module" helper."""
 
+import numpy as np
 import pytest
 import torch
 
 from costaware._torch import device_of
-from costaware.validation import check_amount, check_count, check_flag, check_path, check_text
+from costaware.validation import check_amount, check_count, check_flag, check_path, check_text, is_number
 
 
 def test_one_check_for_amounts_and_counts():
@@ -17,6 +18,13 @@ def test_one_check_for_amounts_and_counts():
     for bad in (0, True, 2.0, "3"):
         with pytest.raises(ValueError, match=r"k must be an int >= 1, got "):
             check_count("k", bad, minimum=1)
+
+
+def test_a_number_is_never_a_bool():
+    """JSON's true and Python's True pass isinstance(x, int); every check of a number (records, priors, the
+    policy's arguments) refuses them through this one helper."""
+    assert all(is_number(v) for v in (0, 1.5, float("nan"), np.float32(2.0), np.int64(3)))
+    assert not any(is_number(v) for v in (True, False, None, "1", [1], np.bool_(True)))
 
 
 def test_text_paths_and_flags_name_the_argument_and_what_it_accepts(tmp_path):

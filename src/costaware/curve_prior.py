@@ -47,6 +47,8 @@ from typing import Any
 
 import numpy as np
 
+from costaware.validation import is_number
+
 __all__ = ["HEADROOM_FLOOR", "CurvePrior", "PriorRun", "load_prior", "lr_state", "prior_cell", "run_from_record",
            "runs_from_jsonl", "runs_from_ledger", "stage"]
 
@@ -351,20 +353,18 @@ def run_from_record(record: dict) -> PriorRun:
         i = int(drops[0]) + 1
         raise ValueError(f"{name}: cumulative costs must not decrease (point {i}: {costs[i]:g} after {costs[i - 1]:g})")
     planned, baseline = record.get("planned_cost_usd"), record.get("baseline")
-    if planned is not None and not (_is_number(planned) and math.isfinite(planned) and planned > 0):
+    if planned is not None and not (is_number(planned) and math.isfinite(planned) and planned > 0):
         raise ValueError(f"{name}: planned_cost_usd must be a positive number, got {planned!r}")
-    if baseline is not None and not (_is_number(baseline) and math.isfinite(baseline)):
+    if baseline is not None and not (is_number(baseline) and math.isfinite(baseline)):
         raise ValueError(f"{name}: baseline must be a number, got {baseline!r}")
     rng = record.get("metric_range")
-    if rng is not None and not (isinstance(rng, (list, tuple)) and len(rng) == 2 and all(map(_is_number, rng))
+    if rng is not None and not (isinstance(rng, (list, tuple)) and len(rng) == 2 and all(map(is_number, rng))
                                 and rng[0] < rng[1]):
         raise ValueError(f"{name}: metric_range must be [low, high] with low < high, got {rng!r}")
     return PriorRun(costs, metrics, mode, planned, lrs, bool(record.get("anneals", True)), baseline,
                     None if rng is None else (float(rng[0]), float(rng[1])))
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def runs_from_jsonl(path: str | Path) -> list[PriorRun]:

@@ -23,6 +23,8 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Optional
 
+from costaware.validation import is_number
+
 #: How a run ended, in the end record: the only values a schema-2 ``how`` takes.
 END_HOWS = ("completed", "budget_cap", "marginal_gain", "crashed", "interrupted")
 
@@ -93,7 +95,7 @@ def totals_problems(raw: Any) -> list[str]:
         value = raw[key]
         if value is None:
             out.append(f"{key} is null")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif not is_number(value):
             out.append(f"{key} is not a number")
         elif math.isnan(value) or math.isinf(value):
             out.append(f"{key} is {value}")
@@ -675,8 +677,7 @@ def _quantize_v1(data: dict) -> dict:
     return data
 
 
-_CHECKS = {float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-           int: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+_CHECKS = {float: is_number, int: is_number,
            str: lambda v: isinstance(v, str), bool: lambda v: isinstance(v, bool),
            dict: lambda v: isinstance(v, dict), list: lambda v: isinstance(v, list)}
 

@@ -13,6 +13,11 @@ from numbers import Real
 from typing import Any, Literal, Optional, Union, overload
 
 
+def is_number(value: Any) -> bool:
+    """A real number that is not a bool: JSON and Python both accept ``True`` where a number is meant."""
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
 @overload
 def check_amount(name: str, value: Any, minimum: float = ..., allow_none: Literal[False] = ..., strict: bool = ...,
                  why: str = ..., maximum: Optional[float] = ..., strict_maximum: bool = ...) -> float: ...
@@ -32,7 +37,7 @@ def check_amount(name: str, value: Any, minimum: float = 0.0, allow_none: bool =
     bound = f"{'>' if strict else '>='} {minimum}"
     if maximum is not None:
         bound += f" and {'<' if strict_maximum else '<='} {maximum}"
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+    if not is_number(value) or not math.isfinite(float(value)):
         raise ValueError(f"{name} must be a finite number {bound}{' or None' if allow_none else ''}, got {value!r}")
     if float(value) < minimum or (strict and float(value) == minimum):
         raise ValueError(f"{name} must be {bound}{why}, got {value!r}")
