@@ -619,10 +619,17 @@ def test_the_replay_checks_the_stated_gain_and_counts_dollars_saved():
     costs = 0.01 * np.arange(1, 41)
     rising = rc.Run("r", "max", costs, 0.5 + 0.3 * (1 - np.exp(-costs / 0.1)), float(costs[-1]))
     checks = rc.gain_checks(rising, {"usd_per_point": 1.0})
-    assert checks and all(0 < at < 1 and stated >= 0 for at, stated, _ in checks)
-    assert all(made > 0 for _, _, made in checks)  # a clean rise: every increment raises the best
+    assert checks and all(0 < at < 1 and stated >= 0 for at, stated, *_ in checks)
+    assert all(made > 0 for _, _, made, *_ in checks)  # a clean rise: every increment raises the best
+    # Past runs were asked (a bounded metric, a plan): the rate used lies between the fit's and theirs (a weighted
+    # geometric mean), and the rate made over the next doubling is what the best then gained per dollar.
+    rates = [c[3:] for c in checks if math.isfinite(c[3])]
+    assert rates and all(min(fit, past) * (1 - 1e-9) <= used <= max(fit, past) * (1 + 1e-9) and made >= 0
+                         for fit, past, used, made in rates)
+    alone = rc.gain_checks(rising, {"usd_per_point": 1.0, "prior": None})
+    assert alone and all(math.isnan(c[3]) for c in alone)  # no prior, no past runs' rate
     flat = rc.Run("f", "max", costs, np.full(40, 0.8), float(costs[-1]))
-    assert all(made == 0 for _, _, made in rc.gain_checks(flat, {"usd_per_point": 1.0}))
+    assert all(made == 0 for _, _, made, *_ in rc.gain_checks(flat, {"usd_per_point": 1.0}))
     cheap = rc.Run("c", "max", np.array([1.0, 2.0]), np.array([0.5, 0.6]))
     dear = rc.Run("d", "max", np.array([10.0, 20.0]), np.array([0.5, 0.6]))
     assert rc.dollars_saved_share([cheap, dear], [1, 0]) == pytest.approx(10.0 / 22.0)  # spent 2 + 10 of 22

@@ -135,13 +135,13 @@ _POOLED_MIN_EVALS = 8
 # then made, in the committed replay: DeBERTa 1.2-1.5x, digits 1.2-4.7x, LoRA-SST2 7-11x), and past runs at the same
 # stage know as much. Rank correlation (Spearman) with the rate the next doubling of the spend then made, DeBERTa at
 # 25-50% of a run (replay_curves.py prints it): tune 0.690 for the fit's rate, 0.800 for past runs', 0.754 for the
-# weighted mean; test 0.724, 0.764, 0.772. The weight is
-# inverse-variance on the log rate: the fit's spread is ln(its gain's confidence quantile / its median), the past
-# runs' this figure; past runs never weigh more than the run's own fit (at most _PRIOR_RATE_MAX_WEIGHT). A fit that
-# knows its gain (a clean straight rise, quantile 1.02x the median) keeps it: with a fixed weight of a half, 20 of 30
-# such rises worth 1.5x their cost were stopped. Against the fit alone (replay, both halves): regret lower at 66 of
-# the 87 cells it changed, higher at 21 by at most 14% (LoRA-SST2 and digits-ssl at $3-$10); LoRA-SST2 (never used
-# for tuning) below the best patience at 8 of 10 cells, 3 with the fit alone.
+# weighted mean; test 0.724, 0.764, 0.772; the weighted rate ranks above the fit's on all 14 bounded halves. The
+# weight is inverse-variance on the log rate: the fit's spread is ln(its gain's confidence quantile / its median),
+# the past runs' this figure; past runs never weigh more than the run's own fit (at most _PRIOR_RATE_MAX_WEIGHT).
+# A fit that knows its gain (a clean straight rise, quantile 1.02x the median) keeps it: with a fixed weight of a
+# half, 20 of 30 such rises worth 1.5x their cost were stopped. Against the fit alone (replay, both halves): regret
+# lower at 66 of the 87 cells it changed, higher at 21 by at most 14% (LoRA-SST2 and digits-ssl at $3-$10);
+# LoRA-SST2 (never used for tuning) below the best patience at 8 of 10 cells, 3 with the fit alone.
 _PRIOR_RATE_SPREAD = math.log(2.0)
 _PRIOR_RATE_MAX_WEIGHT = 0.5
 # ... but not before the run has come this far from its baseline to the ceiling: near chance, the shipped prior pools
