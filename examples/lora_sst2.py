@@ -157,7 +157,13 @@ class SST2Classifier(pl.LightningModule):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        return self.head(self.dropout(pooled.to(self.head.weight.dtype)))  # a 4-bit base computes in bf16
+        return self.head(self.dropout(pooled.to(self._head_input_dtype())))
+
+    def _head_input_dtype(self) -> torch.dtype:
+        """The head's float dtype (a 4-bit base computes in bf16, a float32 head needs float32), or float32 where
+        the head was quantized: torch's dynamic int8 Linear has a ``weight()`` method, bitsandbytes' an int8 weight."""
+        weight = getattr(self.head, "weight", None)
+        return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
 
     def _loss_and_acc(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self(batch["input_ids"], batch["attention_mask"])

@@ -60,11 +60,11 @@ def _teacher(ns, clock=None):
     return Teacher()
 
 
-def _fit(ns, tmp_path, clock, distill, max_steps=60, extra=()):
+def _fit(ns, tmp_path, clock, distill, max_steps=60, extra=(), progress_bar=False):
     monitor = ns.costaware.CostMonitor(usd_per_host_hour=3.6, cpu_tdp_w=10, ram_power_w=3)
     stopping = ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=0.01, then=distill)
     trainer = ns.Trainer(max_steps=max_steps, val_check_interval=4, limit_val_batches=2, log_every_n_steps=4,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         enable_progress_bar=progress_bar, enable_model_summary=False, default_root_dir=tmp_path,
                          callbacks=[monitor, stopping, *extra])
     teacher = _teacher(ns, clock)
     with pytest.MonkeyPatch.context() as patch:  # the student's meter (Distill's nested fit) too
@@ -109,6 +109,22 @@ def test_distill_trains_a_student_in_a_nested_fit(ns, tmp_path, clock):
     # The teacher's Trainer is usable afterwards.
     trainer.validate(teacher, _loaders()[1], verbose=False)
     assert "val_acc" in trainer.callback_metrics
+
+
+@pytest.mark.parametrize("bar", ["RichProgressBar", "TQDMProgressBar"])
+def test_the_teachers_progress_bar_survives_the_students_fit(ns, tmp_path, clock, bar):
+    """Lightning's RichProgressBar (its default where rich is installed) cannot nest: a second one clears the
+    console's live display, and the teacher's fit failed at teardown. The student then shows no bar; under a TQDM
+    bar it shows a TQDM one."""
+    if bar == "RichProgressBar":
+        pytest.importorskip("rich")
+    distill = Distill(nn.Linear(FEATURES, 2), max_epochs=1, latency_batches=0)
+    trainer, stopping, _ = _fit(ns, tmp_path, clock, distill, extra=[getattr(ns.pl.callbacks, bar)()],
+                                progress_bar=True)
+    assert trainer.state.status == "finished" and distill.student_trainer.global_step == 16
+    student_bar = distill.student_trainer.progress_bar_callback
+    assert (student_bar is None) if bar == "RichProgressBar" else type(student_bar).__name__ == "TQDMProgressBar"
+    assert [r.role for r in stopping.results] == ["teacher", "student"]
 
 
 def test_mismatched_student_fails_before_the_teacher_trains(ns, tmp_path, clock):

@@ -535,6 +535,8 @@ class Distill(StopStrategy):
         callbacks: list = [student_monitor]
         if budget_left_usd is not None:
             callbacks.append(BudgetCap(max_usd=budget_left_usd))
+        if _student_shows_progress(trainer):
+            callbacks.append(_lightning.load(namespace).callbacks.TQDMProgressBar())
         kwargs = dict(self._student_trainer_kwargs(trainer, run.save_dir), callbacks=callbacks)
         kwargs.update(self.trainer_kwargs)
         module = distill_module_class(_lightning.load(namespace))(
@@ -560,9 +562,19 @@ class Distill(StopStrategy):
             devices=[device.index] if device.type == "cuda" and device.index is not None else 1,
             num_nodes=1, precision=str(trainer.precision), max_epochs=self.max_epochs, max_steps=self.max_steps,
             logger=False, enable_checkpointing=False, enable_model_summary=False,
-            enable_progress_bar=trainer.progress_bar_callback is not None, limit_val_batches=0,
+            enable_progress_bar=_student_shows_progress(trainer), limit_val_batches=0,
             num_sanity_val_steps=0, log_every_n_steps=trainer.log_every_n_steps, default_root_dir=str(save_dir),
         )
+
+
+def _student_shows_progress(trainer: Any) -> bool:
+    """Whether the student's nested fit shows a progress bar (a TQDM one): where the teacher's does, unless the
+    teacher's is Lightning's ``RichProgressBar`` (the default where ``rich`` is installed). That bar cannot nest: a
+    second one, starting, clears the console's live display (the teacher's), and the teacher's fit then failed at
+    its teardown (``IndexError: pop from empty list`` in rich's ``Console.clear_live``), after the student was saved.
+    """
+    bar = trainer.progress_bar_callback
+    return bar is not None and not any(cls.__name__ == "RichProgressBar" for cls in type(bar).__mro__)
 
 
 class _Run:
