@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -460,6 +461,16 @@ def test_price_arguments_are_ignored_with_a_warning_when_a_monitor_exists(pl_ns,
     with pytest.warns(BudgetWarning, match=r"\['usd_per_kwh'\] are ignored"):
         trainer.fit(_model(pl_ns, sclock))
     assert monitor.prices.usd_per_host_hour == 3.6 and monitor.prices.usd_per_kwh == 0.0
+    # A price given the same to both is not ignored (it agrees), and says nothing: only the other one is named.
+    cap = pl_ns.costaware.BudgetCap(max_flops=550, usd_per_kwh=0.2, usd_per_host_hour=3.6)
+    trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, sclock), cap])
+    with pytest.warns(BudgetWarning, match=r"\['usd_per_kwh'\] are ignored"):
+        trainer.fit(_model(pl_ns, sclock))
+    agreeing = pl_ns.costaware.BudgetCap(max_flops=550, usd_per_host_hour=3.6)
+    trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, sclock), agreeing])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*are ignored.*")
+        trainer.fit(_model(pl_ns, sclock))
 
 
 @pytest.mark.parametrize("with_monitor", [True, False])

@@ -47,8 +47,8 @@ def run_meter(trainer: pl.Trainer) -> Optional[CostMeter]:
 def find_meter(trainer: pl.Trainer, me: Any, category: type = UserWarning) -> CostMeter:
     """The run's meter for callback ``me`` (whose ``own_meter`` is used if no other applies).
 
-    Warns when ``me`` was given prices that do not apply because another meter is the run's;
-    a setting given to both with different values is a ValueError (at setup, before compute).
+    Warns when ``me`` was given prices that do not apply because another meter is the run's (not those given the
+    same to both); a setting given to both with different values is a ValueError (at setup, before compute).
     """
     monitors = [cb for cb in _callbacks(trainer) if isinstance(cb, CostMonitor)]
     name = type(me).__name__
@@ -65,8 +65,10 @@ def find_meter(trainer: pl.Trainer, me: Any, category: type = UserWarning) -> Co
             detail = "; ".join(f"{k}={a!r} here, {b!r} there" for k, (a, b) in sorted(clashes.items()))
             raise ValueError(f"costaware: {name} and {metered_by}, which meters the run, were given different "
                              f"settings ({detail}): give prices once, on the callback that meters the run")
-        rank_zero_warn(f"costaware: {name}'s monitor arguments {sorted(mine)} are ignored: the run is metered by "
-                       f"{metered_by}, whose prices apply", category=category)
+        ignored = sorted(k for k in mine if k not in theirs)  # one given the same on both is not ignored: it agrees
+        if ignored:  # (the presets callbacks/cost_monitor.yaml and marginal_gain.yaml both say country: USA)
+            rank_zero_warn(f"costaware: {name}'s monitor arguments {ignored} are ignored: the run is metered by "
+                           f"{metered_by}, whose prices apply", category=category)
     return meter
 
 
