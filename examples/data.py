@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import csv
 import random
 from pathlib import Path
@@ -33,6 +34,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 #: Where the examples look for SST-2: ``<checkout>/../shared/data/sst2``.
 DEFAULT_SST2_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
 SPLITS = ("train", "dev", "test")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: ...)" to an option's help unless the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if "(default:" in text else super()._get_help_string(action) or ""
 
 
 def sst2_dir(data_dir: Optional[str | Path] = None) -> Path:

@@ -54,7 +54,7 @@ from torch import nn  # noqa: E402
 
 import costaware  # noqa: E402
 from costaware.report import build_report, summary_lines  # noqa: E402
-from data import read_splits, sst2_dir_or_exit, sst2_loader  # noqa: E402
+from data import HelpFormatter, read_splits, sst2_dir_or_exit, sst2_loader  # noqa: E402
 
 # Batches are built from tensors already in memory: worker processes would only compete with
 # training for the same few cores.
@@ -217,7 +217,7 @@ class SST2Classifier(pl.LightningModule):
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", default=None,
                       help="folder with SST-2 train.tsv, dev.tsv, test.tsv "

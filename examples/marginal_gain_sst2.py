@@ -64,7 +64,7 @@ import costaware  # noqa: E402
 from costaware.deploy import Deployment  # noqa: E402
 from costaware.report import build_report, summary_lines  # noqa: E402
 from costaware.strategies import Distill, ModelRow, Quantize, TruncatedStudent  # noqa: E402
-from data import read_splits, read_unlabelled, sst2_dir_or_exit, sst2_loader  # noqa: E402
+from data import HelpFormatter, read_splits, read_unlabelled, sst2_dir_or_exit, sst2_loader  # noqa: E402
 from lora_sst2 import SST2Classifier, lora_encoder, model_dir  # noqa: E402
 
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
@@ -88,7 +88,7 @@ def accuracy(model: nn.Module, loader: Any) -> float:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", default=None, help="folder with SST-2 train.tsv, dev.tsv, test.tsv")
     data.add_argument("--train-samples", type=int, default=3000, help="random training phrases from train.tsv")
