@@ -127,6 +127,14 @@ def test_the_teachers_progress_bar_survives_the_students_fit(ns, tmp_path, clock
     assert [r.role for r in stopping.results] == ["teacher", "student"]
 
 
+def test_the_students_trainer_kwargs_may_turn_its_progress_bar_off(pl_ns, tmp_path, clock):
+    distill = Distill(nn.Linear(FEATURES, 2), max_epochs=1, latency_batches=0,
+                      trainer_kwargs={"enable_progress_bar": False})
+    trainer, _, _ = _fit(pl_ns, tmp_path, clock, distill, extra=[pl_ns.pl.callbacks.TQDMProgressBar()],
+                         progress_bar=True)
+    assert trainer.state.status == "finished" and distill.student_trainer.progress_bar_callback is None
+
+
 def test_mismatched_student_fails_before_the_teacher_trains(ns, tmp_path, clock):
     distill = Distill(nn.Linear(FEATURES, 3))
     with pytest.raises(StudentShapeError, match=r"\(32, 3\).*\(32, 2\)|\(64, 3\).*\(64, 2\)") as error:

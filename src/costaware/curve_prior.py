@@ -365,8 +365,6 @@ def run_from_record(record: dict) -> PriorRun:
                     None if rng is None else (float(rng[0]), float(rng[1])))
 
 
-
-
 def runs_from_jsonl(path: str | Path) -> list[PriorRun]:
     """The runs of a generic-JSONL file; a bad line raises ValueError naming the line."""
     runs = []

@@ -535,10 +535,10 @@ class Distill(StopStrategy):
         callbacks: list = [student_monitor]
         if budget_left_usd is not None:
             callbacks.append(BudgetCap(max_usd=budget_left_usd))
-        if _student_shows_progress(trainer):
-            callbacks.append(_lightning.load(namespace).callbacks.TQDMProgressBar())
         kwargs = dict(self._student_trainer_kwargs(trainer, run.save_dir), callbacks=callbacks)
         kwargs.update(self.trainer_kwargs)
+        if kwargs.get("enable_progress_bar") and kwargs["callbacks"] is callbacks:  # not Lightning's default (Rich)
+            callbacks.append(_lightning.load(namespace).callbacks.TQDMProgressBar())
         module = distill_module_class(_lightning.load(namespace))(
             self.student, run.teacher, run.split, self.temperature, self.alpha, self.lr, self.weight_decay,
             self.warmup_fraction)
