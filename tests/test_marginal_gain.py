@@ -513,6 +513,39 @@ def test_a_prior_fitted_on_the_ledger_of_a_real_fit(pl_ns, tmp_path, clock, caps
     assert pl_ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=1.0, prior=str(out)).policy.prior
 
 
+def test_a_run_that_completed_is_fitted_on_what_it_spent(pl_ns, tmp_path, clock, capsys):
+    """The plan read from a ledger: a completed run's own spend, not the largest estimate on the way. Early steps
+    that cost more (a slow start: setup, a first validation) made every estimate of the plan overshoot, and `costaware
+    prior fit` skipped the run as stopped before its end."""
+    from costaware.cli import main
+    from costaware.curve_prior import runs_from_ledger
+
+    model = _curve_model(pl_ns.BoringModel, clock, lambda step: 0.002 * step)
+    steady_step = model.training_step
+
+    def slow_start(batch, batch_idx):
+        clock.advance(4.0 if model.global_step < 20 else 0.0)  # the first 20 steps cost 5x the others
+        return steady_step(batch, batch_idx)
+
+    model.training_step = slow_start
+    stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_acc", min_gain_per_usd=1e-9)  # never stops
+    trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, clock), stopping], max_steps=150, logger=False)
+    trainer.fit(model)
+    ledger = read_ledger(stopping.meter.ledger.path)
+    assert ledger.end.how == "completed"
+    estimates = [e["usd"] + e["usd_to_predicted_final"] for e in ledger.events
+                 if e["name"] == "marginal_gain_decision" and e.get("usd_to_predicted_final") is not None]
+    assert max(estimates) > 1.2 * ledger.end.totals.usd  # the first, at the average pace, overshoots
+    # The callback's plans use the pace of the later half of the fit so far: right once the slow start is behind it.
+    late = [e["usd"] + e["usd_to_predicted_final"] for e in ledger.events if e["name"] == "marginal_gain_decision"
+            and e.get("usd_to_predicted_final") is not None and e["step"] >= 40]
+    assert late and all(u == pytest.approx(ledger.end.totals.usd, rel=0.02) for u in late)
+    (run,) = runs_from_ledger(stopping.meter.ledger.path)
+    assert run.planned_cost_usd == pytest.approx(ledger.end.totals.usd)
+    assert main(["prior", "fit", str(stopping.meter.ledger.path.parent), "-o", str(tmp_path / "prior.json")]) == 0
+    assert "prior fitted on 1 of 1 runs" in capsys.readouterr().out
+
+
 def test_an_accuracy_logged_as_a_percentage_is_pointed_out_once(ns, tmp_path, clock):
     """With points_per_unit=100, a val_acc of 63.2 is 6,320 points: the price set per percentage point would be 100x
     off. The callback says so, once, and names the fix; a percentage watched with points_per_unit=1 is quiet."""

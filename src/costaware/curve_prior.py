@@ -386,8 +386,11 @@ def runs_from_jsonl(path: str | Path) -> list[PriorRun]:
 def runs_from_ledger(path: str | Path) -> list[PriorRun]:
     """The run in a costaware ledger: its ``marginal_gain_decision`` events (value, dollars, lr).
 
-    The planned cost is the largest ``usd + usd_to_predicted_final`` a decision recorded, else
-    the last cost; mode, baseline and whether the LR anneals come from the ``marginal_gain_policy`` event.
+    The planned cost of a run that completed is what it spent (its end record's dollars); of any other, the latest
+    ``usd + usd_to_predicted_final`` a decision recorded (the Trainer's steps at the pace so far), else none. Not the
+    largest: the pace so far carries the start's fixed costs, and early estimates ran 10-35% over what a small run
+    spent in all, so that `costaware prior fit` skipped it as stopped before its end. Mode, baseline and whether the
+    LR anneals come from the ``marginal_gain_policy`` event.
     """
     from costaware.ledger import LEDGER_FILENAME, read_ledger
     from costaware.records import MarginalGainDecisionEvent, MarginalGainPolicyEvent
@@ -405,6 +408,9 @@ def runs_from_ledger(path: str | Path) -> list[PriorRun]:
     lrs = [e.lr for e in decisions]
     plans = [e.usd + e.usd_to_predicted_final for e in decisions
              if e.usd is not None and e.usd_to_predicted_final is not None]
-    return [PriorRun(costs, metrics, policy.mode or "max", max(plans) if plans else None,
+    end = contents.end
+    spent = end.totals.usd if end is not None and end.how == "completed" and end.totals is not None else None
+    planned = max(float(spent), float(costs[-1])) if spent is not None else (plans[-1] if plans else None)
+    return [PriorRun(costs, metrics, policy.mode or "max", planned,
                      np.asarray(lrs, dtype=float) if all(v is not None for v in lrs) else None,
                      True if policy.anneals is None else bool(policy.anneals), policy.baseline)]

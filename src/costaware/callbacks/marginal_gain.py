@@ -70,8 +70,9 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
     distill the model into a student or quantize it. A run whose metric turns NaN, or collapses,
     stops too.
 
-    The policy also gets the run's planned cost: dollars per optimizer step so far times
-    ``trainer.estimated_stepping_batches`` (none when the Trainer plans no end). It anchors the
+    The policy also gets the run's planned cost: what it spent, plus the steps left to
+    ``trainer.estimated_stepping_batches`` at the pace of the later half of the fit so far (none
+    when the Trainer plans no end). It anchors the
     predicted final metric and lets the policy wait for the gains of learning-rate annealing
     (``anneal_fraction``, ``anneal_points``) when the fit has a learning-rate scheduler (at a
     constant learning rate there is no annealing to wait for; with a scheduler and no planned end, where
@@ -202,6 +203,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
         self._user_anneals = "anneals" in self.policy_kwargs
         self._user_schedule = self.policy_kwargs.get("lr_schedule") is not None
         self._schedule_read = False  # the scheduler's rates ahead read in this fit (see _lr_schedule)
+        self._spent_at: list[tuple[int, float]] = []  # (step, dollars) at this fit's validations (_planned_cost_usd)
         self._begun = False  # the policy recorded in this fit's ledger (see _begin)
         for key in ("mode", "usd_per_point", "min_gain_per_usd", "confidence", "min_points", "points_per_unit",
                     "prior"):
@@ -279,6 +281,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
         self.results = []
         self._begun = False
         self._schedule_read = False
+        self._spent_at = []
         if not internals.restores_after_fit_start(trainer):
             self._begin(trainer)
 
@@ -423,17 +426,28 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
         return None if planned_steps is None else probe_schedule(trainer, planned_steps)
 
     def _planned_cost_usd(self, trainer: Any, spent_usd: float) -> Optional[float]:
-        """The run's planned cost: dollars per optimizer step so far times the planned steps.
+        """The run's planned cost: what it spent, plus the steps left at the pace of the later half of this fit.
+
+        The pace is dollars per optimizer step since this fit's first validation at or past half its steps so far
+        (at its first validation: the average so far). The average carries what a run spends once, around its first
+        steps (setup, the first batches, a first validation, a slow start); extrapolated over the steps left, it
+        overstated the plan 10-35% on the SST-2 examples and up to 3x on a run whose first 20 of 150 steps cost 5x
+        the others, and `costaware prior fit` then took completed runs for stopped ones.
 
         ``None`` (the policy keeps its last plan) when the user gave ``planned_cost_usd``, when
         the Trainer plans no end (``max_steps=-1``, ``max_epochs=-1``), or before the first step.
         """
-        if self._user_plan or spent_usd <= 0 or trainer.global_step <= 0:
+        step = trainer.global_step
+        if self._user_plan or spent_usd <= 0 or step <= 0:
             return None
         planned_steps = _planned_steps(trainer)
-        if planned_steps is None or planned_steps <= trainer.global_step:
+        if planned_steps is None or planned_steps <= step:
             return None
-        return spent_usd * planned_steps / trainer.global_step
+        since = next(((s, usd) for s, usd in self._spent_at if 2 * s >= step and s < step), None)
+        self._spent_at.append((step, spent_usd))
+        if since is None:
+            return spent_usd * planned_steps / step
+        return spent_usd + (planned_steps - step) * max(spent_usd - since[1], 0.0) / (step - since[0])
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self.meter is None:
