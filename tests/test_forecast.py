@@ -12,6 +12,7 @@ import pytest
 
 from costaware.forecast import (
     CAP_UNITS,
+    FORECAST_MIN_BATCHES,
     RESERVE_MARGIN,
     UNITS,
     BudgetPlanner,
@@ -357,6 +358,20 @@ def test_reactive_keeps_a_scheduled_validation_besides_the_stops():
             if b % 10 == 0:
                 spent += 6.0
         assert spent - cap <= 1.0, cap
+
+
+def test_headroom_at_mean_costs_forecasts_where_the_stop_falls():
+    """The decision bounds the next batch by the largest recent one; where the stop will fall is a forecast, at the
+    mean: batches of 1 and 15 in turn spend 8 a batch, not 15 (the stop's own reserve stays the decision's)."""
+    planner = BudgetPlanner({"max_usd": 1000.0}, warmup_batches=0)
+    for i in range(2 * FORECAST_MIN_BATCHES):
+        planner.observe_batch(_cost(1.0 if i % 2 else 15.0))
+    plan = StopPlan(validation_on_stop=False, saves_on_stop=0)
+    safe = planner.headroom_batches(_cost(200.0), plan, math.inf)
+    forecast = planner.headroom_batches(_cost(200.0), plan, math.inf, at_mean=True)
+    assert safe == pytest.approx(800.0 / 15.0)
+    assert forecast == pytest.approx((800.0 - 15.0 + 8.0) / 8.0)  # the decision still stops a largest batch early
+    assert planner.headroom_batches(_cost(200.0), plan, 10, at_mean=True) == pytest.approx(forecast)  # no validation
 
 
 def test_headroom_spreads_step_saves_over_batches():

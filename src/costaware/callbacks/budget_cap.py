@@ -628,7 +628,8 @@ class BudgetCap(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each in
         self._forecast_checked = True
         if over:
             room = self.planner.headroom_batches(spent, plan, self._schedule.batches_per_validation(),
-                                                 self._schedule.step_saves_per_batch(trainer.accumulate_grad_batches))
+                                                 self._schedule.step_saves_per_batch(trainer.accumulate_grad_batches),
+                                                 at_mean=True)  # a forecast: at mean costs, as the forecast above
             accumulate = max(trainer.accumulate_grad_batches, 1)
             at = f"about step {trainer.global_step + int(room // accumulate)}" if math.isfinite(room) else "its cap"
             details = "; ".join(f"{cap}={describe(cap, self.limits[cap])}, forecast {describe(cap, value)}"
