@@ -515,8 +515,8 @@ def test_a_prior_fitted_on_the_ledger_of_a_real_fit(pl_ns, tmp_path, clock, caps
 
 def test_a_run_that_completed_is_fitted_on_what_it_spent(pl_ns, tmp_path, clock, capsys):
     """The plan read from a ledger: a completed run's own spend, not the largest estimate on the way. Early steps
-    that cost more (a slow start: setup, a first validation) made every estimate of the plan overshoot, and `costaware
-    prior fit` skipped the run as stopped before its end."""
+    that cost more (a slow start: setup, a first validation) made the largest estimate of the plan overshoot, and
+    `costaware prior fit` skipped the run as stopped before its end."""
     from costaware.cli import main
     from costaware.curve_prior import runs_from_ledger
 

@@ -641,7 +641,7 @@ class MarginalGainPolicy:
                                predicted_final_low=ends[0], predicted_final_high=ends[1],
                                interval_from=f"past runs ({view.cell})")
         if view is not None and view.next_usd is not None:
-            estimate = self._with_past_rate(estimate, view, view.next_usd)
+            estimate = self._with_past_rate(estimate, view)
         worth_usd = estimate.gain_points_upper * self.usd_per_point
         pct = f"{self.confidence:.0%}"
         figures = (
@@ -757,10 +757,12 @@ class MarginalGainPolicy:
         return _PriorView(f"{cost_now / plan:.0%} of the plan, LR {cell[1]}, cell {key}", gain, final[0], final[1],
                           final[2], next_gain, next_usd)
 
-    def _with_past_rate(self, estimate: GainEstimate, view: _PriorView, next_usd: float) -> GainEstimate:
+    def _with_past_rate(self, estimate: GainEstimate, view: _PriorView) -> GainEstimate:
         """The estimate with its rate the weighted geometric mean of the fit's and past runs' at this stage (see
         ``_PRIOR_RATE_SPREAD``); each is floored at a thousandth of the rate a point's price asks, so that a zero on
         either side still leaves the other a say."""
+        next_usd = view.next_usd
+        assert next_usd is not None, "past runs are asked only where the view prices the next stretch"
         floor = 1e-3 * self.min_gain_per_usd
         fit_rate = max(estimate.gain_points_upper / estimate.increment_usd, floor)
         past_rate = max(view.next_gain_upper / next_usd, floor)

@@ -594,8 +594,8 @@ class BudgetPlanner:
 
         ``at_mean``: where the stop will fall (a forecast), the batches, validations and saves to come at their mean
         cost; the stop's own reserve stays the decision's. Without it, at the largest (the decision's safe bound):
-        on a CPU run of 6 ms steps, whose largest recent batch cost 8x the mean, "BudgetCap will stop it at about
-        step 32" came true at step 256."""
+        on a CPU run of 6 ms steps, "BudgetCap will stop it at about step 32" came true at step 256 (the script
+        re-run, warning at mean costs: "about step 210", for a stop at 310)."""
         estimates = self._estimates()
         nxt, val, ckpt = estimates
         if at_mean:
