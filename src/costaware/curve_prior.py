@@ -389,8 +389,8 @@ def runs_from_ledger(path: str | Path) -> list[PriorRun]:
     The planned cost of a run that completed is what it spent (its end record's dollars); of any other, the latest
     ``usd + usd_to_predicted_final`` a decision recorded (the Trainer's steps at the pace so far), else none. Not the
     largest: the pace so far carries the start's fixed costs, and the largest estimate of two small CPU runs that
-    completed was 32% and 50% over what they spent, so that `costaware prior fit` skipped them as stopped early. Mode, baseline and whether the
-    LR anneals come from the ``marginal_gain_policy`` event.
+    completed was 32% and 50% over what they spent, so that `costaware prior fit` skipped them as stopped early.
+    Mode, baseline and whether the LR anneals come from the ``marginal_gain_policy`` event.
     """
     from costaware.ledger import LEDGER_FILENAME, read_ledger
     from costaware.records import MarginalGainDecisionEvent, MarginalGainPolicyEvent
