@@ -11,53 +11,9 @@ from costaware.ledger import read_ledger
 from costaware.meter import CostMeter
 from costaware.strategies import Distill, StudentShapeError
 from costaware.strategies.distill_module import distillation_loss
-
-FEATURES = 16
-
+from tiny_classifier import FEATURES, tiny_classifier, tiny_data, tiny_loaders
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _data(n=512, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(FEATURES, generator=g)  # the rule, the same for every split
-    x = torch.randn(n, FEATURES, generator=g)
-    y = (x @ w > 0).long()
-    return TensorDataset(x, y)
-
-
-def _loaders():
-    train = DataLoader(_data(512, 0), batch_size=32, shuffle=True)
-    val = DataLoader(_data(256, 0), batch_size=64)
-    return train, val
-
-
-def _teacher(ns, clock=None):
-    """A small MLP classifier of the namespace; ``(x, y)`` batches, logs val_acc."""
-
-    class Teacher(ns.pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(FEATURES, 64), nn.ReLU(), nn.Linear(64, 2))
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            if clock is not None:
-                clock.advance(1.0)
-            x, y = batch
-            return nn.functional.cross_entropy(self(x), y)
-
-        def validation_step(self, batch, batch_idx):
-            x, y = batch
-            self.log("val_acc", (self(x).argmax(-1) == y).float().mean())
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=1e-2)
-
-    torch.manual_seed(0)
-    return Teacher()
 
 
 def _fit(ns, tmp_path, clock, distill, max_steps=60, extra=(), progress_bar=False):
@@ -66,10 +22,10 @@ def _fit(ns, tmp_path, clock, distill, max_steps=60, extra=(), progress_bar=Fals
     trainer = ns.Trainer(max_steps=max_steps, val_check_interval=4, limit_val_batches=2, log_every_n_steps=4,
                          enable_progress_bar=progress_bar, enable_model_summary=False, default_root_dir=tmp_path,
                          callbacks=[monitor, stopping, *extra])
-    teacher = _teacher(ns, clock)
+    teacher = tiny_classifier(ns, clock)
     with pytest.MonkeyPatch.context() as patch:  # the student's meter (Distill's nested fit) too
         patch.setattr(CostMeter, "clock", staticmethod(clock))
-        trainer.fit(teacher, *_loaders())
+        trainer.fit(teacher, *tiny_loaders())
     return trainer, stopping, teacher
 
 
@@ -107,7 +63,7 @@ def test_distill_trains_a_student_in_a_nested_fit(ns, tmp_path, clock):
     student_ledger = read_ledger(distilled[0]["student_ledger"])
     assert student_ledger.end["how"] == "completed"
     # The teacher's Trainer is usable afterwards.
-    trainer.validate(teacher, _loaders()[1], verbose=False)
+    trainer.validate(teacher, tiny_loaders()[1], verbose=False)
     assert "val_acc" in trainer.callback_metrics
 
 
@@ -146,8 +102,8 @@ def test_mismatched_student_fails_before_the_teacher_trains(ns, tmp_path, clock)
 def test_mismatched_student_fails_in_run_before_training(pl_ns, tmp_path):
     trainer = pl_ns.Trainer(max_steps=4, limit_val_batches=1, enable_progress_bar=False, enable_model_summary=False,
                             default_root_dir=tmp_path, logger=False)
-    teacher = _teacher(pl_ns)
-    trainer.fit(teacher, *_loaders())
+    teacher = tiny_classifier(pl_ns)
+    trainer.fit(teacher, *tiny_loaders())
     distill = Distill(nn.Sequential(nn.Linear(FEATURES, 2), nn.Flatten(0)))
     with pytest.raises(StudentShapeError, match="same shape"):
         distill.run(trainer, teacher)
@@ -157,8 +113,8 @@ def test_mismatched_student_fails_in_run_before_training(pl_ns, tmp_path):
 def test_run_after_a_plain_fit(ns, tmp_path):
     trainer = ns.Trainer(max_steps=30, limit_val_batches=2, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=tmp_path, logger=False)
-    teacher = _teacher(ns)
-    trainer.fit(teacher, *_loaders())
+    teacher = tiny_classifier(ns)
+    trainer.fit(teacher, *tiny_loaders())
     distill = Distill(nn.Linear(FEATURES, 2), max_steps=20, max_epochs=-1, alpha=1.0, latency_batches=0)
     rows = distill.run(trainer, teacher)
     assert [r.role for r in rows] == ["teacher", "student"] and distill.student_trainer.global_step == 20
@@ -169,8 +125,8 @@ def test_run_after_a_fit_with_a_cost_monitor_prices_the_student_alike(pl_ns, tmp
     monitor = pl_ns.costaware.CostMonitor(usd_per_host_hour=3.6, cpu_tdp_w=10, ram_power_w=3)
     trainer = pl_ns.Trainer(max_steps=8, limit_val_batches=1, enable_progress_bar=False, enable_model_summary=False,
                             default_root_dir=tmp_path, logger=False, callbacks=[monitor])
-    teacher = _teacher(pl_ns)
-    trainer.fit(teacher, *_loaders())
+    teacher = tiny_classifier(pl_ns)
+    trainer.fit(teacher, *tiny_loaders())
     rows = Distill(nn.Linear(FEATURES, 2), max_steps=4, max_epochs=-1, latency_batches=0).run(trainer, teacher)
     assert [r.role for r in rows] == ["teacher", "student"]
     assert rows[1].train_usd > 0  # the student's meter got the teacher's prices
@@ -180,8 +136,8 @@ def test_without_a_cost_monitor_the_student_goes_under_the_loggers_folder(pl_ns,
     logger = pl_ns.pl.loggers.CSVLogger(tmp_path, name="run")
     trainer = pl_ns.Trainer(max_steps=4, limit_val_batches=1, enable_progress_bar=False, enable_model_summary=False,
                             default_root_dir=tmp_path / "root", logger=logger)
-    teacher = _teacher(pl_ns)
-    trainer.fit(teacher, *_loaders())
+    teacher = tiny_classifier(pl_ns)
+    trainer.fit(teacher, *tiny_loaders())
     rows = Distill(nn.Linear(FEATURES, 2), max_steps=2, max_epochs=-1, latency_batches=0).run(trainer, teacher)
     assert rows[1].path == str(tmp_path / "run" / "version_0" / "costaware" / "student" / "student.pt")
 
@@ -267,35 +223,23 @@ def _token_data(n=384, seed=0):
     return TensorDataset(x, y)
 
 
+class _Encoder(nn.Module):
+    """A small transformer classifier: embedding, ``layers`` encoder layers, mean pool, head."""
+
+    def __init__(self, layers=4):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
 def _encoder_teacher(ns, clock=None, layers=4):
-    """A small transformer classifier of the namespace: embedding, ``layers`` encoder layers, mean pool, head."""
-
-    class Encoder(ns.pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(VOCAB, 16)
-            layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
-            self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-            self.head = nn.Linear(16, 2)
-
-        def forward(self, x):
-            return self.head(self.encoder(self.embed(x)).mean(1))
-
-        def training_step(self, batch, batch_idx):
-            if clock is not None:
-                clock.advance(1.0)
-            x, y = batch
-            return nn.functional.cross_entropy(self(x), y)
-
-        def validation_step(self, batch, batch_idx):
-            x, y = batch
-            self.log("val_acc", (self(x).argmax(-1) == y).float().mean())
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=1e-2)
-
-    torch.manual_seed(0)
-    return Encoder()
+    """A small transformer classifier of the namespace (``_Encoder``)."""
+    return tiny_classifier(ns, clock, net=lambda: _Encoder(layers))
 
 
 def _fit_encoder(ns, tmp_path, clock, distill, max_steps=40, layers=4):
@@ -380,7 +324,7 @@ def test_default_student_and_lifetime_value(pl_ns, tmp_path, clock):
     distill = Distill(max_epochs=2, lr=1e-2, deployment=deployment, usd_per_label=0.0001, latency_threads=1)
     _, stopping, teacher = _fit_encoder(pl_ns, tmp_path, clock, distill, layers=8)
     teacher_row, student_row = stopping.results
-    assert len(distill.student.encoder.layers) == 2 and len(teacher.encoder.layers) == 8
+    assert len(distill.student.net.encoder.layers) == 2 and len(teacher.net.encoder.layers) == 8
     assert student_row.params < teacher_row.params and distill.student_trainer.global_step == 24
     ledger = read_ledger(stopping.meter.ledger.path)
     candidates = {e["role"]: e for e in ledger.events if e["name"] == "deploy_candidate"}
@@ -425,10 +369,10 @@ def test_unlabelled_batches_are_distilled_too(pl_ns, tmp_path):
     assert mixed == ["l0", "u0", "l1", "l2", "u1", "l3"] and len(Interleaved([1, 2], [3])) == 3
     trainer = pl_ns.Trainer(max_steps=4, limit_val_batches=1, enable_progress_bar=False, enable_model_summary=False,
                             default_root_dir=tmp_path, logger=False)
-    teacher = _teacher(pl_ns)
-    train, val = _loaders()
+    teacher = tiny_classifier(pl_ns)
+    train, val = tiny_loaders()
     trainer.fit(teacher, train, val)
-    unlabelled = DataLoader(TensorDataset(_data(64, 3).tensors[0]), batch_size=32)  # inputs only
+    unlabelled = DataLoader(TensorDataset(tiny_data(64, 3).tensors[0]), batch_size=32)  # inputs only
     distill = Distill(nn.Linear(FEATURES, 2), unlabelled_dataloader=unlabelled, latency_batches=0)
     distill.run(trainer, teacher)
     assert distill.student_trainer.global_step == len(train) + len(unlabelled)

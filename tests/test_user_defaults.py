@@ -8,48 +8,14 @@ breaks costaware shows (a nested Rich bar once failed the teacher's fit at teard
 import math
 
 import pytest
-import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from costaware.ledger import read_ledger
 from costaware.report import build_report
 from costaware.strategies import Distill
+from tiny_classifier import FEATURES, tiny_classifier, tiny_loaders
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-FEATURES = 16
-
-
-def _loaders():
-    g = torch.Generator().manual_seed(0)
-    w, x = torch.randn(FEATURES, generator=g), torch.randn(768, FEATURES, generator=g)
-    data = TensorDataset(x, (x @ w > 0).long())
-    return DataLoader(data, batch_size=32, shuffle=True), DataLoader(data, batch_size=256)
-
-
-def _classifier(ns):
-    class Classifier(ns.pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(FEATURES, 32), nn.ReLU(), nn.Linear(32, 2))
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            loss = nn.functional.cross_entropy(self(batch[0]), batch[1])
-            self.log("train_loss", loss)
-            return loss
-
-        def validation_step(self, batch, batch_idx):
-            self.log("val_acc", (self(batch[0]).argmax(-1) == batch[1]).float().mean())
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=1e-2)
-
-    torch.manual_seed(0)
-    return Classifier()
 
 
 def test_every_callback_with_the_trainers_defaults(ns, tmp_path):
@@ -60,7 +26,7 @@ def test_every_callback_with_the_trainers_defaults(ns, tmp_path):
     trainer = ns.Trainer(max_epochs=4, val_check_interval=0.25, default_root_dir=tmp_path,
                          callbacks=[monitor, cap, stopping])
     assert trainer.progress_bar_callback is not None  # the default bar, as a user gets it
-    trainer.fit(_classifier(ns), *_loaders())
+    trainer.fit(tiny_classifier(ns), *tiny_loaders())
 
     assert trainer.state.status == "finished" and stopping.stopped_step is not None
     assert [r.role for r in stopping.results] == ["teacher", "student"]
