@@ -29,9 +29,12 @@ Data: ``--data DIR`` (default: ``../shared/data`` next to the repository) holdin
 ``curves/nasbench-nlp-wikitext2/logs.zip``; both are converted to the generic JSONL
 format, one run a line::
 
-    {"id": "...", "mode": "max"|"min", "points": [[cumulative_cost_usd, metric], ...],
+    {"id": "...", "mode": "max"|"min", "points": [[cumulative_cost_usd, metric(, lr)], ...],
      "planned_cost_usd": 12.5,        # optional, total planned cost
-     "baseline": 0.354}               # optional, the metric of a model that learned nothing
+     "baseline": 0.354,               # optional, the metric of a model that learned nothing
+     "anneals": true,                 # optional (default true): false for a constant learning rate
+     "metric_range": [0, 1]}          # optional: the metric's bounds (default: [0, 1] for mode "max" with
+                                      # every value in it, else unbounded; an error rate needs it)
 
 The repository's own corpora, made on this machine, are replayed too when present:
 ``benchmarks/curves/digits.jsonl`` (``make_curves.py``: from scratch and SSL, three data sets),
@@ -139,6 +142,7 @@ class Run:
     baseline: float | None = None
     lrs: np.ndarray | None = None
     anneals: bool = True
+    metric_range: tuple[float, float] | None = None  # a generic record's; None: the policy infers it ("auto")
 
     @property
     def points(self) -> np.ndarray:
@@ -171,7 +175,7 @@ def run_from_generic(record: dict) -> Run:
     (``costaware.curve_prior.run_from_record``: costs that go down, a bad mode, no points are refused)."""
     run = run_from_record(record)
     return Run(str(record["id"]), run.mode, run.costs_usd, run.metrics, run.planned_cost_usd, run.baseline, run.lrs,
-               run.anneals)
+               run.anneals, run.metric_range)
 
 
 def deberta_records(path: Path, usd_per_example: float, validation: str = "matched") -> list[dict]:
@@ -256,6 +260,8 @@ def policy_for(run: Run, policy_kwargs: dict, planned_cost_usd: float | None) ->
     if run.baseline is not None:
         kwargs.setdefault("baseline", run.baseline)
     kwargs.setdefault("anneals", run.anneals)
+    if run.metric_range is not None:
+        kwargs.setdefault("metric_range", run.metric_range)
     if planned_cost_usd is not None:
         kwargs.setdefault("lr_schedule", lr_schedule_of(run, planned_cost_usd))
     return MarginalGainPolicy(**kwargs)
@@ -534,7 +540,8 @@ def team_prior(runs: list[Run]) -> CurvePrior | None:
 
     ``None`` where none of them has a bounded metric (a loss).
     """
-    past = [PriorRun(r.costs_usd, r.metrics, r.mode, r.planned_cost_usd, r.lrs, r.anneals, r.baseline) for r in runs]
+    past = [PriorRun(r.costs_usd, r.metrics, r.mode, r.planned_cost_usd, r.lrs, r.anneals, r.baseline, r.metric_range)
+            for r in runs]
     try:
         return CurvePrior.fit(past, source=f"{len(past)} runs of the tune half")
     except ValueError:

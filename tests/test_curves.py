@@ -513,6 +513,24 @@ def test_the_replays_team_prior_is_fitted_on_the_runs_it_is_given_and_skips_a_lo
     assert rc.team_prior([loss]) is None
 
 
+def test_a_generic_records_metric_range_reaches_the_replayed_policy_and_the_team_prior():
+    """An error rate (mode min) is bounded only where the record says so ("auto" bounds a loss by 0 alone): the
+    replay once dropped the record's metric_range, so such a set was replayed as an unbounded loss."""
+    rc = _benchmark_module()
+    record = {"id": "e", "mode": "min", "metric_range": [0.0, 1.0], "planned_cost_usd": 5.0, "baseline": 0.5,
+              "points": [[c, 0.5 - 0.08 * c] for c in (1.0, 2.0, 3.0, 4.0, 5.0)]}
+    run = rc.run_from_generic(record)
+    assert run.metric_range == (0.0, 1.0)
+    assert rc.policy_for(run, {"usd_per_point": 1.0}, run.planned_cost_usd).metric_range == (0.0, 1.0)
+    assert rc.policy_for(rc.run_from_generic({**record, "metric_range": None}), {"usd_per_point": 1.0},
+                         5.0).metric_range == "auto"
+    t = np.linspace(0.05, 1.0, 20)
+    runs = [rc.run_from_generic({**record, "id": f"e{i}", "points": [[10.0 * x, 0.5 - 0.4 * x + 0.001 * i]
+                                                                      for x in t]}) for i in range(5)]
+    assert rc.team_prior(runs) is not None  # bounded by its range: a prior is fitted
+    assert rc.team_prior([replace(r, metric_range=None) for r in runs]) is None  # a loss without bounds: none
+
+
 def test_the_mean_loss_oracle_puts_the_allowed_loss_where_it_saves_most():
     """The bound for a mean-loss target: a run that loses 0.6 points by stopping at once and a flat one both stop at
     once (mean 0.3), where an oracle allowed 0.3 points on every run keeps the first to its end."""
