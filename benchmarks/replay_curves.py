@@ -33,8 +33,9 @@ format, one run a line::
      "planned_cost_usd": 12.5,        # optional, total planned cost
      "baseline": 0.354,               # optional, the metric of a model that learned nothing
      "anneals": true,                 # optional (default true): false for a constant learning rate
-     "metric_range": [0, 1]}          # optional: the metric's bounds (default: [0, 1] for mode "max" with
+     "metric_range": [0, 1],          # optional: the metric's bounds (default: [0, 1] for mode "max" with
                                       # every value in it, else unbounded; an error rate needs it)
+     "points_per_unit": 100}          # optional (default 100, accuracy 0.01 = 1 point): 1 for a percentage
 
 The repository's own corpora, made on this machine, are replayed too when present:
 ``benchmarks/curves/digits.jsonl`` (``make_curves.py``: from scratch and SSL, three data sets),
@@ -78,6 +79,7 @@ if str(_REPO / "src") not in sys.path:  # run from a checkout without installing
 
 from costaware.curve_prior import CurvePrior, PriorRun, load_prior, run_from_record  # noqa: E402
 from costaware.curves import Decision, MarginalGainPolicy  # noqa: E402
+from costaware.validation import is_number  # noqa: E402
 
 DEFAULT_DATA = _REPO.parent / "shared" / "data"
 POINTS_PER_UNIT = 100.0
@@ -143,12 +145,14 @@ class Run:
     lrs: np.ndarray | None = None
     anneals: bool = True
     metric_range: tuple[float, float] | None = None  # a generic record's; None: the policy infers it ("auto")
+    points_per_unit: float = POINTS_PER_UNIT  # a generic record's: 1 for a metric in percent
+
 
     @property
     def points(self) -> np.ndarray:
         """Metric in points, higher is better; NaN where the metric was not finite."""
         sign = 1.0 if self.mode == "max" else -1.0
-        p = sign * POINTS_PER_UNIT * self.metrics
+        p = sign * self.points_per_unit * self.metrics
         return np.where(np.isfinite(p), p, np.nan)
 
     @property
@@ -167,15 +171,31 @@ def run_learns(run: Run, above_points: float = LEARNS_ABOVE_POINTS) -> bool:
     if run.baseline is None:
         return True
     sign = 1.0 if run.mode == "max" else -1.0
-    return bool(np.nanmax(run.points) > sign * POINTS_PER_UNIT * run.baseline + above_points)
+    return bool(np.nanmax(run.points) > sign * run.points_per_unit * run.baseline + above_points)
 
 
 def run_from_generic(record: dict) -> Run:
     """Builds a :class:`Run` from one generic-JSONL record, validated as ``costaware prior fit`` validates it
     (``costaware.curve_prior.run_from_record``: costs that go down, a bad mode, no points are refused)."""
     run = run_from_record(record)
+    ppu = record.get("points_per_unit", POINTS_PER_UNIT)
+    if not (is_number(ppu) and math.isfinite(ppu) and ppu > 0):
+        raise ValueError(f"run {record.get('id')!r}: points_per_unit must be a positive number, got {ppu!r}")
     return Run(str(record["id"]), run.mode, run.costs_usd, run.metrics, run.planned_cost_usd, run.baseline, run.lrs,
-               run.anneals, run.metric_range)
+               run.anneals, run.metric_range, float(ppu))
+
+
+def looks_like_percentages(records: list[dict]) -> int:
+    """How many records look like a percentage read as a fraction: mode max, no ``points_per_unit`` or
+    ``metric_range`` given, finite values above 1 and none above 100."""
+    count = 0
+    for r in records:
+        if r.get("mode", "max") != "max" or "points_per_unit" in r or r.get("metric_range") is not None:
+            continue
+        values = [p[1] for p in r.get("points") or [] if isinstance(p, list) and len(p) > 1 and is_number(p[1])
+                  and math.isfinite(p[1])]
+        count += bool(values) and max(values) > 1.0 and max(values) <= 100.0 and min(values) >= 0.0
+    return count
 
 
 def deberta_records(path: Path, usd_per_example: float, validation: str = "matched") -> list[dict]:
@@ -254,7 +274,7 @@ def policy_for(run: Run, policy_kwargs: dict, planned_cost_usd: float | None) ->
     """A fresh policy for the run, as the callback would set it up (the given settings win)."""
     kwargs = dict(policy_kwargs)
     kwargs.setdefault("mode", run.mode)
-    kwargs.setdefault("points_per_unit", POINTS_PER_UNIT)
+    kwargs.setdefault("points_per_unit", run.points_per_unit)
     if planned_cost_usd is not None:
         kwargs.setdefault("planned_cost_usd", planned_cost_usd)
     if run.baseline is not None:
@@ -747,7 +767,7 @@ def evaluate_dataset(name: str, runs: list[Run], policy_kwargs: dict, prices: tu
             for k, at in enumerate(COVERAGE_AT):
                 got = [(r, c[k]) for r, c in zip(learners[h], checks) if c[k] is not None]
                 inside = float(np.mean([g[0] for _, g in got])) if got else float("nan")
-                width = float(np.mean([abs(g[2] - g[1]) for _, g in got])) * POINTS_PER_UNIT if got else float("nan")
+                width = float(np.mean([abs(g[2] - g[1]) * r.points_per_unit for r, g in got])) if got else float("nan")
                 better = float(np.mean([ended_better(r, g) for r, g in got])) if got else float("nan")
                 worse = max(1.0 - inside - better, 0.0)  # not -0% from rounding
                 row.append(f"at {at:.0%}: {inside:.0%} of {len(got)} (width {width:.2f} points; misses: ended better "
@@ -936,6 +956,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.generic:
         with open(args.generic) as f:
             records = [json.loads(line) for line in f if line.strip()]
+        percent_like = looks_like_percentages(records)
+        if percent_like:
+            lines.append(f"note: {percent_like} runs (mode max) have values above 1 and none above 100 but no "
+                         "points_per_unit: if they are percentages, give each record \"points_per_unit\": 1 and "
+                         "\"metric_range\": [0, 100] (read as they are, a point is a hundredth of a percentage "
+                         "point, and no prior is asked: the metric looks unbounded).")
+            print(lines[-1], flush=True)
         datasets.append((args.generic.stem, records, tuple(args.prices or GENERIC_PRICES),
                          lambda r: run_learns(r, learns_above), args.from_scratch))
     else:

@@ -531,6 +531,28 @@ def test_a_generic_records_metric_range_reaches_the_replayed_policy_and_the_team
     assert rc.team_prior([replace(r, metric_range=None) for r in runs]) is None  # a loss without bounds: none
 
 
+def test_a_percentage_replays_as_the_same_accuracy_given_its_points_per_unit():
+    """A record in percent with points_per_unit 1 and its range scores and decides as the same run in [0, 1]; a
+    file that looks like percentages read as fractions is counted, so the replay can say so."""
+    rc = _benchmark_module()
+    acc = [0.62, 0.70, 0.78, 0.82, 0.84, 0.85, 0.855, 0.86]
+    base = {"id": "p", "mode": "max", "planned_cost_usd": 8.0, "baseline": 0.62}
+    fraction = rc.run_from_generic({**base, "points": [[i + 1.0, a] for i, a in enumerate(acc)]})
+    percent = {**base, "baseline": 62.0, "points_per_unit": 1, "metric_range": [0, 100],
+               "points": [[i + 1.0, 100 * a] for i, a in enumerate(acc)]}
+    run = rc.run_from_generic(percent)
+    assert run.points_per_unit == 1.0 and np.allclose(run.points, fraction.points)
+    assert rc.run_learns(run) and rc.score(run, 3) == pytest.approx(rc.score(fraction, 3))
+    for price in (0.01, 1.0):
+        kwargs = {"usd_per_point": price}
+        assert rc.policy_stop_index(run, kwargs)[0] == rc.policy_stop_index(fraction, kwargs)[0]
+    with pytest.raises(ValueError, match="points_per_unit must be a positive number"):
+        rc.run_from_generic({**percent, "points_per_unit": 0})
+    as_fractions = {k: v for k, v in percent.items() if k not in ("points_per_unit", "metric_range")}
+    assert rc.looks_like_percentages([percent, as_fractions, {**base, "points": [[1.0, 0.5]]},
+                                      {**as_fractions, "mode": "min"}]) == 1
+
+
 def test_the_mean_loss_oracle_puts_the_allowed_loss_where_it_saves_most():
     """The bound for a mean-loss target: a run that loses 0.6 points by stopping at once and a flat one both stop at
     once (mean 0.3), where an oracle allowed 0.3 points on every run keeps the first to its end."""
