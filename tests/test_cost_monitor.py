@@ -1,5 +1,6 @@
 """CostMonitor in real fits: logged keys, ledger, resume, bad input, no network."""
 
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,6 +279,46 @@ def test_runs_sharing_a_log_dir_keep_separate_ledgers(pl_ns, tmp_path, clock):
         contents = read_ledger(path)
         assert not contents.problems and not [e for e in contents.events if e["name"] == "resumed"]
         assert (path.parent / "report.html").is_file()
+
+
+def test_a_tuners_trial_steps_are_counted_in_the_fit_that_follows_in_one_ledger(ns, tmp_path, clock):
+    """Lightning's Tuner ends its lr_find fit before training starts, after trial steps run with the callbacks
+    swapped out and the model restored. That fit once left a ledger holding an end record alone, and the real
+    fit then warned of "another run's ledger", wrote to a folder named by run id and said it was resumed."""
+    import warnings
+
+    tuner_module = __import__(f"{ns.name}.tuner", fromlist=["Tuner"])
+    monitor = _monitor(ns, clock)
+    trainer = _trainer(ns, tmp_path, [monitor], max_steps=6, limit_val_batches=0)
+    model = make_clocked_model(ns.BoringModel, clock, step_s=1.0)
+    model.lr = 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "another run's ledger"
+        tuner_module.Tuner(trainer).lr_find(model, num_training=20, early_stop_threshold=None)
+        assert not (tmp_path / "costaware").exists() or not list((tmp_path / "costaware").rglob("ledger.jsonl"))
+        trainer.fit(model)
+    path = monitor.ledger.path
+    assert path == Path(trainer.log_dir) / "costaware" / "ledger.jsonl"
+    assert [p for p in tmp_path.rglob("ledger.jsonl")] == [path]
+    contents = read_ledger(path)
+    assert not contents.problems and contents.header.resumed_from is None and contents.end.how == "completed"
+    # 20 trial steps and 6 of the fit, a second each on the fake clock, at $0.001/s: the trial's are counted.
+    assert contents.end.totals.elapsed_s >= 26.0 and contents.end.totals.usd == pytest.approx(0.026, rel=0.05)
+    assert contents.end.totals.train_batches == 6
+
+
+def test_a_learning_rate_finder_callback_is_no_resume(ns, tmp_path, clock):
+    """LearningRateFinder searches at the fit's start, saving and restoring the model (and the callbacks' state)
+    within the fit: the run's header once said it resumed from a checkpoint of itself."""
+    monitor = _monitor(ns, clock)
+    finder = ns.callbacks.LearningRateFinder(num_training_steps=10, early_stop_threshold=None)
+    trainer = _trainer(ns, tmp_path, [finder, monitor], max_steps=6, limit_val_batches=0)
+    model = make_clocked_model(ns.BoringModel, clock, step_s=1.0)
+    model.lr = 0.1
+    trainer.fit(model)
+    contents = read_ledger(monitor.ledger.path)
+    assert contents.header.resumed_from is None and not [e for e in contents.events if e["name"] == "resumed"]
+    assert not contents.problems and contents.end.totals.elapsed_s >= 16.0  # the search's 10 steps and the fit's 6
 
 
 def test_a_second_fit_continues_the_run(pl_ns, tmp_path, clock):

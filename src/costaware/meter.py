@@ -330,8 +330,18 @@ class CostMeter:
         self.finish("interrupted" if interrupted else "crashed", trainer)
 
     def teardown(self, trainer: pl.Trainer) -> None:
-        """Close the ledger and write the report, if not done (the driver's ``teardown``)."""
+        """Close the ledger and write the report, if not done (the driver's ``teardown``).
+
+        A fit that ends before its ledger opens (Lightning's Tuner ends its ``lr_find`` and
+        ``scale_batch_size`` fits that way, after their trial steps) writes no ledger: what it spent
+        is carried into this meter's next fit, counted in its totals (the report's "other" phase).
+        """
         self.stop()
+        if self.ledger is not None and not self._ledger_open and not self.ledger.closed:
+            self._base = self._session_totals(self._read_session())
+            self._run_id = self._resumed_from = self._phases_before = None
+            self.ledger.close()  # nothing recorded: no file
+            return
         if self.ledger is not None and not self.ledger.closed:
             self.finish("completed", trainer)
 
@@ -376,7 +386,12 @@ class CostMeter:
                 "phases": phases}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Continue the totals of the checkpointed run, and what its ledger recorded after it."""
+        """Continue the totals of the checkpointed run, and what its ledger recorded after it.
+
+        Not a checkpoint this very fit saved before its ledger opened: Lightning's Tuner saves the model,
+        trains trial steps and restores it, all within one fit; that is no resume (its spend goes on)."""
+        if self.ledger is not None and not self._ledger_open and state_dict.get("run_id") == self.ledger.run_id:
+            return
         self._run_id = state_dict.get("run_id")
         self._base = Totals.from_dict(state_dict.get("totals", {}))
         phases = state_dict.get("phases")  # absent in checkpoints of costaware <= 0.1

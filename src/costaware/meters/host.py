@@ -79,11 +79,11 @@ class HostMeter:
         self._closed = False
         self.status = "ok"
         self.degraded = False
-        self.method = "not opened yet"
+        self._provisional_w = cpu_tdp_w / 2 if cpu_tdp_w is not None else self.PROVISIONAL_CPU_W
+        self.method = f"provisional: {self._provisional_w:g} W while codecarbon detects the CPU"
         self._cpu_j = 0.0
         self._ram_j = 0.0
         self._start_s = self._last_s = start_s
-        self._provisional_w = cpu_tdp_w / 2 if cpu_tdp_w is not None else self.PROVISIONAL_CPU_W
         self._provisional_ram_w = ram_power_w or 0.0
         self._repriced = False  # the detection span priced again at measured power
         self._opened = threading.Event()
