@@ -7,6 +7,7 @@ import torch
 
 from conftest import logged_to_tensorboard, make_clocked_model, make_crashing_model, make_monitor, make_trainer
 from costaware.ledger import read_ledger
+from costaware.report import build_report
 
 _monitor, _trainer = make_monitor, make_trainer
 
@@ -319,6 +320,32 @@ def test_a_learning_rate_finder_callback_is_no_resume(ns, tmp_path, clock):
     contents = read_ledger(monitor.ledger.path)
     assert contents.header.resumed_from is None and not [e for e in contents.events if e["name"] == "resumed"]
     assert not contents.problems and contents.end.totals.elapsed_s >= 16.0  # the search's 10 steps and the fit's 6
+
+
+@pytest.mark.parametrize("stopper", ["early_stopping", "max_time", None])
+def test_the_report_names_who_stopped_a_fit_that_did_not_run_its_plan(ns, tmp_path, clock, stopper):
+    """Lightning's EarlyStopping or max_time ends a fit as "completed": the report once said "ended: completed"
+    for a run stopped at its first validation, with nothing "not spent by stopping"."""
+    monitor = _monitor(ns, clock)
+    callbacks, kwargs = [monitor], {}
+    if stopper == "early_stopping":
+        callbacks.append(ns.callbacks.EarlyStopping(monitor="val_loss", mode="min", stopping_threshold=1e9))
+    elif stopper == "max_time":
+        kwargs["max_time"] = {"seconds": 0}
+    trainer = _trainer(ns, tmp_path, callbacks, max_steps=10, val_check_interval=5, **kwargs)
+    trainer.fit(make_clocked_model(ns.BoringModel, clock, step_s=1.0))
+    contents = read_ledger(monitor.ledger.path)
+    report = build_report(monitor.ledger.path)
+    assert contents.end.how == "completed" and report["outcome"]["how"] == "completed"
+    if stopper is None:
+        assert contents.end.stopped_by is None and report["outcome"]["why"] == "completed: max_steps reached"
+        return
+    assert trainer.global_step < 10
+    expected = "EarlyStopping(monitor='val_loss') at epoch 0: " if stopper == "early_stopping" else "max_time"
+    assert contents.end.stopped_by.startswith(expected)
+    assert report["outcome"]["why"] == f"stopped early by {contents.end.stopped_by}"
+    if stopper == "early_stopping":  # stopped at its first validation, 5 of 10 steps: the rest not spent
+        assert "Stopping threshold reached" in contents.end.stopped_by and report["planned"]["usd_not_spent"] > 0
 
 
 def test_a_second_fit_continues_the_run(pl_ns, tmp_path, clock):

@@ -111,6 +111,7 @@ class CostMeter:
         self._phases: Optional[PhaseClock] = None
         self._phases_before: Optional[dict] = None  # a resumed run's phases up to its checkpoint
         self._phase_totals: Optional[dict] = None
+        self._stopped_by: Optional[str] = None  # who stopped the fit, if not costaware (see stopped_by)
 
     # ----------------------------------------------------------------------------------------
     # What the meter is
@@ -149,6 +150,7 @@ class CostMeter:
     def start(self, trainer: pl.Trainer) -> None:
         """Open the meters and the ledger, before any compute of a fit (the driver's ``setup``)."""
         self._fit_ended = False
+        self._stopped_by = None
         self._start_s = self.clock()
         self._start_wall_s = time.time()  # the span the totals' elapsed_s covers starts here
         root = trainer.strategy.root_device
@@ -299,6 +301,7 @@ class CostMeter:
         if getattr(self, "_fit_ended", False):
             return
         self._fit_ended = True
+        self._stopped_by = stopped_by(trainer)
         self.stop()
         self.refresh(trainer, pl_module)
         self._phase_totals = self._phases.snapshot() if self._phases is not None else None
@@ -352,7 +355,10 @@ class CostMeter:
         self._totals = self._totals.maximum(self.ledger.max_totals)  # never below a total already recorded
         self.ledger.totals = self._totals
         self.ledger.record(End(totals=RecordedTotals.of(self._totals), how=how, meters=self.meter_status(),
-                               phases=self._phase_totals, **self._metered_span()))
+                               phases=self._phase_totals,
+                               stopped_by=self._stopped_by if how == "completed" and self.ledger.stopped_as is None
+                               else None,
+                               **self._metered_span()))
         # A later fit with this meter continues the same run, from what it has spent.
         self._run_id, self._base = self.ledger.run_id, self._totals
         self._phases_before = self._phase_totals  # ... and its phases
@@ -582,3 +588,26 @@ def _latest_phases(snapshots: list) -> Optional[dict]:
                     if isinstance(value, (int, float)) and value > mine[key]:
                         mine[key] = float(value)
     return out or None
+
+
+def stopped_by(trainer: pl.Trainer) -> Optional[str]:
+    """Who asked the fit to stop before its planned end, or None (it ran its plan). Lightning's ``EarlyStopping``
+    and ``Timer`` (``max_time``) say so on their public attributes; anything else that set
+    ``trainer.should_stop`` is named as that. (costaware's own stops are events in the ledger.)"""
+    if not getattr(trainer, "should_stop", False):
+        return None
+    for cb in getattr(trainer, "callbacks", None) or []:
+        message = getattr(cb, "stopping_reason_message", None)  # set by EarlyStopping when it stops the fit
+        if type(cb).__name__ == "EarlyStopping" and isinstance(message, str) and message:
+            message = message.replace(" Signaling Trainer to stop.", "").strip()
+            return (f"EarlyStopping(monitor={getattr(cb, 'monitor', '?')!r}) at epoch "
+                    f"{getattr(cb, 'stopped_epoch', '?')}: {message}")
+        if type(cb).__name__ == "Timer" and callable(getattr(cb, "time_remaining", None)):
+            try:
+                left = cb.time_remaining()
+            except Exception:  # noqa: BLE001 - naming who stopped must never break the fit's end
+                left = None
+            if left is not None and left <= 0:
+                return "max_time (Lightning's Timer)"
+    return "trainer.should_stop (set by a callback or the module)"
+

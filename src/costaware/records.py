@@ -213,6 +213,8 @@ class End(Record):
             ``{"elapsed_s", "usd", "kwh", "co2_kg"}``; exclusive, so they sum to at most ``totals``.
         metered_from_wall_s, metered_to_wall_s: Unix times this session's metering started and its
             totals were taken (their difference is this session's share of ``totals.elapsed_s``).
+        stopped_by: for a fit that "completed" because something other than costaware asked it to stop
+            (``trainer.should_stop``: Lightning's ``EarlyStopping``, ``max_time``, the module), who did.
     """
 
     KIND: ClassVar[str] = "end"
@@ -223,6 +225,7 @@ class End(Record):
     phases: Optional[dict] = None
     metered_from_wall_s: Optional[float] = None
     metered_to_wall_s: Optional[float] = None
+    stopped_by: Optional[str] = None
 
 
 @dataclass(kw_only=True)

@@ -240,7 +240,8 @@ def _build(path: Path, contents: LedgerContents, trusted: bool, max_points: int)
         "notes": _price_change_notes(header, resumes),
         "problems": problems,
     }
-    report["planned"] = _planned(header, totals, events, stopped_early=end is None or end.how != "completed")
+    report["planned"] = _planned(header, totals, events,
+                                 stopped_early=end is None or end.how != "completed" or bool(end.stopped_by))
     report["outcome"] = _outcome(end, events, report["planned"])
     return report
 
@@ -785,7 +786,9 @@ def _outcome(end: Optional[End], events: list, planned: dict) -> dict:
         if isinstance(event, MarginalGainDecisionEvent) and event.stop:
             return {"how": how, "why": "stopped by the marginal-gain policy"
                     + (f": {event.reason}" if event.reason else "")}
-    if end is not None and str(planned.get("note") or "").startswith("the run finished"):
+    if end is not None and end.stopped_by:
+        why = f"stopped early by {end.stopped_by}"
+    elif end is not None and str(planned.get("note") or "").startswith("the run finished"):
         why = "completed: max_steps reached"
     return {"how": how, "why": why}
 
