@@ -546,6 +546,45 @@ def test_a_run_that_completed_is_fitted_on_what_it_spent(pl_ns, tmp_path, clock,
     assert "prior fitted on 1 of 1 runs" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("limit", ["max_epochs", "max_steps"])
+def test_the_plan_of_a_fit_that_steps_two_optimizers_a_batch(pl_ns, tmp_path, clock, limit):
+    """Manual optimization stepping two optimizers a batch (a GAN): global_step runs twice as fast as the batches
+    that estimated_stepping_batches counts when epochs bound the fit, so the plan came out at half the run's cost
+    and was gone halfway. Bound by max_steps (optimizer steps), the fit ends after half as many batches."""
+    import torch
+
+    class TwoOptimizers(pl_ns.BoringModel):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.other = torch.nn.Linear(32, 2)
+
+        def training_step(self, batch, batch_idx):
+            clock.advance(1.0)
+            for optimizer, layer in zip(self.optimizers(), (self.layer, self.other)):
+                optimizer.zero_grad()
+                self.manual_backward(layer(batch).sum())
+                optimizer.step()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_acc", _saturating(self.global_step // 2))
+
+        def configure_optimizers(self):
+            return (torch.optim.SGD(self.layer.parameters(), lr=0.01),
+                    torch.optim.SGD(self.other.parameters(), lr=0.01))
+
+    stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_acc", min_gain_per_usd=1e-9)  # never stops
+    limits = {"max_epochs": 2, "max_steps": -1} if limit == "max_epochs" else {"max_steps": 100}
+    trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, clock), stopping], limit_train_batches=60, logger=False,
+                       val_check_interval=10, **limits)
+    trainer.fit(TwoOptimizers())
+    ledger = read_ledger(stopping.meter.ledger.path)
+    assert ledger.end.how == "completed" and ledger.end.totals.train_batches == (120 if limit == "max_epochs" else 50)
+    plans = [e["usd"] + e["usd_to_predicted_final"] for e in ledger.events
+             if e["name"] == "marginal_gain_decision" and e.get("usd_to_predicted_final") is not None]
+    assert len(plans) >= 2 and all(u == pytest.approx(ledger.end.totals.usd, rel=0.05) for u in plans[1:])
+
+
 def test_an_accuracy_logged_as_a_percentage_is_pointed_out_once(ns, tmp_path, clock):
     """With points_per_unit=100, a val_acc of 63.2 is 6,320 points: the price set per percentage point would be 100x
     off. The callback says so, once, and names the fix; a percentage watched with points_per_unit=1 is quiet."""

@@ -203,7 +203,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
         self._user_anneals = "anneals" in self.policy_kwargs
         self._user_schedule = self.policy_kwargs.get("lr_schedule") is not None
         self._schedule_read = False  # the scheduler's rates ahead read in this fit (see _lr_schedule)
-        self._spent_at: list[tuple[int, float]] = []  # (step, dollars) at this fit's validations (_planned_cost_usd)
+        self._spent_at: list[tuple[float, float]] = []  # (share of the plan, dollars) at validations
         self._begun = False  # the policy recorded in this fit's ledger (see _begin)
         for key in ("mode", "usd_per_point", "min_gain_per_usd", "confidence", "min_points", "points_per_unit",
                     "prior"):
@@ -426,29 +426,28 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
         return None if planned_steps is None else probe_schedule(trainer, planned_steps)
 
     def _planned_cost_usd(self, trainer: Any, spent_usd: float) -> Optional[float]:
-        """The run's planned cost: what it spent, plus the steps left at the pace of the later half of this fit.
+        """The run's planned cost: what it spent, plus the rest of the plan at the pace of the later half of this fit.
 
-        The pace is dollars per optimizer step since this fit's first validation at or past half its steps so far
-        (at its first validation: the average so far). The average carries what a run spends once, around its first
-        steps (setup, the first batches, a first validation, a slow start); extrapolated over the steps left, it
-        overstated the plan by up to 32% and 50% on two small CPU runs that completed (the SST-2 distillation
-        example's first estimate was 25% above its last) and 3x on a run whose first 20 of 150 steps cost 5x the
-        others, and `costaware prior fit` then took completed runs for stopped ones.
+        The pace is dollars per share of the plan (:func:`_plan_done`) since this fit's first validation at or past
+        half its progress so far (at its first validation: the average so far). The average carries what a run
+        spends once, around its first steps (setup, the first batches, a first validation, a slow start);
+        extrapolated over the steps left, it overstated the plan by up to 32% and 50% on two small CPU runs that
+        completed (the SST-2 distillation example's first estimate was 25% above its last) and 3x on a run whose
+        first 20 of 150 steps cost 5x the others, and `costaware prior fit` then took completed runs for stopped ones.
 
         ``None`` (the policy keeps its last plan) when the user gave ``planned_cost_usd``, when
         the Trainer plans no end (``max_steps=-1``, ``max_epochs=-1``), or before the first step.
         """
-        step = trainer.global_step
-        if self._user_plan or spent_usd <= 0 or step <= 0:
+        if self._user_plan or spent_usd <= 0:
             return None
-        planned_steps = _planned_steps(trainer)
-        if planned_steps is None or planned_steps <= step:
+        done = _plan_done(trainer)
+        if done is None or not 0.0 < done < 1.0:
             return None
-        since = next(((s, usd) for s, usd in self._spent_at if 2 * s >= step and s < step), None)
-        self._spent_at.append((step, spent_usd))
+        since = next(((d, usd) for d, usd in self._spent_at if 2 * d >= done and d < done), None)
+        self._spent_at.append((done, spent_usd))
         if since is None:
-            return spent_usd * planned_steps / step
-        return spent_usd + (planned_steps - step) * max(spent_usd - since[1], 0.0) / (step - since[0])
+            return spent_usd / done
+        return spent_usd + (1.0 - done) * max(spent_usd - since[1], 0.0) / (done - since[0])
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self.meter is None:
@@ -553,6 +552,27 @@ def _strategies(then: Any) -> list:
             raise ValueError(f"then must hold costaware.strategies.StopStrategy objects (EarlyStop, Distill, "
                              f"Quantize), got {item!r}")
     return items
+
+
+def _plan_done(trainer: Any) -> Optional[float]:
+    """The share of its plan the fit has done, or None when it plans no end.
+
+    Optimizer steps against ``estimated_stepping_batches``; under manual optimization, where a batch may step
+    several optimizers (a GAN's two: ``global_step`` runs twice as fast as the batches that
+    ``estimated_stepping_batches`` then counts), the nearer of ``max_steps`` in optimizer steps and ``max_epochs``
+    in batches: the fit ends at whichever it reaches first.
+    """
+    module = getattr(trainer, "lightning_module", None)
+    if getattr(module, "automatic_optimization", True):
+        planned = _planned_steps(trainer)
+        return None if planned is None or planned <= 0 else trainer.global_step / planned
+    shares = []
+    if trainer.max_steps not in (None, -1) and trainer.max_steps > 0:
+        shares.append(trainer.global_step / trainer.max_steps)
+    batches_per_epoch = trainer.num_training_batches
+    if trainer.max_epochs not in (None, -1) and trainer.max_epochs > 0 and math.isfinite(batches_per_epoch):
+        shares.append((trainer.fit_loop.total_batch_idx + 1) / (trainer.max_epochs * max(batches_per_epoch, 1)))
+    return max(shares) if shares else None
 
 
 def _planned_steps(trainer: Any) -> Optional[float]:
