@@ -575,14 +575,17 @@ def test_the_plan_of_a_fit_that_steps_two_optimizers_a_batch(pl_ns, tmp_path, cl
 
     stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_acc", min_gain_per_usd=1e-9)  # never stops
     limits = {"max_epochs": 2, "max_steps": -1} if limit == "max_epochs" else {"max_steps": 100}
-    trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, clock), stopping], limit_train_batches=60, logger=False,
-                       val_check_interval=10, **limits)
+    cap = pl_ns.costaware.BudgetCap(max_usd=10.0)
+    trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, clock), cap, stopping], limit_train_batches=60,
+                       logger=False, val_check_interval=10, **limits)
     trainer.fit(TwoOptimizers())
     ledger = read_ledger(stopping.meter.ledger.path)
     assert ledger.end.how == "completed" and ledger.end.totals.train_batches == (120 if limit == "max_epochs" else 50)
     plans = [e["usd"] + e["usd_to_predicted_final"] for e in ledger.events
              if e["name"] == "marginal_gain_decision" and e.get("usd_to_predicted_final") is not None]
     assert len(plans) >= 2 and all(u == pytest.approx(ledger.end.totals.usd, rel=0.05) for u in plans[1:])
+    forecasts = [e["basis"] for e in ledger.events if e["name"] == "forecast"]  # BudgetCap's plan, in batches
+    assert forecasts and all(f" of {ledger.end.totals.train_batches:.0f} planned batches" in b for b in forecasts)
 
 
 def test_an_accuracy_logged_as_a_percentage_is_pointed_out_once(ns, tmp_path, clock):
