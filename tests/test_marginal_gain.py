@@ -586,6 +586,12 @@ def test_the_plan_of_a_fit_that_steps_two_optimizers_a_batch(pl_ns, tmp_path, cl
     assert len(plans) >= 2 and all(u == pytest.approx(ledger.end.totals.usd, rel=0.05) for u in plans[1:])
     forecasts = [e["basis"] for e in ledger.events if e["name"] == "forecast"]  # BudgetCap's plan, in batches
     assert forecasts and all(f" of {ledger.end.totals.train_batches:.0f} planned batches" in b for b in forecasts)
+    assert ledger.end.optimizer_steps == 2 * ledger.end.totals.train_batches  # max_steps' unit, in the end record
+    if limit == "max_steps":  # the report's plan from max_steps: done, not half done
+        from costaware.report import build_report
+
+        planned = build_report(stopping.meter.ledger.path)["planned"]
+        assert planned["fraction_done"] == 1.0 and planned["usd_not_spent"] == 0.0
 
 
 def test_an_accuracy_logged_as_a_percentage_is_pointed_out_once(ns, tmp_path, clock):

@@ -358,7 +358,7 @@ class CostMeter:
                                phases=self._phase_totals,
                                stopped_by=self._stopped_by if how == "completed" and self.ledger.stopped_as is None
                                else None,
-                               **self._metered_span()))
+                               optimizer_steps=_global_step(trainer), **self._metered_span()))
         # A later fit with this meter continues the same run, from what it has spent.
         self._run_id, self._base = self.ledger.run_id, self._totals
         self._phases_before = self._phase_totals  # ... and its phases
@@ -610,4 +610,10 @@ def stopped_by(trainer: pl.Trainer) -> Optional[str]:
             if left is not None and left <= 0:
                 return "max_time (Lightning's Timer)"
     return "trainer.should_stop (set by a callback or the module)"
+
+
+def _global_step(trainer: pl.Trainer) -> Optional[int]:
+    """``trainer.global_step`` (the unit of ``max_steps``), or None where a trainer stand-in has none."""
+    step = getattr(trainer, "global_step", None)
+    return int(step) if isinstance(step, int) and step >= 0 else None
 

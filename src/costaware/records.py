@@ -215,6 +215,8 @@ class End(Record):
             totals were taken (their difference is this session's share of ``totals.elapsed_s``).
         stopped_by: for a fit that "completed" because something other than costaware asked it to stop
             (``trainer.should_stop``: Lightning's ``EarlyStopping``, ``max_time``, the module), who did.
+        optimizer_steps: ``trainer.global_step`` at the end, the unit of ``max_steps`` (a batch may take
+            several under manual optimization, or a fraction with gradient accumulation).
     """
 
     KIND: ClassVar[str] = "end"
@@ -226,6 +228,7 @@ class End(Record):
     metered_from_wall_s: Optional[float] = None
     metered_to_wall_s: Optional[float] = None
     stopped_by: Optional[str] = None
+    optimizer_steps: Optional[int] = None
 
 
 @dataclass(kw_only=True)

@@ -241,7 +241,8 @@ def _build(path: Path, contents: LedgerContents, trusted: bool, max_points: int)
         "problems": problems,
     }
     report["planned"] = _planned(header, totals, events,
-                                 stopped_early=end is None or end.how != "completed" or bool(end.stopped_by))
+                                 stopped_early=end is None or end.how != "completed" or bool(end.stopped_by),
+                                 end_steps=end.optimizer_steps if end is not None else None)
     report["outcome"] = _outcome(end, events, report["planned"])
     return report
 
@@ -697,14 +698,15 @@ def _strategy_rows(events: list) -> list[dict]:
     return rows
 
 
-def _planned(header: Header, totals: dict, events: list, stopped_early: bool = True) -> dict:
+def _planned(header: Header, totals: dict, events: list, stopped_early: bool = True,
+             end_steps: Optional[int] = None) -> dict:
     """What the run as planned would have cost, from every basis the ledger offers.
 
     An estimate below what the run already spent (a stale forecast) is left out; a run that
     completed with no known share of its plan done (a ``max_epochs`` plan) has nothing "not
     spent by stopping": its forecast's gap is the forecast's error, not a saving.
     """
-    by_steps, fraction = _steps_estimate(header, totals)
+    by_steps, fraction = _steps_estimate(header, totals, end_steps)
     spent = totals.get("usd")
     estimates = [e for e in (_forecast_estimate(events), by_steps, _policy_estimate(events))
                  if e and not (spent is not None and e.get("usd") is not None and e["usd"] < spent)]
@@ -731,9 +733,18 @@ def _forecast_estimate(events: list) -> Optional[dict]:
     return None
 
 
-def _steps_estimate(header: Header, totals: dict) -> tuple[Optional[dict], Optional[float]]:
-    """The cost of ``max_steps`` at the cost per batch so far, and the fraction done."""
+def _steps_estimate(header: Header, totals: dict, end_steps: Optional[int] = None
+                    ) -> tuple[Optional[dict], Optional[float]]:
+    """The cost of ``max_steps`` at the cost per step so far, and the fraction done: from the optimizer steps the
+    end record counts (``max_steps``' own unit), else from the batches (ledgers before it did)."""
     max_steps, world = finite_number(header.max_steps), finite_number(header.world_size or 1)
+    if max_steps is not None and max_steps > 0 and end_steps is not None and end_steps > 0:
+        fraction = min(end_steps / max_steps, 1.0)
+        if totals["usd"] is None:
+            return None, fraction
+        return {"usd": totals["usd"] / fraction,
+                "basis": f"{end_steps:g} of {max_steps:g} optimizer steps (max_steps) at the cost per step so far"}, \
+            fraction
     accumulate = finite_number(header.accumulate_grad_batches)  # absent from the first ledgers
     accumulate = accumulate if accumulate is not None and accumulate >= 1 else None
     done = totals["train_batches"]
