@@ -341,8 +341,7 @@ class CostMeter:
         """
         self.stop()
         if self.ledger is not None and not self._ledger_open and not self.ledger.closed:
-            self._base = self._session_totals(self._read_session())
-            self._run_id = self._resumed_from = self._phases_before = None
+            self._base = self._session_totals(self._read_session())  # on top of an earlier fit's, if any
             self.ledger.close()  # nothing recorded: no file
             return
         if self.ledger is not None and not self.ledger.closed:
@@ -616,4 +615,3 @@ def _global_step(trainer: pl.Trainer) -> Optional[int]:
     """``trainer.global_step`` (the unit of ``max_steps``), or None where a trainer stand-in has none."""
     step = getattr(trainer, "global_step", None)
     return int(step) if isinstance(step, int) and step >= 0 else None
-
