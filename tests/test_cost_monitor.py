@@ -1,5 +1,6 @@
 """CostMonitor in real fits: logged keys, ledger, resume, bad input, no network."""
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -286,8 +287,6 @@ def test_a_tuners_trial_steps_are_counted_in_the_fit_that_follows_in_one_ledger(
     """Lightning's Tuner ends its lr_find fit before training starts, after trial steps run with the callbacks
     swapped out and the model restored. That fit once left a ledger holding an end record alone, and the real
     fit then warned of "another run's ledger", wrote to a folder named by run id and said it was resumed."""
-    import warnings
-
     tuner_module = __import__(f"{ns.name}.tuner", fromlist=["Tuner"])
     monitor = _monitor(ns, clock)
     trainer = _trainer(ns, tmp_path, [monitor], max_steps=6, limit_val_batches=0)
@@ -300,7 +299,7 @@ def test_a_tuners_trial_steps_are_counted_in_the_fit_that_follows_in_one_ledger(
         trainer.fit(model)
     path = monitor.ledger.path
     assert path == Path(trainer.log_dir) / "costaware" / "ledger.jsonl"
-    assert [p for p in tmp_path.rglob("ledger.jsonl")] == [path]
+    assert list(tmp_path.rglob("ledger.jsonl")) == [path]
     contents = read_ledger(path)
     assert not contents.problems and contents.header.resumed_from is None and contents.end.how == "completed"
     # 20 trial steps and 6 of the fit, a second each on the fake clock, at $0.001/s: the trial's are counted.
@@ -357,6 +356,27 @@ def test_a_second_fit_continues_the_run(pl_ns, tmp_path, clock):
     trainer.fit_loop.epoch_loop.max_steps = 4
     trainer.fit(model)
     assert monitor.totals.usd > first.usd and monitor.totals.train_batches == first.train_batches + 2
+
+
+def test_a_tuner_between_two_fits_keeps_the_run_going(pl_ns, tmp_path, clock):
+    """fit, then Tuner.lr_find, then fit on: one run in one ledger, the trial's steps counted in its totals."""
+    from pytorch_lightning.tuner import Tuner
+
+    monitor = _monitor(pl_ns, clock)
+    trainer = _trainer(pl_ns, tmp_path, [monitor], max_steps=2, limit_val_batches=0)
+    model = make_clocked_model(pl_ns.BoringModel, clock, step_s=1.0)
+    model.lr = 0.1
+    trainer.fit(model)
+    run_id, path = monitor.meter.ledger.run_id, monitor.ledger.path
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        Tuner(trainer).lr_find(model, num_training=10, early_stop_threshold=None)
+        trainer.fit_loop.epoch_loop.max_steps = 4
+        trainer.fit(model)
+    assert monitor.ledger.path == path and monitor.meter.ledger.run_id == run_id
+    contents = read_ledger(path)
+    assert not contents.problems and contents.end.totals.train_batches == 4
+    assert contents.end.totals.usd == pytest.approx(0.001 * (2 + 10 + 2), rel=0.05)  # both fits and the trial
 
 
 def test_ledger_write_failure_keeps_the_records(tmp_path):
