@@ -305,6 +305,9 @@ def test_a_tuners_trial_steps_are_counted_in_the_fit_that_follows_in_one_ledger(
     # 20 trial steps and 6 of the fit, a second each on the fake clock, at $0.001/s: the trial's are counted.
     assert contents.end.totals.elapsed_s >= 26.0 and contents.end.totals.usd == pytest.approx(0.026, rel=0.05)
     assert contents.end.totals.train_batches == 6
+    assert contents.end.phases["tuning"]["elapsed_s"] == pytest.approx(20.0, abs=0.5)  # the report's own row
+    rows = {r["phase"]: r for r in build_report(path)["phases"]["rows"]}
+    assert rows["tuning"]["usd"] == pytest.approx(0.020, rel=0.05) and rows["training"]["usd"] >= 0.006 - 1e-9
 
 
 def test_a_learning_rate_finder_callback_is_no_resume(ns, tmp_path, clock):
@@ -377,6 +380,7 @@ def test_a_tuner_between_two_fits_keeps_the_run_going(pl_ns, tmp_path, clock):
     contents = read_ledger(path)
     assert not contents.problems and contents.end.totals.train_batches == 4
     assert contents.end.totals.usd == pytest.approx(0.001 * (2 + 10 + 2), rel=0.05)  # both fits and the trial
+    assert contents.end.phases["tuning"]["usd"] == pytest.approx(0.010, rel=0.05)
 
 
 def test_ledger_write_failure_keeps_the_records(tmp_path):

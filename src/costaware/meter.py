@@ -337,11 +337,16 @@ class CostMeter:
 
         A fit that ends before its ledger opens (Lightning's Tuner ends its ``lr_find`` and
         ``scale_batch_size`` fits that way, after their trial steps) writes no ledger: what it spent
-        is carried into this meter's next fit, counted in its totals (the report's "other" phase).
+        is carried into this meter's next fit, counted in its totals as the phase "tuning".
         """
         self.stop()
         if self.ledger is not None and not self._ledger_open and not self.ledger.closed:
-            self._base = self._session_totals(self._read_session())  # on top of an earlier fit's, if any
+            before, self._base = self._base, self._session_totals(self._read_session())  # on an earlier fit's
+            tuning = (self._phases_before or {}).get("tuning") or dict.fromkeys(PHASE_FIGURES, 0.0)
+            spent = {"elapsed_s": self._base.elapsed_s - before.elapsed_s, "usd": self._base.usd - before.usd,
+                     "kwh": self._base.kwh - before.kwh, "co2_kg": self._base.co2_kg - before.co2_kg}
+            self._phases_before = {**(self._phases_before or {}),
+                                   "tuning": {k: float(tuning.get(k, 0.0)) + spent[k] for k in PHASE_FIGURES}}
             self.ledger.close()  # nothing recorded: no file
             return
         if self.ledger is not None and not self.ledger.closed:

@@ -1,12 +1,13 @@
-"""The report's per-phase breakdown: training, validation, checkpointing, probe, strategies, other.
+"""The report's per-phase breakdown: tuning, training, validation, checkpointing, probe, strategies, other.
 
 The metered phases come from the end record (``End.phases``, measured by the run's meter, see
 :mod:`costaware.phases`); a ledger without them (older, or killed) falls back to the
 ``online_probe`` events for the probe and leaves the rest in "other". Strategies after the fit
 (``distill``, ``quantize``) are outside the metered totals: the student's own metered dollars,
-and a quantization's seconds priced at the run's mean dollars per second. "other" is what the
-totals hold that no phase covered (setup, teardown, earlier sessions of a resumed run), so the
-metered phases plus "other" equal the totals exactly, and "total, with strategies" adds those.
+and a quantization's seconds priced at the run's mean dollars per second. "tuning" is what Lightning's
+Tuner spent on trial steps just before the fit (recorded with the phases, see ``CostMeter.teardown``).
+"other" is what the totals hold that no phase covered (setup, teardown, earlier sessions of a resumed
+run), so the metered phases plus "other" equal the totals exactly, and "total, with strategies" adds those.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def phase_breakdown(end: Optional[End], events: list, totals: dict) -> dict:
             if probes:
                 rows.append(_row(name, sum(_num(e.duration_s) for e in probes),
                                  sum(_num(e.cost_usd) for e in probes), "online_probe events"))
+    for name, figures in (recorded or {}).items():  # beyond the clock's: "tuning" (Lightning's Tuner, before)
+        if name not in PHASES and isinstance(figures, dict) and _num(figures.get("elapsed_s")) > 0:
+            rows.insert(0, _row(name, _num(figures.get("elapsed_s")), _num(figures.get("usd")), basis))
     if recorded is None and not rows:
         note = "the ledger records no phases (written by an older costaware, or the run did not end cleanly)"
     else:
