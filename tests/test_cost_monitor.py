@@ -324,7 +324,7 @@ def test_a_learning_rate_finder_callback_is_no_resume(ns, tmp_path, clock):
     assert not contents.problems and contents.end.totals.elapsed_s >= 16.0  # the search's 10 steps and the fit's 6
 
 
-@pytest.mark.parametrize("stopper", ["early_stopping", "max_time", None])
+@pytest.mark.parametrize("stopper", ["early_stopping", "max_time", None, "none, max_epochs"])
 def test_the_report_names_who_stopped_a_fit_that_did_not_run_its_plan(ns, tmp_path, clock, stopper):
     """Lightning's EarlyStopping or max_time ends a fit as "completed": the report once said "ended: completed"
     for a run stopped at its first validation, with nothing "not spent by stopping"."""
@@ -334,13 +334,18 @@ def test_the_report_names_who_stopped_a_fit_that_did_not_run_its_plan(ns, tmp_pa
         callbacks.append(ns.callbacks.EarlyStopping(monitor="val_loss", mode="min", stopping_threshold=1e9))
     elif stopper == "max_time":
         kwargs["max_time"] = {"seconds": 0}
-    trainer = _trainer(ns, tmp_path, callbacks, max_steps=10, val_check_interval=5, **kwargs)
+    elif stopper == "none, max_epochs":
+        kwargs.update(max_steps=-1, max_epochs=2, limit_train_batches=5)
+    kwargs = {"max_steps": 10, **kwargs}
+    trainer = _trainer(ns, tmp_path, callbacks, val_check_interval=5, **kwargs)
     trainer.fit(make_clocked_model(ns.BoringModel, clock, step_s=1.0))
     contents = read_ledger(monitor.ledger.path)
     report = build_report(monitor.ledger.path)
     assert contents.end.how == "completed" and report["outcome"]["how"] == "completed"
-    if stopper is None:
-        assert contents.end.stopped_by is None and report["outcome"]["why"] == "completed: max_steps reached"
+    if stopper is None or stopper == "none, max_epochs":  # ran its plan: nothing left unspent
+        plan = "max_steps" if stopper is None else "max_epochs"
+        assert contents.end.stopped_by is None and report["outcome"]["why"] == f"completed: {plan} reached"
+        assert report["planned"]["usd_not_spent"] == 0.0 and report["planned"]["fraction_done"] == 1.0
         return
     assert trainer.global_step < 10
     expected = "EarlyStopping(monitor='val_loss') at epoch 0: " if stopper == "early_stopping" else "max_time"
