@@ -72,7 +72,8 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
 
     The policy also gets the run's planned cost: what it spent, plus the steps left to
     ``trainer.estimated_stepping_batches`` at the pace of the later half of the fit so far (none
-    when the Trainer plans no end). It anchors the
+    when the Trainer plans no end; under manual optimization, the share of ``max_steps`` or
+    ``max_epochs`` done, whichever is nearer: a batch may step several optimizers). It anchors the
     predicted final metric and lets the policy wait for the gains of learning-rate annealing
     (``anneal_fraction``, ``anneal_points``) when the fit has a learning-rate scheduler (at a
     constant learning rate there is no annealing to wait for; with a scheduler and no planned end, where
