@@ -29,7 +29,7 @@ from costaware.ledger import (
     read_ledger,
 )
 from costaware.meters import FlopsCounter, Sampler, open_gpu, open_host, peak_flops_per_s
-from costaware.phases import PHASE_FIGURES, PhaseClock
+from costaware.phases import PHASE_FIGURES, PhaseClock, phase_figures
 from costaware.prices import make_prices
 from costaware.records import (
     End,
@@ -343,10 +343,9 @@ class CostMeter:
         if self.ledger is not None and not self._ledger_open and not self.ledger.closed:
             before, self._base = self._base, self._session_totals(self._read_session())  # on an earlier fit's
             tuning = (self._phases_before or {}).get("tuning") or dict.fromkeys(PHASE_FIGURES, 0.0)
-            spent = {"elapsed_s": self._base.elapsed_s - before.elapsed_s, "usd": self._base.usd - before.usd,
-                     "kwh": self._base.kwh - before.kwh, "co2_kg": self._base.co2_kg - before.co2_kg}
+            now, then = phase_figures(self._base), phase_figures(before)
             self._phases_before = {**(self._phases_before or {}),
-                                   "tuning": {k: float(tuning.get(k, 0.0)) + spent[k] for k in PHASE_FIGURES}}
+                                   "tuning": {k: float(tuning.get(k, 0.0)) + now[k] - then[k] for k in PHASE_FIGURES}}
             self.ledger.close()  # nothing recorded: no file
             return
         if self.ledger is not None and not self.ledger.closed:

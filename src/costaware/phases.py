@@ -54,8 +54,7 @@ class PhaseClock:
         return {name: dict(figures) for name, figures in self.spent.items()}
 
     def _figures(self) -> dict:
-        t = self._now()
-        return {"elapsed_s": t.elapsed_s, "usd": t.usd, "kwh": t.kwh, "co2_kg": t.co2_kg}
+        return phase_figures(self._now())
 
     def _charge(self, now: dict) -> None:
         if self._open:
@@ -63,3 +62,8 @@ class PhaseClock:
             for key in PHASE_FIGURES:
                 spent[key] += max(now[key] - self._mark.get(key, now[key]), 0.0)
         self._mark = now
+
+
+def phase_figures(totals: Any) -> dict[str, float]:
+    """The :data:`PHASE_FIGURES` of a run's totals (a :class:`costaware.ledger.Totals`)."""
+    return {"elapsed_s": totals.elapsed_s, "usd": totals.usd, "kwh": totals.kwh, "co2_kg": totals.co2_kg}

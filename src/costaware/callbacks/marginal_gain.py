@@ -11,7 +11,7 @@ from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 
 from costaware import _lightning_internals as internals
 from costaware._lightning import CALLBACK_BASES
-from costaware.callbacks.budget_cap import BudgetCap
+from costaware.callbacks.budget_cap import BudgetCap, _planned_batches
 from costaware.callbacks.metering import check_priced, find_meter, make_own_meter
 from costaware.curves import Decision, MarginalGainPolicy
 from costaware.lr_schedule import probe_schedule
@@ -560,20 +560,15 @@ def _plan_done(trainer: Any) -> Optional[float]:
 
     Optimizer steps against ``estimated_stepping_batches``; under manual optimization, where a batch may step
     several optimizers (a GAN's two: ``global_step`` runs twice as fast as the batches that
-    ``estimated_stepping_batches`` then counts), the nearer of ``max_steps`` in optimizer steps and ``max_epochs``
-    in batches: the fit ends at whichever it reaches first.
+    ``estimated_stepping_batches`` then counts), batches against BudgetCap's planned batches (``max_steps``
+    converted at the optimizer steps per batch measured, or ``max_epochs``, whichever ends the fit first).
     """
     module = getattr(trainer, "lightning_module", None)
     if getattr(module, "automatic_optimization", True):
         planned = _planned_steps(trainer)
         return None if planned is None or planned <= 0 else trainer.global_step / planned
-    shares = []
-    if trainer.max_steps not in (None, -1) and trainer.max_steps > 0:
-        shares.append(trainer.global_step / trainer.max_steps)
-    batches_per_epoch = trainer.num_training_batches
-    if trainer.max_epochs not in (None, -1) and trainer.max_epochs > 0 and math.isfinite(batches_per_epoch):
-        shares.append((trainer.fit_loop.total_batch_idx + 1) / (trainer.max_epochs * max(batches_per_epoch, 1)))
-    return max(shares) if shares else None
+    batches = _planned_batches(trainer)
+    return None if batches is None or batches <= 0 else (trainer.fit_loop.total_batch_idx + 1) / batches
 
 
 def _planned_steps(trainer: Any) -> Optional[float]:

@@ -240,11 +240,7 @@ def _build(path: Path, contents: LedgerContents, trusted: bool, max_points: int)
         "notes": _price_change_notes(header, resumes),
         "problems": problems,
     }
-    report["planned"] = _planned(header, totals, events,
-                                 stopped_early=end is None or end.how != "completed" or bool(end.stopped_by),
-                                 end_steps=end.optimizer_steps if end is not None else None,
-                                 ran_its_plan=end is not None and end.how == "completed" and not end.stopped_by
-                                 and end.optimizer_steps is not None)  # (ledgers before either field: unknown)
+    report["planned"] = _planned(header, totals, events, end)
     report["outcome"] = _outcome(end, events, report["planned"])
     return report
 
@@ -700,28 +696,30 @@ def _strategy_rows(events: list) -> list[dict]:
     return rows
 
 
-def _planned(header: Header, totals: dict, events: list, stopped_early: bool = True,
-             end_steps: Optional[int] = None, ran_its_plan: bool = False) -> dict:
-    """What the run as planned would have cost, from every basis the ledger offers (``ran_its_plan``: the end
-    record says the fit ended on its own, no one having asked it to stop).
+def _planned(header: Header, totals: dict, events: list, end: Optional[End]) -> dict:
+    """What the run as planned would have cost, from every basis the ledger offers.
 
     An estimate below what the run already spent (a stale forecast) is left out; a run that
-    completed with no known share of its plan done (a ``max_epochs`` plan) has nothing "not
-    spent by stopping": its forecast's gap is the forecast's error, not a saving.
+    completed with no known share of its plan done (a ``max_epochs`` plan, in a ledger older than
+    ``End.optimizer_steps``) has nothing "not spent by stopping": its forecast's gap is the forecast's
+    error, not a saving. ``reached`` names the limit a run that finished its plan reached.
     """
+    stopped_early = end is None or end.how != "completed" or bool(end.stopped_by)
+    end_steps = end.optimizer_steps if end is not None else None
     by_steps, fraction = _steps_estimate(header, totals, end_steps)
     spent = totals.get("usd")
     estimates = [e for e in (_forecast_estimate(events), by_steps, _policy_estimate(events))
                  if e and not (spent is not None and e.get("usd") is not None and e["usd"] < spent)]
     out = {"usd": estimates[0]["usd"] if estimates else None, "basis": estimates[0]["basis"] if estimates else None,
-           "fraction_done": fraction, "estimates": estimates, "usd_not_spent": None, "note": None}
+           "fraction_done": fraction, "estimates": estimates, "usd_not_spent": None, "note": None, "reached": None}
     if fraction is not None and fraction >= 1.0 - 1e-9:
-        out["note"] = "the run finished its plan (max_steps reached)"
-        out["usd_not_spent"] = 0.0
-    elif ran_its_plan and isinstance(header.max_epochs, (int, float)) and header.max_epochs > 0:
-        # The fit ended on its own, nobody asked it to stop: Lightning reached max_epochs.
+        out.update(note="the run finished its plan (max_steps reached)", usd_not_spent=0.0, reached="max_steps")
+    elif (not stopped_early and end_steps is not None and isinstance(header.max_epochs, (int, float))
+          and header.max_epochs > 0):
+        # The fit ended on its own (a ledger that counts optimizer steps says no one asked it to stop): max_epochs.
         out.update(usd=spent, basis=f"what the run spent: it ran its plan (max_epochs={header.max_epochs:g})",
-                   fraction_done=1.0, usd_not_spent=0.0, note="the run finished its plan (max_epochs reached)")
+                   fraction_done=1.0, usd_not_spent=0.0, note="the run finished its plan (max_epochs reached)",
+                   reached="max_epochs")
     elif out["usd"] is not None and totals["usd"] is not None and (stopped_early or fraction is not None):
         out["usd_not_spent"] = max(0.0, out["usd"] - totals["usd"])
     elif isinstance(header.max_epochs, (int, float)) and header.max_epochs > 0:
@@ -806,8 +804,8 @@ def _outcome(end: Optional[End], events: list, planned: dict) -> dict:
                     + (f": {event.reason}" if event.reason else "")}
     if end is not None and end.stopped_by:
         why = f"stopped early by {end.stopped_by}"
-    elif end is not None and str(planned.get("note") or "").startswith("the run finished its plan ("):
-        why = "completed: " + str(planned["note"])[len("the run finished its plan ("):].rstrip(")")
+    elif end is not None and planned.get("reached"):
+        why = f"completed: {planned['reached']} reached"
     return {"how": how, "why": why}
 
 
