@@ -185,6 +185,11 @@ def run_from_generic(record: dict) -> Run:
                run.anneals, run.metric_range, float(ppu))
 
 
+def _finite_values(record: dict) -> list[float]:
+    return [p[1] for p in record.get("points") or [] if isinstance(p, list) and len(p) > 1 and is_number(p[1])
+            and math.isfinite(p[1])]
+
+
 def looks_like_percentages(records: list[dict]) -> int:
     """How many records look like a percentage read as a fraction: mode max, no ``points_per_unit`` or
     ``metric_range`` given, finite values above 1 and none above 100."""
@@ -192,9 +197,20 @@ def looks_like_percentages(records: list[dict]) -> int:
     for r in records:
         if r.get("mode", "max") != "max" or "points_per_unit" in r or r.get("metric_range") is not None:
             continue
-        values = [p[1] for p in r.get("points") or [] if isinstance(p, list) and len(p) > 1 and is_number(p[1])
-                  and math.isfinite(p[1])]
+        values = _finite_values(r)
         count += bool(values) and max(values) > 1.0 and max(values) <= 100.0 and min(values) >= 0.0
+    return count
+
+
+def looks_like_error_rates(records: list[dict]) -> int:
+    """How many records may be error rates read as a loss: mode min, no ``metric_range`` given, every finite value
+    in [0, 1]. ("auto" bounds such a metric by 0 below only, and asks no prior; a loss below 1 looks the same.)"""
+    count = 0
+    for r in records:
+        if r.get("mode", "max") != "min" or r.get("metric_range") is not None:
+            continue
+        values = _finite_values(r)
+        count += bool(values) and min(values) >= 0.0 and max(values) <= 1.0
     return count
 
 
@@ -962,6 +978,12 @@ def main(argv: list[str] | None = None) -> int:
                          "points_per_unit: if they are percentages, give each record \"points_per_unit\": 1 and "
                          "\"metric_range\": [0, 100] (read as they are, a point is a hundredth of a percentage "
                          "point, and no prior is asked: the metric looks unbounded).")
+            print(lines[-1], flush=True)
+        error_like = looks_like_error_rates(records)
+        if error_like:
+            lines.append(f"note: {error_like} runs (mode min) have every value in [0, 1] but no metric_range: if they "
+                         "are error rates (1 - accuracy), give each record \"metric_range\": [0, 1] (read as they are, "
+                         "the metric is a loss bounded by 0 below only, and no prior is asked).")
             print(lines[-1], flush=True)
         datasets.append((args.generic.stem, records, tuple(args.prices or GENERIC_PRICES),
                          lambda r: run_learns(r, learns_above), args.from_scratch))

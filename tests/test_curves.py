@@ -529,6 +529,10 @@ def test_a_generic_records_metric_range_reaches_the_replayed_policy_and_the_team
                                                                       for x in t]}) for i in range(5)]
     assert rc.team_prior(runs) is not None  # bounded by its range: a prior is fitted
     assert rc.team_prior([replace(r, metric_range=None) for r in runs]) is None  # a loss without bounds: none
+    # Such a file gets a note: a mode-min record in [0, 1] without a range may be an error rate.
+    unmarked = {k: v for k, v in record.items() if k != "metric_range"}
+    loss_above_one = {**unmarked, "points": [[1.0, 2.3], [2.0, 0.9]]}
+    assert rc.looks_like_error_rates([record, unmarked, loss_above_one, {**unmarked, "mode": "max"}]) == 1
 
 
 def test_a_percentage_replays_as_the_same_accuracy_given_its_points_per_unit():
