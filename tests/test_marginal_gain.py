@@ -594,6 +594,33 @@ def test_the_plan_of_a_fit_that_steps_two_optimizers_a_batch(pl_ns, tmp_path, cl
         assert planned["fraction_done"] == 1.0 and planned["usd_not_spent"] == 0.0
 
 
+def test_the_plan_holds_when_gradient_accumulation_changes_during_the_fit(pl_ns, tmp_path, clock):
+    """GradientAccumulationScheduler({0: 1, 2: 4}): Lightning's estimated_stepping_batches is counted at the
+    accumulation of the moment, so from epoch 2 it planned fewer steps than were done, and the callback froze the
+    plan it had then: here the later batches cost 1.5x, and every later plan stayed at the first half's pace ($0.16
+    where the run spent $0.20). The share of max_epochs' batches done keeps the plan current."""
+    scheduler = pl_ns.pl.callbacks.GradientAccumulationScheduler(scheduling={0: 1, 2: 4})
+    stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_acc", min_gain_per_usd=1e-9)  # never stops
+    trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, clock), scheduler, stopping], max_steps=-1, max_epochs=4,
+                       limit_train_batches=40, val_check_interval=10, logger=False)
+    model = _curve_model(pl_ns.BoringModel, clock, lambda step: 0.002 * step)
+    steady_step = model.training_step
+
+    def slower_later(batch, batch_idx):
+        clock.advance(0.5 if model.current_epoch >= 2 else 0.0)  # the later batches cost 1.5x
+        return steady_step(batch, batch_idx)
+
+    model.training_step = slower_later
+    trainer.fit(model)
+    ledger = read_ledger(stopping.meter.ledger.path)
+    assert ledger.end.how == "completed" and ledger.end.totals.train_batches == 160
+    assert ledger.end.optimizer_steps == 100 and ledger.end.totals.usd == pytest.approx(0.2, rel=0.01)
+    decisions = [e for e in ledger.events if e["name"] == "marginal_gain_decision" and e.get("gain_per_usd")]
+    plans = [e["usd"] + e["usd_to_predicted_final"] for e in decisions if e.get("usd_to_predicted_final") is not None]
+    assert len(decisions) == len(plans) == 14  # every validation from the third, each with a plan
+    assert all(u == pytest.approx(ledger.end.totals.usd, rel=0.05) for u in plans[-4:])
+
+
 def test_an_accuracy_logged_as_a_percentage_is_pointed_out_once(ns, tmp_path, clock):
     """With points_per_unit=100, a val_acc of 63.2 is 6,320 points: the price set per percentage point would be 100x
     off. The callback says so, once, and names the fix; a percentage watched with points_per_unit=1 is quiet."""

@@ -11,7 +11,7 @@ from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 
 from costaware import _lightning_internals as internals
 from costaware._lightning import CALLBACK_BASES
-from costaware.callbacks.budget_cap import BudgetCap, _planned_batches
+from costaware.callbacks.budget_cap import BudgetCap
 from costaware.callbacks.metering import check_priced, find_meter, make_own_meter
 from costaware.curves import Decision, MarginalGainPolicy
 from costaware.lr_schedule import probe_schedule
@@ -70,10 +70,10 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
     distill the model into a student or quantize it. A run whose metric turns NaN, or collapses,
     stops too.
 
-    The policy also gets the run's planned cost: what it spent, plus the steps left to
-    ``trainer.estimated_stepping_batches`` at the pace of the later half of the fit so far (none
-    when the Trainer plans no end; under manual optimization, the share of ``max_steps`` or
-    ``max_epochs`` done, whichever is nearer: a batch may step several optimizers). It anchors the
+    The policy also gets the run's planned cost: what it spent, plus the rest of the plan at the
+    pace of the later half of the fit so far (the share done of ``max_steps``, in optimizer steps,
+    or of ``max_epochs``, in batches, whichever ends the fit first; none when the Trainer plans no
+    end). It anchors the
     predicted final metric and lets the policy wait for the gains of learning-rate annealing
     (``anneal_fraction``, ``anneal_points``) when the fit has a learning-rate scheduler (at a
     constant learning rate there is no annealing to wait for; with a scheduler and no planned end, where
@@ -556,19 +556,22 @@ def _strategies(then: Any) -> list:
 
 
 def _plan_done(trainer: Any) -> Optional[float]:
-    """The share of its plan the fit has done, or None when it plans no end.
+    """The share of its plan the fit has done, of the limit that ends it first; None when it plans no end.
 
-    Optimizer steps against ``estimated_stepping_batches``; under manual optimization, where a batch may step
-    several optimizers (a GAN's two: ``global_step`` runs twice as fast as the batches that
-    ``estimated_stepping_batches`` then counts), batches against BudgetCap's planned batches (``max_steps``
-    converted at the optimizer steps per batch measured, or ``max_epochs``, whichever ends the fit first).
+    Optimizer steps against ``max_steps`` (its own unit, however many a batch takes), batches against the batches
+    of ``max_epochs``. Not ``global_step / estimated_stepping_batches``: Lightning counts that with the accumulation
+    of the moment, so under ``GradientAccumulationScheduler({0: 1, 3: 4})`` it fell below the steps already done at
+    epoch 3 and the plan was gone for the rest of the fit; and a batch that steps two optimizers (a GAN, manual
+    optimization) runs ``global_step`` twice as fast as the batches it counts.
     """
-    module = getattr(trainer, "lightning_module", None)
-    if getattr(module, "automatic_optimization", True):
-        planned = _planned_steps(trainer)
-        return None if planned is None or planned <= 0 else trainer.global_step / planned
-    batches = _planned_batches(trainer)
-    return None if batches is None or batches <= 0 else (trainer.fit_loop.total_batch_idx + 1) / batches
+    shares = []
+    max_steps = trainer.max_steps
+    if max_steps is not None and max_steps > 0:
+        shares.append(trainer.global_step / max_steps)
+    batches, max_epochs = trainer.num_training_batches, trainer.max_epochs
+    if max_epochs is not None and max_epochs > 0 and math.isfinite(batches) and batches > 0:
+        shares.append((trainer.fit_loop.total_batch_idx + 1) / (max_epochs * batches))
+    return max(shares) if shares else None
 
 
 def _planned_steps(trainer: Any) -> Optional[float]:
