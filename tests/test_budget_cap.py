@@ -10,6 +10,7 @@ So one training step of 1 s costs 1 unit of everything: $0.001, 0.001 kWh, 0.001
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -401,6 +402,22 @@ def test_forecast_counts_planned_validations(pl_ns, tmp_path, sclock):
     first = _events(monitor, "forecast")[0]
     assert first["batches_done"] == 5  # before any validation ran: its cost is the sanity check's
     assert first["forecast"]["elapsed_s"] == pytest.approx(42.0)
+
+
+def test_forecast_of_max_steps_follows_a_changing_gradient_accumulation(pl_ns, tmp_path, sclock):
+    """GradientAccumulationScheduler({0: 1, 2: 4}) with max_steps=60 and 20 batches an epoch: 40 steps in two
+    epochs, then 4 batches a step, 120 batches in all. The plan was max_steps x the accumulation of the moment:
+    60 batches, then 240 (the forecast $0.24 where the run spent $0.12)."""
+    monitor = _monitor(pl_ns, sclock)
+    budget = pl_ns.costaware.BudgetCap(max_usd=10.0)
+    scheduler = pl_ns.pl.callbacks.GradientAccumulationScheduler(scheduling={0: 1, 2: 4})
+    trainer = _trainer(pl_ns, tmp_path, [monitor, scheduler, budget], max_steps=60, limit_train_batches=20)
+    trainer.fit(_model(pl_ns, sclock))
+    assert trainer.global_step == 60 and monitor.totals.train_batches == 120
+    assert monitor.totals.usd == pytest.approx(0.12)
+    last = _events(monitor, "forecast")[-1]
+    planned = int(re.search(r"of (\d+) planned batches", last["basis"]).group(1))
+    assert planned in (120, 121) and last["forecast_usd"] == pytest.approx(0.12, rel=0.02)  # (+1: a step under way)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -727,13 +727,14 @@ def _planned_batches(trainer: Any, epoch_start: Optional[int] = None) -> Optiona
     planned = math.inf
     max_steps = trainer.max_steps
     if max_steps is not None and max_steps != -1:
-        planned = float(max_steps) * max(trainer.accumulate_grad_batches, 1)
+        # max_steps counts optimizer steps: the batches run, plus the steps left at the batches a step takes now
+        # (the accumulation: GradientAccumulationScheduler changes it between epochs). Under manual optimization
+        # a batch may take several steps (a GAN's two): the rate measured so far (one a batch until a batch ran).
+        done, steps = trainer.fit_loop.total_batch_idx + 1, trainer.global_step
+        batches_per_step = float(max(trainer.accumulate_grad_batches, 1))
         if not getattr(getattr(trainer, "lightning_module", None), "automatic_optimization", True):
-            # max_steps counts optimizer steps, and under manual optimization a batch may step several (a GAN's
-            # two): the steps left at the rate measured so far (one a batch until a batch has run).
-            done, steps = trainer.fit_loop.total_batch_idx + 1, trainer.global_step
-            per_batch = steps / done if done > 0 and steps > 0 else 1.0
-            planned = done + max(max_steps - steps, 0) / per_batch
+            batches_per_step = done / steps if done > 0 and steps > 0 else 1.0
+        planned = max(done, 0) + max(max_steps - steps, 0) * batches_per_step
     nb = trainer.num_training_batches
     max_epochs = trainer.max_epochs
     if max_epochs not in (None, -1) and math.isfinite(nb):
