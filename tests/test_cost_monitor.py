@@ -310,18 +310,30 @@ def test_a_tuners_trial_steps_are_counted_in_the_fit_that_follows_in_one_ledger(
     assert rows["tuning"]["usd"] == pytest.approx(0.020, rel=0.05) and rows["training"]["usd"] >= 0.006 - 1e-9
 
 
-def test_a_learning_rate_finder_callback_is_no_resume(ns, tmp_path, clock):
-    """LearningRateFinder searches at the fit's start, saving and restoring the model (and the callbacks' state)
-    within the fit: the run's header once said it resumed from a checkpoint of itself."""
+@pytest.mark.parametrize("finder_first", [True, False])
+@pytest.mark.parametrize("tuner", ["lr", "batch_size"])
+def test_a_tuner_callback_is_no_resume_and_its_trials_are_tuning(ns, tmp_path, clock, tuner, finder_first):
+    """LearningRateFinder and BatchSizeFinder search at the fit's start, saving and restoring the model (and the
+    callbacks' state) within the fit: the run's header once said it resumed from a checkpoint of itself, and the
+    trial steps (run with every callback removed) were charged to the save that preceded them, as checkpointing."""
     monitor = _monitor(ns, clock)
-    finder = ns.callbacks.LearningRateFinder(num_training_steps=10, early_stop_threshold=None)
-    trainer = _trainer(ns, tmp_path, [finder, monitor], max_steps=6, limit_val_batches=0)
+    if tuner == "lr":
+        finder = ns.callbacks.LearningRateFinder(num_training_steps=10, early_stop_threshold=None)
+    else:
+        finder = ns.callbacks.BatchSizeFinder(steps_per_trial=5, max_trials=2)  # 2 trials of 5 steps
+    callbacks = [finder, monitor] if finder_first else [monitor, finder]
+    trainer = _trainer(ns, tmp_path, callbacks, max_steps=6, limit_val_batches=0)
     model = make_clocked_model(ns.BoringModel, clock, step_s=1.0)
-    model.lr = 0.1
+    model.lr, model.batch_size = 0.1, 2
+    if tuner == "batch_size":
+        dataset = __import__(f"{ns.name}.demos.boring_classes", fromlist=["RandomDataset"]).RandomDataset(32, 64)
+        model.train_dataloader = lambda: torch.utils.data.DataLoader(dataset, model.batch_size)
     trainer.fit(model)
     contents = read_ledger(monitor.ledger.path)
     assert contents.header.resumed_from is None and not [e for e in contents.events if e["name"] == "resumed"]
     assert not contents.problems and contents.end.totals.elapsed_s >= 16.0  # the search's 10 steps and the fit's 6
+    phases = contents.end.phases
+    assert phases["tuning"]["elapsed_s"] == pytest.approx(10.0, abs=0.5) and phases["checkpointing"]["elapsed_s"] < 1
 
 
 @pytest.mark.parametrize("stopper", ["early_stopping", "max_time", None, "none, max_epochs"])

@@ -398,8 +398,11 @@ class CostMeter:
         """Continue the totals of the checkpointed run, and what its ledger recorded after it.
 
         Not a checkpoint this very fit saved before its ledger opened: Lightning's Tuner saves the model,
-        trains trial steps and restores it, all within one fit; that is no resume (its spend goes on)."""
+        trains trial steps and restores it, all within one fit; that is no resume (its spend goes on), and the
+        time since that save was the tuner's trials (the phase "tuning"), not checkpointing."""
         if self.ledger is not None and not self._ledger_open and state_dict.get("run_id") == self.ledger.run_id:
+            if self._phases is not None:
+                self._phases.relabel("checkpointing", "tuning")
             return
         self._run_id = state_dict.get("run_id")
         self._base = Totals.from_dict(state_dict.get("totals", {}))

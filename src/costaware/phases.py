@@ -28,6 +28,7 @@ class PhaseClock:
     def __init__(self, now: Callable[[], Any]) -> None:
         self._now = now
         self._open: list[str] = []
+        self._charged: list[dict[str, float]] = []  # per open phase, what it was charged since it opened
         self._mark: dict = {}
         self.spent: dict[str, dict[str, float]] = {name: dict.fromkeys(PHASE_FIGURES, 0.0) for name in PHASES}
 
@@ -39,13 +40,32 @@ class PhaseClock:
         now = self._figures()
         self._charge(now)
         self._open.append(name)
+        self._charged.append(dict.fromkeys(PHASE_FIGURES, 0.0))
 
     def end(self, name: str) -> None:
         if name not in self._open:
             return
         self._charge(self._figures())
-        while self._open and self._open.pop() != name:
-            pass
+        while self._open:
+            self._charged.pop()
+            if self._open.pop() == name:
+                break
+
+    def relabel(self, old: str, new: str) -> None:
+        """The phase open now, if it is ``old``, was ``new`` from its start: what it was charged moves over.
+
+        Lightning's tuners within a fit (``BatchSizeFinder``, ``LearningRateFinder``) save a checkpoint, run their
+        trial steps with every callback removed, and restore it: only the restore tells that the "save" was a
+        tuning."""
+        if self.current != old:
+            return
+        self._charge(self._figures())
+        since_open = self._charged[-1]
+        into = self.spent.setdefault(new, dict.fromkeys(PHASE_FIGURES, 0.0))
+        for key in PHASE_FIGURES:
+            self.spent[old][key] -= since_open[key]
+            into[key] += since_open[key]
+        self._open[-1] = new
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         """The phases' figures up to now (the open phase charged up to this moment)."""
@@ -60,7 +80,9 @@ class PhaseClock:
         if self._open:
             spent = self.spent.setdefault(self._open[-1], dict.fromkeys(PHASE_FIGURES, 0.0))
             for key in PHASE_FIGURES:
-                spent[key] += max(now[key] - self._mark.get(key, now[key]), 0.0)
+                charge = max(now[key] - self._mark.get(key, now[key]), 0.0)
+                spent[key] += charge
+                self._charged[-1][key] += charge
         self._mark = now
 
 
