@@ -52,8 +52,10 @@ def test_saturating_curve_stops_near_the_break_even_point(seed):
     cost_usd, clean, noisy = _saturating(seed=seed)
     usd_per_point = 1.0
     target = _best_stop_cost(cost_usd, clean, usd_per_point)
-    # The fit alone (without a plan the policy otherwise waits up to a point's worth: tested below).
-    stop, decisions = _replay(MarginalGainPolicy(usd_per_point=usd_per_point, anneal_fraction=None), cost_usd, noisy)
+    # The fit alone (without a plan the policy otherwise waits up to a point's worth, tested below, and past runs
+    # price the next stretch: see test_past_runs_price_the_next_stretch_without_a_plan).
+    stop, decisions = _replay(MarginalGainPolicy(usd_per_point=usd_per_point, anneal_fraction=None, prior=None),
+                              cost_usd, noisy)
     assert stop is not None, "a saturated curve must stop"
     # Noise and the confidence margin make it stop somewhat after break-even, never far off.
     assert 0.5 * target <= cost_usd[stop] <= 3.0 * target, (cost_usd[stop], target)
@@ -360,7 +362,7 @@ def test_min_points_is_respected(min_points):
 def test_mode_min_mirrors_mode_max():
     cost_usd, _, noisy = _saturating(seed=4)
     # The not-started test is relative to the metric's magnitude (not mirror-symmetric): off.
-    fit_alone = {"usd_per_point": 1.0, "start_fraction": None, "anneal_fraction": None}
+    fit_alone = {"usd_per_point": 1.0, "start_fraction": None, "anneal_fraction": None, "prior": None}
     stop_max, dec_max = _replay(MarginalGainPolicy(mode="max", **fit_alone), cost_usd, noisy)
     loss = 3.0 - noisy  # the same curve as a loss to minimise
     stop_min, dec_min = _replay(MarginalGainPolicy(mode="min", **fit_alone), cost_usd, loss)
@@ -902,6 +904,32 @@ def test_past_runs_weigh_in_on_the_rate_as_far_as_the_fit_is_unsure():
         decision = policy.observe(c, 0.0015 * c / 0.001)
     assert decision.estimate.past_gain_points_upper == 0.0 and _past_weight(decision.estimate) < 0.01
     assert not decision.stop
+
+
+def test_past_runs_price_the_next_stretch_without_a_plan():
+    """Without a plan (or past one), past runs still say what the next doubling of the spend brought them, from the
+    cells that pool every share of the plan; what they gained by their end, and where they ended, are about an end
+    this run does not have: no "past runs ... by their end" reason, and the interval stays the curve fit's."""
+    from costaware.curve_prior import CurvePrior
+
+    cost_usd, _, noisy = _saturating(n=40, noise=0.01, seed=1)
+    rates = {}
+    for fraction in (0.0, 0.5):
+        stating = CurvePrior.from_dict(_prior_with_next(fraction).to_dict())
+        assert stating.states_interval
+        policy = MarginalGainPolicy(usd_per_point=1.0, baseline=0.5, prior=stating)
+        decisions = [policy.observe(c, a) for c, a in zip(cost_usd, noisy)]
+        estimate, reason = decisions[-1].estimate, decisions[-1].reason
+        assert estimate.past_increment_usd == pytest.approx(cost_usd[-1])  # the next doubling
+        assert "past runs at this stage gained up to" in reason and "by their end" not in reason
+        assert estimate.interval_from == "the curve fit"
+        rates[fraction] = estimate.gain_per_usd
+    assert rates[0.0] < rates[0.5]
+    past_plan = MarginalGainPolicy(usd_per_point=1.0, baseline=0.5, planned_cost_usd=0.2, prior=_prior_with_next(0.5))
+    estimate = [past_plan.observe(c, a) for c, a in zip(cost_usd, noisy)][-1].estimate
+    assert estimate.past_increment_usd == pytest.approx(cost_usd[-1])  # past a plan estimated too low: as without
+    alone = MarginalGainPolicy(usd_per_point=1.0, baseline=0.5, prior=None)
+    assert "past runs" not in [alone.observe(c, a) for c, a in zip(cost_usd, noisy)][-1].reason
 
 
 def test_past_runs_are_not_asked_for_the_rate_near_chance():
