@@ -734,7 +734,7 @@ def _planned_batches(trainer: Any, epoch_start: Optional[int] = None) -> Optiona
         batches_per_step = float(max(trainer.accumulate_grad_batches, 1))
         if not getattr(getattr(trainer, "lightning_module", None), "automatic_optimization", True):
             batches_per_step = done / steps if done > 0 and steps > 0 else 1.0
-        planned = max(done, 0) + max(max_steps - steps, 0) * batches_per_step
+        planned = done + max(max_steps - steps, 0) * batches_per_step
     nb = trainer.num_training_batches
     max_epochs = trainer.max_epochs
     if max_epochs not in (None, -1) and math.isfinite(nb):
