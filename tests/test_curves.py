@@ -1002,7 +1002,19 @@ def test_prior_fit_command_on_generic_jsonl(tmp_path, capsys):
     loss = tmp_path / "loss.jsonl"
     loss.write_text(json.dumps({"id": "l", "mode": "min", "points": [[0.1, 3.0], [0.2, 2.5]]}) + "\n")
     assert main(["prior", "fit", str(loss), "-o", str(tmp_path / "x.json")]) == 1
-    assert "no run with a bounded metric" in capsys.readouterr().err
+    assert "no run to fit a prior on" in capsys.readouterr().err
+    # Each run left out is counted with why: a run stopped short of its plan once went unexplained.
+    stopped = {"id": "s", "planned_cost_usd": 10.0, "points": [[1.0, 0.5], [2.0, 0.6], [3.0, 0.65]]}
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in [*_slow_start_runs(n_runs=30), stopped,
+                                                             json.loads(loss.read_text())]))
+    assert main(["prior", "fit", str(mixed), "-o", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "prior fitted on 30 of 32 runs" in said
+    assert ("left out: 1 run: it stopped before 90% of its plan (what the rest of a plan brings is unknown); "
+            "1 run: its metric is not bounded") in said
+    assert main(["prior", "fit", str(loss), str(loss), "-o", str(out)]) == 1
+    assert "2 runs: its metric is not bounded" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("line", "says"), [

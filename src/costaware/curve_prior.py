@@ -49,8 +49,8 @@ import numpy as np
 
 from costaware.validation import is_number
 
-__all__ = ["HEADROOM_FLOOR", "CurvePrior", "PriorRun", "load_prior", "lr_state", "prior_cell", "run_from_record",
-           "runs_from_jsonl", "runs_from_ledger", "stage"]
+__all__ = ["HEADROOM_FLOOR", "CurvePrior", "PriorRun", "left_out_because", "left_out_summary", "load_prior", "lr_state",
+           "prior_cell", "run_from_record", "runs_from_jsonl", "runs_from_ledger", "stage"]
 
 PRIOR_VERSION = 2  # 2: ``next`` (the gain over the next doubling of the spend)
 PLAN_EDGES = (0.1, 0.25, 0.5, 0.75)
@@ -142,20 +142,34 @@ def _bounded(values: np.ndarray, mode: str, metric_range: tuple[float, float] | 
     return None
 
 
+def left_out_because(run: PriorRun) -> str | None:
+    """Why a prior cannot learn from ``run``, or None where it can."""
+    values = np.asarray(run.metrics, dtype=float)
+    if len(values) < 2:
+        return "it has fewer than two evaluations"
+    if not np.isfinite(values).any():
+        return "no evaluation has a finite metric"
+    if _bounded(values, run.mode, run.metric_range) is None:
+        return "its metric is not bounded (a loss; an error rate needs metric_range [0, 1])"
+    planned = run.planned_cost_usd or float(run.costs_usd[-1])
+    if float(run.costs_usd[-1]) < _MIN_DONE * planned:
+        return f"it stopped before {_MIN_DONE:.0%} of its plan (what the rest of a plan brings is unknown)"
+    return None
+
+
 def stage_samples(run: PriorRun) -> list[tuple[tuple, float, float, float]]:
     """(cell, gain, final, next) at each evaluation of ``run`` but its last, as fractions of the headroom (see the
     module's docstring)."""
+    if left_out_because(run) is not None:
+        return []
     values = np.asarray(run.metrics, dtype=float)
     bounds = _bounded(values, run.mode, run.metric_range)
-    if bounds is None or not np.isfinite(values).any() or len(values) < 2:
-        return []
+    assert bounds is not None, "left_out_because checked it"
     sign = 1.0 if run.mode == "max" else -1.0
     lo, hi = (bounds[0], bounds[1]) if sign > 0 else (-bounds[1], -bounds[0])
     u = sign * values
     base = lo if run.baseline is None else min(max(sign * run.baseline, lo), hi)
     planned = run.planned_cost_usd or float(run.costs_usd[-1])
-    if float(run.costs_usd[-1]) < _MIN_DONE * planned:
-        return []  # stopped before its plan's end: what the rest of the plan brings is unknown
     best_all = float(np.nanmax(u))
     final = u[-1] if np.isfinite(u[-1]) else lo
     costs = np.asarray(run.costs_usd, dtype=float)
@@ -169,6 +183,14 @@ def stage_samples(run: PriorRun) -> list[tuple[tuple, float, float, float]]:
         best_next = max(float(np.nanmax(doubled)), best)  # the evaluations up to then, this one included
         out.append((cell, (best_all - best) / headroom, (final - best) / headroom, (best_next - best) / headroom))
     return out
+
+
+def left_out_summary(reasons: Sequence[str]) -> str:
+    """``reasons`` (one a run left out) counted: "2 runs: it stopped before 90% of its plan (...)"."""
+    counts: dict[str, int] = {}
+    for reason in reasons:
+        counts[reason] = counts.get(reason, 0) + 1
+    return "; ".join(f"{n} run{'s' if n > 1 else ''}: {reason}" for reason, n in counts.items()) or "no runs"
 
 
 def _weighted_quantiles(values: np.ndarray, weights: np.ndarray) -> list[float]:
@@ -205,12 +227,14 @@ class CurvePrior:
 
     @classmethod
     def fit(cls, runs: Iterable[PriorRun], source: str = "") -> CurvePrior:
-        """Fits the quantile table on ``runs``; runs without a bounded metric are skipped."""
+        """Fits the quantile table on ``runs``; those it cannot learn from (:func:`left_out_because`) are skipped."""
         groups: dict[str, list] = {}
         n_runs = 0
+        left_out: list[str] = []
         for run_index, run in enumerate(runs):
             samples = stage_samples(run)
             if not samples:
+                left_out.append(left_out_because(run) or "no stage to learn from")
                 continue
             n_runs += 1
             weight = 1.0 / len(samples)
@@ -218,8 +242,9 @@ class CurvePrior:
                 for key in _keys(cell):
                     groups.setdefault(key, []).append((run_index, weight, *outcomes))
         if not n_runs:
-            raise ValueError("no run with a bounded metric (accuracy-like, in [0, 1]) and at least two evaluations "
-                             "to fit a prior on")
+            raise ValueError("no run to fit a prior on (it needs a bounded metric, accuracy-like in [0, 1], at least "
+                             f"two evaluations, and a run to at least {_MIN_DONE:.0%} of its plan): "
+                             + left_out_summary(left_out))
         cells = {}
         for key, rows in groups.items():
             runs_in = len({row[0] for row in rows})
