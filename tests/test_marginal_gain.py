@@ -145,6 +145,21 @@ def test_a_higher_price_per_point_stops_later(pl_ns, tmp_path, clock):
         assert stops[0] < stops[1] < 300
 
 
+def test_a_fit_without_a_plan_asks_past_runs_for_the_next_stretch(ns, tmp_path, clock):
+    """max_epochs=-1 and max_steps=-1: no plan. Past runs at the same progress and momentum (at any share of their
+    plan) still price the next doubling of the spend, as the ledger records; the run stops on a saturated curve."""
+    stopping = ns.costaware.MarginalGainStopping(monitor="val_acc", mode="max", usd_per_point=0.01)
+    backstop = ns.costaware.BudgetCap(max_usd=1.0)  # 1,000 steps, should the policy never stop
+    trainer = _trainer(ns, tmp_path, [_monitor(ns, clock), backstop, stopping], max_steps=-1, max_epochs=-1)
+    trainer.fit(_curve_model(ns.BoringModel, clock, _saturating))
+    assert stopping.stop_reason.startswith("not worth it") and stopping.stopped_step < 300, stopping.stop_reason
+    decisions = [e for e in read_ledger(stopping.meter.ledger.path).events if e["name"] == "marginal_gain_decision"]
+    last = decisions[-1]
+    assert last.get("usd_to_predicted_final") is None  # no plan
+    assert last["past_gain_points_upper"] >= 0.0 and last["past_increment_usd"] == pytest.approx(last["usd"])
+    assert "past runs at this stage gained up to" in last["reason"] and "by their end" not in last["reason"]
+
+
 def test_a_plan_given_by_the_user_is_kept(pl_ns, tmp_path, clock):
     stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=0.01,
                                                     policy_kwargs={"planned_cost_usd": 1.0})
