@@ -147,7 +147,6 @@ class Run:
     metric_range: tuple[float, float] | None = None  # a generic record's; None: the policy infers it ("auto")
     points_per_unit: float = POINTS_PER_UNIT  # a generic record's: 1 for a metric in percent
 
-
     @property
     def points(self) -> np.ndarray:
         """Metric in points, higher is better; NaN where the metric was not finite."""

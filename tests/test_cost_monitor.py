@@ -365,6 +365,10 @@ def test_the_report_names_who_stopped_a_fit_that_did_not_run_its_plan(ns, tmp_pa
     assert report["outcome"]["why"] == f"stopped early by {contents.end.stopped_by}"
     if stopper == "early_stopping":  # stopped at its first validation, 5 of 10 steps: the rest not spent
         assert "Stopping threshold reached" in contents.end.stopped_by and report["planned"]["usd_not_spent"] > 0
+        from costaware.report.compare import compare_runs, table_rows
+
+        (group,) = compare_runs([monitor.ledger.path], metric="val_loss", mode="min")["groups"]
+        assert "stopped early by EarlyStopping" in str(table_rows(group)[1])  # costaware compare's note
 
 
 def test_a_second_fit_continues_the_run(pl_ns, tmp_path, clock):

@@ -8,7 +8,8 @@ FEATURES = 16
 
 
 def tiny_data(n: int = 512, seed: int = 0) -> TensorDataset:
-    """``(x, y)`` with ``y`` a linear rule of ``x``: the same rule for every ``n`` and ``seed``."""
+    """``(x, y)`` with ``y`` a linear rule of ``x``, drawn from ``seed``: the same rule (and first rows) for every
+    ``n`` of one seed, so the 256 validation rows of :func:`tiny_loaders` are the training set's first 256."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(FEATURES, generator=g)  # the rule, the same for every split
     x = torch.randn(n, FEATURES, generator=g)

@@ -73,8 +73,8 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
     The policy also gets the run's planned cost: what it spent, plus the rest of the plan at the
     pace of the later half of the fit so far (the share done of ``max_steps``, in optimizer steps,
     or of ``max_epochs``, in batches, whichever ends the fit first; none when the Trainer plans no
-    end). It anchors the predicted final metric and lets the policy wait for the gains of learning-rate annealing
-    (``anneal_fraction``, ``anneal_points``) when the fit has a learning-rate scheduler (at a
+    end). It anchors the predicted final metric and lets the policy wait for the gains of
+    learning-rate annealing (``anneal_fraction``, ``anneal_points``) when the fit has a learning-rate scheduler (at a
     constant learning rate there is no annealing to wait for; with a scheduler and no planned end, where
     the schedule stands is unknown: the wait is what ``anneal_points`` are worth); give
     ``policy_kwargs={"planned_cost_usd": ..., "anneals": ...}`` to set either yourself.

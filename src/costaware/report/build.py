@@ -784,7 +784,8 @@ def _policy_estimate(events: list) -> Optional[dict]:
 
 
 def _outcome(end: Optional[End], events: list, planned: dict) -> dict:
-    """How the run ended (the end record says it) and, as far as the ledger tells, why."""
+    """How the run ended (the end record says it) and, as far as the ledger tells, why; ``stopped_by`` where
+    something other than costaware stopped a fit before its plan (``End.stopped_by``)."""
     if end is None:
         how, why = "unknown", "no end record: the run was killed, or is still running"
     else:
@@ -803,8 +804,8 @@ def _outcome(end: Optional[End], events: list, planned: dict) -> dict:
             return {"how": how, "why": "stopped by the marginal-gain policy"
                     + (f": {event.reason}" if event.reason else "")}
     if end is not None and end.stopped_by:
-        why = f"stopped early by {end.stopped_by}"
-    elif end is not None and planned.get("reached"):
+        return {"how": how, "why": f"stopped early by {end.stopped_by}", "stopped_by": end.stopped_by}
+    if end is not None and planned.get("reached"):
         why = f"completed: {planned['reached']} reached"
     return {"how": how, "why": why}
 

@@ -129,7 +129,8 @@ def _entry(run: dict, name: str, metric: Optional[str]) -> dict:
     return {"name": name, "source": run["source"], "run_id": report["run"]["run_id"], "metric": metric,
             "usd": total, "metered_usd": report["totals"]["usd"],
             "strategies_usd": next((r["usd"] for r in phases.get("rows") or [] if r["phase"] == "strategies"), 0.0),
-            "how": report["outcome"]["how"], "why": report["outcome"]["why"], "complete": report["ledger"]["complete"],
+            "how": report["outcome"]["how"], "stopped_by": report["outcome"].get("stopped_by"),
+            "complete": report["ledger"]["complete"],
             "trusted": report["ledger"]["trusted"], "problems": report["problems"]}
 
 
@@ -239,8 +240,8 @@ def table_rows(group: dict) -> tuple[list[str], list[list[str]]]:
 
 def _notes(run: dict) -> list[str]:
     notes = [] if run["complete"] else ["no end record"]
-    if str(run.get("why") or "").startswith("stopped early by "):  # Lightning's EarlyStopping, max_time
-        notes.append("stopped early by " + run["why"][len("stopped early by "):].split("(")[0].split(":")[0].strip())
+    if run.get("stopped_by"):  # Lightning's EarlyStopping, max_time: its name, without the details
+        notes.append("stopped early by " + run["stopped_by"].split("(")[0].split(":")[0].strip())
     if run.get("strategies_usd"):
         notes.append(f"total includes {T.usd(run['strategies_usd'])} of strategies after the fit")
     if not run["trusted"]:

@@ -5,7 +5,8 @@ The metered phases come from the end record (``End.phases``, measured by the run
 ``online_probe`` events for the probe and leaves the rest in "other". Strategies after the fit
 (``distill``, ``quantize``) are outside the metered totals: the student's own metered dollars,
 and a quantization's seconds priced at the run's mean dollars per second. "tuning" is what Lightning's
-Tuner spent on trial steps just before the fit (recorded with the phases, see ``CostMeter.teardown``).
+Tuner spent on trial steps just before the fit (see ``CostMeter.teardown``), or its ``BatchSizeFinder`` and
+``LearningRateFinder`` callbacks at the fit's start (``PhaseClock.relabel``).
 "other" is what the totals hold that no phase covered (setup, teardown, earlier sessions of a resumed
 run), so the metered phases plus "other" equal the totals exactly, and "total, with strategies" adds those.
 """
