@@ -317,6 +317,15 @@ def test_missing_monitor_key_fails_at_first_validation_naming_logged_keys(ns, tm
     assert trainer.global_step == 5  # the first validation, not later
 
 
+def test_a_fit_without_validation_is_refused_before_any_step(ns, tmp_path, clock):
+    """The policy decides at each validation; a fit that runs none would leave it silently inert."""
+    stopping = ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=1.0)
+    trainer = _trainer(ns, tmp_path, [_monitor(ns, clock), stopping], logger=False, limit_val_batches=0)
+    with pytest.raises(ValueError, match=r"monitor='val_acc'.*runs none.*limit_val_batches=0"):
+        trainer.fit(make_clocked_model(ns.BoringModel, clock))
+    assert trainer.global_step == 0
+
+
 def test_missing_monitor_key_fails_at_the_sanity_check_before_training(pl_ns, tmp_path, clock):
     stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_accuracy", usd_per_point=1.0)
     trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, clock), stopping], logger=False)
@@ -435,11 +444,16 @@ def test_preset_config(ns, tmp_path):
     from importlib import import_module
     from pathlib import Path
 
+    class Model(ns.BoringModel):  # logs the preset's monitor
+        def validation_step(self, batch, batch_idx):
+            self.log("val_acc", 0.5)
+            return super().validation_step(batch, batch_idx)
+
     preset = preset_for(ns, (Path(__file__).resolve().parents[1] / "callbacks" / "marginal_gain.yaml").read_text(),
                         tmp_path)
     cli = import_module(f"{ns.name}.cli").LightningCLI(
-        ns.BoringModel, save_config_kwargs={"overwrite": True},
-        args=["fit", f"--config={preset}", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+        Model, save_config_kwargs={"overwrite": True},
+        args=["fit", f"--config={preset}", "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
               f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
               "--trainer.callbacks.monitor_kwargs={country: USA, usd_per_host_hour: 0.1}"])
     stopping = next(c for c in cli.trainer.callbacks if type(c).__name__ == "MarginalGainStopping")

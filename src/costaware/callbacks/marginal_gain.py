@@ -154,6 +154,8 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
             that is not a strategy, bad ``policy_kwargs`` or ``monitor_kwargs``.
         MetricNotLoggedError: (a ``KeyError`` and a ``ValueError``) at the first validation,
             when ``monitor`` is not logged; it lists the keys that are.
+        ValueError: at the fit's start, when the fit runs no validation (no ``val_dataloader``, no
+            ``validation_step``, ``limit_val_batches=0``): the policy would never decide.
 
     Example::
 
@@ -270,9 +272,23 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
         for strategy in self.strategies:
             getattr(strategy, "check_before_fit", lambda: None)()  # before compute, not after the fit
         self.meter = find_meter(trainer, self)
+        self._check_validates(trainer)
         self._drives = self.meter is self.own_meter
         if self._drives:
             self.meter.start(trainer)
+
+    def _check_validates(self, trainer: Any) -> None:
+        """The policy decides at each validation: a fit that runs none would never be judged, so it is refused before
+        any compute (as Lightning's ``EarlyStopping`` refuses a metric it never sees)."""
+        try:
+            validates = bool(trainer.enable_validation)
+        except Exception:  # noqa: BLE001 - a Trainer without the property: judged at the first validation, as before
+            return
+        if not validates:
+            raise ValueError(
+                f"MarginalGainStopping(monitor={self.monitor!r}) decides at each validation, and this fit runs none "
+                f"(no val_dataloader, no validation_step, or limit_val_batches={trainer.limit_val_batches!r}): give "
+                "the fit a validation loop that logs it, or leave the callback out")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.meter is not None and self.meter.ledger is not None, "setup() found and started the run's meter"
