@@ -108,14 +108,7 @@ def _prior_parser(sub: argparse._SubParsersAction) -> None:
 def _prior_fit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from costaware.curve_prior import (
-        CurvePrior,
-        left_out_because,
-        left_out_summary,
-        runs_from_jsonl,
-        runs_from_ledger,
-        stage_samples,
-    )
+    from costaware.curve_prior import CurvePrior, left_out_summary, runs_from_jsonl, runs_from_ledger
     from costaware.ledger import LedgerError
 
     runs = []
@@ -135,9 +128,8 @@ def _prior_fit(args: argparse.Namespace) -> int:
         return _fail(str(err))
     used = prior.cells["*/*/*/*"]["runs"]
     print(f"prior fitted on {used} of {len(runs)} runs ({len(prior.cells)} cells) -> {args.out}")
-    left_out = [left_out_because(run) or "no stage to learn from" for run in runs if not stage_samples(run)]
-    if left_out:
-        print(f"left out: {left_out_summary(left_out)}")
+    if prior.left_out:
+        print(f"left out: {left_out_summary(prior.left_out)}")
     return EXIT_OK
 
 

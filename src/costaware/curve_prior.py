@@ -224,6 +224,8 @@ class CurvePrior:
         #: False for the packaged prior only: it pools fine-tuning, from-scratch and SSL runs, and the spread of
         #: that mixture at a stage is not one kind's (see ``costaware.curves._PRIOR_TAIL``).
         self.states_interval = True
+        #: Why each run given to :meth:`fit` was left out (one reason a run; empty for a prior loaded from a file).
+        self.left_out: list[str] = []
 
     @classmethod
     def fit(cls, runs: Iterable[PriorRun], source: str = "") -> CurvePrior:
@@ -256,7 +258,9 @@ class CurvePrior:
                           "gain": _weighted_quantiles(arr[:, 1], w), "final": _weighted_quantiles(arr[:, 2], w),
                           "next_mean": round(float(np.average(arr[:, 3], weights=w)), 5),
                           "next": _weighted_quantiles(arr[:, 3], w)}
-        return cls(cells, source or f"fitted on {n_runs} runs")
+        prior = cls(cells, source or f"fitted on {n_runs} runs")
+        prior.left_out = left_out
+        return prior
 
     def lookup(self, cell: tuple) -> tuple[str, dict]:
         """The finest stored cell for ``cell``: (key, its quantiles)."""

@@ -280,11 +280,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
     def _check_validates(self, trainer: Any) -> None:
         """The policy decides at each validation: a fit that runs none would never be judged, so it is refused before
         any compute (as Lightning's ``EarlyStopping`` refuses a metric it never sees)."""
-        try:
-            validates = bool(trainer.enable_validation)
-        except Exception:  # noqa: BLE001 - a Trainer without the property: judged at the first validation, as before
-            return
-        if not validates:
+        if not trainer.enable_validation:
             raise ValueError(
                 f"MarginalGainStopping(monitor={self.monitor!r}) decides at each validation, and this fit runs none "
                 f"(no val_dataloader, no validation_step, or limit_val_batches={trainer.limit_val_batches!r}): give "
