@@ -1162,6 +1162,28 @@ def test_a_run_at_chance_waits_one_doubling_at_a_time():
     assert reasons[3.0] is None, reasons
 
 
+def test_a_run_at_chance_with_no_plan_waits_one_doubling_at_a_time_while_past_runs_say_it_pays():
+    """Without a plan, past runs' gains by their end are about an end this run does not have: the wait for a slow
+    start is priced by what past runs at chance gained over the next doubling of their spend, against the cost of
+    that doubling (the spend so far)."""
+    cost_usd = 0.5 * np.arange(1, 41)
+    flat = np.array([0.096, 0.1, 0.104])[np.random.default_rng(7).integers(0, 3, 40)]
+
+    def replay(next_fraction: float) -> tuple[int | None, list]:
+        policy = MarginalGainPolicy(usd_per_point=1.0, baseline=0.104, prior=_prior_with_next(next_fraction))
+        return _replay(policy, cost_usd, flat)
+
+    # A tenth of the headroom (about 9 points, worth $9) over each doubling: the wait goes on until doubling costs
+    # more than that, past the blind wait (one point's worth, $1).
+    stop, decisions = replay(0.1)
+    assert stop is not None and 8.5 < cost_usd[stop] <= 9.5, (stop, decisions[-1].reason)
+    assert "at chance, no plan" in decisions[4].reason and "as their spend doubled" in decisions[4].reason
+    assert decisions[-1].reason.startswith("not learning")
+    # Past runs that gained nothing as their spend doubled: the blind wait alone.
+    stop, decisions = replay(0.0)
+    assert stop is not None and cost_usd[stop] <= 1.5 and decisions[-1].reason.startswith("not learning")
+
+
 def test_a_learning_rate_still_at_its_peak_is_not_judged_converged_on_its_plateau():
     """A step schedule that drops late (at 75% of the plan): on the high-LR plateau the fit sees convergence.
     Past anneal_fraction of the plan, the policy without learning rates trusts it and stops; with them, it

@@ -340,7 +340,10 @@ class MarginalGainPolicy:
     learning while its learning rate is warming up or at its peak (or, without learning rates,
     before ``anneal_fraction`` of the plan) as long as that gain is worth more than the wait costs:
     a slow start shows once the schedule anneals, and waiting to see it commits to that wait only,
-    not to the whole plan, judged one doubling of the spend at a time. The stated
+    not to the whole plan, judged one doubling of the spend at a time. Without a plan (none given, or
+    the run past it), what past runs gained by their end is about an end this run does not have: a run
+    at its baseline past the blind wait waits one doubling of its spend at a time while what past runs
+    at chance gained over their next doubling is worth more than that doubling costs. The stated
     ``confidence`` interval of the final metric then comes from those past runs too when they are your
     own (a prior from ``costaware prior fit``); the shipped prior pools runs of several kinds, whose
     spread at a stage is not one run's, and leaves the interval to the fit. Once the run has come a
@@ -815,12 +818,14 @@ class MarginalGainPolicy:
         may still pay by halves. (On held-out runs whose rate drops only at 80% of the plan, judging the whole wait
         at once stopped one run at chance at 12% of its plan: it started at the next evaluation and lost 83 points.)
         """
-        if view is None or view.planless or self.anneal_fraction is None:
+        if view is None or self.anneal_fraction is None:
             return None
-        assert self.planned_cost_usd is not None, "a prior view needs a plan"
         state = lr_state(self._lr_history(), self.anneals)
         if state == "annealing":
             return None
+        if view.planless:
+            return self._prior_says_wait_at_chance_planless(view, state)
+        assert self.planned_cost_usd is not None, "a prior view with a share of the plan needs a plan"
         plan, cost_now = self.planned_cost_usd, self._costs_usd[-1]
         horizon_usd = self.anneal_fraction * plan
         if cost_now >= horizon_usd:
@@ -835,6 +840,23 @@ class MarginalGainPolicy:
         return (f"at chance, learning rate {state}: past runs at this stage ({view.cell}) gained up to "
                 f"{view.gain_upper:.3g} points by their end, worth ${worth_usd:.4g}, more than the ${wait_usd:.4g} "
                 f"of waiting until ${horizon_usd:.4g} for a slow start")
+
+    def _prior_says_wait_at_chance_planless(self, view: _PriorView, state: str) -> str | None:
+        """Why a run at chance with no plan is not judged yet: past runs at chance gained more over the next
+        doubling of their spend than that doubling costs (taken one doubling at a time, as with a plan).
+
+        Without a plan, past runs' gains by their end are about an end this run does not have; the next doubling
+        is the stretch a stop gives up. (On the held-out pairs and late-step runs replayed without their plans,
+        the blind wait alone, ``anneal_points`` worth, stopped runs at chance that started one or two evaluations
+        later and gained 16-84 points.)
+        """
+        cost_now = self._costs_usd[-1]
+        worth_usd = view.next_gain_upper * self.usd_per_point
+        if cost_now <= 0 or worth_usd <= cost_now:
+            return None
+        return (f"at chance, no plan, learning rate {state}: past runs at this stage ({view.cell}) gained up to "
+                f"{view.next_gain_upper:.3g} points as their spend doubled, worth ${worth_usd:.4g}, more than the "
+                f"${cost_now:.4g} of doubling it")
 
     def _blind_wait_at_chance_usd(self) -> float:
         """Cost up to which a run at its baseline waits to start when no past runs can be asked (no prior, no plan,

@@ -88,7 +88,8 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
     (diverged before its first validation) stops after a short, priced wait instead of sampling
     noise for a lucky best -- unless, with the curve prior, its learning rate is still warming up or
     at its peak and past runs at that stage gained more than waiting for it to anneal costs (a
-    slow start, as from scratch or in self-supervised pretraining). A run that learned and falls back
+    slow start, as from scratch or in self-supervised pretraining; with no planned end, while past runs
+    at chance gained more as their spend doubled than doubling it costs). A run that learned and falls back
     to that level for two validations in a row stops as collapsed (a diverged model predicting one class).
 
     Cost comes from the meter of the ``CostMonitor`` among the Trainer's callbacks; without one,
