@@ -1178,7 +1178,7 @@ def test_a_run_at_chance_with_no_plan_waits_one_doubling_at_a_time_while_past_ru
     stop, decisions = replay(0.1)
     assert stop is not None and 8.5 < cost_usd[stop] <= 9.5, (stop, decisions[-1].reason)
     assert "at chance, no plan" in decisions[4].reason and "as their spend doubled" in decisions[4].reason
-    assert decisions[-1].reason.startswith("not learning")
+    assert decisions[-1].reason.startswith("not learning") and "no more than the $9" in decisions[-1].reason
     # Past runs that gained nothing as their spend doubled: the blind wait alone.
     stop, decisions = replay(0.0)
     assert stop is not None and cost_usd[stop] <= 1.5 and decisions[-1].reason.startswith("not learning")

@@ -615,11 +615,15 @@ class MarginalGainPolicy:
                 chance_go = self._prior_says_wait_at_chance(view)
                 if chance_go is not None:
                     return Decision(False, chance_go, None)
+                declined = ""
+                if view is not None and view.planless and self.anneal_fraction is not None:
+                    waits, figures = self._planless_doubling(view)
+                    declined = "" if waits else f"; {figures}"  # it would pay, but its learning rate has annealed
                 return Decision(
                     True,
                     f"not learning: the best, {self._sign * best / self.points_per_unit:.6g}, is not "
                     f"{start_points:.3g} points better than {what} after ${costs[-1]:.4g} (waited up to "
-                    f"${wait_usd:.4g})",
+                    f"${wait_usd:.4g}){declined}",
                     None,
                 )
             if started.size:
@@ -846,17 +850,22 @@ class MarginalGainPolicy:
         doubling of their spend than that doubling costs (taken one doubling at a time, as with a plan).
 
         Without a plan, past runs' gains by their end are about an end this run does not have; the next doubling
-        is the stretch a stop gives up. (On the held-out pairs and late-step runs replayed without their plans,
-        the blind wait alone, ``anneal_points`` worth, stopped runs at chance that started one or two evaluations
-        later and gained 16-84 points.)
+        is the stretch a stop gives up. (On the digits sets replayed without their plans, the blind wait alone,
+        ``anneal_points`` worth, stopped runs at chance that went on to learn: at $10/point on digits-pairs' tune
+        half, three stopped at $10.7-11.9 would have gained 16-37 points.)
         """
+        waits, figures = self._planless_doubling(view)
+        return f"at chance, no plan, learning rate {state}: {figures}" if waits else None
+
+    def _planless_doubling(self, view: _PriorView) -> tuple[bool, str]:
+        """Whether what past runs at chance gained over their next doubling is worth more than doubling this run's
+        spend costs, and the figures that say so (for the reason either way)."""
         cost_now = self._costs_usd[-1]
         worth_usd = view.next_gain_upper * self.usd_per_point
-        if cost_now <= 0 or worth_usd <= cost_now:
-            return None
-        return (f"at chance, no plan, learning rate {state}: past runs at this stage ({view.cell}) gained up to "
-                f"{view.next_gain_upper:.3g} points as their spend doubled, worth ${worth_usd:.4g}, more than the "
-                f"${cost_now:.4g} of doubling it")
+        waits = cost_now > 0 and worth_usd > cost_now
+        return waits, (f"past runs at this stage ({view.cell}) gained up to {view.next_gain_upper:.3g} points as "
+                       f"their spend doubled, worth ${worth_usd:.4g}, {'more' if waits else 'no more'} than the "
+                       f"${cost_now:.4g} of doubling it")
 
     def _blind_wait_at_chance_usd(self) -> float:
         """Cost up to which a run at its baseline waits to start when no past runs can be asked (no prior, no plan,
