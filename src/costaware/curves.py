@@ -821,6 +821,7 @@ class MarginalGainPolicy:
         spend at a time (at most to that point): a start is often near, and a wait that would not pay in one piece
         may still pay by halves. (On held-out runs whose rate drops only at 80% of the plan, judging the whole wait
         at once stopped one run at chance at 12% of its plan: it started at the next evaluation and lost 83 points.)
+        Without a plan, past runs' next doubling prices it (:meth:`_planless_doubling`).
         """
         if view is None or self.anneal_fraction is None:
             return None
@@ -828,7 +829,8 @@ class MarginalGainPolicy:
         if state == "annealing":
             return None
         if view.planless:
-            return self._prior_says_wait_at_chance_planless(view, state)
+            waits, figures = self._planless_doubling(view)
+            return f"at chance, no plan, learning rate {state}: {figures}" if waits else None
         assert self.planned_cost_usd is not None, "a prior view with a share of the plan needs a plan"
         plan, cost_now = self.planned_cost_usd, self._costs_usd[-1]
         horizon_usd = self.anneal_fraction * plan
@@ -845,21 +847,16 @@ class MarginalGainPolicy:
                 f"{view.gain_upper:.3g} points by their end, worth ${worth_usd:.4g}, more than the ${wait_usd:.4g} "
                 f"of waiting until ${horizon_usd:.4g} for a slow start")
 
-    def _prior_says_wait_at_chance_planless(self, view: _PriorView, state: str) -> str | None:
-        """Why a run at chance with no plan is not judged yet: past runs at chance gained more over the next
-        doubling of their spend than that doubling costs (taken one doubling at a time, as with a plan).
-
-        Without a plan, past runs' gains by their end are about an end this run does not have; the next doubling
-        is the stretch a stop gives up. (On the digits sets replayed without their plans, the blind wait alone,
-        ``anneal_points`` worth, stopped runs at chance that went on to learn: at $10/point on digits-pairs' tune
-        half, three stopped at $10.7-11.9 would have gained 16-37 points.)
-        """
-        waits, figures = self._planless_doubling(view)
-        return f"at chance, no plan, learning rate {state}: {figures}" if waits else None
-
     def _planless_doubling(self, view: _PriorView) -> tuple[bool, str]:
         """Whether what past runs at chance gained over their next doubling is worth more than doubling this run's
-        spend costs, and the figures that say so (for the reason either way)."""
+        spend costs, and the figures that say so (for the reason either way).
+
+        Without a plan, past runs' gains by their end are about an end this run does not have; the next doubling
+        is the stretch a stop gives up, and the wait is taken one doubling at a time, as with a plan. (On the digits
+        sets replayed without their plans, the blind wait alone, ``anneal_points`` worth, stopped runs at chance
+        that went on to learn: at $10/point on digits-pairs' tune half, three stopped at $10.7-11.9 would have
+        gained 16-37 points.)
+        """
         cost_now = self._costs_usd[-1]
         worth_usd = view.next_gain_upper * self.usd_per_point
         waits = cost_now > 0 and worth_usd > cost_now
