@@ -266,13 +266,14 @@ def nasbench_records(path: Path, usd_per_gpu_hour: float) -> list[dict]:
     return records
 
 
-def degraded(record: dict, every: int = 1, no_plan: bool = False) -> dict:
+def degraded(record: dict, every: int = 1, no_plan: bool = False, keep_lr: bool = False) -> dict:
     """A generic record with only every ``every``-th evaluation kept (and the last), and without its planned cost
-    and learning rates when ``no_plan``: how the policy fares on records sparser or barer than ours."""
+    (and its learning rates, unless ``keep_lr``) when ``no_plan``: how the policy fares on records sparser or barer
+    than ours."""
     points = record["points"]
     if every > 1:
         points = points[every - 1::every] + ([points[-1]] if len(points) % every else [])
-    if no_plan:
+    if no_plan and not keep_lr:
         points = [p[:2] for p in points]
     out = {k: v for k, v in record.items() if not (no_plan and k == "planned_cost_usd")}
     out["points"] = points
@@ -896,10 +897,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plan", action="store_true",
                         help="robustness: drop each run's planned cost and learning rates, as a record that has "
                              "only its points")
+    parser.add_argument("--keep-lr", action="store_true",
+                        help="with --no-plan: keep the learning rates (a fit with a scheduler and no planned end, "
+                             "such as max_epochs=-1 with max_time)")
     parser.add_argument("--mismatched", action="store_true",
                         help="robustness: DeBERTa's runs scored on MNLI's mismatched validation set (the prior, "
                              "the settings and the operating price were chosen on the matched one)")
     args = parser.parse_args(argv)
+    if args.keep_lr and not args.no_plan:
+        parser.error("--keep-lr goes with --no-plan (a run with its plan keeps its learning rates)")
     if args.every < 1:
         parser.error(f"--every must be a positive number of evaluations, got {args.every}")
     if args.prices and any(p <= 0 or not math.isfinite(p) for p in args.prices):
@@ -952,7 +958,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.every > 1 or args.no_plan:
         header.append("Robustness run: every run " + " and ".join(
             ([f"keeps only every {args.every}-th evaluation (and its last)"] if args.every > 1 else [])
-            + (["has no planned cost and no learning rates"] if args.no_plan else [])) + ".")
+            + ([f"has no planned cost{'' if args.keep_lr else ' and no learning rates'}"] if args.no_plan else []))
+            + ".")
     if args.mismatched:
         header.append("Robustness run: DeBERTa's runs scored on MNLI's mismatched validation set (baseline: its "
                       "majority class, 3,463 of 9,832); the operating price is chosen again on its tune half.")
@@ -1027,7 +1034,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, records, prices, learns, from_scratch in datasets:
         if args.only and args.only not in name:
             continue
-        runs = [run_from_generic(degraded(r, args.every, args.no_plan)) for r in records]
+        runs = [run_from_generic(degraded(r, args.every, args.no_plan, args.keep_lr)) for r in records]
         if args.quick:
             runs = runs[:120]
         summary["datasets"][name] = evaluate_dataset(name, runs, policy_kwargs, prices, args.workers, learns, lines,

@@ -583,6 +583,8 @@ def test_a_degraded_record_keeps_every_kth_evaluation_and_its_last_and_drops_its
     run = rc.run_from_generic(bare)
     assert run.planned_cost_usd is None and run.lrs is None
     assert rc.degraded(record) == record
+    with_lr = rc.run_from_generic(rc.degraded(record, no_plan=True, keep_lr=True))  # a scheduler, no planned end
+    assert with_lr.planned_cost_usd is None and with_lr.lrs is not None and len(with_lr.lrs) == 5
 
 
 def test_the_priced_oracle_stops_where_the_regret_is_least():
@@ -854,6 +856,22 @@ def test_a_prior_from_past_runs_keeps_a_slow_start_going(tmp_path):
     # worth more at $1/point than the rest of the plan costs: it goes on past the rise.
     assert stop_at(str(path)) > flat + 3
     assert stop_at(CurvePrior.from_dict(json.loads(path.read_text()))) == stop_at(prior)
+
+
+def test_a_run_without_a_plan_asks_past_runs_at_its_learning_rate_state_first():
+    """Without a plan a stage has no share of it; its learning rate's state still tells a run at its peak rate (a
+    slow start may be ahead) from one that has annealed: the cells of every share at that state come first."""
+    from costaware.curve_prior import NO_PLAN, CurvePrior, run_from_record
+
+    prior = CurvePrior.fit([run_from_record(r) for r in _slow_start_runs(seed=0)])
+    assert prior.lookup((NO_PLAN, "high", 0, 0))[0] == "*/high/0/0"
+    assert prior.lookup((NO_PLAN, "unknown", 0, 0))[0] == "*/*/0/0"  # no past run without learning rates
+    assert prior.lookup((0, "high", 0, 0))[0] == "0/high/0/0"  # with a share of the plan, as before
+    policy = MarginalGainPolicy(usd_per_point=1.0, baseline=0.1, prior=prior)
+    for c, a, r in _slow_start_runs(n_runs=1, seed=3)[0]["points"][:6]:
+        policy.observe(c, a, lr=r)
+    view = policy._prior_view()
+    assert view is not None and view.planless and "cell */warming/" in view.cell, view
 
 
 def test_the_prior_records_what_the_next_doubling_of_the_spend_brought():

@@ -27,7 +27,8 @@ The stage is a cell of four features a policy knows at every evaluation:
 
 Each run weighs the same (its evaluations share one unit of weight). Cells with fewer than
 ``MIN_RUNS`` runs fall back to coarser ones (without the learning-rate state, then without the
-plan fraction, then the progress alone, then all). Stored as a small JSON file; the package
+plan fraction, then the progress alone, then all). A run without a plan asks the cells of every plan
+fraction at its learning-rate state first. Stored as a small JSON file; the package
 ships two fitted on the tune halves of the replay's data sets (:data:`PACKAGED_PRIORS`: ``"default"``
 and ``"from-scratch"``), and ``costaware prior fit`` fits a team's own from its ledgers or generic JSONL.
 
@@ -49,8 +50,8 @@ import numpy as np
 
 from costaware.validation import is_number
 
-__all__ = ["HEADROOM_FLOOR", "CurvePrior", "PriorRun", "left_out_because", "left_out_summary", "load_prior", "lr_state",
-           "prior_cell", "run_from_record", "runs_from_jsonl", "runs_from_ledger", "stage"]
+__all__ = ["HEADROOM_FLOOR", "NO_PLAN", "CurvePrior", "PriorRun", "left_out_because", "left_out_summary", "load_prior",
+           "lr_state", "prior_cell", "run_from_record", "runs_from_jsonl", "runs_from_ledger", "stage"]
 
 PRIOR_VERSION = 2  # 2: ``next`` (the gain over the next doubling of the spend)
 PLAN_EDGES = (0.1, 0.25, 0.5, 0.75)
@@ -64,6 +65,8 @@ QUANTILE_LEVELS = tuple(round(q, 2) for q in np.linspace(0.02, 0.98, 49))
 #: The headroom used to scale a stage's outcomes is at least this fraction of the metric's range: near
 #: the ceiling, evaluation noise (not the headroom) sets how far the final value may fall.
 HEADROOM_FLOOR = 0.05
+#: The plan-share bin of a run without a plan (none given, or past one): its lookup asks the cells of every share.
+NO_PLAN = -1
 #: A run that ended before this fraction of its planned cost is left out (stopped early).
 _MIN_DONE = 0.9
 
@@ -201,10 +204,19 @@ def _weighted_quantiles(values: np.ndarray, weights: np.ndarray) -> list[float]:
 
 
 def _keys(cell: tuple) -> list[str]:
-    """Lookup keys of a cell, finest first: the LR state, then the plan fraction are dropped first."""
+    """Lookup keys of a cell, finest first. With a share of the plan, the LR state, then the plan share are dropped
+    first; without a plan (share ``NO_PLAN``), the cells of every share at this LR state come first."""
     plan, state, progress, momentum = cell
-    return [f"{plan}/{state}/{progress}/{momentum}", f"{plan}/*/{progress}/{momentum}", f"*/*/{progress}/{momentum}",
-            f"*/*/{progress}/*", "*/*/*/*"]
+    coarse = [f"*/*/{progress}/{momentum}", f"*/*/{progress}/*", "*/*/*/*"]
+    if plan == NO_PLAN:
+        return [f"*/{state}/{progress}/{momentum}", *coarse]
+    return [f"{plan}/{state}/{progress}/{momentum}", f"{plan}/*/{progress}/{momentum}", *coarse]
+
+
+def _fit_keys(cell: tuple) -> list[str]:
+    """The cells a past run's stage counts in: those of its share of the plan, and those of a run without one."""
+    _, state, progress, momentum = cell
+    return [*_keys(cell), f"*/{state}/{progress}/{momentum}"]
 
 
 class CurvePrior:
@@ -241,7 +253,7 @@ class CurvePrior:
             n_runs += 1
             weight = 1.0 / len(samples)
             for cell, *outcomes in samples:
-                for key in _keys(cell):
+                for key in _fit_keys(cell):
                     groups.setdefault(key, []).append((run_index, weight, *outcomes))
         if not n_runs:
             raise ValueError("no run to fit a prior on (it needs a bounded metric, accuracy-like in [0, 1], at least "
