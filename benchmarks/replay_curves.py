@@ -184,6 +184,26 @@ def run_from_generic(record: dict) -> Run:
                run.anneals, run.metric_range, float(ppu))
 
 
+def read_generic(path: Path) -> list[dict]:
+    """The records of a generic JSONL file, each checked by :func:`run_from_generic`; a bad line raises ValueError
+    naming it (a team's file of hundreds of runs: the line is how they find the one to mend)."""
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"line {number}: not JSON ({err.msg} at column {err.colno})") from None
+            try:
+                run_from_generic(record)
+            except ValueError as err:
+                raise ValueError(f"line {number}: {err}") from None
+            records.append(record)
+    return records
+
+
 def _finite_values(record: dict) -> list[float]:
     return [p[1] for p in record.get("points") or [] if isinstance(p, list) and len(p) > 1 and is_number(p[1])
             and math.isfinite(p[1])]
@@ -976,8 +996,10 @@ def main(argv: list[str] | None = None) -> int:
     # (name, records, regret prices, which runs learn, whether the runs train from scratch / pretrain)
     datasets: list[tuple[str, list[dict], tuple, callable, bool]] = []
     if args.generic:
-        with open(args.generic) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        try:
+            records = read_generic(args.generic)
+        except (OSError, ValueError) as err:
+            parser.exit(2, f"{parser.prog}: {args.generic}: {err}\n")
         percent_like = looks_like_percentages(records)
         if percent_like:
             lines.append(f"note: {percent_like} runs (mode max) have values above 1 and none above 100 but no "

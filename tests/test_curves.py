@@ -745,6 +745,25 @@ def test_the_replay_refuses_bad_flags_before_replaying(argv, complaint, capsys):
     assert complaint in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bad_line, complaint", [
+    ('{"id": "cut", "points": [[0.1, 0.5]', "line 2: not JSON"),
+    ('{"id": "restart", "points": [[0.1, 0.5], [0.2, 0.6], [0.05, 0.7]]}',
+     "line 2: run 'restart': cumulative costs must not decrease (point 2: 0.05 after 0.2)"),
+    ('{"id": "empty", "points": []}', "line 2: run 'empty': 'points' must be a non-empty list"),
+])
+def test_a_bad_line_in_a_generic_file_ends_the_replay_at_once_naming_the_line(tmp_path, bad_line, complaint, capsys):
+    """One corrupt run in a team's file is named with its line before any replay time is spent, not met as a
+    traceback midway through a long replay."""
+    data = tmp_path / "runs.jsonl"
+    data.write_text('{"id": "fine", "points": [[0.1, 0.5], [0.2, 0.6]]}\n' + bad_line + "\n")
+    rc = _benchmark_module()
+    with pytest.raises(SystemExit) as exit_info:
+        rc.main(["--generic", str(data)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{data}: {complaint}" in err and "Traceback" not in err
+
+
 def test_a_run_learns_when_its_best_beats_its_baseline_in_either_direction():
     rc = _benchmark_module()
     acc = rc.Run("a", "max", np.arange(1.0, 4.0), np.array([0.1, 0.15, 0.25]), baseline=0.1)
