@@ -790,6 +790,8 @@ def test_a_bounded_metric_is_never_predicted_outside_its_range():
                                cost_usd, loss)
         est = decisions[-1].estimate
         assert 0.0 <= est.predicted_final_high <= est.predicted_final <= est.predicted_final_low
+        # The fields run worse to better; the reason states the interval in numbers' order, as a person writes one.
+        assert f"interval {est.predicted_final_high:.4g} to {est.predicted_final_low:.4g}," in decisions[-1].reason
     # Unbounded on request: the straight line may then be extrapolated past 1.
     _, decisions = _replay(MarginalGainPolicy(usd_per_point=100.0, planned_cost_usd=3.0, metric_range=None,
                                               prior=None), cost_usd, acc)

@@ -616,7 +616,7 @@ class MarginalGainPolicy:
                     declined = "" if waits else f"; {figures}"  # it would pay, but its learning rate has annealed
                 return Decision(
                     True,
-                    f"not learning: the best, {self._sign * best / self.points_per_unit:.6g}, is not "
+                    f"not learning: the best, {self._to_metric(best):.6g}, is not "
                     f"{start_points:.3g} points better than {what} after ${costs[-1]:.4g} (waited up to "
                     f"${wait_usd:.4g}){declined}",
                     None,
@@ -665,9 +665,11 @@ class MarginalGainPolicy:
                 f"points/$ (geometric mean, {_past_weight(estimate):.2f} on past runs), {self.min_gain_per_usd:.4g} "
                 "needed; "
             )
+        # In numbers' order (a loss's worse end is its larger number): the interval reads as a person writes one.
+        ends = sorted((estimate.predicted_final_low, estimate.predicted_final_high))
         figures += (
-            f"predicted final {estimate.predicted_final:.4g} ({pct} interval {estimate.predicted_final_low:.4g} to "
-            f"{estimate.predicted_final_high:.4g}, from {estimate.interval_from})"
+            f"predicted final {estimate.predicted_final:.4g} ({pct} interval {ends[0]:.4g} to {ends[1]:.4g}, from "
+            f"{estimate.interval_from})"
         )
         if estimate.gain_per_usd < self.min_gain_per_usd:
             wait_usd = self._anneal_wait_usd()
@@ -713,7 +715,7 @@ class MarginalGainPolicy:
         return self._sign * metric
 
     def _to_metric(self, points: float) -> float:
-        return self._sign * points / self.points_per_unit
+        return self._sign * points / self.points_per_unit + 0.0  # + 0.0: a loss of 0 reads "0", not "-0"
 
     def _range_points(self) -> tuple[float, float]:
         """The metric's range in points, higher is better: (-inf, inf) when unbounded.
