@@ -25,8 +25,8 @@ def _break_even_step(usd_per_point):
     return math.log(100 * K * usd_per_point / USD_PER_STEP) / K
 
 
-def _curve_model(base, clock, curve, snapshots=None, noise=0.002):
-    """A BoringModel whose validation logs ``curve(global_step)`` plus a little noise as val_acc."""
+def _curve_model(base, clock, curve, snapshots=None, noise=0.002, name="val_acc"):
+    """A BoringModel whose validation logs ``curve(global_step)`` plus a little noise as ``name``."""
 
     class Curve(base):
         def training_step(self, batch, batch_idx):
@@ -37,7 +37,7 @@ def _curve_model(base, clock, curve, snapshots=None, noise=0.002):
             step = self.global_step
             if snapshots is not None and batch_idx == 0:
                 snapshots[step] = {k: v.detach().clone() for k, v in self.state_dict().items()}
-            self.log("val_acc", curve(step) + noise * random.Random(step).gauss(0.0, 1.0))
+            self.log(name, curve(step) + noise * random.Random(step).gauss(0.0, 1.0))
             return super().validation_step(batch, batch_idx)
 
     return Curve()
@@ -648,6 +648,26 @@ def test_the_plan_holds_when_gradient_accumulation_changes_during_the_fit(pl_ns,
     plans = [e["usd"] + e["usd_to_predicted_final"] for e in decisions if e.get("usd_to_predicted_final") is not None]
     assert len(decisions) == len(plans) == 14  # every validation from the third, each with a plan
     assert all(u == pytest.approx(ledger.end.totals.usd, rel=0.05) for u in plans[-4:])
+
+
+def test_an_error_rate_left_to_auto_is_pointed_out_once(ns, tmp_path, clock):
+    """An error rate read as a loss (bounded by 0 alone) is judged without past runs: the callback says so once and
+    names the range to give; with the range given, or a loss, it is quiet."""
+    def error_rate(step):
+        return 1.0 - 0.9 * _saturating(step)
+
+    for monitor, metric_range, expected in (("val_err", "auto", 1), ("val_err", (0.0, 1.0), 0),
+                                            ("val_loss", "auto", 0)):
+        stopping = ns.costaware.MarginalGainStopping(monitor=monitor, mode="min", usd_per_point=0.01,
+                                                     policy_kwargs={"metric_range": metric_range})
+        trainer = _trainer(ns, tmp_path, [_monitor(ns, clock), stopping], max_steps=30)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(_curve_model(ns.BoringModel, clock, error_rate, name=monitor))
+        said = [str(w.message) for w in caught if "error rate" in str(w.message)]
+        assert len(said) == expected, (monitor, metric_range, said)
+        if expected:
+            assert f"{monitor}=" in said[0] and "policy_kwargs={'metric_range': (0, 1)}" in said[0]
 
 
 def test_an_accuracy_logged_as_a_percentage_is_pointed_out_once(ns, tmp_path, clock):

@@ -235,6 +235,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
         self._seen_monitor = False
         self._warned_free = False
         self._warned_percent = False
+        self._warned_error_rate = False
 
     # The policy holds the knobs (validated there); these read them, so no copy can drift.
 
@@ -359,8 +360,24 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
         self._warned_percent = True
         rank_zero_warn(f"costaware: MarginalGainStopping sees {self.monitor}={value:g}, above 1: with "
                        "points_per_unit=100 a point is 0.01 of the metric, a percentage point of an accuracy in "
-                       "[0, 1]. If it is a percentage, pass points_per_unit=1 (and metric_range=(0, 100)) so that "
-                       "usd_per_point prices one percentage point.")
+                       "[0, 1]. If it is a percentage, pass points_per_unit=1 (and "
+                       "policy_kwargs={'metric_range': (0, 100)}) so that usd_per_point prices one percentage point.")
+
+    def _warn_if_error_rate(self, value: float) -> None:
+        """Once: an error rate (``mode="min"``, a name with "err", values in [0, 1]) left at ``metric_range="auto"``
+        is read as a loss, bounded by 0 alone, and past runs are not asked; ``policy_kwargs={"metric_range": (0, 1)}``
+        is the fix. Not inferred from the values: a loss in [0, 1] (binary cross-entropy) is as common, and read as
+        bounded by 1 it fared worse (NAS-Bench-NLP's losses scaled into [0, 1], replayed: regret up to 34% higher)."""
+        policy = self.policy
+        name = self.monitor.lower()
+        if (self._warned_error_rate or policy.mode != "min" or policy.metric_range != "auto" or "err" not in name
+                or "loss" in name or not 0.0 <= value <= 1.0):
+            return
+        self._warned_error_rate = True
+        rank_zero_warn(f"costaware: MarginalGainStopping reads {self.monitor}={value:g} (mode='min') as a loss, "
+                       "bounded by 0 alone, so past runs are not asked how runs at this stage go on. If it is an "
+                       "error rate (1 - accuracy), pass policy_kwargs={'metric_range': (0, 1)}: it is then judged as "
+                       "the accuracy it mirrors.")
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict) -> None:
         if self._drives:
@@ -388,6 +405,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
         self._seen_monitor = True
         value = float(metrics[self.monitor])
         self._warn_if_percent(value)
+        self._warn_if_error_rate(value)
         totals = self.meter.refresh(trainer, pl_module)  # a collective: every rank validates
         context = self._context(trainer, pl_module, totals_usd=totals.usd)
         for strategy in self.strategies:
