@@ -542,6 +542,25 @@ def test_a_prior_fitted_on_the_ledger_of_a_real_fit(pl_ns, tmp_path, clock, caps
     assert pl_ns.costaware.MarginalGainStopping(monitor="val_acc", usd_per_point=1.0, prior=str(out)).policy.prior
 
 
+def test_an_error_rate_s_range_reaches_a_prior_fitted_on_its_ledger(pl_ns, tmp_path, clock, capsys):
+    """An error rate watched with its range given is recorded with it: `costaware prior fit` on the ledger reads it
+    as the bounded metric it is (without the range it would be a loss, and the run would be left out)."""
+    from costaware.cli import main
+    from costaware.curve_prior import runs_from_ledger
+
+    stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_err", mode="min", min_gain_per_usd=1e-9,
+                                                    policy_kwargs={"metric_range": (0, 1)})
+    trainer = _trainer(pl_ns, tmp_path, [_monitor(pl_ns, clock), stopping], max_steps=150, logger=False)
+    trainer.fit(_curve_model(pl_ns.BoringModel, clock, lambda step: 0.9 - 0.002 * step, name="val_err"))
+    ledger = stopping.meter.ledger.path
+    (policy,) = [e for e in read_ledger(ledger).events if e["name"] == "marginal_gain_policy"]
+    assert policy.metric_range == [0.0, 1.0]
+    (run,) = runs_from_ledger(ledger)
+    assert run.mode == "min" and run.metric_range == (0.0, 1.0)
+    assert main(["prior", "fit", str(ledger.parent), "-o", str(tmp_path / "prior.json")]) == 0
+    assert "prior fitted on 1 of 1 runs" in capsys.readouterr().out
+
+
 def test_a_run_that_completed_is_fitted_on_what_it_spent(pl_ns, tmp_path, clock, capsys):
     """The plan read from a ledger: a completed run's own spend, not the largest estimate on the way. Early steps
     that cost more (a slow start: setup, a first validation) made the largest estimate of the plan overshoot, and

@@ -431,7 +431,8 @@ def runs_from_ledger(path: str | Path) -> list[PriorRun]:
     ``usd + usd_to_predicted_final`` a decision recorded (the Trainer's steps at the pace so far), else none. Not the
     largest: the pace so far carries the start's fixed costs, and the largest estimate of two small CPU runs that
     completed was 32% and 50% over what they spent, so that `costaware prior fit` skipped them as stopped early.
-    Mode, baseline and whether the LR anneals come from the ``marginal_gain_policy`` event.
+    Mode, baseline, whether the LR anneals and a range given to the policy come from the ``marginal_gain_policy``
+    event.
     """
     from costaware.ledger import LEDGER_FILENAME, read_ledger
     from costaware.records import MarginalGainDecisionEvent, MarginalGainPolicyEvent
@@ -452,6 +453,8 @@ def runs_from_ledger(path: str | Path) -> list[PriorRun]:
     end = contents.end
     spent = end.totals.usd if end is not None and end.how == "completed" and end.totals is not None else None
     planned = max(float(spent), float(costs[-1])) if spent is not None else (plans[-1] if plans else None)
+    given = policy.metric_range
+    metric_range = (float(given[0]), float(given[1])) if isinstance(given, list) and len(given) == 2 else None
     return [PriorRun(costs, metrics, policy.mode or "max", planned,
                      np.asarray(lrs, dtype=float) if all(v is not None for v in lrs) else None,
-                     True if policy.anneals is None else bool(policy.anneals), policy.baseline)]
+                     True if policy.anneals is None else bool(policy.anneals), policy.baseline, metric_range)]

@@ -372,7 +372,9 @@ class ForecastEvent(Event):
 @event_kind
 @dataclass(kw_only=True)
 class MarginalGainPolicyEvent(Event):
-    """A ``MarginalGainStopping``'s settings: ``usd_per_point`` is what one point of ``monitor`` is worth."""
+    """A ``MarginalGainStopping``'s settings: ``usd_per_point`` is what one point of ``monitor`` is worth;
+    ``metric_range`` the ``[low, high]`` it was given (absent where inferred from the values), so that a prior fitted
+    on the ledger reads an error rate or a percentage as the bounded metric it is."""
 
     NAME: ClassVar[str] = "marginal_gain_policy"
 
@@ -387,6 +389,7 @@ class MarginalGainPolicyEvent(Event):
     resumed_points: Optional[int] = None
     anneals: Optional[bool] = None
     baseline: Optional[float] = None
+    metric_range: Optional[list] = None
 
 
 @event_kind

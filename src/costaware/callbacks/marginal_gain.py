@@ -314,7 +314,8 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
             monitor=self.monitor, mode=self.mode, usd_per_point=self.usd_per_point,
             min_gain_per_usd=self.min_gain_per_usd, confidence=self.confidence, min_points=self.min_points,
             points_per_unit=self.points_per_unit, strategies=[_name(s) for s in self.strategies],
-            resumed_points=self.policy.num_points, anneals=self._anneals(trainer), baseline=self.policy.baseline))
+            resumed_points=self.policy.num_points, anneals=self._anneals(trainer), baseline=self.policy.baseline,
+            metric_range=_given_range(self.policy.metric_range)))
 
     # When this callback meters alone, it drives its meter as CostMonitor would.
 
@@ -620,6 +621,14 @@ def _learning_rate(trainer: Any) -> Optional[float]:
     except (AttributeError, IndexError, KeyError, TypeError, ValueError):
         return None
     return lr if math.isfinite(lr) and lr >= 0 else None
+
+
+def _given_range(metric_range: Any) -> Optional[list]:
+    """The range a user gave, as the ledger records it: ``[low, high]`` where both ends are finite, else None (a
+    range open on one side bounds no prior, as "auto" for a loss does not)."""
+    if isinstance(metric_range, tuple) and all(math.isfinite(v) for v in metric_range):
+        return [float(v) for v in metric_range]
+    return None
 
 
 def _name(strategy: Any) -> str:
