@@ -798,6 +798,25 @@ def test_a_bounded_metric_is_never_predicted_outside_its_range():
     assert decisions[-1].estimate.predicted_final_high > 1.0
 
 
+def test_an_error_rate_with_its_range_is_judged_as_the_accuracy_it_mirrors():
+    """The start threshold is relative to the distance from a bounded metric's worse end: an error rate of 0.99 at
+    chance starts when its accuracy mirror (0.01) would, not after 0.99 points (1% of the value itself)."""
+    cost_usd = 0.01 * np.arange(1, 61)
+    rng = np.random.default_rng(3)
+    rise = 0.6 / (1.0 + np.exp(-(np.arange(60) - 25) / 3.0))
+    acc = 0.01 + np.where(rise > 0.01, rise + 0.002 * rng.standard_normal(60), 0.0)  # exactly at chance first
+    as_acc = MarginalGainPolicy(usd_per_point=0.05, planned_cost_usd=0.6, baseline=0.01)
+    as_err = MarginalGainPolicy(mode="min", usd_per_point=0.05, planned_cost_usd=0.6, baseline=0.99,
+                                metric_range=(0.0, 1.0))
+    stop_acc, decisions_acc = _replay(as_acc, cost_usd, acc)
+    stop_err, decisions_err = _replay(as_err, cost_usd, 1.0 - acc)
+    assert stop_acc == stop_err
+    starts = [[i for i, d in enumerate(ds) if d.reason.startswith("started learning")] for ds in
+              (decisions_acc, decisions_err)]
+    assert starts[0] == starts[1] == [13]  # the first evaluation off chance: 0.0195, or an error of 0.9805
+    assert [d.reason.split(" ")[:3] for d in decisions_acc] == [d.reason.split(" ")[:3] for d in decisions_err]
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_every_figure_in_a_reason_is_consistent(seed):
     cost_usd, _, noisy = _saturating(n=60, seed=seed)

@@ -287,10 +287,11 @@ class MarginalGainPolicy:
     at least ``collapse_points`` above it) are a collapse too: a diverged classifier predicting one class.
 
     A run whose best is still within ``start_fraction`` of its first evaluation
-    (relative to that value) has not started learning, and a fit cannot tell that
-    plateau from convergence (runs often break out of it late). Such a run is worth
-    waiting for as long as the wait costs less than the value of that improvement: the
-    policy does not stop it on the fit while its cost so far is below
+    (relative to that value, or for a bounded metric to its distance from the worse end: an
+    error rate of 0.99 is 0.01 from its worst, as an accuracy of 0.01 is) has not started
+    learning, and a fit cannot tell that plateau from convergence (runs often break out of
+    it late). Such a run is worth waiting for as long as the wait costs less than the value
+    of that improvement: the policy does not stop it on the fit while its cost so far is below
     ``start_fraction * |first metric| * points_per_unit * usd_per_point``. Once it has
     started, its learning curve begins at the last evaluation before the start: the fit
     ignores the plateau, and ``min_points`` counts from there.
@@ -372,8 +373,9 @@ class MarginalGainPolicy:
             plan estimated too low), the policy judges as if there were no plan.
         collapse_points: Drop below the best, in points, that counts as a collapse when
             seen three times in a row (twice, back at the ``baseline``); ``None`` disables collapse detection.
-        start_fraction: Relative improvement over the first evaluation below which a
-            run has not started learning (see above); ``None`` disables the wait.
+        start_fraction: Relative improvement over the first evaluation (over its distance from
+            the worse end of a bounded metric) below which a run has not started learning (see
+            above); ``None`` disables the wait.
         baseline: The metric of a model that has learned nothing, in the metric's own
             units (see above); ``None`` (default): none known.
         anneal_fraction: With a plan, the fraction of the planned cost before which the
@@ -591,7 +593,10 @@ class MarginalGainPolicy:
                 baseline_points = self._sign * self.points_per_unit * self.baseline
                 if baseline_points >= reference:
                     reference, what, at_baseline = baseline_points, f"the baseline {self.baseline:g}", True
-            start_points = self.start_fraction * abs(reference)
+            # Relative to the distance from the metric's worse end, where its range has one (an accuracy's 0, an
+            # error rate's 1: the two mirror each other), else to the value itself (a loss).
+            worst = self._range_points()[0]
+            start_points = self.start_fraction * abs(reference - (worst if math.isfinite(worst) else 0.0))
             started = np.flatnonzero(points - reference >= start_points)
             wait_usd = start_points * self.usd_per_point
             # No past runs to say whether a run at chance will start (without a plan they cannot say by when).
