@@ -292,7 +292,7 @@ class MarginalGainPolicy:
     learning, and a fit cannot tell that plateau from convergence (runs often break out of
     it late). Such a run is worth waiting for as long as the wait costs less than the value
     of that improvement: the policy does not stop it on the fit while its cost so far is below
-    ``start_fraction * |first metric| * points_per_unit * usd_per_point``. Once it has
+    ``start_fraction * |first metric - worse end (0 for a loss)| * points_per_unit * usd_per_point``. Once it has
     started, its learning curve begins at the last evaluation before the start: the fit
     ignores the plateau, and ``min_points`` counts from there.
 
