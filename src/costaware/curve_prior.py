@@ -153,7 +153,8 @@ def left_out_because(run: PriorRun) -> str | None:
     if not np.isfinite(values).any():
         return "no evaluation has a finite metric"
     if _bounded(values, run.mode, run.metric_range) is None:
-        return "its metric is not bounded (a loss; an error rate needs metric_range [0, 1])"
+        return ("its metric is not bounded (a loss; an error rate needs its range: \"metric_range\": [0, 1] in a "
+                "JSONL record, MarginalGainStopping(policy_kwargs={'metric_range': (0, 1)}) in the fit)")
     planned = run.planned_cost_usd or float(run.costs_usd[-1])
     if float(run.costs_usd[-1]) < _MIN_DONE * planned:
         return f"it stopped before {_MIN_DONE:.0%} of its plan (what the rest of a plan brings is unknown)"
