@@ -137,7 +137,9 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
             them, run in order; default ``EarlyStop()``.
         policy_kwargs: more ``MarginalGainPolicy`` arguments (``fit_fraction``,
             ``increment_fraction``, ``planned_cost_usd``, ``anneal_fraction``, ``anneals``,
-            ``baseline``, ``collapse_points``, ``seed``...).
+            ``baseline``, ``collapse_points``, ``seed``...). ``metric_range``: ``(0, 1)`` for an
+            error rate (else read as a loss, bounded by 0 alone, and past runs are not asked),
+            ``(0, 100)`` for a percentage with ``points_per_unit=1``; recorded in the ledger.
         monitor_kwargs: ``CostMonitor`` arguments for the meter this callback drives when the
             Trainer has none (``{"usd_per_host_hour": 0.1, "country": "USA"}``); ignored, with a
             warning, when there is one (a price that differs from its is a ValueError at setup).
