@@ -188,7 +188,7 @@ def read_generic(path: Path) -> list[dict]:
     """The records of a generic JSONL file, each checked by :func:`run_from_generic`; a bad line raises ValueError
     naming it (a team's file of hundreds of runs: the line is how they find the one to mend)."""
     records = []
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a file saved with a BOM (PowerShell, Excel)
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -755,7 +755,8 @@ def test_a_bad_line_in_a_generic_file_ends_the_replay_at_once_naming_the_line(tm
     """One corrupt run in a team's file is named with its line before any replay time is spent, not met as a
     traceback midway through a long replay."""
     data = tmp_path / "runs.jsonl"
-    data.write_text('{"id": "fine", "points": [[0.1, 0.5], [0.2, 0.6]]}\n' + bad_line + "\n")
+    data.write_text('{"id": "fine", "points": [[0.1, 0.5], [0.2, 0.6]]}\n' + bad_line + "\n",
+                    encoding="utf-8-sig")  # a byte-order mark (PowerShell, Excel) does not make line 1 the bad one
     rc = _benchmark_module()
     with pytest.raises(SystemExit) as exit_info:
         rc.main(["--generic", str(data)])
@@ -1056,6 +1057,11 @@ def test_prior_fit_command_on_generic_jsonl(tmp_path, capsys):
     assert main(["prior", "fit", str(data), "-o", str(out)]) == 0
     assert "prior fitted on 30 of 30 runs" in capsys.readouterr().out
     assert MarginalGainPolicy(prior=str(out)).prior.cells["*/*/*/*"]["runs"] == 30
+    # The same file saved with a byte-order mark (PowerShell, Excel) reads the same.
+    bom = tmp_path / "bom.jsonl"
+    bom.write_text(data.read_text(), encoding="utf-8-sig")
+    assert main(["prior", "fit", str(bom), "-o", str(tmp_path / "bom.json")]) == 0
+    assert "prior fitted on 30 of 30 runs" in capsys.readouterr().out
     # A file of losses (unbounded) cannot inform it: a clear error, exit code 1.
     loss = tmp_path / "loss.jsonl"
     loss.write_text(json.dumps({"id": "l", "mode": "min", "points": [[0.1, 3.0], [0.2, 2.5]]}) + "\n")

@@ -410,7 +410,7 @@ def run_from_record(record: dict) -> PriorRun:
 def runs_from_jsonl(path: str | Path) -> list[PriorRun]:
     """The runs of a generic-JSONL file; a bad line raises ValueError naming the line."""
     runs = []
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a file saved with a BOM (PowerShell, Excel)
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
