@@ -752,8 +752,8 @@ def test_the_replay_refuses_bad_flags_before_replaying(argv, complaint, capsys):
     ('{"id": "empty", "points": []}', "line 2: run 'empty': 'points' must be a non-empty list"),
 ])
 def test_a_bad_line_in_a_generic_file_ends_the_replay_at_once_naming_the_line(tmp_path, bad_line, complaint, capsys):
-    """One corrupt run in a team's file is named with its line before any replay time is spent, not met as a
-    traceback midway through a long replay."""
+    """One corrupt run in a team's file is named with its line (how they find it among hundreds), in one line on
+    stderr, not as a Python traceback that named the run alone."""
     data = tmp_path / "runs.jsonl"
     data.write_text('{"id": "fine", "points": [[0.1, 0.5], [0.2, 0.6]]}\n' + bad_line + "\n",
                     encoding="utf-8-sig")  # a byte-order mark (PowerShell, Excel) does not make line 1 the bad one
