@@ -77,7 +77,7 @@ _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO / "src") not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(_REPO / "src"))
 
-from costaware.curve_prior import CurvePrior, PriorRun, load_prior, run_from_record  # noqa: E402
+from costaware.curve_prior import CurvePrior, PriorRun, checked_jsonl, load_prior, run_from_record  # noqa: E402
 from costaware.curves import Decision, MarginalGainPolicy  # noqa: E402
 from costaware.validation import is_number  # noqa: E402
 
@@ -186,22 +186,8 @@ def run_from_generic(record: dict) -> Run:
 
 def read_generic(path: Path) -> list[dict]:
     """The records of a generic JSONL file, each checked by :func:`run_from_generic`; a bad line raises ValueError
-    naming it (a team's file of hundreds of runs: the line is how they find the one to mend)."""
-    records = []
-    with open(path, encoding="utf-8-sig") as f:  # -sig: a file saved with a BOM (PowerShell, Excel)
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"line {number}: not JSON ({err.msg} at column {err.colno})") from None
-            try:
-                run_from_generic(record)
-            except ValueError as err:
-                raise ValueError(f"line {number}: {err}") from None
-            records.append(record)
-    return records
+    naming it."""
+    return [record for record, _ in checked_jsonl(path, run_from_generic)]
 
 
 def _finite_values(record: dict) -> list[float]:

@@ -40,18 +40,21 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from costaware.validation import is_number
 
-__all__ = ["HEADROOM_FLOOR", "NO_PLAN", "CurvePrior", "PriorRun", "left_out_because", "left_out_summary", "load_prior",
-           "lr_state", "prior_cell", "run_from_record", "runs_from_jsonl", "runs_from_ledger", "stage"]
+T = TypeVar("T")
+
+__all__ = ["HEADROOM_FLOOR", "NO_PLAN", "CurvePrior", "PriorRun", "checked_jsonl", "left_out_because",
+           "left_out_summary", "load_prior", "lr_state", "prior_cell", "run_from_record", "runs_from_jsonl",
+           "runs_from_ledger", "stage"]
 
 PRIOR_VERSION = 2  # 2: ``next`` (the gain over the next doubling of the spend)
 PLAN_EDGES = (0.1, 0.25, 0.5, 0.75)
@@ -407,9 +410,10 @@ def run_from_record(record: dict) -> PriorRun:
                     None if rng is None else (float(rng[0]), float(rng[1])))
 
 
-def runs_from_jsonl(path: str | Path) -> list[PriorRun]:
-    """The runs of a generic-JSONL file; a bad line raises ValueError naming the line."""
-    runs = []
+def checked_jsonl(path: str | Path, check: Callable[[dict], T]) -> list[tuple[dict, T]]:
+    """Each record of a JSONL file with what ``check`` makes of it; a line that is not JSON, or that ``check``
+    refuses (ValueError), raises ValueError naming the line (in a file of hundreds of runs, how one finds it)."""
+    out = []
     with open(path, encoding="utf-8-sig") as f:  # -sig: a file saved with a BOM (PowerShell, Excel)
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -419,10 +423,15 @@ def runs_from_jsonl(path: str | Path) -> list[PriorRun]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"line {number}: not JSON ({err.msg} at column {err.colno})") from None
             try:
-                runs.append(run_from_record(record))
+                out.append((record, check(record)))
             except ValueError as err:
                 raise ValueError(f"line {number}: {err}") from None
-    return runs
+    return out
+
+
+def runs_from_jsonl(path: str | Path) -> list[PriorRun]:
+    """The runs of a generic-JSONL file; a bad line raises ValueError naming the line."""
+    return [run for _, run in checked_jsonl(path, run_from_record)]
 
 
 def runs_from_ledger(path: str | Path) -> list[PriorRun]:
