@@ -365,7 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         f"({100.0 * trainable_params / total_params:.2f}%: LoRA r={args.lora_r} on query/value + head"
         + (", base in 4-bit NF4" if args.quantize_base == "4bit" else "") + ")\n"
         + "".join(f"{line}\n" for line in run_lines)
-        + f"FLOPs         : {totals.flops:.3g} (the fit; the test pass is not metered)\n"
+        + f"FLOPs         : {totals.flops:.3g} (the fit; the test pass is timed and priced, not counted in FLOPs)\n"
         f"priced at     : ${prices.usd_per_host_hour:.2f}/host-hour"
         + (" (an example CPU-instance price: give yours with --usd-per-host-hour)"
            if args.usd_per_host_hour == DEFAULT_USD_PER_HOST_HOUR else "")

@@ -8,7 +8,7 @@ import torch
 
 from conftest import logged_to_tensorboard, make_clocked_model, make_crashing_model, make_monitor, make_trainer
 from costaware.ledger import read_ledger
-from costaware.report import build_report
+from costaware.report import build_report, summary_lines
 
 _monitor, _trainer = make_monitor, make_trainer
 
@@ -43,16 +43,90 @@ def test_fit_logs_cost_everywhere(ns, tmp_path, clock):
     assert not ledger.problems
 
 
-def test_validate_and_test_outside_fit_are_left_alone(pl_ns, tmp_path, clock):
+def _evaluating_model(base, clock):
+    """A clocked BoringModel whose validation, test and predict steps take 1 s each on the fake clock."""
+
+    class Evaluates(type(make_clocked_model(base, clock))):
+        def validation_step(self, batch, batch_idx):
+            clock.advance(1.0)
+            return super().validation_step(batch, batch_idx)
+
+        def test_step(self, batch, batch_idx):
+            clock.advance(1.0)
+            return super().test_step(batch, batch_idx)
+
+        def predict_step(self, batch, batch_idx, dataloader_idx=0):
+            clock.advance(1.0)
+            return super().predict_step(batch, batch_idx)
+
+    return Evaluates()
+
+
+def test_a_test_validate_or_predict_after_the_fit_is_metered_apart_and_reported(pl_ns, tmp_path, clock):
+    """``trainer.fit(model); trainer.test(model)`` is how a Lightning run ends: the test's dollars are
+    in the bill, so they are in the report, apart from the fit's totals (what the caps judged)."""
     monitor = _monitor(pl_ns, clock)
-    trainer = _trainer(pl_ns, tmp_path, [monitor], max_steps=4)
-    model = make_clocked_model(pl_ns.BoringModel, clock)
-    trainer.validate(model)  # before any fit: nothing to meter, nothing breaks
+    trainer = _trainer(pl_ns, tmp_path, [monitor], max_steps=4, limit_test_batches=3, limit_predict_batches=2,
+                       val_check_interval=4, num_sanity_val_steps=0)
+    model = _evaluating_model(pl_ns.BoringModel, clock)
+    trainer.validate(model, verbose=False)  # before any fit: no run to charge it to, nothing breaks
+    assert monitor.ledger is None
     trainer.fit(model)
-    usd = monitor.totals.usd
-    trainer.validate(model)
-    trainer.test(model)
-    assert monitor.totals.usd == usd
+    fit_usd = monitor.totals.usd
+    assert fit_usd == pytest.approx(0.004 + 0.002)  # 4 training steps and 2 validation batches, 1 s each
+    trainer.validate(model, verbose=False)  # 2 batches
+    trainer.test(model, verbose=False)  # 3
+    trainer.predict(model)  # 2
+    assert monitor.totals.usd == fit_usd  # the fit's totals stay as the fit ended
+
+    ledger = read_ledger(monitor.ledger.path)
+    assert not ledger.problems and ledger.end["totals"]["usd"] == pytest.approx(fit_usd)
+    stages = [e for e in ledger.events if e.name == "stage_after_fit"]
+    assert [e.stage for e in stages] == ["validate", "test", "predict"]
+    assert [e.duration_s for e in stages] == pytest.approx([2.0, 3.0, 2.0])
+    assert [e.usd for e in stages] == pytest.approx([0.002, 0.003, 0.002])  # $3.60 a host-hour
+    assert all(e.kwh > 0 and e.co2_kg == pytest.approx(e.kwh * 56.039 / 1000) for e in stages)
+    assert stages[-1].totals.usd == pytest.approx(fit_usd)
+
+    report = build_report(monitor.ledger.path)
+    rows = {r["phase"]: r for r in report["phases"]["rows"]}
+    assert rows["test"]["usd"] == pytest.approx(0.003) and rows["test"]["after_fit"]
+    assert report["phases"]["total_usd"] == pytest.approx(fit_usd + 0.007)
+    summary = dict(line.split(": ", 1) for line in summary_lines(report))
+    assert summary["Dollars"] == "$0.006 (the fit; $0.013 with validate, test, predict after it)"
+    assert "trainer.test after the fit: $0.003 in 3 s" in (monitor.ledger.path.parent / "report.md").read_text()
+
+
+def test_a_test_after_the_fit_is_metered_by_the_callback_that_metered_the_fit(pl_ns, tmp_path, clock):
+    cap = pl_ns.costaware.BudgetCap(max_usd=1.0, usd_per_host_hour=3.6, monitor_kwargs={"cpu_tdp_w": 10})
+    cap.own_meter.clock = clock
+    trainer = _trainer(pl_ns, tmp_path, [cap], max_steps=4, limit_test_batches=3)
+    model = _evaluating_model(pl_ns.BoringModel, clock)
+    trainer.fit(model)
+    trainer.test(model, verbose=False)
+    stages = [e for e in read_ledger(cap.own_meter.ledger.path).events if e.name == "stage_after_fit"]
+    assert [(e.stage, e.usd) for e in stages] == [("test", pytest.approx(0.003))]
+
+
+def test_a_test_that_fails_after_the_fit_keeps_what_it_spent(pl_ns, tmp_path, clock):
+    monitor = _monitor(pl_ns, clock)
+    trainer = _trainer(pl_ns, tmp_path, [monitor], max_steps=4, limit_test_batches=3)
+    model = _evaluating_model(pl_ns.BoringModel, clock)
+    trainer.fit(model)
+
+    def fails(batch, batch_idx):
+        clock.advance(5.0)
+        raise RuntimeError("test boom")
+
+    model.test_step = fails
+    with pytest.raises(RuntimeError, match="test boom"):
+        trainer.test(model, verbose=False)
+    contents = read_ledger(monitor.ledger.path)
+    stages = [e for e in contents.events if e.name == "stage_after_fit"]
+    assert [(e.stage, e.duration_s) for e in stages] == [("test", pytest.approx(5.0))]
+    assert contents.end["how"] == "completed" and not contents.problems  # the fit ended as it did
+    trainer.test(_evaluating_model(pl_ns.BoringModel, clock), verbose=False)  # the meter works again
+    assert len([e for e in read_ledger(monitor.ledger.path).events if e.name == "stage_after_fit"]) == 2
 
 
 def test_early_stopping_and_checkpoint_monitor_cost(ns, tmp_path, clock):

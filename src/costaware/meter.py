@@ -19,6 +19,7 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_info
 
 from costaware import _lightning_internals as internals
+from costaware.after_fit import StageMeter
 from costaware.ledger import (
     LEDGER_FILENAME,
     OPEN_LEDGER_PATHS,
@@ -112,6 +113,7 @@ class CostMeter:
         self._phases_before: Optional[dict] = None  # a resumed run's phases up to its checkpoint
         self._phase_totals: Optional[dict] = None
         self._stopped_by: Optional[str] = None  # who stopped the fit, if not costaware (see stopped_by)
+        self._stage: Optional[StageMeter] = None  # a test, validate or predict after the fit, being metered
 
     # ----------------------------------------------------------------------------------------
     # What the meter is
@@ -312,8 +314,41 @@ class CostMeter:
                 f"costaware: run spent ${t.usd:.4f} ({t.kwh:.4f} kWh, {t.co2_kg:.4f} kg CO2, {t.gpu_hours:.3f} "
                 f"GPU-h, {t.flops:.3g} FLOPs) in {t.elapsed_s:.0f} s; report: {self.ledger.path.parent}")
 
+    def begin_stage(self, trainer: pl.Trainer, stage: str) -> None:
+        """Meter a ``test``, ``validate`` or ``predict`` that follows a fit of this meter (the driver's
+        ``setup``; rank zero). Before any fit there is no run to charge it to: nothing is metered."""
+        stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn (a str enum)
+        if stage == "fit" or self._stage is not None or self._sampler is not None or self._run_id is None \
+                or not trainer.is_global_zero:
+            return
+        try:
+            self._stage = StageMeter(trainer, stage, self.clock, self.sample_interval_s, self.nvml_index,
+                                     self.cpu_tdp_w, self.ram_power_w)
+        except Exception as err:  # noqa: BLE001 - metering never breaks the user's test
+            warnings.warn(f"costaware: could not meter {stage} after the fit ({type(err).__name__}: {err})",
+                          RuntimeWarning, stacklevel=2)
+
+    def end_stage(self, trainer: pl.Trainer) -> None:
+        """Record what the stage after the fit spent in the fit's ledger and rewrite its report (the driver's
+        ``teardown``, or ``on_exception``: a test that fails has spent too)."""
+        stage, self._stage = self._stage, None
+        if stage is None:
+            return
+        event = stage.close(self.prices)
+        path = self.ledger.path if self.ledger is not None else None
+        if path is None:
+            return
+        ledger = Ledger(path, run_id=self._run_id)
+        ledger.totals = self._totals  # the fit's, as it ended: the stage is outside them
+        ledger.record(event)
+        ledger.close()
+        rank_zero_info(f"costaware: {event.stage} after the fit spent ${event.usd:.4f} ({event.kwh:.4f} kWh) in "
+                       f"{event.duration_s:.0f} s; report: {path.parent}")
+        self._write_report(trainer, path, publish=False)
+
     def fail(self, trainer: pl.Trainer, exception: BaseException) -> None:
         """Close the ledger after an exception, keeping everything recorded (no collective)."""
+        self.end_stage(trainer)  # a test after the fit that failed: what it spent is recorded
         self.stop()  # the meters and their thread, whatever else failed
         if self.ledger is None or self.ledger.closed or not self._ledger_open:
             if self.ledger is not None and not self._ledger_open:
@@ -366,17 +401,21 @@ class CostMeter:
         self._run_id, self._base = self.ledger.run_id, self._totals
         self._phases_before = self._phase_totals  # ... and its phases
         self._resumed_from = {"run_id": self._run_id, "previous_fit_usd": self._totals.usd}
-        if self.ledger.path is None:
-            return
+        if self.ledger.path is not None:
+            self._write_report(trainer, self.ledger.path, publish=True)
+
+    def _write_report(self, trainer: pl.Trainer, path: Path, publish: bool) -> None:
+        """Build the report from the ledger at ``path`` (and hand it to the loggers); never raises."""
         try:
             from costaware.report import publish_to_loggers, write_report
 
-            self.report_paths = write_report(self.ledger.path)
+            self.report_paths = write_report(path)
         except Exception as err:  # noqa: BLE001 - a report must never break the run
             warnings.warn(f"costaware: could not write the budget report ({type(err).__name__}: {err}); "
-                          f"`costaware report {self.ledger.path.parent}` rebuilds it", RuntimeWarning, stacklevel=2)
+                          f"`costaware report {path.parent}` rebuilds it", RuntimeWarning, stacklevel=3)
             return
-        publish_to_loggers(trainer.loggers, self.report_paths, step=trainer.global_step)
+        if publish:
+            publish_to_loggers(trainer.loggers, self.report_paths, step=trainer.global_step)
 
     def _metered_span(self) -> dict:
         """This session's metered span as wall times: its length is the totals' elapsed_s (this session's part)."""

@@ -482,6 +482,24 @@ class OnlineProbeEvent(Event):
 
 @event_kind
 @dataclass(kw_only=True)
+class StageAfterFitEvent(Event):
+    """What a ``trainer.test``, ``validate`` or ``predict`` after the fit spent (``stage`` names it), metered
+    apart at the fit's prices: ``duration_s``, ``usd``, ``kwh`` (at the device, before PUE), ``co2_kg``,
+    ``gpu_hours``, ``host_hours``. Outside the fit's totals (``totals`` are the fit's, as it ended)."""
+
+    NAME: ClassVar[str] = "stage_after_fit"
+
+    stage: Optional[str] = None
+    duration_s: Optional[float] = None
+    usd: Optional[float] = None
+    kwh: Optional[float] = None
+    co2_kg: Optional[float] = None
+    gpu_hours: Optional[float] = None
+    host_hours: Optional[float] = None
+
+
+@event_kind
+@dataclass(kw_only=True)
 class PhasesEvent(Event):
     """The time and cost per phase so far (at each validation), as ``End.phases``: what a report
     of a run killed before its end record shows. Not listed among the report's events."""

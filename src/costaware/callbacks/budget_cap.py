@@ -233,6 +233,8 @@ class BudgetCap(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each in
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
+            if self._drives:  # a test, validate or predict after the fit this callback metered
+                self.own_meter.begin_stage(trainer, stage)
             return
         self.meter = find_meter(trainer, self, category=BudgetWarning)
         self._drives = self.meter is self.own_meter
@@ -409,6 +411,8 @@ class BudgetCap(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each in
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
+            if self._drives:
+                self.own_meter.end_stage(trainer)
             return
         self._checkpoint_start = None
         self._restore_minimums(trainer)

@@ -26,6 +26,8 @@ class CostMonitor(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each 
     own GPU, local rank 0 meters its node's host, and totals are summed across ranks at log
     intervals only. Rank zero appends everything to
     ``<trainer.log_dir>/costaware/ledger.jsonl``. Totals survive a resume from a checkpoint.
+    A ``trainer.test``, ``validate`` or ``predict`` after the fit is metered apart and added to the
+    fit's ledger and report (:mod:`costaware.after_fit`); the totals stay the fit's.
     The metering itself is a :class:`~costaware.meter.CostMeter` (:attr:`meter`), which
     ``BudgetCap`` and ``MarginalGainStopping`` read when the Trainer has a CostMonitor.
 
@@ -133,6 +135,7 @@ class CostMonitor(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each 
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
+            self.meter.begin_stage(trainer, stage)  # a test, validate or predict after a fit, charged to it
             return
         self.meter.start(trainer)
         if not self.meter.dollars_priced() and not self._warned_unpriced:
@@ -191,6 +194,7 @@ class CostMonitor(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each 
         if stage == "fit":
             self.meter.teardown(trainer)
         else:
+            self.meter.end_stage(trainer)
             self.meter.stop()
 
     def state_dict(self) -> dict:

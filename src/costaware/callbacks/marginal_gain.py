@@ -272,6 +272,8 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
+            if self._drives:  # a test, validate or predict after the fit this callback metered
+                self.own_meter.begin_stage(trainer, stage)
             return
         for strategy in self.strategies:
             getattr(strategy, "check_before_fit", lambda: None)()  # before compute, not after the fit
@@ -514,6 +516,8 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit" and self._drives:
             self.own_meter.teardown(trainer)
+        elif self._drives:
+            self.own_meter.end_stage(trainer)
 
     def state_dict(self) -> dict:
         state = {"policy": self.policy.state_dict(), "seen_monitor": self._seen_monitor,

@@ -50,6 +50,7 @@ from costaware.records import (
     QuantizeEvent,
     RecordedTotals,
     ResumedEvent,
+    StageAfterFitEvent,
     StrategyFailedEvent,
     StrategyResultEvent,
     to_dict,
@@ -595,6 +596,11 @@ def _distill(e: DistillEvent) -> str:
             + (" (stopped by the budget)" if e.stopped_by_budget else ""))
 
 
+def _stage_after_fit(e: StageAfterFitEvent) -> str:
+    return (f"trainer.{e.stage or '?'} after the fit: ${_fmt(e.usd)} in {_fmt(e.duration_s)} s, {_fmt(e.kwh)} kWh "
+            f"(metered apart at the fit's prices, outside its totals)")
+
+
 def _quantize(e: QuantizeEvent) -> str:
     verdicts: dict[Optional[bool], str] = {True: "kept", False: "not kept"}
     verdict = verdicts.get(e.kept, "kept or not: not recorded")
@@ -682,7 +688,7 @@ _DESCRIBERS: dict = {
     MarginalGainPolicyEvent: _policy, OnlineProbeEvent: _probe, DistillEvent: _distill, QuantizeEvent: _quantize,
     MarginalGainDecisionEvent: _decision, ExceptionEvent: _exception, MeterDegradedEvent: _degraded,
     ResumedEvent: _resumed, StrategyResultEvent: _strategy_result, StrategyFailedEvent: _strategy_failed,
-    ForecastEvent: _forecast, PhasesEvent: _phases,
+    ForecastEvent: _forecast, PhasesEvent: _phases, StageAfterFitEvent: _stage_after_fit,
 }
 
 

@@ -129,6 +129,8 @@ def _entry(run: dict, name: str, metric: Optional[str]) -> dict:
     return {"name": name, "source": run["source"], "run_id": report["run"]["run_id"], "metric": metric,
             "usd": total, "metered_usd": report["totals"]["usd"],
             "strategies_usd": next((r["usd"] for r in phases.get("rows") or [] if r["phase"] == "strategies"), 0.0),
+            "stages_after_fit_usd": sum(r["usd"] for r in phases.get("rows") or []
+                                        if r.get("after_fit") and r["phase"] != "strategies"),
             "how": report["outcome"]["how"], "stopped_by": report["outcome"].get("stopped_by"),
             "complete": report["ledger"]["complete"],
             "trusted": report["ledger"]["trusted"], "problems": report["problems"]}
@@ -244,6 +246,8 @@ def _notes(run: dict) -> list[str]:
         notes.append("stopped early by " + run["stopped_by"].split("(")[0].split(":")[0].strip())
     if run.get("strategies_usd"):
         notes.append(f"total includes {T.usd(run['strategies_usd'])} of strategies after the fit")
+    if run.get("stages_after_fit_usd"):
+        notes.append(f"total includes {T.usd(run['stages_after_fit_usd'])} of test/validate/predict after the fit")
     if not run["trusted"]:
         notes.append("ledger not trusted")
     if run["problems"]:

@@ -122,7 +122,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         ("Wall time", recorded(elapsed, duration)
                       + (f" ({number(elapsed, 's', 6)})" if elapsed is not None and elapsed >= 60 else "")
                       + _span(run)),
-        ("Dollars", recorded(t["usd"], usd)),
+        ("Dollars", recorded(t["usd"], usd) + _after_fit_note(report)),
         ("GPU-hours", recorded(t["gpu_hours"], lambda v: number(v, "GPU-h"))
          + (" (no GPU held)" if t["gpu_hours"] == 0 and not (report["meters"]["gpu"] or {}).get("present") else "")),
         ("Host-hours", recorded(t["host_hours"], lambda v: number(v, "host-h"))),
@@ -179,8 +179,17 @@ def phase_summary(report: dict) -> str:
     if not rows or not any(r["phase"] != "other" for r in rows):
         return ""
     parts = [f"{r['phase']} {usd(r['usd'])} ({percent(r['share_pct'])}, {duration(r['elapsed_s'])})" for r in rows]
-    strategies = any(r["phase"] == "strategies" for r in rows)
-    return ", ".join(parts) + (f"; {usd(phases['total_usd'])} with the strategies after the fit" if strategies else "")
+    after = any(r.get("after_fit") for r in rows)
+    return ", ".join(parts) + (f"; {usd(phases['total_usd'])} with what ran after the fit" if after else "")
+
+
+def _after_fit_note(report: dict) -> str:
+    """`` (the fit; $X with what ran after it)`` when strategies or a test ran after the fit, else ""."""
+    phases = report.get("phases") or {}
+    after = [r for r in phases.get("rows") or [] if r.get("after_fit") and r["usd"]]
+    if not after or finite_number(report["totals"]["usd"]) is None:
+        return ""
+    return f" (the fit; {usd(phases['total_usd'])} with {', '.join(r['phase'] for r in after)} after it)"
 
 
 def _span(run: dict) -> str:
@@ -199,8 +208,8 @@ def phase_table(report: dict) -> tuple[list[str], list[list[str]]]:
     rows = [[r["phase"], duration(r["elapsed_s"]), usd(r["usd"]), percent(r["share_pct"]), r["basis"]]
             for r in phases.get("rows") or []]
     if rows:
-        strategies = any(r["phase"] == "strategies" for r in phases["rows"])
-        rows.append(["total" + (", with strategies" if strategies else ""), duration(phases["total_elapsed_s"]),
+        after = any(r.get("after_fit") for r in phases["rows"])
+        rows.append(["total" + (", with what ran after the fit" if after else ""), duration(phases["total_elapsed_s"]),
                      usd(phases["total_usd"]), percent(100.0 if phases["total_usd"] else None), phases["note"]])
     return ["phase", "time", "dollars", "share", "basis"], rows
 
