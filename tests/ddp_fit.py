@@ -44,9 +44,11 @@ if __name__ == "__main__":
                                     cpu_tdp_w=10, ram_power_w=3, sample_interval_s=0.05)
     trainer = pl.Trainer(accelerator="cpu", devices=2, num_nodes=nodes, strategy="ddp", max_steps=30,
                          log_every_n_steps=5,
-                         limit_val_batches=2, val_check_interval=10, enable_progress_bar=False,
+                         limit_val_batches=2, limit_test_batches=2, val_check_interval=10, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=out, callbacks=[monitor, Record(monitor, out)])
-    trainer.fit(BoringModel())
+    model = BoringModel()
+    trainer.fit(model)
+    trainer.test(model, verbose=False)  # after the fit: rank zero meters it for the run, no collective
     # As PyTorch asks of every script: a gloo process group left to interpreter exit can abort the
     # process ("terminate called without an active exception", pytorch/pytorch#190489), and
     # torchrun then holds the other node at its exit barrier for 300 s.

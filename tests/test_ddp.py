@@ -30,6 +30,10 @@ def test_ddp_totals_are_the_sum_of_ranks(tmp_path):
     ledger = read_ledger(ranks[0]["ledger"])
     assert ledger.header["world_size"] == 2
     assert ledger.end["totals"]["usd"] == pytest.approx(run["usd"])
+    tests = [e for e in ledger.events if e.name == "stage_after_fit"]  # written once, by rank zero
+    assert len(tests) == 1 and tests[0].stage == "test" and not ledger.problems
+    assert tests[0].gpu_hours == pytest.approx(2 * tests[0].duration_s / 3600)  # both ranks' GPUs
+    assert tests[0].host_hours == pytest.approx(tests[0].duration_s / 3600)  # one node
 
 
 @pytest.mark.slow  # two DDP fits of two processes (~40 s)
