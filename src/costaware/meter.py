@@ -318,7 +318,8 @@ class CostMeter:
         """Meter a ``test``, ``validate`` or ``predict`` that follows a fit of this meter (the driver's
         ``setup``; rank zero). Before any fit there is no run to charge it to: nothing is metered."""
         stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn (a str enum)
-        if stage == "fit" or self._stage is not None or self._sampler is not None or self._run_id is None \
+        fit_over = self._run_id is not None and self.ledger is not None and self.ledger.closed
+        if stage == "fit" or self._stage is not None or self._sampler is not None or not fit_over \
                 or not trainer.is_global_zero:
             return
         try:
