@@ -129,6 +129,35 @@ def test_a_test_that_fails_after_the_fit_keeps_what_it_spent(pl_ns, tmp_path, cl
     assert len([e for e in read_ledger(monitor.ledger.path).events if e.name == "stage_after_fit"]) == 2
 
 
+def test_a_test_in_a_process_that_ran_no_fit_goes_to_the_run_that_saved_the_checkpoint(pl_ns, tmp_path, clock):
+    """LightningCLI's ``fit``, then ``test --ckpt_path=...`` in a new process: the test is the fit's run's."""
+    ckpt = pl_ns.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fitted = _monitor(pl_ns, clock)
+    _trainer(pl_ns, tmp_path, [fitted, ckpt], max_steps=4).fit(_evaluating_model(pl_ns.BoringModel, clock))
+    ledger_path = fitted.ledger.path
+
+    later = _monitor(pl_ns, clock)  # a new process: a new monitor, a new Trainer, no fit
+    trainer = _trainer(pl_ns, tmp_path / "test_run", [later], limit_test_batches=3)
+    trainer.test(_evaluating_model(pl_ns.BoringModel, clock), ckpt_path=tmp_path / "ckpt" / "last.ckpt",
+                 verbose=False)
+    contents = read_ledger(ledger_path)
+    stages = [e for e in contents.events if e.name == "stage_after_fit"]
+    assert [(e.stage, e.usd) for e in stages] == [("test", pytest.approx(0.003))]
+    assert stages[0].totals.usd == pytest.approx(contents.end["totals"]["usd"]) and not contents.problems
+    assert "trainer.test after the fit" in (ledger_path.parent / "report.md").read_text()
+    assert later.ledger is None  # no ledger of its own
+
+    # A checkpoint of a fit without costaware, or one whose run's ledger is gone: nothing metered, nothing breaks.
+    plain = _trainer(pl_ns, tmp_path / "plain", [], max_steps=1, enable_checkpointing=False)
+    plain.fit(pl_ns.BoringModel())
+    plain.save_checkpoint(tmp_path / "plain.ckpt")
+    moved = ledger_path.rename(ledger_path.with_suffix(".moved"))
+    for path in (tmp_path / "plain.ckpt", tmp_path / "ckpt" / "last.ckpt"):
+        _trainer(pl_ns, tmp_path / "test_run", [_monitor(pl_ns, clock)], limit_test_batches=1).test(
+            _evaluating_model(pl_ns.BoringModel, clock), ckpt_path=path, verbose=False)
+    assert not ledger_path.exists() and len(read_ledger(moved).events) == len(contents.events)
+
+
 def test_early_stopping_and_checkpoint_monitor_cost(ns, tmp_path, clock):
     monitor = _monitor(ns, clock)
     stop = ns.callbacks.EarlyStopping(monitor="cost/usd", mode="max", stopping_threshold=0.006, patience=1000)

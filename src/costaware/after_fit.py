@@ -4,7 +4,9 @@ A Lightning user tests the model a fit made (``trainer.fit(model); trainer.test(
 runs on the same rented machine, so the bill holds it; it is not training, so the fit's totals (what
 the caps and the policy judged) stay as they ended. It is metered apart, at the fit's prices, and the
 fit's meter appends it to the fit's ledger as a :class:`~costaware.records.StageAfterFitEvent`; the
-report shows it after the fit, as it shows the strategies.
+report shows it after the fit, as it shows the strategies. In a process that ran no fit (LightningCLI's
+``test --ckpt_path=...`` after its ``fit``), the stage is charged to the run that saved the checkpoint, when
+that run's ledger is still where the checkpoint says (:func:`run_of_checkpoint`).
 
 No collective at the end of a stage: under DDP every rank's GPU is taken to spend what rank zero's
 did, and every node's host what rank zero's host did (ranks evaluate alike).
@@ -12,8 +14,12 @@ did, and every node's host what rank zero's host did (ranks evaluate alike).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+import torch
+
+from costaware.ledger import Ledger, LedgerError, Totals, header_run_id, read_ledger
 from costaware.meters import Sampler, open_gpu, open_host
 from costaware.records import StageAfterFitEvent
 
@@ -22,11 +28,14 @@ if TYPE_CHECKING:
 
 
 class StageMeter:
-    """The GPU and host meters of one stage after a fit, read by a sampler thread of their own."""
+    """The GPU and host meters of one stage after a fit, read by a sampler thread of their own, and
+    where it is recorded: the fit's ledger (``ledger_path``), its run id and its totals as it ended."""
 
-    def __init__(self, trainer: pl.Trainer, stage: str, clock: Callable[[], float], sample_interval_s: float,
-                 nvml_index: Optional[int], cpu_tdp_w: Optional[float], ram_power_w: Optional[float]) -> None:
+    def __init__(self, trainer: pl.Trainer, stage: str, fit: tuple[Path, str, Totals], clock: Callable[[], float],
+                 sample_interval_s: float, nvml_index: Optional[int], cpu_tdp_w: Optional[float],
+                 ram_power_w: Optional[float]) -> None:
         self.stage, self._clock = stage, clock
+        self.ledger_path, self._run_id, self._fit_totals = fit
         self._start_s = clock()
         root = trainer.strategy.root_device
         cuda_index = root.index if root.type == "cuda" else None
@@ -47,3 +56,37 @@ class StageMeter:
         gpu_hours, host_hours = self._gpus * duration_s / 3600.0, self._hosts * duration_s / 3600.0
         return StageAfterFitEvent(stage=self.stage, duration_s=duration_s, usd=prices.usd(gpu_hours, host_hours, kwh),
                                   kwh=kwh, co2_kg=prices.co2_kg(kwh), gpu_hours=gpu_hours, host_hours=host_hours)
+
+    def append(self, event: StageAfterFitEvent) -> None:
+        """Append the stage's record to the fit's ledger (its totals: the fit's, as it ended)."""
+        ledger = Ledger(self.ledger_path, run_id=self._run_id)
+        ledger.totals = self._fit_totals
+        ledger.record(event)
+        ledger.close()
+
+
+def run_of_checkpoint(ckpt_path: Any) -> Optional[tuple[Path, str, Totals]]:
+    """The run that saved a checkpoint, as its costaware callback kept it: (ledger path, run id, the
+    ledger's totals), or None when the checkpoint holds none or that ledger is gone or another run's.
+
+    Only the checkpoint's pickled structure is read (``mmap``: its tensors stay on disk until Lightning
+    loads them); a checkpoint this cannot read is one without a run, never an error.
+    """
+    if not ckpt_path or not Path(str(ckpt_path)).is_file():
+        return None
+    try:
+        checkpoint = torch.load(str(ckpt_path), map_location="cpu", mmap=True, weights_only=False)
+        states = list((checkpoint.get("callbacks") or {}).values())
+    except Exception:  # noqa: BLE001 - not a zip checkpoint, not a dict: no run to charge
+        return None
+    for state in states + [s.get("meter") for s in states if isinstance(s, dict)]:  # CostMonitor's, or own_meter's
+        if not isinstance(state, dict) or not isinstance(state.get("run_id"), str) \
+                or not isinstance(state.get("ledger_path"), str):
+            continue
+        ledger = Path(state["ledger_path"])
+        if ledger.is_file() and header_run_id(ledger) == state["run_id"]:
+            try:
+                return ledger, state["run_id"], read_ledger(ledger, lenient=True).totals
+            except LedgerError:
+                return None
+    return None

@@ -19,7 +19,7 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_info
 
 from costaware import _lightning_internals as internals
-from costaware.after_fit import StageMeter
+from costaware.after_fit import StageMeter, run_of_checkpoint
 from costaware.ledger import (
     LEDGER_FILENAME,
     OPEN_LEDGER_PATHS,
@@ -319,15 +319,40 @@ class CostMeter:
         ``setup``; rank zero). Before any fit there is no run to charge it to: nothing is metered."""
         stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn (a str enum)
         fit_over = self._run_id is not None and self.ledger is not None and self.ledger.closed
-        if stage == "fit" or self._stage is not None or self._sampler is not None or not fit_over \
-                or not trainer.is_global_zero:
+        if stage == "fit" or not fit_over or self.ledger is None or self.ledger.path is None:
+            return
+        self._begin_stage(trainer, stage, (self.ledger.path, self._run_id, self._totals))
+
+    def begin_stage_from_checkpoint(self, trainer: pl.Trainer, stage: str) -> None:
+        """Meter a ``test``, ``validate`` or ``predict`` in a process that ran no fit, for the run that saved
+        the checkpoint it loaded (the driver's ``on_test_start`` and the like: ``trainer.ckpt_path`` is known
+        from then); without one, nothing is metered."""
+        if self.ledger is not None or self._stage is not None or not trainer.is_global_zero:  # a fit started here
+            return
+        fit = run_of_checkpoint(trainer.ckpt_path)
+        if fit is not None:
+            self.prices = self._prices_on(trainer)
+            self._begin_stage(trainer, stage, fit)
+
+    def _begin_stage(self, trainer: pl.Trainer, stage: str, fit: tuple) -> None:
+        if self._stage is not None or self._sampler is not None or not trainer.is_global_zero:
             return
         try:
-            self._stage = StageMeter(trainer, stage, self.clock, self.sample_interval_s, self.nvml_index,
+            self._stage = StageMeter(trainer, stage, fit, self.clock, self.sample_interval_s, self.nvml_index,
                                      self.cpu_tdp_w, self.ram_power_w)
         except Exception as err:  # noqa: BLE001 - metering never breaks the user's test
             warnings.warn(f"costaware: could not meter {stage} after the fit ({type(err).__name__}: {err})",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=3)
+
+    def _prices_on(self, trainer: pl.Trainer) -> Any:
+        """The prices, with the GPU this process runs on priced when no model was given (as :meth:`start` does)."""
+        root = trainer.strategy.root_device
+        if root.type != "cuda" or self._price_args["gpu"] is not None:
+            return self.prices
+        try:
+            return make_prices(**{**self._price_args, "gpu": torch.cuda.get_device_name(root.index)})
+        except Exception:  # noqa: BLE001 - a GPU without a known price: as given (GPU-hours at $0 if none)
+            return self.prices
 
     def end_stage(self, trainer: pl.Trainer) -> None:
         """Record what the stage after the fit spent in the fit's ledger and rewrite its report (the driver's
@@ -336,13 +361,8 @@ class CostMeter:
         if stage is None:
             return
         event = stage.close(self.prices)
-        path = self.ledger.path if self.ledger is not None else None
-        if path is None:
-            return
-        ledger = Ledger(path, run_id=self._run_id)
-        ledger.totals = self._totals  # the fit's, as it ended: the stage is outside them
-        ledger.record(event)
-        ledger.close()
+        stage.append(event)
+        path = stage.ledger_path
         rank_zero_info(f"costaware: {event.stage} after the fit spent ${event.usd:.4f} ({event.kwh:.4f} kWh) in "
                        f"{event.duration_s:.0f} s; report: {path.parent}")
         self._write_report(trainer, path, publish=False)

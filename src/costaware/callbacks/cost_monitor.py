@@ -27,7 +27,8 @@ class CostMonitor(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each 
     intervals only. Rank zero appends everything to
     ``<trainer.log_dir>/costaware/ledger.jsonl``. Totals survive a resume from a checkpoint.
     A ``trainer.test``, ``validate`` or ``predict`` after the fit is metered apart and added to the
-    fit's ledger and report (:mod:`costaware.after_fit`); the totals stay the fit's.
+    fit's ledger and report (:mod:`costaware.after_fit`); the totals stay the fit's. In a process that
+    ran no fit (LightningCLI's ``test --ckpt_path=...``), it goes to the run that saved the checkpoint.
     The metering itself is a :class:`~costaware.meter.CostMeter` (:attr:`meter`), which
     ``BudgetCap`` and ``MarginalGainStopping`` read when the Trainer has a CostMonitor.
 
@@ -172,7 +173,15 @@ class CostMonitor(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each 
         self.meter.phase_end("training")
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.training and not trainer.sanity_checking and trainer.state.fn == "validate":
+            self.meter.begin_stage_from_checkpoint(trainer, "validate")
         self.meter.phase_start("validation")
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.meter.begin_stage_from_checkpoint(trainer, "test")  # LightningCLI's `test --ckpt_path` after `fit`
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.meter.begin_stage_from_checkpoint(trainer, "predict")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.meter.record_validation(trainer, pl_module)
