@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import preset_for
+from costaware.ledger import read_ledger
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "callbacks" / "cost_monitor.yaml"
@@ -34,6 +35,20 @@ def test_flags_add_cost_monitor(ns, tmp_path):
     assert len(monitors) == 1
     assert monitors[0].prices.usd_per_host_hour == 7.2 and "Germany" in monitors[0].prices.carbon.source
     assert monitors[0].totals.usd > 0 and cli.trainer.global_step == 3
+
+
+def test_the_cli_s_test_subcommand_is_charged_to_the_run_that_fitted_the_checkpoint(ns, tmp_path):
+    """``fit``, then ``test --ckpt_path=...`` (a new LightningCLI, as a second process would be)."""
+    flags = [f"--trainer.callbacks+={_class_path(ns)}", "--trainer.callbacks.usd_per_host_hour=7.2",
+             "--trainer.callbacks.cpu_tdp_w=10", "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
+             "--trainer.limit_test_batches=2", f"--trainer.default_root_dir={tmp_path}",
+             "--trainer.enable_progress_bar=false"]
+    fitted = _cli(ns, ["fit", *flags])
+    ledger = next(c for c in fitted.trainer.callbacks if type(c).__name__ == "CostMonitor").ledger.path
+    checkpoint = next((tmp_path / "lightning_logs").glob("version_0/checkpoints/*.ckpt"))
+    _cli(ns, ["test", *flags, f"--ckpt_path={checkpoint}"])
+    stages = [e for e in read_ledger(ledger).events if e.name == "stage_after_fit"]
+    assert [e.stage for e in stages] == ["test"] and stages[0].usd > 0
 
 
 def test_preset_config(ns, tmp_path):
