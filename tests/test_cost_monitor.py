@@ -90,10 +90,11 @@ def test_a_test_validate_or_predict_after_the_fit_is_metered_apart_and_reported(
 
     report = build_report(monitor.ledger.path)
     rows = {r["phase"]: r for r in report["phases"]["rows"]}
-    assert rows["test"]["usd"] == pytest.approx(0.003) and rows["test"]["after_fit"]
+    assert rows["trainer.test"]["usd"] == pytest.approx(0.003) and rows["trainer.test"]["after_fit"]
     assert report["phases"]["total_usd"] == pytest.approx(fit_usd + 0.007)
     summary = dict(line.split(": ", 1) for line in summary_lines(report))
-    assert summary["Dollars"] == "$0.006 (the fit; $0.013 with validate, test, predict after it)"
+    assert summary["Dollars"] == ("$0.006 (the fit; $0.013 with trainer.validate, trainer.test, trainer.predict "
+                                  "after it)")
     assert "trainer.test after the fit: $0.003 in 3 s" in (monitor.ledger.path.parent / "report.md").read_text()
 
 

@@ -85,7 +85,7 @@ def _stages_after_fit(events: list) -> list[dict]:
     for e in events:
         if isinstance(e, StageAfterFitEvent) and isinstance(e.stage, str):
             by_stage.setdefault(e.stage, []).append(e)
-    return [_row(stage, sum(_num(e.duration_s) for e in runs), sum(_num(e.usd) for e in runs),
+    return [_row(f"trainer.{stage}", sum(_num(e.duration_s) for e in runs), sum(_num(e.usd) for e in runs),
                  f"after the fit, outside the metered totals: {len(runs)} trainer.{stage}"
                  f"{' call' if len(runs) == 1 else ' calls'}, metered at the fit's prices", after_fit=True)
             for stage, runs in by_stage.items()]
