@@ -95,6 +95,24 @@ def test_compare_one_metric_for_every_run_and_an_html_page(runs, tmp_path):
     assert 'id="ranking-0"' in html and 'id="chart-pareto-0"' in html and "<script" not in html
 
 
+def test_a_test_after_the_fit_is_in_a_run_s_total_and_said_so(pl_ns, tmp_path, clock):
+    monitor = CostMonitor(usd_per_host_hour=3.6)
+    monitor.meter.clock = clock
+    trainer = pl_ns.Trainer(max_steps=3, val_check_interval=3, limit_val_batches=2, limit_test_batches=2,
+                            default_root_dir=tmp_path / "tested", callbacks=[monitor], logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    model = make_clocked_model(pl_ns.BoringModel, clock, step_s=2.0)
+    trainer.fit(model)
+    model.test_step = lambda batch, batch_idx: clock.advance(5.0)
+    trainer.test(model, verbose=False)
+    done = _shell("tested", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    run = json.loads(done.stdout)["groups"][0]["runs"][0]
+    assert run["usd"] == pytest.approx(0.006 + 0.010)  # the fit (3 x 2 s) and its test (2 x 5 s), $0.001 a second
+    text = _shell("tested", cwd=tmp_path)
+    assert "$0.01 of test/validate/predict after the fit" in text.stdout, text.stdout
+
+
 def test_run_labels_drop_what_every_run_shares():
     assert run_labels(["runs/lora/lightning_logs/version_0/costaware", "runs/full/lightning_logs/version_0"],
                       ["a", "b"]) == ["lora", "full"]
