@@ -173,7 +173,7 @@ class CostMonitor(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each 
         self.meter.phase_end("training")
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.training and not trainer.sanity_checking and trainer.state.fn == "validate":
+        if trainer.state.fn == "validate":  # trainer.validate, not a fit's validation
             self.meter.begin_stage_from_checkpoint(trainer, "validate")
         self.meter.phase_start("validation")
 
