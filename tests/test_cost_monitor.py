@@ -141,9 +141,11 @@ def test_a_test_in_a_process_that_ran_no_fit_goes_to_the_run_that_saved_the_chec
     trainer = _trainer(pl_ns, tmp_path / "test_run", [later], limit_test_batches=3)
     trainer.test(_evaluating_model(pl_ns.BoringModel, clock), ckpt_path=tmp_path / "ckpt" / "last.ckpt",
                  verbose=False)
+    trainer.validate(_evaluating_model(pl_ns.BoringModel, clock), ckpt_path=tmp_path / "ckpt" / "last.ckpt",
+                     verbose=False)
     contents = read_ledger(ledger_path)
     stages = [e for e in contents.events if e.name == "stage_after_fit"]
-    assert [(e.stage, e.usd) for e in stages] == [("test", pytest.approx(0.003))]
+    assert [(e.stage, e.usd) for e in stages] == [("test", pytest.approx(0.003)), ("validate", pytest.approx(0.002))]
     assert stages[0].totals.usd == pytest.approx(contents.end["totals"]["usd"]) and not contents.problems
     assert "trainer.test after the fit" in (ledger_path.parent / "report.md").read_text()
     assert later.ledger is None  # no ledger of its own
