@@ -161,6 +161,27 @@ def test_a_test_in_a_process_that_ran_no_fit_goes_to_the_run_that_saved_the_chec
     assert not ledger_path.exists() and len(read_ledger(moved).events) == len(contents.events)
 
 
+def test_a_fit_after_a_validate_from_a_checkpoint_is_a_new_run(pl_ns, tmp_path, clock):
+    """Validate a checkpoint, then fine-tune from it: Lightning 2.6 restores callback state for the validate
+    too, and the fit (no ``ckpt_path``) must not continue the checkpoint's run or its decisions."""
+    ckpt = pl_ns.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = _monitor(pl_ns, clock)
+    stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_loss", mode="min", usd_per_point=1e-6)
+    _trainer(pl_ns, tmp_path / "a", [first, stopping, ckpt], max_steps=10).fit(
+        make_clocked_model(pl_ns.BoringModel, clock))
+    assert len(stopping.policy.state_dict()["metrics"]) == 2
+
+    monitor = _monitor(pl_ns, clock)
+    stopping = pl_ns.costaware.MarginalGainStopping(monitor="val_loss", mode="min", usd_per_point=1e-6)
+    trainer = _trainer(pl_ns, tmp_path / "b", [monitor, stopping], max_steps=5)
+    model = make_clocked_model(pl_ns.BoringModel, clock)
+    trainer.validate(model, ckpt_path=tmp_path / "ckpt" / "last.ckpt", verbose=False)
+    trainer.fit(model)
+    assert monitor.totals.usd == pytest.approx(0.005) and monitor.ledger.run_id != first.ledger.run_id
+    assert read_ledger(monitor.ledger.path).header.resumed_from is None
+    assert len(stopping.policy.state_dict()["metrics"]) == 1  # this fit's one validation, not the first run's
+
+
 def test_early_stopping_and_checkpoint_monitor_cost(ns, tmp_path, clock):
     monitor = _monitor(ns, clock)
     stop = ns.callbacks.EarlyStopping(monitor="cost/usd", mode="max", stopping_threshold=0.006, patience=1000)

@@ -202,6 +202,7 @@ class BudgetCap(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each in
         self.meter: Optional[CostMeter] = None  # the run's meter, from setup on
         self.stopped: Optional[Breach] = None  # the cap that stopped this session's run
         self._drives = False  # the run's meter is own_meter: this callback starts it, logs and reports
+        self._fitting = True  # whether a checkpoint Lightning restores now is a fit's (see load_state_dict)
         self._saved_minimums: Optional[tuple] = None
         self._previous_stop: Optional[dict] = None
         self._saves_per_validation: Optional[int] = None
@@ -232,6 +233,7 @@ class BudgetCap(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each in
     # ----------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._fitting = stage == "fit"
         if stage != "fit":
             if self._drives:  # a test, validate or predict after the fit this callback metered
                 self.own_meter.begin_stage(trainer, stage)
@@ -432,7 +434,10 @@ class BudgetCap(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each in
     def load_state_dict(self, state_dict: dict) -> None:
         """Continue the measured costs and the warnings already given; spend itself is restored
         by the run's meter (this callback's own, when it meters alone), so a resumed run counts
-        what was already spent."""
+        what was already spent. Not for a test or validate from a checkpoint (Lightning restores callbacks
+        then too): a fit after it is a new run."""
+        if not self._fitting:
+            return
         self.planner.load_state_dict(state_dict.get("planner", {}))
         self._saves_per_validation = state_dict.get("saves_per_validation")
         self._previous_stop = state_dict.get("stopped")

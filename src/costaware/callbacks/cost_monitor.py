@@ -101,6 +101,7 @@ class CostMonitor(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each 
             flush_interval_s=flush_interval_s, flops_measure_batches=flops_measure_batches, cpu_tdp_w=cpu_tdp_w,
             ram_power_w=ram_power_w, nvml_index=nvml_index, ledger_dir=ledger_dir)
         self._warned_unpriced = False
+        self._fitting = True  # whether a checkpoint Lightning restores now is a fit's (see load_state_dict)
 
     # What the meter holds, for the user (read-only views).
 
@@ -135,6 +136,7 @@ class CostMonitor(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each 
     # ----------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._fitting = stage == "fit"
         if stage != "fit":
             self.meter.begin_stage(trainer, stage)  # a test, validate or predict after a fit, charged to it
             return
@@ -210,4 +212,7 @@ class CostMonitor(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each 
         return self.meter.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.meter.load_state_dict(state_dict)
+        """Continue the checkpointed run's totals, on a resumed fit only: Lightning (2.6) restores callback
+        state for ``trainer.test(ckpt_path=...)`` and ``validate`` too, and a fit after those is a new run."""
+        if self._fitting:
+            self.meter.load_state_dict(state_dict)

@@ -230,6 +230,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
         self.verbose = verbose
         self.meter: Optional[CostMeter] = None  # the run's meter, from setup on
         self._drives = False  # the run's meter is own_meter: this callback starts it, logs and reports
+        self._fitting = True  # whether a checkpoint Lightning restores now is a fit's (see load_state_dict)
         self.decisions: list[Decision] = []  # this session's decisions, in order
         self.stopped_step: Optional[int] = None
         self.stop_reason: Optional[str] = None
@@ -271,6 +272,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
     # ------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._fitting = stage == "fit"
         if stage != "fit":
             if self._drives:  # a test, validate or predict after the fit this callback metered
                 self.own_meter.begin_stage(trainer, stage)
@@ -529,6 +531,10 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Continue the checkpointed run's decisions, on a resumed fit only (Lightning restores callbacks for a
+        ``trainer.test`` or ``validate`` from a checkpoint too, and a fit after those is a new run)."""
+        if not self._fitting:
+            return
         self.policy.load_state_dict(state_dict["policy"])
         self._seen_monitor = bool(state_dict.get("seen_monitor", False))
         self.stopped_step = state_dict.get("stopped_step")
