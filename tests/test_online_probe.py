@@ -189,3 +189,16 @@ def test_preset_config(ns, tmp_path):
                               "--trainer.enable_progress_bar=false"],
         save_config_kwargs={"overwrite": True})
     assert "probe/acc" in cli.trainer.callback_metrics
+
+
+def test_counts_restored_for_a_resumed_fit_only():
+    """Lightning restores callback state for ``trainer.validate(ckpt_path=...)`` too: a fit after it is new."""
+    x, y = clusters()
+    probe = OnlineProbe(train=(x[:100], y[:100]), val=(x[100:], y[100:]), embed_fn=identity)
+    saved = {"validations": 5, "total_seconds": 2.0, "total_usd": 0.5, "last_acc": 0.9}
+    probe.setup(None, None, stage="validate")
+    probe.load_state_dict(saved)
+    assert (probe.validations, probe.total_usd, probe.last_acc) == (0, 0.0, None)
+    probe.setup(None, None, stage="fit")
+    probe.load_state_dict(saved)
+    assert (probe.validations, probe.total_usd, probe.last_acc) == (5, 0.5, 0.9)

@@ -143,6 +143,7 @@ class OnlineProbe(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each 
         self.validations = 0
         self.total_seconds = 0.0
         self.total_usd = 0.0
+        self._fitting = True  # whether a checkpoint Lightning restores now is a fit's (see load_state_dict)
 
     # ----------------------------------------------------------------------------------------
     # Lightning hooks
@@ -153,6 +154,9 @@ class OnlineProbe(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each 
         # Several probes (a k-NN and a linear one) can share a Trainer and a checkpoint.
         # As Lightning's Callback._generate_state_key(log_name=...) builds it (checkpoints keep their keys).
         return f"{type(self).__qualname__}{({'log_name': self.log_name})!r}"
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._fitting = stage == "fit"
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self.meter = run_meter(trainer)
@@ -176,6 +180,10 @@ class OnlineProbe(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each 
                 "last_acc": self.last_acc}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Continue the probe's counts on a resumed fit only (Lightning restores callbacks for a
+        ``trainer.validate`` or ``test`` from a checkpoint too, and a fit after those is a new run)."""
+        if not self._fitting:
+            return
         self.validations = int(state_dict.get("validations", 0))
         self.total_seconds = float(state_dict.get("total_seconds", 0.0))
         self.total_usd = float(state_dict.get("total_usd", 0.0))
