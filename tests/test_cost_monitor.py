@@ -161,6 +161,24 @@ def test_a_test_in_a_process_that_ran_no_fit_goes_to_the_run_that_saved_the_chec
     assert not ledger_path.exists() and len(read_ledger(moved).events) == len(contents.events)
 
 
+def test_a_cap_metering_alone_charges_a_test_from_its_checkpoint_to_its_run(pl_ns, tmp_path, clock):
+    """``callbacks/budget.yaml`` alone: BudgetCap meters the fit, and later the CLI's ``test --ckpt_path``."""
+    def cap():
+        made = pl_ns.costaware.BudgetCap(max_usd=1.0, usd_per_host_hour=3.6, monitor_kwargs={"cpu_tdp_w": 10})
+        made.own_meter.clock = clock
+        return made
+
+    ckpt = pl_ns.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fitted = cap()
+    _trainer(pl_ns, tmp_path, [fitted, ckpt], max_steps=4).fit(_evaluating_model(pl_ns.BoringModel, clock))
+    later = cap()
+    _trainer(pl_ns, tmp_path / "test_run", [later], limit_test_batches=3).test(
+        _evaluating_model(pl_ns.BoringModel, clock), ckpt_path=tmp_path / "ckpt" / "last.ckpt", verbose=False)
+    stages = [e for e in read_ledger(fitted.own_meter.ledger.path).events if e.name == "stage_after_fit"]
+    assert [(e.stage, e.usd) for e in stages] == [("test", pytest.approx(0.003))]
+    assert later.own_meter.ledger is None
+
+
 def test_a_fit_after_a_validate_from_a_checkpoint_is_a_new_run(pl_ns, tmp_path, clock):
     """Validate a checkpoint, then fine-tune from it: Lightning 2.6 restores callback state for the validate
     too, and the fit (no ``ckpt_path``) must not continue the checkpoint's run or its decisions."""

@@ -13,7 +13,7 @@ from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 
 from costaware import _lightning_internals as internals
 from costaware._lightning import CALLBACK_BASES
-from costaware.callbacks.metering import check_priced, find_meter, make_own_meter
+from costaware.callbacks.metering import check_priced, find_meter, make_own_meter, meter_stage_from_checkpoint
 from costaware.forecast import (
     CAP_UNITS,
     MAX_SKIPPED_BATCHES,
@@ -351,6 +351,7 @@ class BudgetCap(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each in
         self._record_forecast = True
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        meter_stage_from_checkpoint(self, trainer, "validate")  # trainer.validate(ckpt_path=...) in a new process
         if self._drives:
             self.own_meter.phase_start("validation")
         if self.meter is None or (self._mark is None and not trainer.sanity_checking):
@@ -406,15 +407,22 @@ class BudgetCap(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of each in
         if self._drives:
             self.own_meter.end_fit(trainer, pl_module)
 
+    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+        meter_stage_from_checkpoint(self, trainer, "test")  # LightningCLI's `test --ckpt_path` after its `fit`
+
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        meter_stage_from_checkpoint(self, trainer, "predict")
+
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._restore_minimums(trainer)
         if self._drives:
             self.own_meter.fail(trainer, exception)
+        else:
+            self.own_meter.end_stage(trainer)  # a test from a checkpoint this callback metered (no fit here)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
-            if self._drives:
-                self.own_meter.end_stage(trainer)
+            self.own_meter.end_stage(trainer)  # (nothing if this callback metered no stage)
             return
         self._checkpoint_start = None
         self._restore_minimums(trainer)

@@ -12,7 +12,7 @@ from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from costaware import _lightning_internals as internals
 from costaware._lightning import CALLBACK_BASES
 from costaware.callbacks.budget_cap import BudgetCap
-from costaware.callbacks.metering import check_priced, find_meter, make_own_meter
+from costaware.callbacks.metering import check_priced, find_meter, make_own_meter, meter_stage_from_checkpoint
 from costaware.curves import Decision, MarginalGainPolicy
 from costaware.lr_schedule import probe_schedule
 from costaware.meter import CostMeter, log_at_lightning_step
@@ -355,6 +355,7 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
             self.own_meter.phase_end("training")
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        meter_stage_from_checkpoint(self, trainer, "validate")  # trainer.validate(ckpt_path=...) in a new process
         if self._drives:
             self.own_meter.phase_start("validation")
 
@@ -511,15 +512,23 @@ class MarginalGainStopping(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback
             ledger.record(StrategyResultEvent(strategy=_name(strategy), reason=context.reason,
                                               rows=[asdict(row) for row in rows]))
 
+    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+        meter_stage_from_checkpoint(self, trainer, "test")  # LightningCLI's `test --ckpt_path` after its `fit`
+
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        meter_stage_from_checkpoint(self, trainer, "predict")
+
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self._drives:
             self.own_meter.fail(trainer, exception)
+        else:
+            self.own_meter.end_stage(trainer)  # a test from a checkpoint this callback metered (no fit here)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit" and self._drives:
             self.own_meter.teardown(trainer)
-        elif self._drives:
-            self.own_meter.end_stage(trainer)
+        elif stage != "fit":
+            self.own_meter.end_stage(trainer)  # (nothing if this callback metered no stage)
 
     def state_dict(self) -> dict:
         state = {"policy": self.policy.state_dict(), "seen_monitor": self._seen_monitor,

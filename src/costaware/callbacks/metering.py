@@ -72,6 +72,14 @@ def find_meter(trainer: pl.Trainer, me: Any, category: type = UserWarning) -> Co
     return meter
 
 
+def meter_stage_from_checkpoint(me: Any, trainer: pl.Trainer, stage: str) -> None:
+    """A ``test``, ``validate`` or ``predict`` (``stage``, now running) in a process that ran no fit: ``me``
+    meters it for the run that saved the checkpoint when ``me``'s own meter is the run's, as for a fit."""
+    meter = run_meter(trainer)
+    if meter is not None and meter is me.own_meter and trainer.state.fn == stage:
+        meter.begin_stage_from_checkpoint(trainer, stage)
+
+
 def check_priced(meter: CostMeter, owner: str, argument: str) -> None:
     """A dollar cap or a price per point with nothing priced is a configuration error (at fit
     start, once every meter is started and the GPU known, before any compute)."""
