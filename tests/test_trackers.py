@@ -12,9 +12,12 @@ pytestmark = pytest.mark.slow  # each starts the real tracker (W&B its service p
 
 def _fit(ns, tmp_path, logger):
     monitor = ns.costaware.CostMonitor(usd_per_host_hour=0.1, cpu_tdp_w=10, ram_power_w=3)
-    trainer = ns.Trainer(max_steps=3, limit_val_batches=0, logger=logger, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[monitor], default_root_dir=tmp_path)
-    trainer.fit(ns.BoringModel())
+    trainer = ns.Trainer(max_steps=3, limit_val_batches=0, limit_test_batches=2, logger=logger,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor],
+                         default_root_dir=tmp_path)
+    model = ns.BoringModel()
+    trainer.fit(model)
+    trainer.test(model, verbose=False)  # its cost joins the report the tracker holds
     return monitor
 
 
@@ -31,6 +34,7 @@ def test_mlflow_file_store_gets_the_report_as_artifacts(pl_ns, tmp_path, monkeyp
     local = client.download_artifacts(logger.run_id, "costaware/report.json", str(tmp_path / "dl"))
     report = json.loads(Path(local).read_text())
     assert report["totals"]["usd"] == pytest.approx(monitor.totals.usd)
+    assert "trainer.test" in [row["phase"] for row in report["phases"]["rows"]]  # the report as rebuilt after it
     # The monitored cost keys are in MLflow's metric history like any metric.
     assert client.get_metric_history(logger.run_id, "cost/usd")
 
@@ -50,3 +54,4 @@ def test_wandb_offline_run_holds_the_report(pl_ns, tmp_path, monkeypatch):
     assert saved == ["report.html", "report.json", "report.md"]
     report = json.loads(next((tmp_path / "wandb").rglob("files/costaware/report.json")).read_text())
     assert report["totals"]["usd"] == pytest.approx(monitor.totals.usd)
+    assert "trainer.test" in [row["phase"] for row in report["phases"]["rows"]]

@@ -114,6 +114,7 @@ class CostMeter:
         self._phase_totals: Optional[dict] = None
         self._stopped_by: Optional[str] = None  # who stopped the fit, if not costaware (see stopped_by)
         self._stage: Optional[StageMeter] = None  # a test, validate or predict after the fit, being metered
+        self._stage_publishes = False  # whether its report goes to the Trainer's loggers (the fit's own)
 
     # ----------------------------------------------------------------------------------------
     # What the meter is
@@ -321,7 +322,7 @@ class CostMeter:
         fit_over = self._run_id is not None and self.ledger is not None and self.ledger.closed
         if stage == "fit" or not fit_over or self.ledger is None or self.ledger.path is None:
             return
-        self._begin_stage(trainer, stage, (self.ledger.path, self._run_id, self._totals))
+        self._begin_stage(trainer, stage, (self.ledger.path, self._run_id, self._totals), publish=True)
 
     def begin_stage_from_checkpoint(self, trainer: pl.Trainer, stage: str) -> None:
         """Meter a ``test``, ``validate`` or ``predict`` in a process that ran no fit, for the run that saved
@@ -332,14 +333,16 @@ class CostMeter:
         fit = run_of_checkpoint(trainer.ckpt_path)
         if fit is not None:
             self.prices = self._prices_on(trainer)
-            self._begin_stage(trainer, stage, fit)
+            self._begin_stage(trainer, stage, fit, publish=False)  # this Trainer's loggers are another run's
 
-    def _begin_stage(self, trainer: pl.Trainer, stage: str, fit: tuple) -> None:
+    def _begin_stage(self, trainer: pl.Trainer, stage: str, fit: tuple, publish: bool) -> None:
+        """Start metering the stage; ``publish``: hand the rebuilt report to the Trainer's loggers at its end."""
         if self._stage is not None or self._sampler is not None or not trainer.is_global_zero:
             return
         try:
             self._stage = StageMeter(trainer, stage, fit, self.clock, self.sample_interval_s, self.nvml_index,
                                      self.cpu_tdp_w, self.ram_power_w)
+            self._stage_publishes = publish
         except Exception as err:  # noqa: BLE001 - metering never breaks the user's test
             warnings.warn(f"costaware: could not meter {stage} after the fit ({type(err).__name__}: {err})",
                           RuntimeWarning, stacklevel=3)
@@ -365,7 +368,7 @@ class CostMeter:
         path = stage.ledger_path
         rank_zero_info(f"costaware: {event.stage} after the fit spent ${event.usd:.4f} ({event.kwh:.4f} kWh) in "
                        f"{event.duration_s:.0f} s; report: {path.parent}")
-        self._write_report(trainer, path, publish=False)
+        self._write_report(trainer, path, publish=self._stage_publishes)
 
     def fail(self, trainer: pl.Trainer, exception: BaseException) -> None:
         """Close the ledger after an exception, keeping everything recorded (no collective)."""
