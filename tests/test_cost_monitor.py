@@ -608,3 +608,27 @@ def test_the_progress_bar_shows_small_dollar_amounts_readably():
 
     assert Tqdm.format_num(0.0012345) == "0.00123"
     assert Tqdm.format_num(1.234e-5) == "1.23e-5"
+
+
+class _RunsOnLoad:
+    """An object whose unpickling would write a file: what a checkpoint from an untrusted source may hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "ran"))
+
+
+def test_the_run_of_a_checkpoint_is_read_without_running_anything_in_it(tmp_path):
+    from costaware.after_fit import run_of_checkpoint
+
+    marker = tmp_path / "ran.txt"
+    ledger = tmp_path / "ledger.jsonl"
+    ledger.write_text('{"kind": "header", "schema": 2, "run_id": "r1"}\n')
+    state = {"callbacks": {"CostMonitor": {"run_id": "r1", "ledger_path": str(ledger)}}}
+    torch.save(state, tmp_path / "plain.ckpt")
+    assert run_of_checkpoint(tmp_path / "plain.ckpt")[:2] == (ledger, "r1")
+    torch.save({**state, "hyper_parameters": _RunsOnLoad(marker)}, tmp_path / "object.ckpt")
+    assert run_of_checkpoint(tmp_path / "object.ckpt") is None and not marker.exists()
+    assert run_of_checkpoint(tmp_path / "missing.ckpt") is None and run_of_checkpoint(None) is None

@@ -69,15 +69,16 @@ def run_of_checkpoint(ckpt_path: Any) -> Optional[tuple[Path, str, Totals]]:
     """The run that saved a checkpoint, as its costaware callback kept it: (ledger path, run id, the
     ledger's totals), or None when the checkpoint holds none or that ledger is gone or another run's.
 
-    Only the checkpoint's pickled structure is read (``mmap``: its tensors stay on disk until Lightning
-    loads them); a checkpoint this cannot read is one without a run, never an error.
+    Only the checkpoint's structure is read (``mmap``: its tensors stay on disk until Lightning loads
+    them), with ``weights_only=True``, as Lightning and torch load by default: nothing in the file runs.
+    A checkpoint this cannot read so is one without a run, never an error.
     """
     if not ckpt_path or not Path(str(ckpt_path)).is_file():
         return None
     try:
-        checkpoint = torch.load(str(ckpt_path), map_location="cpu", mmap=True, weights_only=False)
+        checkpoint = torch.load(str(ckpt_path), map_location="cpu", mmap=True, weights_only=True)
         states = list((checkpoint.get("callbacks") or {}).values())
-    except Exception:  # noqa: BLE001 - not a zip checkpoint, not a dict: no run to charge
+    except Exception:  # noqa: BLE001 - not a zip checkpoint, objects beyond weights, not a dict: no run
         return None
     for state in states + [s.get("meter") for s in states if isinstance(s, dict)]:  # CostMonitor's, or own_meter's
         if not isinstance(state, dict) or not isinstance(state.get("run_id"), str) \
