@@ -272,17 +272,40 @@ def nasbench_records(path: Path, usd_per_gpu_hour: float) -> list[dict]:
     return records
 
 
-def degraded(record: dict, every: int = 1, no_plan: bool = False, keep_lr: bool = False) -> dict:
+def degraded(record: dict, every: int = 1, no_plan: bool = False, keep_lr: bool = False,
+             noise_points: float = 0.0) -> dict:
     """A generic record with only every ``every``-th evaluation kept (and the last), and without its planned cost
-    (and its learning rates, unless ``keep_lr``) when ``no_plan``: how the policy fares on records sparser or barer
-    than ours."""
+    (and its learning rates, unless ``keep_lr``) when ``no_plan``, and with Gaussian noise of ``noise_points`` SD
+    added to every evaluation (seeded by the run's id; kept within a bounded metric's range): how the policy fares
+    on records sparser, barer or noisier (a smaller validation set) than ours."""
     points = record["points"]
     if every > 1:
         points = points[every - 1::every] + ([points[-1]] if len(points) % every else [])
     if no_plan and not keep_lr:
         points = [p[:2] for p in points]
+    if noise_points > 0:
+        points = noisy(record, points, noise_points)
     out = {k: v for k, v in record.items() if not (no_plan and k == "planned_cost_usd")}
     out["points"] = points
+    return out
+
+
+def noisy(record: dict, points: list, noise_points: float) -> list:
+    """``points`` with N(0, ``noise_points``) points added to each finite metric, as one run's own draw."""
+    rng = np.random.default_rng(zlib.crc32(str(record["id"]).encode()))
+    sd = noise_points / float(record.get("points_per_unit", POINTS_PER_UNIT))
+    values = [p[1] for p in points if isinstance(p[1], (int, float)) and math.isfinite(p[1])]
+    bounds = record.get("metric_range")
+    if bounds is None and record.get("mode", "max") == "max" and values and 0.0 <= min(values) <= max(values) <= 1.0:
+        bounds = [0.0, 1.0]  # an accuracy, as the policy reads it
+    out = []
+    for p in points:
+        value = p[1]
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            value = float(value) + float(rng.normal(0.0, sd))
+            if bounds is not None:
+                value = min(max(value, float(bounds[0])), float(bounds[1]))
+        out.append([p[0], value, *p[2:]])
     return out
 
 
@@ -906,12 +929,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-lr", action="store_true",
                         help="with --no-plan: keep the learning rates (a fit with a scheduler and no planned end, "
                              "such as max_epochs=-1 with max_time)")
+    parser.add_argument("--noise-points", type=float, default=0.0, metavar="SD",
+                        help="robustness: add Gaussian noise of SD points to every evaluation (a smaller validation "
+                             "set), one seeded draw per run")
     parser.add_argument("--mismatched", action="store_true",
                         help="robustness: DeBERTa's runs scored on MNLI's mismatched validation set (the prior, "
                              "the settings and the operating price were chosen on the matched one)")
     args = parser.parse_args(argv)
     if args.keep_lr and not args.no_plan:
         parser.error("--keep-lr goes with --no-plan (a run with its plan keeps its learning rates)")
+    if not (args.noise_points >= 0 and math.isfinite(args.noise_points)):
+        parser.error(f"--noise-points must be a standard deviation >= 0, got {args.noise_points}")
     if args.every < 1:
         parser.error(f"--every must be a positive number of evaluations, got {args.every}")
     if args.prices and any(p <= 0 or not math.isfinite(p) for p in args.prices):
@@ -961,10 +989,12 @@ def main(argv: list[str] | None = None) -> int:
             f"${USD_PER_GPU_HOUR:g}/GPU-hour (= ${usd_per_example * 1e6:.3f} per million examples); "
             f"NAS-Bench-NLP: wall time x ${USD_PER_GPU_HOUR:g}/GPU-hour.",
         ]
-    if args.every > 1 or args.no_plan:
+    if args.every > 1 or args.no_plan or args.noise_points > 0:
         header.append("Robustness run: every run " + " and ".join(
             ([f"keeps only every {args.every}-th evaluation (and its last)"] if args.every > 1 else [])
-            + ([f"has no planned cost{'' if args.keep_lr else ' and no learning rates'}"] if args.no_plan else []))
+            + ([f"has no planned cost{'' if args.keep_lr else ' and no learning rates'}"] if args.no_plan else [])
+            + ([f"has Gaussian noise of {args.noise_points:g} points added to every evaluation (one seeded draw "
+                f"per run; a smaller validation set)"] if args.noise_points > 0 else []))
             + ".")
     if args.mismatched:
         header.append("Robustness run: DeBERTa's runs scored on MNLI's mismatched validation set (baseline: its "
@@ -1042,7 +1072,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, records, prices, learns, from_scratch in datasets:
         if args.only and args.only not in name:
             continue
-        runs = [run_from_generic(degraded(r, args.every, args.no_plan, args.keep_lr)) for r in records]
+        runs = [run_from_generic(degraded(r, args.every, args.no_plan, args.keep_lr, args.noise_points))
+                for r in records]
         if args.quick:
             runs = runs[:120]
         summary["datasets"][name] = evaluate_dataset(name, runs, policy_kwargs, prices, args.workers, learns, lines,

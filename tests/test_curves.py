@@ -587,6 +587,18 @@ def test_a_degraded_record_keeps_every_kth_evaluation_and_its_last_and_drops_its
     assert with_lr.planned_cost_usd is None and with_lr.lrs is not None and len(with_lr.lrs) == 5
 
 
+def test_a_noisy_record_draws_its_noise_once_per_run_and_keeps_an_accuracy_in_its_range():
+    rc = _benchmark_module()
+    record = {"id": "r", "mode": "max", "points": [[c, v, 1e-3] for c, v in ((1.0, 0.001), (2.0, 0.5), (3.0, 0.999))]}
+    noisy = rc.degraded(record, noise_points=2.0)["points"]
+    assert noisy == rc.degraded(record, noise_points=2.0)["points"]  # seeded by the run's id
+    assert noisy != rc.degraded({**record, "id": "other"}, noise_points=2.0)["points"]
+    assert all(0.0 <= p[1] <= 1.0 for p in noisy) and [p[0] for p in noisy] == [1.0, 2.0, 3.0]
+    assert all(len(p) == 3 for p in noisy) and abs(noisy[1][1] - 0.5) < 0.1  # 2 points SD: 0.02
+    loss = {"id": "l", "mode": "min", "points": [[1.0, 7.0], [2.0, float("nan")]]}
+    assert math.isnan(rc.degraded(loss, noise_points=1.0)["points"][1][1])  # a NaN stays what it was
+
+
 def test_the_priced_oracle_stops_where_the_regret_is_least():
     """The stop the regret is measured against: 0.6 points for $1 more are worth it at $2/point, not at $1."""
     rc = _benchmark_module()
