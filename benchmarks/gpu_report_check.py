@@ -8,6 +8,7 @@ and prints one ``PASS`` / ``FAIL`` / ``SKIPPED`` line per check, with the figure
   figure, FLOPs / (GPU-seconds x peak), is printed beside it), recomputed from the totals too;
 * GPU energy measured (NVML) and the GPU's utilization read;
 * ``MarginalGainStopping`` decided at least once and ``BudgetCap`` recorded its caps (when asked);
+* a ``trainer.test`` after the fit metered on the GPU (GPU-hours and energy), where the run had one;
 * the ledger's problems (none expected) and how the run ended.
 
 Without a GPU (``--no-gpu``, the dry run) the GPU checks print SKIPPED with the report's own reason.
@@ -88,6 +89,14 @@ def check(report: dict, label: str, gpu: bool, expect_decisions: bool, expect_ca
     if expect_cap:
         caps = [e for e in report.get("events") or [] if e.get("name") == "budget_caps"]
         line("PASS" if caps else "FAIL", f"BudgetCap: caps recorded {caps[0]['fields'].get('caps') if caps else None}")
+    for stage in [e.get("fields") or {} for e in report.get("events") or [] if e.get("name") == "stage_after_fit"]:
+        gpu_h, kwh = _num(stage.get("gpu_hours")), _num(stage.get("kwh"))
+        what = (f"trainer.{stage.get('stage')} after the fit: {gpu_h} GPU-h, {kwh} kWh, ${stage.get('usd')} in "
+                f"{stage.get('duration_s')} s")
+        if gpu:
+            line("PASS" if gpu_h and kwh else "FAIL", what + " (GPU-hours and energy metered)")
+        else:
+            line("SKIPPED", what + " (no GPU in a dry run)")
     problems = report.get("problems") or []
     line("PASS" if not problems else "FAIL", f"ledger problems: {problems or 'none'}")
     outcome = report.get("outcome") or {}

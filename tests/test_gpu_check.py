@@ -73,6 +73,17 @@ def test_without_a_gpu_the_gpu_checks_are_skipped_with_the_reason():
     assert verdicts(lines)[:2] == ["SKIPPED", "SKIPPED"] and "no peak FLOP/s" in lines[0]
 
 
+def test_a_test_after_the_fit_must_be_metered_on_the_gpu():
+    report = h200_report(4.2)
+    stage = {"stage": "test", "gpu_hours": 0.001, "kwh": 0.0004, "usd": 0.004, "duration_s": 3.6}
+    report["events"].append({"name": "stage_after_fit", "fields": stage})
+    lines = check.check(report, "bf16", gpu=True, expect_decisions=True, expect_cap=True)
+    assert verdicts(lines) == ["PASS"] * 7 + ["INFO"] and "trainer.test after the fit" in lines[5]
+    stage["kwh"] = 0.0  # NVML read nothing during the test
+    assert check.check(report, "bf16", gpu=True, expect_decisions=True, expect_cap=True)[5].startswith("FAIL")
+    assert check.check(report, "cpu", gpu=False, expect_decisions=True, expect_cap=True)[4].startswith("SKIPPED")
+
+
 def test_overhead_rounds_shrink_to_fit_the_time_box():
     overhead = _load("overhead")
     cold = [overhead.RunResult(step_s=0.01, cpu_step_s=0.01, fit_s=2.0) for _ in range(7)]
