@@ -114,7 +114,6 @@ class CostMeter:
         self._phase_totals: Optional[dict] = None
         self._stopped_by: Optional[str] = None  # who stopped the fit, if not costaware (see stopped_by)
         self._stage: Optional[StageMeter] = None  # a test, validate or predict after the fit, being metered
-        self._stage_publishes = False  # whether its report goes to the Trainer's loggers (the fit's own)
 
     # ----------------------------------------------------------------------------------------
     # What the meter is
@@ -319,10 +318,10 @@ class CostMeter:
         """Meter a ``test``, ``validate`` or ``predict`` that follows a fit of this meter (the driver's
         ``setup``; rank zero). Before any fit there is no run to charge it to: nothing is metered."""
         stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn (a str enum)
-        fit_over = self._run_id is not None and self.ledger is not None and self.ledger.closed
-        if stage == "fit" or not fit_over or self.ledger is None or self.ledger.path is None:
-            return
-        self._begin_stage(trainer, stage, (self.ledger.path, self._run_id, self._totals), publish=True)
+        ledger = self.ledger
+        if stage == "fit" or self._run_id is None or ledger is None or not ledger.closed or ledger.path is None:
+            return  # no fit yet, or one still writing its ledger
+        self._begin_stage(trainer, stage, (ledger.path, self._run_id, self._totals))
 
     def begin_stage_from_checkpoint(self, trainer: pl.Trainer, stage: str) -> None:
         """Meter a ``test``, ``validate`` or ``predict`` in a process that ran no fit, for the run that saved
@@ -333,16 +332,14 @@ class CostMeter:
         fit = run_of_checkpoint(trainer.ckpt_path)
         if fit is not None:
             self.prices = self._prices_on(trainer)
-            self._begin_stage(trainer, stage, fit, publish=False)  # this Trainer's loggers are another run's
+            self._begin_stage(trainer, stage, fit)
 
-    def _begin_stage(self, trainer: pl.Trainer, stage: str, fit: tuple, publish: bool) -> None:
-        """Start metering the stage; ``publish``: hand the rebuilt report to the Trainer's loggers at its end."""
+    def _begin_stage(self, trainer: pl.Trainer, stage: str, fit: tuple) -> None:
         if self._stage is not None or self._sampler is not None or not trainer.is_global_zero:
             return
         try:
             self._stage = StageMeter(trainer, stage, fit, self.clock, self.sample_interval_s, self.nvml_index,
                                      self.cpu_tdp_w, self.ram_power_w)
-            self._stage_publishes = publish
         except Exception as err:  # noqa: BLE001 - metering never breaks the user's test
             warnings.warn(f"costaware: could not meter {stage} after the fit ({type(err).__name__}: {err})",
                           RuntimeWarning, stacklevel=3)
@@ -368,7 +365,8 @@ class CostMeter:
         path = stage.ledger_path
         rank_zero_info(f"costaware: {event.stage} after the fit spent ${event.usd:.4f} ({event.kwh:.4f} kWh) in "
                        f"{event.duration_s:.0f} s; report: {path.parent}")
-        self._write_report(trainer, path, publish=self._stage_publishes)
+        # To this Trainer's loggers only when they are the fit's (not a new process's, testing a checkpoint).
+        self._write_report(trainer, path, publish=self.ledger is not None and path == self.ledger.path)
 
     def fail(self, trainer: pl.Trainer, exception: BaseException) -> None:
         """Close the ledger after an exception, keeping everything recorded (no collective)."""

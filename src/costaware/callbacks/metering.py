@@ -75,8 +75,10 @@ def find_meter(trainer: pl.Trainer, me: Any, category: type = UserWarning) -> Co
 def meter_stage_from_checkpoint(me: Any, trainer: pl.Trainer, stage: str) -> None:
     """A ``test``, ``validate`` or ``predict`` (``stage``, now running) in a process that ran no fit: ``me``
     meters it for the run that saved the checkpoint when ``me``'s own meter is the run's, as for a fit."""
+    if trainer.state.fn != stage:  # (a fit's validation: the common case, decided without the callback list)
+        return
     meter = run_meter(trainer)
-    if meter is not None and meter is me.own_meter and trainer.state.fn == stage:
+    if meter is not None and meter is me.own_meter:
         meter.begin_stage_from_checkpoint(trainer, stage)
 
 
